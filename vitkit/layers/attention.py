@@ -1,0 +1,71 @@
+"""Multi-head self-attention on the fused SDPA kernel, with a manual path for capture."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    The default path is ``F.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels). When a capture list is attached (see :func:`vitkit.layers.capture_attention`)
+    the block switches to the explicit softmax(QK^T) path so the weights can be returned;
+    detaching the list switches back, so capture never slows normal inference.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        proj_bias: bool = True,
+    ):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop_p = attn_drop
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.captured: list[torch.Tensor] | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_prefix_tokens: int = 0,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, *rope, num_prefix_tokens=num_prefix_tokens)
+            k = apply_rope(k, *rope, num_prefix_tokens=num_prefix_tokens)
+        dropout_p = self.attn_drop_p if self.training else 0.0
+        if self.captured is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            if attn_bias is not None:
+                attn = attn + attn_bias
+            attn = attn.softmax(dim=-1)
+            self.captured.append(attn.detach())
+            x = F.dropout(attn, dropout_p) @ v
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * head_dim)
+        return self.proj_drop(self.proj(x))

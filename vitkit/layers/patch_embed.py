@@ -1,0 +1,74 @@
+"""Patch embedding: split an image into non-overlapping patches and project each one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch size; equal to flatten-per-patch + Linear.
+
+    Accepts any H, W that are multiples of the patch (or pads when ``dynamic_pad``).
+    Output: (B, N, C) tokens in row-major patch order, or (B, C, H', W') with ``flatten=False``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+        norm_layer: type[nn.Module] | None = None,
+        flatten: bool = True,
+        dynamic_pad: bool = False,
+    ):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        if any(p < 1 for p in self.patch_size):
+            raise ValueError(f"patch_size must be positive, got {patch_size}")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        ph, pw = self.patch_size
+        if not dynamic_pad and (self.img_size[0] % ph or self.img_size[1] % pw):
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "
+                "choose sizes that divide, or pass dynamic_img_pad=True to pad"
+            )
+        self.grid_size = (-(-self.img_size[0] // ph), -(-self.img_size[1] // pw))
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.flatten = flatten
+        self.dynamic_pad = dynamic_pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def dynamic_grid(self, h: int, w: int) -> tuple[int, int]:
+        """Token grid (H', W') for an input of h x w pixels; raises if it cannot tile."""
+        ph, pw = self.patch_size
+        if self.dynamic_pad:
+            return -(-h // ph), -(-w // pw)
+        if h % ph or w % pw:
+            raise ValueError(
+                f"input size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+                f"resize to a multiple (e.g. {h // ph * ph}x{w // pw * pw}) or build the model with dynamic_img_pad=True"
+            )
+        return h // ph, w // pw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        self.dynamic_grid(H, W)
+        if self.dynamic_pad:
+            ph, pw = self.patch_size
+            x = F.pad(x, (0, (-W) % pw, 0, (-H) % ph))
+        x = self.proj(x)  # (B, C, H', W')
+        if self.flatten:
+            x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.norm(x)

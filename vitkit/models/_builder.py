@@ -1,0 +1,63 @@
+"""create_model: variant name (or a saved weights file) -> a ready model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from torch import nn
+
+from ._registry import get_model_card, get_model_fn
+
+
+def create_model(
+    name: str,
+    pretrained: bool | str = False,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """Build a registered variant.
+
+    Args:
+        name: a registered name (see ``list_models()``) or the path of a file written by
+            ``save_weights``, which is rebuilt from the config stored in it.
+        pretrained: True loads the card's hub checkpoint; a path or hub id loads that.
+        num_classes / img_size / in_chans: override the card (the head, the position
+            embedding grid and the patch projection adapt when pretrained weights load).
+        overrides: any other constructor argument (``drop_path_rate=0.1``, ``global_pool="avg"``...).
+    """
+    if os.path.exists(name):
+        from ..convert.weights import model_from_file
+
+        return model_from_file(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
+    card = get_model_card(name)
+    kwargs = dict(card.config)
+    kwargs.update(overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    kwargs.setdefault("num_classes", card.num_classes)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    model = get_model_fn(name)(**kwargs)
+    size = kwargs.get("img_size", card.input_size[1:])
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    chans = kwargs.get("in_chans", 3)
+    mean, std = card.mean, card.std
+    if chans != len(mean):
+        # Folded RGB weights see the mean of the RGB statistics per channel.
+        mean, std = (sum(mean) / len(mean),) * chans, (sum(std) / len(std),) * chans
+    model.card = replace(card, input_size=(chans, *size), num_classes=kwargs["num_classes"], mean=mean, std=std)
+    model.model_name = name
+    model.model_args = kwargs
+    if pretrained:
+        from ..convert.weights import load_weights
+
+        source = card.hub_id if pretrained is True else pretrained
+        if source is None:
+            raise ValueError(f"model {name!r} has no published weights; pass pretrained=<path or hub id>")
+        load_weights(model, source)
+    return model

@@ -1,0 +1,473 @@
+"""Vision Transformer (ViT), DeiT and the 2023+ block options, in one class.
+
+Covers: class-token / average / no pooling, register tokens, no-embed-class (DeiT III),
+pre-norm before the blocks (CLIP), final norm or fc-norm, DeiT's distillation token,
+and the modern options (RMSNorm, SwiGLU, MoE MLP, QK-norm, 2D RoPE, LayerScale).
+Parameter names follow the common ViT checkpoint layout (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv``, ``head``) so converting weights is
+nearly identity.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import (
+    Block,
+    Mlp,
+    MoEMlp,
+    PatchEmbed,
+    RotaryEmbedding2D,
+    SwiGLU,
+    get_norm_layer,
+    resample_abs_pos_embed,
+    sincos_2d_pos_embed,
+)
+from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
+
+_POOLS = ("token", "avg", "")
+_POS_EMBEDS = ("learn", "sincos", "rope", "none")
+
+
+def _mlp_layer(name: str, num_experts: int, top_k: int, swiglu_ratio_fix: bool) -> type[nn.Module]:
+    if name == "mlp":
+        return Mlp
+    if name == "swiglu":
+        # Gated MLPs use 2/3 of the hidden width so parameters match a plain MLP.
+        return (lambda dim, hidden, **kw: SwiGLU(dim, int(hidden * 2 / 3), **kw)) if swiglu_ratio_fix else SwiGLU
+    if name == "moe":
+        return partial(MoEMlp, num_experts=num_experts, top_k=top_k)
+    raise ValueError(f"unknown mlp_layer {name!r}; choose 'mlp', 'swiglu' or 'moe'")
+
+
+class VisionTransformer(nn.Module):
+    """ViT / DeiT backbone with a classification head.
+
+    Token layout: ``[cls][dist][reg * R][patches]``; ``num_prefix_tokens`` counts the
+    tokens before the patches.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        pos_embed: str = "learn",
+        rope_theta: float = 100.0,
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: bool | None = None,
+        post_norm: bool = False,
+        distilled: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_layer: str = "layernorm",
+        mlp_layer: str = "mlp",
+        num_experts: int = 4,
+        moe_top_k: int = 2,
+        dynamic_img_pad: bool = False,
+    ):
+        super().__init__()
+        if global_pool not in _POOLS:
+            raise ValueError(f"global_pool {global_pool!r} must be one of {_POOLS}")
+        if pos_embed not in _POS_EMBEDS:
+            raise ValueError(f"pos_embed {pos_embed!r} must be one of {_POS_EMBEDS}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+        if distilled and not class_token:
+            raise ValueError("a distilled model needs class_token=True")
+        if embed_dim < 1 or depth < 1 or num_heads < 1:
+            raise ValueError(f"embed_dim {embed_dim}, depth {depth} and num_heads {num_heads} must all be >= 1")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+        if pos_embed == "rope" and (embed_dim // num_heads) % 4:
+            raise ValueError(
+                f"RoPE needs head_dim divisible by 4, but embed_dim {embed_dim} / num_heads {num_heads} "
+                f"= {embed_dim // num_heads}"
+            )
+        norm = get_norm_layer(norm_layer)
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.in_chans = in_chans
+        self.distilled = distilled
+        self.num_reg_tokens = reg_tokens
+        self.has_class_token = class_token
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.pos_embed_type = pos_embed
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_pad=dynamic_img_pad
+        )
+        self.patch_size = self.patch_embed.patch_size
+        grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = grid[0] * grid[1] + (0 if no_embed_class else self.num_prefix_tokens)
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        elif pos_embed == "sincos":
+            pe = torch.zeros(1, embed_len, embed_dim)
+            pe[0, embed_len - grid[0] * grid[1]:] = sincos_2d_pos_embed(embed_dim, grid)
+            self.pos_embed = nn.Parameter(pe, requires_grad=False)
+        else:
+            self.pos_embed = None
+        self.rope = RotaryEmbedding2D(embed_dim // num_heads, rope_theta) if pos_embed == "rope" else None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = norm(embed_dim) if pre_norm else nn.Identity()
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        mlp = _mlp_layer(mlp_layer, num_experts, moe_top_k, swiglu_ratio_fix=True)
+        self.blocks = nn.Sequential(*[
+            Block(
+                embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm,
+                mlp_layer=mlp, post_norm=post_norm,
+            )
+            for i in range(depth)
+        ])
+        self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = norm(embed_dim) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name in ("cls_token", "dist_token", "reg_token"):
+            p = getattr(self, name)
+            if p is not None:
+                nn.init.normal_(p, std=1e-6 if name != "dist_token" else 0.02)
+        if self.pos_embed is not None and self.pos_embed.requires_grad:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ backbone API
+    def no_weight_decay(self) -> set[str]:
+        names = {"pos_embed", "cls_token", "dist_token", "reg_token"}
+        return {n for n in names if getattr(self, n, None) is not None}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed|^reg_token|^dist_token|^norm_pre",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head(s) with freshly initialised ones for ``num_classes`` (0: features)."""
+        if global_pool is not None:
+            if global_pool not in _POOLS or (global_pool == "token" and self.cls_token is None):
+                raise ValueError(f"global_pool {global_pool!r} is not valid for this model")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        device = self.patch_embed.proj.weight.device
+
+        def new_head() -> nn.Module:
+            if num_classes <= 0:
+                return nn.Identity()
+            head = nn.Linear(self.embed_dim, num_classes, device=device)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+            return head
+
+        self.head = new_head()
+        if self.distilled:
+            self.head_dist = new_head()
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the MoE load-balancing losses from the last forward (0 without MoE)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoEMlp)]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.patch_embed.proj.weight.device)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+        if x.ndim != 4:
+            hint = " (add a batch dim with x.unsqueeze(0))" if x.ndim == 3 else ""
+            raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"model expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                f"convert the images or build the model with in_chans={x.shape[1]}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating point image tensor, got {x.dtype}; convert with x.float() / 255 and normalise"
+            )
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Add position embeddings and prepend prefix tokens. x: (B, H'*W', C) -> (B, N, C)."""
+        B = x.shape[0]
+        pos = self.pos_embed
+        if pos is not None and grid != self.patch_embed.grid_size:
+            npt = 0 if self.no_embed_class else self.num_prefix_tokens
+            if self.pos_embed_type == "sincos":
+                grid_pe = sincos_2d_pos_embed(self.embed_dim, grid).to(pos)[None]
+                pos = torch.cat([pos[:, :npt], grid_pe], dim=1)
+            else:
+                pos = resample_abs_pos_embed(pos, grid, self.patch_embed.grid_size, num_prefix_tokens=npt)
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if self.no_embed_class:
+            if pos is not None:
+                x = x + pos
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+        else:
+            x = torch.cat(prefix + [x], dim=1) if prefix else x
+            if pos is not None:
+                x = x + pos
+        return self.pos_drop(x)
+
+    def _embed(self, x: torch.Tensor):
+        self._check_input(x)
+        grid = self.patch_embed.dynamic_grid(x.shape[2], x.shape[3])
+        x = self.patch_embed(x)  # (B, H'*W', C)
+        x = self._pos_embed(x, grid)
+        x = self.norm_pre(x)
+        rope = self.rope(grid) if self.rope is not None else None
+        return x, grid, rope
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, rope, self.num_prefix_tokens, use_reentrant=False)
+        return blk(x, rope, self.num_prefix_tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) normalised tokens, prefix tokens first."""
+        x, _, rope = self._embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, rope)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        if self.distilled and self.global_pool == "token":
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(self.head_drop(self.fc_norm(x))), self.head_dist(self.head_drop(self.fc_norm(x_dist)))
+            # Training returns both logits so the objective can supervise each head.
+            return (x, x_dist) if self.training else (x + x_dist) / 2
+        x = self.fc_norm(self.pool(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Per-block features for dense heads.
+
+        indices: an int n takes the last n blocks; a list takes those blocks (negative
+        counts from the end); None takes all. Each intermediate is (B, D, H', W') for
+        ``output_fmt="NCHW"`` or (B, H'*W', D) for "NLC". Returns ``(final_features,
+        intermediates)`` where ``final_features`` equals ``forward_features(x)``, or only the
+        list when ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices={indices} asks for the last {indices} of {depth} blocks")
+            take = list(range(depth - indices, depth))
+        else:
+            take = []
+            for i in indices:
+                if not -depth <= i < depth:
+                    raise ValueError(f"block index {i} is out of range for a model with {depth} blocks")
+                take.append(i % depth)
+        B = x.shape[0]
+        x, grid, rope = self._embed(x)
+        feats = []
+        for i, blk in enumerate(self.blocks):
+            x = self._run_block(blk, x, rope)
+            if i in take:
+                feats.append(self.norm(x) if norm else x)
+        npt = self.num_prefix_tokens
+        prefixes = [f[:, :npt] for f in feats]
+        feats = [f[:, npt:] for f in feats]
+        if output_fmt == "NCHW":
+            feats = [f.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if return_prefix_tokens:
+            feats = list(zip(feats, prefixes))
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+
+# ---------------------------------------------------------------------- variants
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+
+VIT_PAPER = "An Image is Worth 16x16 Words (Dosovitskiy et al., 2021)"
+DEIT_PAPER = "Training data-efficient image transformers & distillation through attention (Touvron et al., 2021)"
+REG_PAPER = "Vision Transformers Need Registers (Darcet et al., 2024)"
+DINOV2_PAPER = "DINOv2: Learning Robust Visual Features without Supervision (Oquab et al., 2024)"
+MAE_PAPER = "Masked Autoencoders Are Scalable Vision Learners (He et al., 2022)"
+
+
+def _register(name: str, config: dict, img: int = 224, **card) -> None:
+    card.setdefault("family", "vit")
+    card = ModelCard(name=name, input_size=(config.get("in_chans", 3), img, img), config=dict(config, img_size=img), **card)
+
+    @register_model(card)
+    def _fn(**kwargs) -> VisionTransformer:
+        return VisionTransformer(**kwargs)
+
+
+# ViT paper sizes; the hub ids name checkpoints in the common single-file safetensors layout.
+_VIT_HUB = {
+    ("tiny", 16, 224): "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    ("tiny", 16, 384): "timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k",
+    ("small", 16, 224): "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+    ("small", 32, 224): "timm/vit_small_patch32_224.augreg_in21k_ft_in1k",
+    ("small", 16, 384): "timm/vit_small_patch16_384.augreg_in21k_ft_in1k",
+    ("small", 8, 224): "timm/vit_small_patch8_224.dino",
+    ("base", 16, 224): "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    ("base", 32, 224): "timm/vit_base_patch32_224.augreg_in21k_ft_in1k",
+    ("base", 8, 224): "timm/vit_base_patch8_224.augreg2_in21k_ft_in1k",
+    ("base", 16, 384): "timm/vit_base_patch16_384.augreg_in21k_ft_in1k",
+    ("base", 32, 384): "timm/vit_base_patch32_384.augreg_in21k_ft_in1k",
+    ("large", 16, 224): "timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
+    ("large", 16, 384): "timm/vit_large_patch16_384.augreg_in21k_ft_in1k",
+    ("large", 32, 384): "timm/vit_large_patch32_384.orig_in21k_ft_in1k",
+    ("huge", 14, 224): "timm/vit_huge_patch14_224.orig_in21k",
+}
+for size in _SIZES:
+    for patch in (8, 14, 16, 32):
+        for img in (224, 384):
+            if img == 384 and patch == 14:
+                continue
+            _register(
+                f"vit_{size}_patch{patch}_{img}",
+                dict(_SIZES[size], patch_size=patch),
+                img=img,
+                mean=INCEPTION_MEAN,
+                std=INCEPTION_STD,
+                crop_pct=0.9 if img == 224 else 1.0,
+                paper=VIT_PAPER,
+                hub_id=_VIT_HUB.get((size, patch, img)),
+            )
+
+# Global average pooling with fc-norm and registers, the layout of register-token ViTs.
+for size in ("small", "base"):
+    _register(
+        f"vit_{size}_patch16_reg4_gap_256",
+        dict(_SIZES[size], patch_size=16, reg_tokens=4, class_token=False, global_pool="avg", no_embed_class=True),
+        img=256, mean=INCEPTION_MEAN, std=INCEPTION_STD, crop_pct=0.95, paper=REG_PAPER,
+        hub_id="timm/vit_base_patch16_reg4_gap_256.sbb_in1k" if size == "base" else None,
+    )
+
+# DeiT: ViT with the DeiT training recipe; distilled variants carry a distillation token.
+for size in ("tiny", "small", "base"):
+    _register(
+        f"deit_{size}_patch16_224", dict(_SIZES[size], patch_size=16), crop_pct=0.875, paper=DEIT_PAPER,
+        hub_id=f"timm/deit_{size}_patch16_224.fb_in1k",
+    )
+    _register(
+        f"deit_{size}_distilled_patch16_224", dict(_SIZES[size], patch_size=16, distilled=True), crop_pct=0.875,
+        paper=DEIT_PAPER, hub_id=f"timm/deit_{size}_distilled_patch16_224.fb_in1k",
+    )
+
+# DINOv2 backbones (LayerScale, patch 14, features only) with and without registers.
+for size in ("small", "base", "large"):
+    for reg in (0, 4):
+        suffix = "_reg4" if reg else ""
+        _register(
+            f"vit_{size}_patch14{suffix}_dinov2",
+            dict(_SIZES[size], patch_size=14, init_values=1e-5, reg_tokens=reg, no_embed_class=bool(reg), num_classes=0),
+            img=518, num_classes=0, crop_pct=1.0, paper=DINOV2_PAPER if not reg else REG_PAPER,
+            hub_id=f"timm/vit_{size}_patch14{suffix}_dinov2.lvd142m",
+        )
+
+# MAE pretrained encoders: fixed sin-cos position embeddings, features only.
+for size in ("base", "large"):
+    _register(
+        f"vit_{size}_patch16_224_mae", dict(_SIZES[size], patch_size=16, num_classes=0),
+        num_classes=0, paper=MAE_PAPER, hub_id=f"timm/vit_{size}_patch16_224.mae",
+    )
+
+# The 2023+ recipe: RMSNorm, SwiGLU, QK-norm, 2D RoPE, LayerScale and registers.
+_MODERN = dict(
+    norm_layer="rmsnorm", mlp_layer="swiglu", qk_norm=True, pos_embed="rope", init_values=1e-5, reg_tokens=4,
+    qkv_bias=False,
+)
+for size in ("tiny", "small", "base"):
+    _register(
+        f"vit_modern_{size}_patch16_224", dict(_SIZES[size], patch_size=16, **_MODERN),
+        paper="ViT with RMSNorm, SwiGLU, QK-norm, 2D RoPE, LayerScale and registers",
+    )
+
+# Tiny variants for fast tests and first runs.
+_TEST = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8)
+_TEST_CARD = dict(img=32, crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model")
+_register("test_vit", dict(_TEST), **_TEST_CARD)
+_register("test_vit_gap", dict(_TEST, global_pool="avg", class_token=False), **_TEST_CARD)
+_register("test_vit_reg", dict(_TEST, reg_tokens=2, no_embed_class=True), **_TEST_CARD)
+_register("test_vit_prenorm", dict(_TEST, pre_norm=True, post_norm=False), **_TEST_CARD)
+_register("test_vit_postnorm", dict(_TEST, post_norm=True, final_norm=False), **_TEST_CARD)
+_register("test_vit_sincos", dict(_TEST, pos_embed="sincos"), **_TEST_CARD)
+_register("test_vit_modern", dict(_TEST, **_MODERN), **_TEST_CARD)
+_register("test_vit_moe", dict(_TEST, mlp_layer="moe", num_experts=4, moe_top_k=2), **_TEST_CARD)
+_register("test_deit_distilled", dict(_TEST, distilled=True), **_TEST_CARD)
+
+
+__all__ = ["VisionTransformer"]
