@@ -1,0 +1,188 @@
+"""ImageDataset: a labelled list of images read from a source (files, a tar, or arrays).
+
+A *source* knows how to produce image ``j`` (``image(j, in_chans)``) and its name
+(``name(j)``); :class:`ImageDataset` adds labels, the train/val subset, mode conversion and the
+bad-file policy. Sources are safe in DataLoader worker processes: they hold paths, in-memory
+bytes or arrays, and reopen file handles after a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .images import BadImageError, decode_image
+from .skips import SkipCounter
+
+# A run of this many unreadable files in a row means the source itself is broken.
+_MAX_REPLACEMENTS = 100
+
+
+class FileSource:
+    """Images stored as individual files on disk."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, j: int) -> str:
+        return self.paths[j]
+
+    def image(self, j: int, in_chans: int) -> Image.Image:
+        path = self.paths[j]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise BadImageError(f"{path}: {e}") from None
+        return decode_image(data, in_chans, name=path)
+
+
+class TarSource:
+    """Images stored as members of a tar archive, read without extracting.
+
+    An uncompressed ``.tar`` is indexed once (member offsets) and read with ``seek``; each
+    process opens its own handle, so forked DataLoader workers never share a file position.
+    A compressed ``.tar.gz`` cannot seek, so its image bytes are read into memory once at
+    construction: one sequential pass is the fastest way through gzip, and datasets of CIFAR
+    size (tens of MB) fit easily. Workers then share the bytes copy-on-write.
+    """
+
+    def __init__(self, path: str, members: list[tarfile.TarInfo], data: list[bytes] | None = None):
+        self.path = path
+        self.names = [m.name for m in members]
+        self.offsets = [(m.offset_data, m.size) for m in members]
+        self.data = data
+        self._fh = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fh"], state["_pid"] = None, -1  # handles do not cross process boundaries
+        return state
+
+    def name(self, j: int) -> str:
+        return f"{self.path}:{self.names[j]}"
+
+    def image(self, j: int, in_chans: int) -> Image.Image:
+        if self.data is not None:
+            data = self.data[j]
+        else:
+            if self._fh is None or self._pid != os.getpid():
+                self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the process lifetime
+                self._pid = os.getpid()
+            offset, size = self.offsets[j]
+            self._fh.seek(offset)
+            data = self._fh.read(size)
+        return decode_image(data, in_chans, name=self.name(j))
+
+
+class ArraySource:
+    """Images held as a uint8 array (N, H, W) or (N, H, W, C), e.g. CIFAR or MNIST."""
+
+    def __init__(self, array: np.ndarray, name: str):
+        self.array = array
+        self._name = name
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def name(self, j: int) -> str:
+        return f"{self._name}[{j}]"
+
+    def image(self, j: int, in_chans: int) -> Image.Image:
+        a = self.array[j]
+        img = Image.fromarray(a, "L" if a.ndim == 2 else "RGB")
+        return img.convert("L" if in_chans == 1 else "RGB")
+
+
+class ImageDataset(Dataset):
+    """Labelled images; ``ds[i]`` is ``(PIL image in mode "L" or "RGB", int label)``.
+
+    Args:
+        source: where images come from (see the module notes).
+        targets: the label of every source item.
+        classes: class names, ``classes[label]``.
+        in_chans: 1 (grayscale) or 3 (RGB); every image is converted on read.
+        indices: the source items in this dataset (the train or val subset); all when None.
+        format: the detected format name, for messages and :meth:`stats`.
+        max_bad_fraction: tolerated fraction of unreadable files (see :class:`SkipCounter`).
+
+    An unreadable file is replaced by the next readable item, so a batch keeps its size;
+    :meth:`load` reports the replaced names so a loader can count them in the main process.
+    """
+
+    def __init__(
+        self,
+        source,
+        targets: list[int],
+        classes: list[str],
+        *,
+        in_chans: int = 3,
+        indices: list[int] | None = None,
+        format: str = "",
+        max_bad_fraction: float = 0.05,
+    ):
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        self.source = source
+        self.indices = list(range(len(source))) if indices is None else list(indices)
+        self.targets = [int(targets[j]) for j in self.indices]
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.in_chans = in_chans
+        self.format = format
+        self.skips = SkipCounter(max_bad_fraction)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[Image.Image, int, list[str]]:
+        """Return ``(image, label, bad_files)``: item ``i`` or, if it is unreadable, the next readable one."""
+        n = len(self.indices)
+        bad: list[str] = []
+        for k in range(min(n, _MAX_REPLACEMENTS)):
+            idx = (i + k) % n
+            try:
+                return self.source.image(self.indices[idx], self.in_chans), self.targets[idx], bad
+            except BadImageError as e:
+                bad.append(str(e))
+        raise RuntimeError(
+            f"{len(bad)} consecutive files of the {self.format or 'image'} dataset could not be read, "
+            f"starting at item {i}:\n  " + "\n  ".join(bad[:20])
+        )
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        img, label, bad = self.load(i)
+        self.skips.add(1, bad)
+        return img, label
+
+    def stats(self, max_samples: int = 200, seed: int = 0) -> dict:
+        """Median size over up to ``max_samples`` images: ``{typical_size: (H, W), in_chans, num_classes, n}``."""
+        n = len(self)
+        pick = np.random.default_rng(seed).permutation(n)[:max_samples] if n else []
+        hs, ws = [], []
+        for i in pick:
+            try:
+                img = self.source.image(self.indices[int(i)], self.in_chans)
+            except BadImageError:
+                continue
+            ws.append(img.width)
+            hs.append(img.height)
+        size = (int(np.median(hs)), int(np.median(ws))) if hs else (0, 0)
+        return {"typical_size": size, "in_chans": self.in_chans, "num_classes": self.num_classes, "n": n}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(format={self.format!r}, n={len(self)}, num_classes={self.num_classes}, "
+            f"in_chans={self.in_chans})"
+        )

@@ -1,0 +1,72 @@
+"""A quick look at a dataset, so the CLI can pick a model and resolution on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .images import BadImageError
+
+# A colour JPEG of a gray picture keeps small chroma noise; within this many levels it is gray.
+_GRAY_TOLERANCE = 3
+
+
+@dataclass
+class DatasetInfo:
+    """What :func:`inspect_dataset` found. ``typical_size`` is the median (H, W) of the sampled images."""
+
+    num_classes: int
+    in_chans: int
+    typical_size: tuple[int, int]
+    n_train: int
+    n_val: int
+    format: str
+
+
+def _sampled_images(ds, max_samples: int, seed: int):
+    if hasattr(ds, "samples"):  # streaming shards: the first images in order
+        for k, (_, img, _, _) in enumerate(ds.samples()):
+            if k >= max_samples:
+                return
+            yield img
+        return
+    n = len(ds)
+    for i in np.random.default_rng(seed).permutation(n)[:max_samples]:
+        try:
+            yield ds.source.image(ds.indices[int(i)], 3)
+        except BadImageError:
+            continue
+
+
+def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0) -> DatasetInfo:
+    """Sample up to ``max_samples`` training images of ``path`` and report sizes, channels and counts.
+
+    ``in_chans`` is 1 when every sampled image is gray (R = G = B), else 3.
+    """
+    from .formats import build_dataset
+
+    train = build_dataset(path, "train", seed=seed)
+    val = build_dataset(path, "val", seed=seed)
+    if getattr(train, "format", "") == "shapes":
+        h = w = train.img_size
+        gray = False
+    else:
+        hs, ws, gray = [], [], True
+        for img in _sampled_images(train, max_samples, seed):
+            hs.append(img.height)
+            ws.append(img.width)
+            if gray:
+                a = np.asarray(img, dtype=np.int16)
+                gray = bool(np.abs(a - a.mean(axis=2, keepdims=True)).max() <= _GRAY_TOLERANCE)
+        if not hs:
+            raise ValueError(f"{path}: none of the sampled images could be read")
+        h, w = int(np.median(hs)), int(np.median(ws))
+    return DatasetInfo(
+        num_classes=train.num_classes,
+        in_chans=1 if gray else 3,
+        typical_size=(h, w),
+        n_train=len(train),
+        n_val=len(val),
+        format=train.format,
+    )

@@ -1,0 +1,59 @@
+"""Counting files that were skipped because they could not be decoded.
+
+A bad file is replaced by another sample so batches keep their size, and the replacement is
+reported in the sample (``"skipped"``, ``"bad_files"``). The counting happens in the process
+that consumes batches, so it is correct with any number of DataLoader workers: no shared
+memory, no per-worker counters to merge.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+# Below this many files seen, one bad file would already exceed any sensible fraction.
+_MIN_SEEN = 50
+
+
+class SkipCounter:
+    """Tally of files seen and files skipped; raises when too many are bad.
+
+    Args:
+        max_bad_fraction: the largest tolerated ``skipped / seen``; above it :meth:`check`
+            raises a RuntimeError naming the first 20 bad files.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.05):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.seen = 0
+        self.skipped = 0
+        self.bad_files: list[str] = []
+        self._warned: set[str] = set()
+
+    def add(self, n_good: int, bad_files: list[str]) -> None:
+        """Record ``n_good`` decoded samples and the names of files that failed to decode."""
+        self.seen += n_good + len(bad_files)
+        self.skipped += len(bad_files)
+        for name in bad_files:
+            if name not in self._warned:
+                self._warned.add(name)
+                self.bad_files.append(name)
+                warnings.warn(f"skipped unreadable image {name}", RuntimeWarning, stacklevel=3)
+        self.check(final=False)
+
+    def check(self, final: bool = True) -> None:
+        """Raise if the bad fraction is too high (before ``final``, only once enough files were seen)."""
+        if self.skipped == 0 or (not final and self.seen < _MIN_SEEN):
+            return
+        if self.skipped / self.seen > self.max_bad_fraction:
+            names = "\n  ".join(self.bad_files[:20])
+            raise RuntimeError(
+                f"{self.skipped} of {self.seen} files could not be read "
+                f"(more than max_bad_fraction={self.max_bad_fraction}); the dataset looks broken. "
+                f"First bad files:\n  {names}\nFix or remove them, or raise max_bad_fraction."
+            )
+
+    def summary(self) -> dict:
+        """``{"seen", "skipped", "bad_files"}`` for the run summary."""
+        return {"seen": self.seen, "skipped": self.skipped, "bad_files": list(self.bad_files)}

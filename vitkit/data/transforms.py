@@ -1,0 +1,148 @@
+"""Per-sample CPU transforms: PIL image → fixed-size uint8 tensor (C, H, W).
+
+They run in DataLoader workers and do only what must be done per image (crop, resize, flip);
+uint8 output is 4x cheaper to collate and transfer than float. Colour augmentation and
+normalisation run batched on the device (:mod:`vitkit.data.augment`).
+
+Randomness comes from an explicit ``random.Random`` passed per sample, which the loader
+derives from ``(seed, epoch, index)``: the same sample in the same epoch gets the same crop
+no matter which worker draws it, so a resumed run reproduces its batches exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import to_channels
+
+_INTERP = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _size2(img_size: int | tuple[int, int]) -> tuple[int, int]:
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    return int(h), int(w)
+
+
+def _interp(name: str):
+    if name not in _INTERP:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERP)}, got {name!r}")
+    return _INTERP[name]
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL "L"/"RGB" → uint8 tensor (C, H, W)."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class TrainTransform:
+    """Random-resized crop + horizontal flip → uint8 (C, H, W).
+
+    Args:
+        img_size: output side, or (H, W).
+        in_chans: 1 or 3; images of another mode are converted first.
+        scale: range of the crop's area as a fraction of the image.
+        ratio: range of the crop's aspect ratio (w / h), sampled log-uniformly.
+        hflip: probability of a horizontal flip.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        in_chans: int = 3,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        interpolation: str = "bicubic",
+    ):
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+        self.size = _size2(img_size)
+        self.in_chans = in_chans
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.interpolation = _interp(interpolation)
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of a random crop; falls back to the largest centred crop within ``ratio``."""
+        area = width * height
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_r))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                x0 = rng.randint(0, width - w)
+                y0 = rng.randint(0, height - h)
+                return x0, y0, x0 + w, y0 + h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        x0, y0 = (width - w) // 2, (height - h) // 2
+        return x0, y0, x0 + w, y0 + h
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng if rng is not None else random.Random()
+        img = to_channels(img, self.in_chans)
+        box = self.crop_box(img.width, img.height, rng)
+        out = img.resize((self.size[1], self.size[0]), self.interpolation, box=box)
+        if rng.random() < self.hflip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_uint8(out)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(size={self.size}, in_chans={self.in_chans}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+
+
+class EvalTransform:
+    """Resize the shorter side to ``img_size / crop_pct``, then centre-crop ``img_size`` → uint8 (C, H, W)."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int],
+        in_chans: int = 3,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+    ):
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.size = _size2(img_size)
+        self.in_chans = in_chans
+        self.crop_pct = crop_pct
+        self.interpolation = _interp(interpolation)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        img = to_channels(img, self.in_chans)
+        th, tw = self.size
+        short = math.floor(max(th, tw) / self.crop_pct)
+        scale = short / min(img.width, img.height)
+        rw, rh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
+        x0, y0 = (rw - tw) / 2, (rh - th) / 2
+        # One resample with a source box equals resize-then-crop, without the intermediate image.
+        box = (x0 / rw * img.width, y0 / rh * img.height, (x0 + tw) / rw * img.width, (y0 + th) / rh * img.height)
+        return pil_to_uint8(img.resize((tw, th), self.interpolation, box=box))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size}, in_chans={self.in_chans}, crop_pct={self.crop_pct})"
