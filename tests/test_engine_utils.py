@@ -1,0 +1,141 @@
+"""Shared helpers for the engine tests: tiny data, a resumable sampler, tiny models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vitkit.engine import EngineConfig, OptimConfig, ScheduleConfig, Trainer
+from vitkit.objectives import Supervised
+
+
+class ToyDataset(Dataset):
+    """``n`` samples of 8 features whose label (of 3) is a fixed linear function of them."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        w = torch.randn(8, 3, generator=torch.Generator().manual_seed(123))
+        self.y = (self.x @ w).argmax(-1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i], "skipped": torch.tensor(False)}
+
+
+class ResumableSampler:
+    """Shuffles by (seed, epoch), shards by rank, resumes from ``position`` samples into the epoch."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.epoch = 0
+        self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return order[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def __iter__(self):
+        idx = self._indices()
+        start, self.position = self.position, 0
+        yield from idx[start:]
+
+
+class TinyNet(nn.Module):
+    """A 2-layer MLP with the backbone API bits the engine uses."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16, num_classes: int = 3, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+def noise_transform(batch: dict) -> dict:
+    """A random on-device augmentation, so resume must restore the RNG stream to match."""
+    return {**batch, "image": batch["image"] + 0.01 * torch.randn_like(batch["image"])}
+
+
+def make_trainer(
+    out_dir,
+    *,
+    n: int = 64,
+    batch_size: int = 8,
+    shuffle: bool = True,
+    drop: float = 0.1,
+    objective=None,
+    hooks=(),
+    optim: dict | None = None,
+    sched: dict | None = None,
+    rank: int = 0,
+    world: int = 1,
+    transform=noise_transform,
+    **engine,
+) -> Trainer:
+    torch.manual_seed(0)
+    ds = ToyDataset(n)
+    sampler = ResumableSampler(n, rank=rank, world=world, shuffle=shuffle)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True)
+    val = DataLoader(ToyDataset(32, seed=1), batch_size=16)
+    if objective is None:
+        objective = Supervised(TinyNet(drop=drop), num_classes=3, label_smoothing=0.0)
+    cfg = EngineConfig(**{"epochs": 2, "amp": "none", "log_every": 2, "tensorboard": False, "plots": False, **engine})
+    ocfg = OptimConfig(**{"lr": 1e-2, "scale_lr": False, **(optim or {})})
+    scfg = ScheduleConfig(**{"warmup_steps": 2, "min_lr": 1e-4, **(sched or {})})
+    return Trainer(
+        objective, loader, val, cfg=cfg, optim_cfg=ocfg, sched_cfg=scfg, out_dir=out_dir,
+        train_transform=transform, sampler=sampler, hooks=hooks,
+    )
+
+
+def assert_same_state(a: dict, b: dict, path: str = "") -> None:
+    """Bitwise equality of nested state dicts (tensors via torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"differs at {path}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {path}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"length differs at {path}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"differs at {path}: {a} != {b}"
+
+
+class Crash(Exception):
+    """Simulated kill of the training process."""
+
+
+class CrashAt:
+    """Hook raising :class:`Crash` right after optimizer step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.step:
+            raise Crash(step)

@@ -1,0 +1,80 @@
+"""Engine configuration: every default of the training loop lives here.
+
+Plain dataclasses with types OmegaConf structured configs accept (str for choices, Optional,
+tuples), so the CLI composes them into the run's top-level config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings.
+
+    ``lr`` is the learning rate for a global batch of 512; with ``scale_lr`` the engine uses
+    ``lr * global_batch / 512`` (global batch = per-process batch x processes x accum_steps).
+    """
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 5e-4
+    scale_lr: bool = True
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    layer_decay: float | None = None
+    clip_grad: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    """Per-optimizer-step learning-rate schedule.
+
+    ``cosine``: linear warmup from ``warmup_lr`` to the base lr, then cosine to ``min_lr``.
+    ``onecycle``: cosine-shaped rise from ``warmup_lr`` to the base lr, then cosine to ``min_lr``.
+    ``constant``: linear warmup, then the base lr. ``warmup_steps`` overrides ``warmup_epochs``.
+    """
+
+    name: str = "cosine"  # cosine | onecycle | constant
+    warmup_epochs: float = 5.0
+    warmup_steps: int | None = None
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+
+
+@dataclass
+class EngineConfig:
+    """The training loop.
+
+    ``max_steps`` caps optimizer steps (and shortens the schedule to match); ``time_budget_s``
+    stops cleanly after that much wall-clock, still evaluating, checkpointing and writing the
+    summary. ``amp="auto"`` picks bf16 on CUDA with bf16 support or on a CPU with native bf16
+    instructions, else none. ``nonfinite="skip"`` drops optimizer steps whose loss is NaN/inf
+    (counted in the summary) instead of stopping.
+    """
+
+    epochs: int = 100
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    accum_steps: int = 1
+    amp: str = "auto"  # bf16 | fp16 | none | auto
+    ema_decay: float | None = None
+    compile: bool = False
+    channels_last: bool = False
+    grad_checkpointing: bool = False
+    eval_every: int = 1  # epochs
+    log_every: int = 10  # optimizer steps
+    ckpt_every_steps: int | None = None
+    keep_last: int = 2
+    save_best: bool = True
+    seed: int = 0
+    nonfinite: str = "stop"  # stop | skip
+    deterministic: bool = False
+    fsdp: bool = False
+    find_unused_parameters: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = True
+    plots: bool = True
+    out_dir: str = "runs/default"

@@ -1,0 +1,136 @@
+"""Multi-process training under torchrun: process groups, DDP/FSDP wrapping, reductions."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's RANK, WORLD_SIZE and LOCAL_RANK.
+
+    Without those variables (a plain ``python`` run) this is a no-op returning rank 0 of 1.
+    The backend is nccl when CUDA is available, else gloo. Calling it again is harmless.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if dist.is_available() and dist.is_initialized():
+            return DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank())
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if info.world_size > 1 and not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without distributed): the process that logs and checkpoints."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over processes in place (no-op when single-process); returns ``t``."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` as a list indexed by rank."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(objective: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """Wrap the objective in DistributedDataParallel.
+
+    DDP synchronises gradients only of parameters with ``requires_grad``, so frozen state
+    (EMA teacher) stays local and is updated identically on every rank by ``on_step_end``.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    return DDP(objective, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def wrap_fsdp(objective: nn.Module, device: torch.device) -> nn.Module:
+    """Shard the objective's model with FSDP2 ``fully_shard`` (per transformer block, then whole).
+
+    Sharding applies to ``objective.model``'s ``blocks`` (if any) and the objective itself, so the
+    engine's calls stay ``objective(batch)``. Requires an initialised process group.
+    """
+    if not is_dist():
+        raise RuntimeError("fsdp=True needs a multi-process run: launch with torchrun --nproc_per_node N")
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:
+        raise RuntimeError("fsdp=True needs torch.distributed.fsdp.fully_shard (torch >= 2.6)") from e
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    blocks = getattr(getattr(objective, "model", None), "blocks", None)
+    if isinstance(blocks, nn.Sequential | nn.ModuleList):
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(objective, mesh=mesh)
+    return objective
+
+
+def no_sync(module: nn.Module, active: bool):
+    """DDP's ``no_sync`` during non-final accumulation micro-steps; a null context otherwise."""
+    fn = getattr(module, "no_sync", None)
+    return fn() if active and fn is not None else nullcontext()

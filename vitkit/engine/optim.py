@@ -1,0 +1,154 @@
+"""Optimizer construction: weight-decay groups and layer-wise learning-rate decay."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from itertools import chain
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+# A group matcher suffix that merges a parameter into the group before it (timm's convention,
+# used for the final norm of a ViT, which belongs with the last block).
+MATCH_PREV_GROUP = (99999,)
+
+
+def _find_matcher(module: nn.Module) -> tuple[dict | None, str]:
+    """The backbone's ``group_matcher()`` and the name prefix of its parameters in ``module``."""
+    if callable(getattr(module, "group_matcher", None)):
+        return module.group_matcher(), ""
+    inner = getattr(module, "model", None)
+    if inner is not None and callable(getattr(inner, "group_matcher", None)):
+        return inner.group_matcher(), "model."
+    return None, ""
+
+
+def layer_ids(names: Iterable[str], group_matcher: dict, prefix: str = "") -> tuple[dict[str, int], int]:
+    """Assign each parameter name a layer id with a timm-format group matcher.
+
+    The matcher maps group names to a regex or a list of ``(regex, suffix)``; a regex's captured
+    numbers and the suffix form an ordinal, ordinals are sorted and renumbered 0..L-1, and a suffix
+    of ``(99999,)`` joins the previous layer. Names that match nothing (classifier head, objective
+    heads outside the backbone) go to one last layer.
+
+    Returns:
+        ``({name: layer_id}, num_layers)``.
+    """
+    compiled = []
+    for ordinal, spec in enumerate(group_matcher.values()):
+        if spec is None:
+            continue
+        if isinstance(spec, (list, tuple)):
+            compiled += [(re.compile(rx), (ordinal,), suffix) for rx, suffix in spec]
+        else:
+            compiled.append((re.compile(spec), (ordinal,), None))
+
+    def ordinal_of(name: str) -> tuple[float, ...]:
+        if not name.startswith(prefix):
+            return (math.inf,)
+        local = name[len(prefix):]
+        for rx, head, suffix in compiled:
+            m = rx.match(local)
+            if m:
+                return tuple(map(float, chain.from_iterable(p for p in (head, m.groups(), suffix) if p)))
+        return (math.inf,)
+
+    by_ordinal: dict[tuple[float, ...], list[str]] = defaultdict(list)
+    for n in names:
+        by_ordinal[ordinal_of(n)].append(n)
+    ids: dict[str, int] = {}
+    lid = -1
+    for key in sorted(by_ordinal):
+        if lid < 0 or key[-1] != MATCH_PREV_GROUP[0]:
+            lid += 1
+        for n in by_ordinal[key]:
+            ids[n] = lid
+    return ids, lid + 1
+
+
+def param_groups(
+    module: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    no_weight_decay_names: Iterable[str] = (),
+) -> list[dict]:
+    """Split trainable parameters into optimizer groups.
+
+    No weight decay for parameters with ndim <= 1 (norms, biases), for ``no_weight_decay_names``
+    and for the names ``module.no_weight_decay()`` returns (an :class:`Objective` prefixes its
+    model's names with ``model.``). With ``layer_decay``, each parameter gets a layer id from the
+    backbone's ``group_matcher()`` (found on ``module`` or ``module.model``) and an
+    ``lr_scale = layer_decay ** (num_layers - 1 - layer_id)``: the top layer (head) trains at the
+    full lr, each layer below at ``layer_decay`` times the one above.
+
+    Returns:
+        list of dicts with ``params``, ``names``, ``weight_decay``, ``lr_scale``.
+    """
+    skip = set(no_weight_decay_names)
+    if callable(getattr(module, "no_weight_decay", None)):
+        skip |= set(module.no_weight_decay())
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    ids: dict[str, int] = {}
+    num_layers = 1
+    if layer_decay is not None:
+        matcher, prefix = _find_matcher(module)
+        if matcher is None:
+            raise ValueError(
+                "layer_decay needs the backbone to define group_matcher(); "
+                f"{type(module).__name__} (and its .model) has none: set optim.layer_decay=null"
+            )
+        ids, num_layers = layer_ids([n for n, _ in named], matcher, prefix)
+
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        no_decay = p.ndim <= 1 or name in skip
+        lid = ids.get(name, num_layers - 1)
+        key = (lid, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers - 1 - lid) if layer_decay is not None else 1.0
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The base learning rate for this run: linear scaling from a reference batch of 512."""
+    return cfg.lr * global_batch / 512 if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(objective: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over ``objective``'s trainable parameters, grouped by :func:`param_groups`.
+
+    Each group's ``lr`` is set to ``base_lr * lr_scale``; the schedule rewrites it every step.
+    """
+    groups = param_groups(objective, cfg.weight_decay, cfg.layer_decay)
+    if not groups:
+        raise ValueError(f"{type(objective).__name__} has no parameters with requires_grad=True to train")
+    lr = scaled_lr(cfg, global_batch)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel is fastest where it exists (CUDA, and CPU float tensors in recent torch);
+    # foreach is the portable fallback. Both give the same result run to run.
+    fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+    name = cfg.name.lower()
+    if name == "adamw":
+        kw = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        try:
+            return torch.optim.AdamW(groups, fused=fused, **kw)
+        except (RuntimeError, ValueError):
+            return torch.optim.AdamW(groups, foreach=True, **kw)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    raise ValueError(f"unknown optimizer {cfg.name!r}: use 'adamw' or 'sgd'")

@@ -1,0 +1,69 @@
+"""Supervised classification: cross-entropy against hard labels or mixup soft targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Objective
+
+
+def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
+    # A distilled ViT in train mode returns (cls_logits, dist_logits); without a teacher both
+    # heads learn the label, and the average is what the model predicts at inference.
+    if isinstance(out, (tuple, list)):
+        return torch.stack(list(out)).mean(0)
+    return out
+
+
+def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
+    """(B, C) logits, (B,) labels -> (B,) float: 1 where the label is among the top k."""
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices  # (B, k)
+    return (top == labels[:, None]).any(-1).float()
+
+
+class Supervised(Objective):
+    """Cross-entropy classification.
+
+    Args:
+        model: network mapping ``batch["image"]`` (B, 3, H, W) to logits (B, num_classes), or to a
+            tuple of logits (distilled ViT in train mode).
+        num_classes: number of classes; top-5 accuracy becomes top-``num_classes`` below 5.
+        label_smoothing: applied with hard labels; soft ``batch["target"]`` (B, num_classes)
+            from mixup already carries its smoothing.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.model = model
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        logits = _logits(self.model(batch["image"])).float()  # (B, C)
+        target = batch.get("target")
+        label = batch.get("label")
+        if target is not None:
+            loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        elif label is not None:
+            loss = F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
+        else:
+            raise KeyError("Supervised needs batch['label'] (B,) or batch['target'] (B, num_classes)")
+        out = {"loss": loss}
+        if label is not None:
+            out["acc1"] = (logits.argmax(-1) == label).float().mean().detach()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> dict[str, Tensor]:
+        logits = _logits(self.model(batch["image"])).float()  # (B, C)
+        label = batch["label"]
+        return {
+            "loss": F.cross_entropy(logits, label, reduction="none"),
+            "acc1": topk_correct(logits, label, 1),
+            "acc5": topk_correct(logits, label, 5),
+        }
