@@ -12,6 +12,8 @@ from .drop import DropPath
 from .layer_scale import LayerScale
 from .mlp import Mlp
 
+_LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
+
 
 class Block(nn.Module):
     """Pre-norm (default) or post-norm transformer block.
@@ -33,7 +35,7 @@ class Block(nn.Module):
         init_values: float | None = None,
         drop_path: float = 0.0,
         act_layer: type[nn.Module] = nn.GELU,
-        norm_layer: type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: type[nn.Module] = _LayerNormEps6,
         mlp_layer: type[nn.Module] = Mlp,
         attn_layer: type[nn.Module] = Attention,
         post_norm: bool = False,

@@ -142,7 +142,7 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.norm_pre = norm(embed_dim) if pre_norm else nn.Identity()
 
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         mlp = _mlp_layer(mlp_layer, num_experts, moe_top_k, swiglu_ratio_fix=True)
         self.blocks = nn.Sequential(*[
             Block(
