@@ -139,3 +139,32 @@ class CrashAt:
     def on_step_end(self, trainer, step, metrics):
         if step == self.step:
             raise Crash(step)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str, engine: dict) -> None:
+    """One process of a gloo run: trains, and rank 0 saves the final objective state."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        tr = make_trainer(out_dir, rank=rank, world=world, **engine)
+        summary = tr.fit()
+        if rank == 0:
+            torch.save({"objective": tr.objective.state_dict(), "summary": summary}, f"{out_dir}/final.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -251,6 +251,8 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self._last_saved_step = -1
         self._last_eval_step = -1
+        self._resume_sampler_state: dict | None = None
+        self._fit_start_step = 0
 
     def _resolve_device(self) -> torch.device:
         want = self.cfg.device
@@ -279,7 +281,6 @@ class Trainer:
 
     def state_for_checkpoint(self) -> dict:
         """``trainer_state.pt`` content: tensors and primitive containers only."""
-        per_sample = self.batch_size or 1
         return {
             "step": self.step,
             "epoch": self.epoch,
@@ -288,7 +289,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": all_gather_object(ckpt.get_rng_state()),
-            "sampler": {"epoch": self.epoch, "position": self.epoch_step * self.cfg.accum_steps * per_sample},
+            "sampler": self._sampler_state(),
             "best_metric": self.best_metric,
             "best_val_acc": self.best_val_acc,
             "nonfinite_skipped": self.nonfinite_skipped,
@@ -298,6 +299,14 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": self.config_to_save,
         }
+
+    def _sampler_state(self) -> dict:
+        # The position is computed from the steps taken rather than read from the sampler: a
+        # DataLoader prefetches, so the sampler has handed out more indices than were trained on.
+        state = dict(self.sampler.state_dict()) if hasattr(self.sampler, "state_dict") else {}
+        state["epoch"] = self.epoch
+        state["position"] = self.epoch_step * self.cfg.accum_steps * (self.batch_size or 1)
+        return state
 
     def save_checkpoint(self, is_best: bool = False) -> Path | None:
         """Write a checkpoint of the current step (main process); all processes must call it."""
@@ -332,6 +341,7 @@ class Trainer:
             setattr(self, k, int(st[k]))
         self.train_time_s = float(st["train_time_s"])
         self.best_metric, self.best_val_acc = st["best_metric"], st["best_val_acc"]
+        self._resume_sampler_state = st["sampler"]
         rng = st["rng"]
         if len(rng) != self.dist.world_size:
             self.logger.info(
@@ -442,8 +452,8 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
             if self.epoch_step:
-                position = self.epoch_step * accum * (self.batch_size or 1)
-                self.sampler.load_state_dict({"epoch": self.epoch, "position": position})
+                self.sampler.load_state_dict(self._resume_sampler_state or self._sampler_state())
+        self._resume_sampler_state = None
         # Creating the iterator draws from the global RNG (worker seeds); keep that out of the
         # training stream so a resumed run, which creates it at a different point, stays in step.
         with torch.random.fork_rng(devices=[]):
@@ -462,6 +472,8 @@ class Trainer:
             if "skipped" in batch:
                 self.skipped_files += int(batch["skipped"].sum())
             n = _batch_size(batch)
+            if hasattr(self.sampler, "advance"):
+                self.sampler.advance(n)
             micro += 1
             last_micro = micro == accum
             with no_sync(self.module, self.dist.enabled and not last_micro), self._autocast():
