@@ -29,9 +29,9 @@ _BLOCK = {
     "layernorm_after": "norm2",
     "norm1": "norm1",
     "norm2": "norm2",
-    "layer_scale1.lambda1": "ls1.gamma",
-    "layer_scale2.lambda1": "ls2.gamma",
 }
+# Whole parameter names (no .weight/.bias suffix).
+_BLOCK_PARAMS = {"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
 _TOP = {
     "embeddings.cls_token": "cls_token",
     "embeddings.distillation_token": "dist_token",
@@ -79,7 +79,9 @@ def convert_hf(state_dict: dict[str, torch.Tensor], notes: list[str] | None = No
         if m := _LAYER.match(k):
             idx, rest = int(m[1]), m[2]
             name, _, kind = rest.rpartition(".")
-            if name in _QKV:
+            if rest in _BLOCK_PARAMS:
+                out[f"blocks.{idx}.{_BLOCK_PARAMS[rest]}"] = v
+            elif name in _QKV:
                 qkv.setdefault((idx, kind), [None, None, None])[_QKV[name]] = v
             elif name in _BLOCK:
                 out[f"blocks.{idx}.{_BLOCK[name]}.{kind}"] = v

@@ -1,0 +1,259 @@
+"""Parity with timm and HF transformers: random peer weights, converted, give the same outputs.
+
+Every case builds a tiny peer (2 blocks, width 64), randomises all of its parameters (peers
+init biases to zero, which would hide a bias mapped to the wrong place), converts it with
+``load_weights`` and compares float32 outputs in eval mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitkit import VisionTransformer, load_weights
+from vitkit._peers import import_peer
+
+timm = import_peer("timm")
+transformers = import_peer("transformers")
+needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (pip install -e .[dev])")
+needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install -e .[dev])")
+
+ATOL = 1e-5
+TINY = dict(embed_dim=64, depth=2, num_heads=2)
+
+
+def _randomise(module: torch.nn.Module) -> torch.nn.Module:
+    """Perturb every parameter so each one matters to the output; keeps norms near 1."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module.eval()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = (a - b).abs().max().item()
+    print(f"max |diff| = {diff:.3g}")
+    return diff
+
+
+def _vitkit(**kwargs) -> VisionTransformer:
+    return VisionTransformer(**kwargs).eval()
+
+
+TIMM_CASES = {
+    "cls_p16": dict(img_size=64, patch_size=16),
+    "cls_p32": dict(img_size=64, patch_size=32),
+    "gap_fc_norm": dict(img_size=64, patch_size=16, class_token=False, global_pool="avg", fc_norm=True),
+    "registers": dict(img_size=64, patch_size=16, reg_tokens=4, no_embed_class=True),
+    "layerscale": dict(img_size=56, patch_size=14, init_values=1e-5),
+}
+
+
+@needs_timm
+@pytest.mark.parametrize("case", list(TIMM_CASES))
+def test_timm_vit(case):
+    cfg = dict(TINY, num_classes=10, **TIMM_CASES[case])
+    peer = _randomise(timm.models.vision_transformer.VisionTransformer(**cfg))
+    ours = _vitkit(**cfg)
+    report = load_weights(ours, peer.state_dict(), verbose=False)
+    assert report.format == "timm" and not report.dropped and not report.resampled
+    x = torch.randn(2, 3, cfg["img_size"], cfg["img_size"])
+    with torch.no_grad():
+        assert _max_diff(ours(x), peer(x)) <= ATOL
+
+
+@needs_timm
+def test_timm_deit_distilled():
+    cfg = dict(TINY, num_classes=10, img_size=64, patch_size=16)
+    peer = _randomise(timm.models.deit.VisionTransformerDistilled(**cfg))
+    ours = _vitkit(distilled=True, **cfg)
+    load_weights(ours, peer.state_dict(), verbose=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(ours(x), peer(x)) <= ATOL
+
+
+def _hf_config(cls_name: str, **kw):
+    base = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, image_size=32,
+        patch_size=8, num_labels=10, layer_norm_eps=1e-6,
+    )
+    return getattr(transformers, cls_name)(**{**base, **kw})
+
+
+@needs_hf
+@pytest.mark.parametrize("layout", ["state_dict", "save_pretrained"])
+def test_hf_vit_for_image_classification(layout, tmp_path):
+    peer = _randomise(transformers.ViTForImageClassification(_hf_config("ViTConfig")))
+    if layout == "save_pretrained":
+        # Files on the hub keep the transformers 4 names (encoder.layer.N.attention.attention.query).
+        peer.save_pretrained(tmp_path)
+        source = tmp_path
+    else:
+        source = peer.state_dict()  # transformers 5 names (layers.N.attention.q_proj)
+    ours = _vitkit(img_size=32, patch_size=8, num_classes=10, **TINY)
+    assert load_weights(ours, source, verbose=False).format == "hf"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours(x), peer(pixel_values=x).logits) <= ATOL
+
+
+@needs_hf
+def test_hf_vit_default_eps_is_close():
+    """Google's ViT configs use layer_norm_eps=1e-12; vitkit's LayerNorm uses 1e-6."""
+    peer = _randomise(transformers.ViTForImageClassification(_hf_config("ViTConfig", layer_norm_eps=1e-12)))
+    ours = _vitkit(img_size=32, patch_size=8, num_classes=10, **TINY)
+    load_weights(ours, peer.state_dict(), verbose=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours(x), peer(pixel_values=x).logits) <= 1e-4
+
+
+@needs_hf
+def test_hf_vit_model_features_and_pooler_note():
+    peer = _randomise(transformers.ViTModel(_hf_config("ViTConfig")))
+    ours = _vitkit(img_size=32, patch_size=8, num_classes=0, **TINY)
+    report = load_weights(ours, peer.state_dict(), verbose=False)
+    assert any("pooler" in n for n in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours.forward_features(x), peer(pixel_values=x).last_hidden_state) <= ATOL
+
+
+@needs_hf
+@pytest.mark.parametrize("layout", ["state_dict", "save_pretrained"])
+def test_hf_deit_with_teacher(layout, tmp_path):
+    peer = _randomise(transformers.DeiTForImageClassificationWithTeacher(_hf_config("DeiTConfig")))
+    if layout == "save_pretrained":
+        peer.save_pretrained(tmp_path)
+    ours = _vitkit(img_size=32, patch_size=8, num_classes=10, distilled=True, **TINY)
+    load_weights(ours, tmp_path if layout == "save_pretrained" else peer.state_dict(), verbose=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours(x), peer(pixel_values=x).logits) <= ATOL
+
+
+@needs_hf
+def test_hf_deit_for_image_classification_class_token_head():
+    peer = _randomise(transformers.DeiTForImageClassification(_hf_config("DeiTConfig")))
+    ours = _vitkit(img_size=32, patch_size=8, num_classes=10, distilled=True, **TINY)
+    report = load_weights(ours, peer.state_dict(), verbose=False)
+    assert any("class token only" in n for n in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = peer(pixel_values=x, output_hidden_states=True)
+        feats = ours.forward_features(x)
+        assert _max_diff(feats, peer.deit.layernorm(out.hidden_states[-1])) <= ATOL
+        assert _max_diff(ours.head(feats[:, 0]), out.logits) <= ATOL
+
+
+@needs_hf
+def test_hf_dinov2_model():
+    cfg = transformers.Dinov2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14, layerscale_value=0.5
+    )
+    peer = _randomise(transformers.Dinov2Model(cfg))
+    ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, **TINY)
+    report = load_weights(ours, peer.state_dict(), verbose=False)
+    assert report.format == "hf"
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert _max_diff(ours.forward_features(x), peer(pixel_values=x).last_hidden_state) <= ATOL
+
+
+def _official_dinov2(timm_sd: dict, reg: bool, chunked: bool) -> dict:
+    """Write a timm DINOv2 state dict in facebookresearch/dinov2's layout."""
+    sd = dict(timm_sd)
+    if reg:
+        # Official: pos_embed has a class row, registers have none; timm folds the class row in.
+        cls_pos = torch.randn(1, 1, sd["cls_token"].shape[-1])
+        sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+        sd["cls_token"] = sd["cls_token"] - cls_pos
+        sd["register_tokens"] = sd.pop("reg_token")
+    sd["mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
+    if chunked:
+        # Block chunks of 1 block each: blocks.<chunk>.<global index>.
+        sd = {(f"blocks.{k.split('.')[1]}.{k[len('blocks.'):]}" if k.startswith("blocks.") else k): v for k, v in sd.items()}
+    return sd
+
+
+@needs_timm
+@pytest.mark.parametrize("reg,chunked", [(False, False), (True, False), (True, True)])
+def test_dinov2_official_layout(reg, chunked):
+    cfg = dict(TINY, img_size=28, patch_size=14, init_values=1e-5, num_classes=0)
+    if reg:
+        cfg.update(reg_tokens=4, no_embed_class=True)
+    peer = _randomise(timm.models.vision_transformer.VisionTransformer(**cfg))
+    official = _official_dinov2(peer.state_dict(), reg, chunked)
+    ours = _vitkit(**cfg)
+    report = load_weights(ours, official, verbose=False)
+    assert report.format == "dinov2"
+    assert any("mask_token" in n for n in report.notes)
+    timm_sd = timm.models.vision_transformer.checkpoint_filter_fn(_official_dinov2(peer.state_dict(), reg, False), peer)
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, timm_sd[k], rtol=0, atol=1e-6)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert _max_diff(ours.forward_features(x), peer.forward_features(x)) <= ATOL
+
+
+def test_dinov2_fused_swiglu_round_trip():
+    cfg = dict(TINY, img_size=28, patch_size=14, init_values=1e-5, num_classes=0, mlp_layer="swiglu")
+    src = _randomise(_vitkit(**cfg))
+    official = {}
+    for k, v in src.state_dict().items():
+        if ".mlp.fc1_x." in k:
+            continue
+        if ".mlp.fc1_g." in k:
+            official[k.replace("fc1_g", "w12")] = torch.cat([v, src.state_dict()[k.replace("fc1_g", "fc1_x")]])
+        else:
+            official[k.replace(".mlp.fc2.", ".mlp.w3.")] = v
+    official["mask_token"] = torch.zeros(1, 64)
+    ours = _vitkit(**cfg)
+    load_weights(ours, official, verbose=False)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert _max_diff(ours.forward_features(x), src.forward_features(x)) == 0
+
+
+def _mae_sincos(embed_dim: int, grid: int) -> np.ndarray:
+    """facebookresearch/mae util/pos_embed.py get_2d_sincos_pos_embed(cls_token=True), verbatim math."""
+
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    g = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))  # w goes first
+    g = np.stack(g, axis=0).reshape([2, 1, grid, grid])
+    emb = np.concatenate([one_d(embed_dim // 2, g[0]), one_d(embed_dim // 2, g[1])], axis=1)
+    return np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+
+
+@needs_timm
+def test_mae_official_layout(tmp_path):
+    cfg = dict(TINY, img_size=32, patch_size=8, num_classes=0)
+    peer = _randomise(timm.models.vision_transformer.VisionTransformer(**cfg))
+    with torch.no_grad():
+        peer.pos_embed.copy_(torch.from_numpy(_mae_sincos(64, 4)).float()[None])
+    ckpt = {
+        "model": {
+            **peer.state_dict(), "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, 64),
+            "decoder_pos_embed": torch.zeros(1, 17, 32), "decoder_blocks.0.norm1.weight": torch.ones(32),
+            "decoder_norm.weight": torch.ones(32), "decoder_pred.weight": torch.randn(192, 32),
+        },
+        "epoch": 799,
+    }
+    torch.save(ckpt, tmp_path / "mae_pretrain.pth")
+    ours = _vitkit(**cfg)
+    report = load_weights(ours, tmp_path / "mae_pretrain.pth", verbose=False)
+    assert report.format == "mae" and any("decoder" in n for n in report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ours.forward_features(x), peer.forward_features(x)) <= ATOL
+    # vitkit's fixed sin-cos table is MAE's, so the same checkpoint fits a pos_embed="sincos" model.
+    fixed = _vitkit(pos_embed="sincos", **cfg)
+    torch.testing.assert_close(fixed.pos_embed.data, peer.pos_embed.data, rtol=0, atol=1e-6)
+    load_weights(fixed, tmp_path / "mae_pretrain.pth", verbose=False)
