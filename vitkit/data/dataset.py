@@ -9,6 +9,7 @@ bytes or arrays, and reopen file handles after a fork.
 from __future__ import annotations
 
 import os
+import random
 import tarfile
 
 import numpy as np
@@ -117,7 +118,7 @@ class ImageDataset(Dataset):
         format: the detected format name, for messages and :meth:`stats`.
         max_bad_fraction: tolerated fraction of unreadable files (see :class:`SkipCounter`).
 
-    An unreadable file is replaced by the next readable item, so a batch keeps its size;
+    An unreadable file is replaced by another (seeded pseudo-random) item, so a batch keeps its size;
     :meth:`load` reports the replaced names so a loader can count them in the main process.
     """
 
@@ -150,15 +151,19 @@ class ImageDataset(Dataset):
         """Return ``(image, label, bad_files)``: item ``i`` or, if it is unreadable, the next readable one."""
         n = len(self.indices)
         bad: list[str] = []
+        idx = i
         for k in range(min(n, _MAX_REPLACEMENTS)):
-            idx = (i + k) % n
+            if k > 0:
+                # A pseudo-random stand-in, not the neighbour: bad files cluster in sorted
+                # listings, and the choice must be the same in every process and run.
+                idx = random.Random(f"{i}:{k}").randrange(n)
             try:
                 return self.source.image(self.indices[idx], self.in_chans), self.targets[idx], bad
             except BadImageError as e:
                 bad.append(str(e))
         raise RuntimeError(
-            f"{len(bad)} consecutive files of the {self.format or 'image'} dataset could not be read, "
-            f"starting at item {i}:\n  " + "\n  ".join(bad[:20])
+            f"{len(bad)} files in a row of the {self.format or 'image'} dataset could not be read, "
+            f"replacing item {i}:\n  " + "\n  ".join(bad[:20])
         )
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:

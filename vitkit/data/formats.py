@@ -272,8 +272,10 @@ def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tupl
 
 def _find_cifar(path: str) -> str | None:
     for cand in (path, os.path.join(path, "cifar-10-batches-py"), os.path.join(path, "cifar-100-python")):
+        named_100 = os.path.basename(os.path.normpath(cand)) == "cifar-100-python"
         if os.path.isfile(os.path.join(cand, "data_batch_1")) or (
-            os.path.isfile(os.path.join(cand, "train")) and os.path.isfile(os.path.join(cand, "meta"))
+            os.path.isfile(os.path.join(cand, "train"))
+            and (named_100 or os.path.isfile(os.path.join(cand, "meta")))
         ):
             return cand
     return None

@@ -55,6 +55,8 @@ def decode_image(data: bytes | str, in_chans: int = 3, name: str = "<bytes>") ->
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(f"{name}: refused as a decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise BadImageError(f"{name}: not an image in any format Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise BadImageError(f"{name}: {type(e).__name__}: {e}") from None
     return to_channels(img, in_chans)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import warnings
 
-# Below this many files seen, one bad file would already exceed any sensible fraction.
-_MIN_SEEN = 50
+# Mid-epoch, the fraction is judged only after this many files: bad files cluster (one
+# class folder, one shard), so a small early sample overstates the rate. The end of an epoch
+# always checks.
+_MIN_SEEN = 500
 
 
 class SkipCounter:
