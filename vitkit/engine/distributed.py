@@ -122,12 +122,41 @@ def wrap_fsdp(objective: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (get_world_size(),))
-    blocks = getattr(getattr(objective, "model", None), "blocks", None)
+    model = getattr(objective, "model", None)
+    blocks = getattr(model, "blocks", None)
     if isinstance(blocks, nn.Sequential | nn.ModuleList):
         for block in blocks:
             fully_shard(block, mesh=mesh)
+    # The model is its own unit because objective.evaluate calls it directly, not via forward.
+    if isinstance(model, nn.Module):
+        fully_shard(model, mesh=mesh)
     fully_shard(objective, mesh=mesh)
     return objective
+
+
+def fsdp_full_state(objective: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Unsharded objective and optimizer state dicts on CPU (complete on rank 0); collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(objective, options=opts), get_optimizer_state_dict(objective, optimizer, options=opts)
+
+
+def fsdp_load_full_state(objective: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Load full state dicts (as :func:`fsdp_full_state` returns them) into a sharded objective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(objective, model_sd, options=opts)
+    set_optimizer_state_dict(objective, optimizer, optim_sd, options=opts)
 
 
 def no_sync(module: nn.Module, active: bool):

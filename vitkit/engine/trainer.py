@@ -19,6 +19,8 @@ from .distributed import (
     all_gather_object,
     all_reduce_sum,
     barrier,
+    fsdp_full_state,
+    fsdp_load_full_state,
     init_distributed,
     is_dist,
     no_sync,
@@ -279,13 +281,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_for_checkpoint(self) -> dict:
+    def state_for_checkpoint(self, optim_state: dict | None = None) -> dict:
         """``trainer_state.pt`` content: tensors and primitive containers only."""
+        if optim_state is None:
+            optim_state = self.optimizer.state_dict()
         return {
             "step": self.step,
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": all_gather_object(ckpt.get_rng_state()),
@@ -310,12 +314,18 @@ class Trainer:
 
     def save_checkpoint(self, is_best: bool = False) -> Path | None:
         """Write a checkpoint of the current step (main process); all processes must call it."""
-        state = self.state_for_checkpoint()  # collective (RNG gather): every rank takes part
+        if self.cfg.fsdp:
+            objective_sd, optim_sd = fsdp_full_state(self.objective, self.optimizer)
+            model_sd = {k[len("model."):]: v for k, v in objective_sd.items() if k.startswith("model.")}
+        else:
+            objective_sd, optim_sd = self.objective.state_dict(), None
+            model_sd = self.objective.model.state_dict()
+        state = self.state_for_checkpoint(optim_sd)  # collective (RNG gather): every rank takes part
         path = None
         if self.is_main:
             weights = {
-                "model": self.objective.model.state_dict(),
-                "objective": self.objective.state_dict(),
+                "model": model_sd,
+                "objective": objective_sd,
                 "ema": self.ema.module.state_dict() if self.ema is not None else None,
             }
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, weights, state, keep_last=self.cfg.keep_last)
@@ -328,13 +338,16 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore objective, EMA, optimizer, schedule, scaler, counters and RNG from ``path``."""
         data = ckpt.load_checkpoint(path, map_location="cpu")
-        self.objective.load_state_dict(data["objective"])
+        st = data["trainer_state"]
+        if self.cfg.fsdp:
+            fsdp_load_full_state(self.objective, self.optimizer, data["objective"], st["optimizer"])
+        else:
+            self.objective.load_state_dict(data["objective"])
+            self.optimizer.load_state_dict(st["optimizer"])
         if self.ema is not None:
             if data["ema"] is None:
                 raise ValueError(f"{data['path']} has no ema.safetensors but ema_decay is set")
             self.ema.module.load_state_dict(data["ema"])
-        st = data["trainer_state"]
-        self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
         for k in ("step", "epoch", "epoch_step", "nonfinite_skipped", "skipped_files", "train_samples"):
