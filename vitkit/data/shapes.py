@@ -1,6 +1,6 @@
 """Built-in procedural data: coloured shapes on textured backgrounds.
 
-Each image shows one shape; the shape alone is the class. Colour, position, size (35-80% of
+Each image shows one shape; the shape alone is the class. Colour, position, size (42-80% of
 the image), rotation and background (plain, gradient, stripes, noise, checks) are drawn at
 random and independently of the class, so a model can only score by recognising the shape.
 Images are generated lazily from ``(seed, split, index)``: the same index always gives the
@@ -87,7 +87,7 @@ def _draw_mask(shape: str, size: int, cx: float, cy: float, r: float, theta: flo
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A float (size, size, 3) texture in 0..255 of low contrast, so the shape stays the salient thing."""
     c1 = rng.uniform(40, 215, 3)
-    c2 = np.clip(c1 + rng.normal(0, 45, 3), 0, 255)
+    c2 = np.clip(c1 + rng.normal(0, 30, 3), 0, 255)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     angle = rng.uniform(0, 2 * math.pi)
     along = xx * math.cos(angle) + yy * math.sin(angle)
@@ -120,7 +120,7 @@ def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
         colour = np.clip(np.asarray(_COLOURS[name], np.float32) + rng.normal(0, 12, 3), 0, 255)
         if np.linalg.norm(colour - mean) > 110:
             break
-    r = size * rng.uniform(0.175, 0.40)  # diameter 35-80% of the image
+    r = size * rng.uniform(0.21, 0.40)  # diameter 42-80% of the image
     cx, cy = rng.uniform(r, size - r, 2)
     theta = rng.uniform(0, 2 * math.pi)
     alpha = _draw_mask(shape, size, cx, cy, r, theta, rng)

@@ -43,11 +43,8 @@ def _interp(name: str):
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """PIL "L"/"RGB" → uint8 tensor (C, H, W)."""
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy: PIL's buffer view is read-only
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
