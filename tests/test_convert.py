@@ -252,3 +252,13 @@ def test_hf_repo_id_from_hub_cache(hub_cache):
 def test_hub_repo_not_cached(hub_cache):
     with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set"):
         load_weights(_model(img_size=32, patch_size=8), "facebook/not-cached")
+
+
+def test_flattened_linear_patch_projection():
+    """Early ViT ports store the patch projection as a Linear over flattened (C, P, P) patches."""
+    src = _model(img_size=32, patch_size=8)
+    sd = dict(src.state_dict())
+    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].reshape(64, -1)
+    dst = _model(img_size=32, patch_size=8)
+    load_weights(dst, sd, verbose=False)
+    torch.testing.assert_close(dst.patch_embed.proj.weight, src.patch_embed.proj.weight, rtol=0, atol=0)

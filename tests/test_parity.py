@@ -150,12 +150,16 @@ def test_hf_deit_for_image_classification_class_token_head():
 
 
 @needs_hf
-def test_hf_dinov2_model():
-    cfg = transformers.Dinov2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14, layerscale_value=0.5
-    )
-    peer = _randomise(transformers.Dinov2Model(cfg))
-    ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, **TINY)
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_model(registers):
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
+    if registers:
+        peer = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
+        ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, reg_tokens=4, no_embed_class=True, **TINY)
+    else:
+        peer = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+        ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, **TINY)
+    _randomise(peer)
     report = load_weights(ours, peer.state_dict(), verbose=False)
     assert report.format == "hf"
     x = torch.randn(2, 3, 28, 28)
