@@ -92,13 +92,15 @@ def make_trainer(
     rank: int = 0,
     world: int = 1,
     transform=noise_transform,
+    dataset=None,
+    val_dataset=None,
     **engine,
 ) -> Trainer:
     torch.manual_seed(0)
-    ds = ToyDataset(n)
-    sampler = ResumableSampler(n, rank=rank, world=world, shuffle=shuffle)
+    ds = dataset if dataset is not None else ToyDataset(n)
+    sampler = ResumableSampler(len(ds), rank=rank, world=world, shuffle=shuffle)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True)
-    val = DataLoader(ToyDataset(32, seed=1), batch_size=16)
+    val = DataLoader(val_dataset if val_dataset is not None else ToyDataset(32, seed=1), batch_size=16)
     if objective is None:
         objective = Supervised(TinyNet(drop=drop), num_classes=3, label_smoothing=0.0)
     cfg = EngineConfig(**{"epochs": 2, "amp": "none", "log_every": 2, "tensorboard": False, "plots": False, **engine})

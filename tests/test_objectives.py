@@ -1,0 +1,72 @@
+"""The Supervised objective: losses against hard/soft labels, distilled-model tuples, metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.objectives import Objective, Supervised
+
+
+class TwoHeads(nn.Module):
+    """Returns (cls_logits, dist_logits) like a distilled ViT in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 10)
+        self.b = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_hard_labels_with_label_smoothing():
+    model = nn.Linear(4, 10)
+    obj = Supervised(model, num_classes=10, label_smoothing=0.1)
+    x, y = torch.randn(6, 4), torch.randint(0, 10, (6,))
+    out = obj({"image": x, "label": y})
+    torch.testing.assert_close(out["loss"], F.cross_entropy(model(x), y, label_smoothing=0.1))
+    assert out["acc1"] == (model(x).argmax(-1) == y).float().mean()
+
+
+def test_soft_targets_from_mixup():
+    model = nn.Linear(4, 5)
+    obj = Supervised(model, num_classes=5)
+    x = torch.randn(3, 4)
+    target = torch.softmax(torch.randn(3, 5), -1)
+    out = obj({"image": x, "target": target})
+    want = (-target * F.log_softmax(model(x), -1)).sum(-1).mean()
+    torch.testing.assert_close(out["loss"], want)
+    assert "acc1" not in out  # no hard labels to score against
+    with pytest.raises(KeyError, match="label"):
+        obj({"image": x})
+
+
+def test_tuple_outputs_are_averaged():
+    model = TwoHeads()
+    obj = Supervised(model, num_classes=10, label_smoothing=0.0)
+    x, y = torch.randn(5, 4), torch.randint(0, 10, (5,))
+    a, b = model(x)
+    torch.testing.assert_close(obj({"image": x, "label": y})["loss"], F.cross_entropy((a + b) / 2, y))
+
+
+def test_evaluate_per_sample_metrics():
+    obj = Supervised(nn.Linear(4, 10), num_classes=10)
+    ev = obj.evaluate({"image": torch.randn(7, 4), "label": torch.randint(0, 10, (7,))})
+    assert set(ev) == {"loss", "acc1", "acc5"} and all(v.shape == (7,) for v in ev.values())
+    assert ((ev["acc1"] <= ev["acc5"]) & (ev["acc5"] <= 1) & (ev["acc1"] >= 0)).all()
+    few = Supervised(nn.Linear(4, 3), num_classes=3).evaluate({"image": torch.randn(4, 4), "label": torch.zeros(4).long()})
+    assert (few["acc5"] == 1).all()  # top-5 of 3 classes is top-3
+
+
+def test_objective_no_weight_decay_prefixes_model_names():
+    class M(nn.Linear):
+        def no_weight_decay(self):
+            return {"bias"}
+
+    assert Supervised(M(2, 2), 2).no_weight_decay() == {"model.bias"}
+    assert Supervised(nn.Linear(2, 2), 2).no_weight_decay() == set()
+    with pytest.raises(NotImplementedError):
+        Objective()({})
