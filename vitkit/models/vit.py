@@ -85,6 +85,7 @@ class VisionTransformer(nn.Module):
         num_experts: int = 4,
         moe_top_k: int = 2,
         dynamic_img_pad: bool = False,
+        conv_stem: bool = False,
     ):
         super().__init__()
         if global_pool not in _POOLS:
@@ -122,7 +123,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_pad=dynamic_img_pad
+            img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_pad=dynamic_img_pad,
+            conv_stem=conv_stem,
         )
         self.patch_size = self.patch_embed.patch_size
         grid = self.patch_embed.grid_size
@@ -456,6 +458,20 @@ for size in ("tiny", "small", "base"):
         paper="ViT with RMSNorm, SwiGLU, QK-norm, 2D RoPE, LayerScale and registers",
     )
 
+# Small-image variants that vitkit picks for 28-64 px data (and first runs on CPU):
+# a convolutional stem and few, narrow blocks train in minutes on a laptop.
+_SMALL_DATA = dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=3.0, conv_stem=True, global_pool="avg")
+_register(
+    "vit_nano_convstem_patch4_32", dict(_SMALL_DATA, patch_size=4), img=32, crop_pct=1.0, num_classes=10,
+    paper="Early Convolutions Help Transformers See Better (Xiao et al., 2021)",
+    notes="for 28-40 px images (MNIST, CIFAR)",
+)
+_register(
+    "vit_nano_convstem_patch8_64", dict(_SMALL_DATA, patch_size=8), img=64, crop_pct=1.0, num_classes=10,
+    paper="Early Convolutions Help Transformers See Better (Xiao et al., 2021)",
+    notes="for 48-128 px images (the built-in shapes data)",
+)
+
 # Tiny variants for fast tests and first runs.
 _TEST = dict(embed_dim=64, depth=2, num_heads=2, patch_size=8)
 _TEST_CARD = dict(img=32, crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model")
@@ -466,6 +482,7 @@ _register("test_vit_prenorm", dict(_TEST, pre_norm=True, post_norm=False), **_TE
 _register("test_vit_postnorm", dict(_TEST, post_norm=True, final_norm=False), **_TEST_CARD)
 _register("test_vit_sincos", dict(_TEST, pos_embed="sincos"), **_TEST_CARD)
 _register("test_vit_modern", dict(_TEST, **_MODERN), **_TEST_CARD)
+_register("test_vit_convstem", dict(_TEST, conv_stem=True), **_TEST_CARD)
 _register("test_vit_moe", dict(_TEST, mlp_layer="moe", num_experts=4, moe_top_k=2), **_TEST_CARD)
 _register("test_deit_distilled", dict(_TEST, distilled=True), **_TEST_CARD)
 

@@ -1,0 +1,143 @@
+"""The run configuration: dataclass defaults -> recipe YAML -> ``key=value`` overrides.
+
+Every default lives in a dataclass here or in :mod:`vitkit.engine.config`. A recipe file
+and command-line overrides are merged on top with OmegaConf's structured configs, which
+reject unknown keys and wrong types by name. The resolved config is written to the run dir.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented.
+
+    ``path`` is any format ``vitkit.data.build_dataset`` reads, or ``shapes`` (built in).
+    ``img_size``/``in_chans``/``num_classes`` of None are taken from the data and the model.
+    """
+
+    path: str = "shapes"
+    img_size: int | None = None
+    in_chans: int | None = None
+    num_classes: int | None = None
+    val_fraction: float = 0.1
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    num_workers: int | None = None  # None: min(4, CPU count)
+    # Train augmentation (DeiT recipe by default).
+    scale_min: float = 0.08
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.0
+    re_prob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    label_smoothing: float = 0.1
+    repeated_aug: int = 0  # >1: DeiT repeated augmentation with that many repeats
+    crop_pct: float | None = None  # None: the model card's
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    """Which network, and from which weights.
+
+    ``name`` None lets vitkit choose from the data (see ``vitkit.train.choose_model``).
+    ``init`` is any weights ``load_weights`` accepts (file, folder, hub id) to fine-tune
+    from; the head is replaced when the class count differs.
+    """
+
+    name: str | None = None
+    init: str | None = None
+    drop_path_rate: float = 0.1
+    args: dict = field(default_factory=dict)  # other constructor arguments
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    objective: str = "supervised"
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe name (``deit_tiny_cifar10``) or a path to a YAML file."""
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    name = recipe if recipe.endswith((".yaml", ".yml")) else recipe + ".yaml"
+    packaged = resources.files("vitkit") / "recipes" / name
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise FileNotFoundError(f"no recipe {recipe!r}: not a YAML file, and not one of {list_recipes()}")
+
+
+def list_recipes() -> list[str]:
+    folder = resources.files("vitkit") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults, then the recipe, then ``key=value`` overrides; returns a validated TrainConfig."""
+    base = OmegaConf.structured(TrainConfig)
+    layers = [base]
+    if recipe:
+        layers.append(OmegaConf.load(recipe_path(recipe)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like key=value (e.g. engine.epochs=10), got {bad}")
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        raise ValueError(_config_error(e)) from None
+    cfg: TrainConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _config_error(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if "Key" in msg and "not in" in msg:
+        return f"unknown config key {key!r}: {msg}. See `vitkit train --show-config` for all keys"
+    return f"bad value for config key {key!r}: {msg}"
+
+
+def validate(cfg: TrainConfig) -> None:
+    d, e = cfg.data, cfg.engine
+    if d.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+    if not 0 < d.scale_min <= 1:
+        raise ValueError(f"data.scale_min must be in (0, 1], got {d.scale_min}")
+    if not 0 <= d.val_fraction < 1:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if e.epochs < 1:
+        raise ValueError(f"engine.epochs must be >= 1, got {e.epochs}")
+    if e.amp not in ("auto", "bf16", "fp16", "none"):
+        raise ValueError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+    if cfg.objective != "supervised":
+        raise ValueError(f"objective {cfg.objective!r} is not available; this version trains 'supervised'")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), path)
