@@ -174,3 +174,37 @@ def test_time_budget_stops_cleanly(tmp_path):
     assert s["stopped"] == "time_budget" and 0 < s["steps"] < 8000
     assert s["val_acc"] is not None
     assert find_latest(tmp_path).name == f"step_{s['steps']:06d}"
+
+
+def test_resume_with_vitkit_data_sampler(tmp_path):
+    """The data package's ResumableSampler (advance/state_dict with seed) resumes bitwise too."""
+    from test_engine_utils import ToyDataset
+    from torch.utils.data import DataLoader
+
+    from vitkit.data.samplers import ResumableSampler
+
+    def trainer(out, hooks=()):
+        torch.manual_seed(0)
+        sampler = ResumableSampler(64, seed=3)
+        loader = DataLoader(ToyDataset(64), batch_size=8, sampler=sampler, drop_last=True)
+        tr = make_trainer(out, epochs=2, ckpt_every_steps=4, hooks=hooks)
+        tr.train_loader, tr.sampler = loader, sampler
+        return tr
+
+    full = trainer(tmp_path / "full")
+    full.fit()
+    with pytest.raises(Crash):
+        trainer(tmp_path / "run", hooks=[CrashAt(7)]).fit()
+    assert load_checkpoint(tmp_path / "run")["trainer_state"]["sampler"] == {"epoch": 0, "position": 32, "seed": 3}
+    resumed = trainer(tmp_path / "run")
+    resumed.fit(resume=True)
+    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict())
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(tmp_path, amp):
+    tr = make_trainer(tmp_path, epochs=1, amp=amp, optim={"clip_grad": 1.0})
+    s = tr.fit()
+    assert s["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    assert math.isfinite(s["val_loss"]) and tr.scaler.is_enabled() == (amp == "fp16")
+    assert all(p.dtype == torch.float32 for p in tr.objective.parameters())

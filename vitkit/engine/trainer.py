@@ -494,7 +494,6 @@ class Trainer:
             loss = out["loss"]
             if not self._check_finite(loss):
                 if cfg.nonfinite == "stop":
-                    self.logger.close()
                     raise NonFiniteLossError(self.step + 1, float(loss.detach().float()))
                 bad = True
             if not bad:
