@@ -536,7 +536,7 @@ class Trainer:
                     h.on_step_end(self, self.step, step_metrics)
 
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log_window(window, lr, grad_norm, t_fit)
+                self._log_window(window, lr, grad_norm)
 
             reason = self._stop_reason(t_fit)
             epoch_done = self.epoch_step == self.steps_per_epoch
@@ -551,7 +551,7 @@ class Trainer:
             "its len() must match the batches it yields"
         )
 
-    def _log_window(self, window: dict, lr: float, grad_norm: Tensor | None, t_fit: float) -> None:
+    def _log_window(self, window: dict, lr: float, grad_norm: Tensor | None) -> None:
         now = time.perf_counter()
         record = {"kind": "train", "step": self.step, "epoch": self.epoch, "lr": lr}
         if window["n"]:
