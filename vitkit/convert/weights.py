@@ -13,7 +13,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -312,4 +312,10 @@ def model_from_file(
             args[key] = value
     model = create_model(meta["model_name"], **args)
     load_weights(model, path, verbose=False)
+    saved_card = json.loads(meta.get("card", "{}"))
+    labels = tuple(saved_card.get("labels") or ())
+    if labels and len(labels) == model.num_classes:
+        # Class names and the normalisation the weights were trained with travel with them.
+        keep = {k: tuple(saved_card[k]) for k in ("mean", "std") if len(saved_card.get(k) or ()) == model.in_chans}
+        model.card = replace(model.card, labels=labels, **keep)
     return model

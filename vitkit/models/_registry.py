@@ -29,6 +29,7 @@ class ModelCard:
     hub_id: str | None = None
     hub_filename: str = "model.safetensors"
     notes: str = ""
+    labels: tuple[str, ...] = ()  # class names, set when a model is trained or loaded with them
     config: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

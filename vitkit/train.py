@@ -1,0 +1,192 @@
+"""`vitkit.train(cfg)`: data + model + objective + the engine, from one config.
+
+The CLI's ``vitkit train`` is a thin wrapper over :func:`train`; a notebook calls the same:
+
+>>> from vitkit.config import load_config
+>>> summary = vitkit.train(load_config("deit_tiny_cifar10", ["data.path=/data/cifar10"]))
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TrainConfig, save_config, to_dict
+from .data import (
+    BatchAugment,
+    EvalTransform,
+    Mixup,
+    Normalize,
+    RepeatAugSampler,
+    TrainTransform,
+    build_dataset,
+    build_loader,
+    inspect_dataset,
+)
+from .engine import Trainer
+from .engine.distributed import init_distributed
+from .models import create_model, get_model_card
+from .objectives import Supervised
+
+
+@dataclass
+class ModelChoice:
+    name: str
+    img_size: int
+    in_chans: int
+    num_classes: int
+    reason: str
+
+
+def choose_model(cfg: TrainConfig, info) -> ModelChoice:
+    """Pick the model and resolution from the data unless the config names them.
+
+    Small images train near their own size with a small patch (28-40 px -> 32 px, patch 4;
+    up to 128 px -> 64 px, patch 8) on a conv-stem nano ViT that trains in minutes on a
+    CPU; photos train at 224 px with patch 16 (DeiT-Tiny).
+    """
+    in_chans = cfg.data.in_chans or info.in_chans
+    num_classes = cfg.data.num_classes or info.num_classes
+    h, w = info.typical_size
+    side = max(h, w)
+    if cfg.model.name:
+        card = get_model_card(cfg.model.name)
+        img = cfg.data.img_size or card.input_size[1]
+        why = f"model {cfg.model.name} as configured, at {img} px"
+        return ModelChoice(cfg.model.name, img, in_chans, num_classes, why)
+    if side <= 40:
+        name, img = "vit_nano_convstem_patch4_32", cfg.data.img_size or (28 if side <= 28 else 32)
+    elif side <= 128:
+        name, img = "vit_nano_convstem_patch8_64", cfg.data.img_size or 64
+    else:
+        name, img = "deit_tiny_patch16_224", cfg.data.img_size or 224
+    why = (
+        f"images are typically {h}x{w} with {info.in_chans} channel(s) and {info.num_classes} classes, "
+        f"so vitkit chose {name} at {img} px (set model.name / data.img_size to override)"
+    )
+    return ModelChoice(name, img, in_chans, num_classes, why)
+
+
+def _default_out(cfg: TrainConfig, model_name: str) -> str:
+    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.data.path.rstrip("/")).name.split(":")[0]) or "data"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{stamp}-{model_name}-{data}")
+
+
+class TrainAugment(nn.Module):
+    """uint8 batch -> augmented, normalised, mixed batch (runs on the training device)."""
+
+    def __init__(self, augment: BatchAugment, mixup: Mixup | None):
+        super().__init__()
+        self.augment, self.mixup = augment, mixup
+
+    def forward(self, batch: dict) -> dict:
+        batch = self.augment(batch)
+        return self.mixup(batch) if self.mixup is not None else batch
+
+
+def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> nn.Module:
+    model = create_model(
+        choice.name, num_classes=choice.num_classes, img_size=choice.img_size, in_chans=choice.in_chans,
+        drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.args),
+    )
+    if cfg.model.init:
+        from .convert import load_weights
+
+        report = load_weights(model, cfg.model.init, verbose=verbose)
+        if verbose and report is not None:
+            print(f"initialised from {cfg.model.init}")
+    return model
+
+
+def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
+    """Everything :func:`train` needs, without training: returns (trainer, run info)."""
+    dist = init_distributed()
+    d = cfg.data
+    info = inspect_dataset(d.path, seed=cfg.engine.seed)
+    choice = choose_model(cfg, info)
+    if verbose and dist.is_main:
+        print(choice.reason)
+    model = build_model(choice, cfg, verbose=verbose and dist.is_main)
+    card = model.card
+    train_ds = build_dataset(
+        d.path, "train", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=choice.in_chans,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+    val_ds = build_dataset(
+        d.path, "val", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=choice.in_chans,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+    classes = list(getattr(train_ds, "classes", []) or [str(i) for i in range(choice.num_classes)])
+    model.card = replace(card, labels=tuple(classes))
+    workers = d.num_workers if d.num_workers is not None else min(4, os.cpu_count() or 1)
+    train_tf = TrainTransform(choice.img_size, choice.in_chans, scale=(d.scale_min, 1.0), hflip=d.hflip)
+    eval_tf = EvalTransform(choice.img_size, choice.in_chans, crop_pct=d.crop_pct or card.crop_pct)
+    sampler = None
+    if d.repeated_aug > 1 and hasattr(train_ds, "__len__"):
+        sampler = RepeatAugSampler(len(train_ds), num_repeats=d.repeated_aug, seed=cfg.engine.seed)
+    train_loader = build_loader(
+        train_ds, d.batch_size, train=True, transform=train_tf, num_workers=workers, sampler=sampler,
+        seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
+    )
+    val_loader = build_loader(
+        val_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
+        seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
+    )
+    mixup = None
+    if d.mixup > 0 or d.cutmix > 0:
+        mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
+                      num_classes=choice.num_classes)
+    augment = BatchAugment(card.mean, card.std, auto_augment=d.auto_augment, color_jitter=d.color_jitter,
+                           re_prob=d.re_prob)
+    objective = Supervised(model, choice.num_classes, label_smoothing=d.label_smoothing)
+    out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else _default_out(cfg, choice.name)
+    cfg.engine.out_dir = out_dir
+    cfg.model.name, cfg.data.img_size = choice.name, choice.img_size
+    cfg.data.in_chans, cfg.data.num_classes = choice.in_chans, choice.num_classes
+    run_info = {
+        "model": choice.name, "img_size": choice.img_size, "in_chans": choice.in_chans,
+        "num_classes": choice.num_classes, "classes": classes, "choice": choice.reason,
+        "data_format": info.format, "n_train": info.n_train, "n_val": info.n_val,
+        "mean": list(card.mean), "std": list(card.std),
+    }
+    trainer = Trainer(
+        objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
+        out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),
+        config_to_save=to_dict(cfg),
+    )
+    return trainer, run_info
+
+
+def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True) -> dict:
+    """Train as configured; returns the summary (also written to ``<out>/summary.json``).
+
+    The run directory gets ``config.yaml``, ``run.json`` (model, classes, preprocessing),
+    ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots and, at the end,
+    ``model.safetensors`` (the final weights with their config and class names).
+    """
+    torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
+    trainer, run_info = build_run(cfg, verbose=verbose)
+    out = Path(trainer.out_dir)
+    if trainer.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        if verbose:
+            print(f"run dir: {out}")
+    summary = trainer.fit(resume=resume)
+    if trainer.is_main:
+        from .convert import save_weights
+
+        model = trainer.objective.model
+        save_weights(model, out / "model.safetensors")
+        summary = {**summary, "model": run_info["model"], "out_dir": str(out)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
