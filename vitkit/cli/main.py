@@ -5,27 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import eval as eval_cmd
 from . import models as models_cmd
+from . import predict as predict_cmd
+from . import train as train_cmd
 
-_COMMANDS = [models_cmd]
-
-
-def _optional_commands():
-    from . import eval as eval_cmd
-    from . import predict as predict_cmd
-    from . import train as train_cmd
-
-    return [train_cmd, eval_cmd, predict_cmd]
+_COMMANDS = [train_cmd, eval_cmd, predict_cmd, models_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision transformers: build, train, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    try:
-        commands = _COMMANDS + _optional_commands()
-    except ImportError:
-        commands = _COMMANDS
-    for cmd in commands:
+    for cmd in _COMMANDS:
         cmd.add_parser(sub)
     return parser
 

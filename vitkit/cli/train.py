@@ -1,0 +1,118 @@
+"""`vitkit train`: train from a recipe, flags and ``key=value`` overrides (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+_FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("out", "engine.out_dir"), ("init", "model.init"))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (run under torchrun for several processes)",
+        description="Train from dataclass defaults, then --recipe, then the flags, then key=value overrides.",
+        epilog="examples:\n  vitkit train --data shapes\n  vitkit train --recipe deit_tiny_cifar10 --data /data/cifar10 "
+               "engine.epochs=50\n  vitkit train --resume --out runs/my-run engine.epochs=200",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--recipe", help="recipe name or YAML file")
+    p.add_argument("--data", help="dataset path, or 'shapes[:N]' for the built-in data (data.path)")
+    p.add_argument("--model", help="model name (model.name); default: chosen from the data")
+    p.add_argument("--out", help="run directory (engine.out_dir); default: runs/<time>-<model>-<data>")
+    p.add_argument("--init", help="weights to start from: file, folder or hub id (model.init)")
+    p.add_argument(
+        "--resume", nargs="?", const=True, metavar="CKPT",
+        help="continue the run in --out; or from CKPT, a checkpoint or run directory. "
+             "The run's config.yaml is the base, key=value overrides apply on top",
+    )
+    p.add_argument("--show-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. engine.epochs=10")
+    p.set_defaults(func=run_train)
+
+
+def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str | None]:
+    """(run dir whose config.yaml is the base, ``resume`` for train(), out dir override)."""
+    if args.resume is None:
+        return None, False, args.out
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # argparse gives `--resume engine.epochs=2` the override as --resume's value.
+        args.overrides.insert(0, args.resume)
+        args.resume = True
+    if args.recipe:
+        raise ValueError(
+            "--recipe cannot be combined with --resume: a resumed run keeps its config.yaml; "
+            "change settings with key=value overrides"
+        )
+    if args.resume is True:
+        if not args.out:
+            raise ValueError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
+                             "or --resume CHECKPOINT_OR_RUN_DIR")
+        return Path(args.out), True, args.out
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint or run directory")
+    if (path / "config.yaml").is_file():  # a run directory: continue from its latest checkpoint
+        if args.out and Path(args.out).resolve() != path.resolve():
+            return path, str(path), args.out
+        return path, True, str(path)
+    run = path.parent.parent if path.parent.name == "checkpoints" else None
+    if run is None or not (run / "config.yaml").is_file():
+        raise ValueError(f"--resume {path}: expected a run directory (with config.yaml) or one of its "
+                         "checkpoints/step_N directories")
+    return run, str(path), args.out or str(run)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from ..config import load_config
+    from ..engine.distributed import init_distributed
+    from ..train import train
+
+    base_run, resume, out = _resume_plan(args)
+    recipe = args.recipe
+    if base_run is not None:
+        if not (base_run / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume {base_run}: it has no config.yaml (is it a vitkit run directory?)")
+        recipe = str(base_run / "config.yaml")
+    flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
+    overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
+    cfg = load_config(recipe, overrides + list(args.overrides))
+    is_main = init_distributed().is_main
+    if args.show_config:
+        if is_main:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return 0
+    try:
+        summary = train(cfg, resume=resume)
+    finally:
+        _leave_process_group()
+    if is_main:
+        print(format_summary(summary, cfg.data.path))
+    return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2%}"
+
+
+def format_summary(summary: dict, data: str) -> str:
+    run, data = shlex.quote(summary["out_dir"]), shlex.quote(data)
+    return "\n".join([
+        f"done ({summary['stopped']}): val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}, "
+        f"{summary['steps']} steps in {summary['wall_s']:.0f} s",
+        f"run dir: {run}",
+        "next:",
+        f"  vitkit eval {run} --data {data}",
+        f"  vitkit predict {run} IMAGE",
+        f"  vitkit train --resume --out {run} engine.epochs=N   (train longer)",
+    ])
