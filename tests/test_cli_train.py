@@ -79,8 +79,6 @@ def test_resume_errors(tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path)]) == 2  # a folder that is no run
     assert "run directory" in capsys.readouterr().err
-    assert main(["train", "--resume", "--out", str(tmp_path), "--recipe", "x"]) == 2
-    assert "--recipe" in capsys.readouterr().err
 
 
 def test_resume_continues_the_run_from_its_config(trained, tmp_path, capsys):
@@ -108,3 +106,8 @@ def test_resume_value_forms(trained, tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["name"] == "test_vit"
     assert main(["train", "--out", str(run), "--resume", "engine.epochs=5", "--show-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["engine"]["epochs"] == 5
+    assert main(["train", "--resume", "--out", str(run), "--recipe", "x"]) == 2
+    assert "--recipe" in capsys.readouterr().err
+    # No run in --out yet: --resume starts one from the recipe, flags and overrides.
+    assert main(["train", "--resume", "--out", str(tmp_path / "new"), "--model", "test_vit", "--show-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["name"] == "test_vit"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -40,15 +41,13 @@ def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str
         # argparse gives `--resume engine.epochs=2` the override as --resume's value.
         args.overrides.insert(0, args.resume)
         args.resume = True
-    if args.recipe:
-        raise ValueError(
-            "--recipe cannot be combined with --resume: a resumed run keeps its config.yaml; "
-            "change settings with key=value overrides"
-        )
     if args.resume is True:
         if not args.out:
             raise ValueError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
                              "or --resume CHECKPOINT_OR_RUN_DIR")
+        if not (Path(args.out) / "config.yaml").is_file():
+            # Nothing to continue yet: start the run, so one command line serves every restart of a job.
+            return None, True, args.out
         return Path(args.out), True, args.out
     path = Path(args.resume)
     if not path.is_dir():
@@ -74,17 +73,20 @@ def run_train(args: argparse.Namespace) -> int:
     base_run, resume, out = _resume_plan(args)
     recipe = args.recipe
     if base_run is not None:
-        if not (base_run / "config.yaml").is_file():
-            raise FileNotFoundError(f"cannot resume {base_run}: it has no config.yaml (is it a vitkit run directory?)")
+        if recipe:
+            raise ValueError(
+                f"--recipe cannot be combined with resuming {base_run}: a resumed run keeps its config.yaml; "
+                "change settings with key=value overrides"
+            )
         recipe = str(base_run / "config.yaml")
     flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
-    is_main = init_distributed().is_main
     if args.show_config:
-        if is_main:
+        if int(os.environ.get("RANK", 0)) == 0:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return 0
+    is_main = init_distributed().is_main
     try:
         summary = train(cfg, resume=resume)
     finally:
@@ -109,7 +111,7 @@ def format_summary(summary: dict, data: str) -> str:
     run, data = shlex.quote(summary["out_dir"]), shlex.quote(data)
     return "\n".join([
         f"done ({summary['stopped']}): val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}, "
-        f"{summary['steps']} steps in {summary['wall_s']:.0f} s",
+        f"{summary['steps']} steps in {summary['wall_s']:.1f} s",
         f"run dir: {run}",
         "next:",
         f"  vitkit eval {run} --data {data}",
