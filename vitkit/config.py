@@ -91,8 +91,23 @@ def list_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def auto_recipe(overrides: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The recipe used when none is named: ``shapes_quick`` for the built-in shapes data."""
+    path = "shapes"
+    for o in overrides:
+        if o.startswith("data.path="):
+            path = o.split("=", 1)[1]
+    return "shapes_quick" if path.split(":")[0] == "shapes" else None
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults, then the recipe, then ``key=value`` overrides; returns a validated TrainConfig."""
+    """Defaults, then the recipe, then ``key=value`` overrides; returns a validated TrainConfig.
+
+    With no recipe, the built-in shapes data gets ``shapes_quick`` (see :func:`auto_recipe`);
+    other data starts from the dataclass defaults (the DeiT recipe).
+    """
+    if recipe is None:
+        recipe = auto_recipe(overrides)
     base = OmegaConf.structured(TrainConfig)
     layers = [base]
     if recipe:

@@ -64,7 +64,7 @@ def choose_model(cfg: TrainConfig, info) -> ModelChoice:
     if side <= 40:
         name, img = "vit_nano_convstem_patch4_32", cfg.data.img_size or (28 if side <= 28 else 32)
     elif side <= 128:
-        name, img = "vit_nano_convstem_patch8_64", cfg.data.img_size or 64
+        name, img = "vit_nano_convstem_patch16_64", cfg.data.img_size or 64
     else:
         name, img = "deit_tiny_patch16_224", cfg.data.img_size or 224
     why = (
@@ -125,10 +125,12 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         max_bad_fraction=d.max_bad_fraction,
     )
     classes = list(getattr(train_ds, "classes", []) or [str(i) for i in range(choice.num_classes)])
-    model.card = replace(card, labels=tuple(classes))
+    crop_pct = d.crop_pct or card.crop_pct
+    # The saved weights carry what inference needs: class names and the eval preprocessing.
+    model.card = card = replace(card, labels=tuple(classes), crop_pct=crop_pct)
     workers = d.num_workers if d.num_workers is not None else min(4, os.cpu_count() or 1)
     train_tf = TrainTransform(choice.img_size, choice.in_chans, scale=(d.scale_min, 1.0), hflip=d.hflip)
-    eval_tf = EvalTransform(choice.img_size, choice.in_chans, crop_pct=d.crop_pct or card.crop_pct)
+    eval_tf = EvalTransform(choice.img_size, choice.in_chans, crop_pct=crop_pct)
     sampler = None
     if d.repeated_aug > 1 and hasattr(train_ds, "__len__"):
         sampler = RepeatAugSampler(len(train_ds), num_repeats=d.repeated_aug, seed=cfg.engine.seed)
@@ -155,7 +157,9 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         "model": choice.name, "img_size": choice.img_size, "in_chans": choice.in_chans,
         "num_classes": choice.num_classes, "classes": classes, "choice": choice.reason,
         "data_format": info.format, "n_train": info.n_train, "n_val": info.n_val,
-        "mean": list(card.mean), "std": list(card.std),
+        "mean": list(card.mean), "std": list(card.std), "crop_pct": crop_pct,
+        "interpolation": card.interpolation, "val_fraction": d.val_fraction, "seed": cfg.engine.seed,
+        "model_args": model.model_args,
     }
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,

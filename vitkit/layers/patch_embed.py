@@ -12,10 +12,12 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _conv_stem(in_chans: int, embed_dim: int, patch_size: tuple[int, int]) -> tuple[nn.Sequential, int]:
-    """3x3 stride-2 conv-BN-ReLU layers, one per halving, widening up to embed_dim / 2.
+    """conv3x3-BN-ReLU-maxpool stages, one per halving, widening up to embed_dim / 2.
 
-    Early convolutions make ViTs converge faster and less sensitive to the optimiser,
-    which matters most for small data and short schedules (Xiao et al., 2021).
+    Early convolutions make ViTs converge faster and less sensitive to the optimiser, which
+    matters most for small data and short schedules (Xiao et al., 2021). Max-pooling rather
+    than strided convs keeps the strongest local edge responses, which on small images
+    learned noticeably faster in our runs.
     """
     ph, pw = patch_size
     if ph != pw or ph < 2 or ph & (ph - 1):
@@ -24,7 +26,10 @@ def _conv_stem(in_chans: int, embed_dim: int, patch_size: tuple[int, int]) -> tu
     layers, c_in = [], in_chans
     for i in range(n):
         c_out = max(embed_dim // 2 ** (n - i), 16)
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
         c_in = c_out
     return nn.Sequential(*layers), c_in
 
@@ -32,8 +37,8 @@ def _conv_stem(in_chans: int, embed_dim: int, patch_size: tuple[int, int]) -> tu
 class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch size; equal to flatten-per-patch + Linear.
 
-    With ``conv_stem`` the patchify conv is replaced by a stack of 3x3 stride-2 convs and a
-    1x1 projection, which gives the same token grid.
+    With ``conv_stem`` the patchify conv is replaced by a stack of 3x3 conv + 2x2 max-pool
+    stages and a 1x1 projection, which gives the same token grid.
 
     Accepts any H, W that are multiples of the patch (or pads when ``dynamic_pad``).
     Output: (B, N, C) tokens in row-major patch order, or (B, C, H', W') with ``flatten=False``.
