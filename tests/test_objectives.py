@@ -70,3 +70,16 @@ def test_objective_no_weight_decay_prefixes_model_names():
     assert Supervised(nn.Linear(2, 2), 2).no_weight_decay() == set()
     with pytest.raises(NotImplementedError):
         Objective()({})
+
+
+def test_supervised_adds_moe_aux_loss():
+    import vitkit
+    from vitkit.objectives import Supervised
+
+    model = vitkit.create_model("test_vit_moe", num_classes=3)
+    obj = Supervised(model, 3, label_smoothing=0.0, aux_weight=0.5)
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    out = obj(batch)
+    ce = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+    torch.testing.assert_close(out["loss"], ce + 0.5 * model.aux_loss(), atol=1e-5, rtol=1e-5)
+    assert out["aux_loss"] >= 0.99

@@ -33,15 +33,17 @@ class Supervised(Objective):
         num_classes: number of classes; top-5 accuracy becomes top-``num_classes`` below 5.
         label_smoothing: applied with hard labels; soft ``batch["target"]`` (B, num_classes)
             from mixup already carries its smoothing.
+        aux_weight: weight of the model's ``aux_loss()`` (MoE load balancing) added to the loss.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1):
+    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1, aux_weight: float = 0.01):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.model = model
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.aux_weight = aux_weight
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         logits = _logits(self.model(batch["image"])).float()  # (B, C)
@@ -54,6 +56,13 @@ class Supervised(Objective):
         else:
             raise KeyError("Supervised needs batch['label'] (B,) or batch['target'] (B, num_classes)")
         out = {"loss": loss}
+        aux_loss = getattr(self.model, "aux_loss", None)
+        if callable(aux_loss) and self.aux_weight:
+            # Mixture-of-Experts models expose a load-balancing loss from this forward pass.
+            aux = aux_loss()
+            if aux.requires_grad:
+                out["loss"] = loss + self.aux_weight * aux
+                out["aux_loss"] = aux.detach()
         if label is not None:
             out["acc1"] = (logits.argmax(-1) == label).float().mean().detach()
         return out
