@@ -33,12 +33,16 @@ _POOLS = ("token", "avg", "")
 _POS_EMBEDS = ("learn", "sincos", "rope", "none")
 
 
-def _mlp_layer(name: str, num_experts: int, top_k: int, swiglu_ratio_fix: bool) -> type[nn.Module]:
+def _swiglu(dim: int, hidden: int, **kwargs) -> SwiGLU:
+    # Gated MLPs use 2/3 of the hidden width so parameters match a plain MLP of the same ratio.
+    return SwiGLU(dim, int(hidden * 2 / 3), **kwargs)
+
+
+def _mlp_layer(name: str, num_experts: int, top_k: int) -> type[nn.Module]:
     if name == "mlp":
         return Mlp
     if name == "swiglu":
-        # Gated MLPs use 2/3 of the hidden width so parameters match a plain MLP.
-        return (lambda dim, hidden, **kw: SwiGLU(dim, int(hidden * 2 / 3), **kw)) if swiglu_ratio_fix else SwiGLU
+        return _swiglu
     if name == "moe":
         return partial(MoEMlp, num_experts=num_experts, top_k=top_k)
     raise ValueError(f"unknown mlp_layer {name!r}; choose 'mlp', 'swiglu' or 'moe'")
@@ -145,7 +149,7 @@ class VisionTransformer(nn.Module):
         self.norm_pre = norm(embed_dim) if pre_norm else nn.Identity()
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
-        mlp = _mlp_layer(mlp_layer, num_experts, moe_top_k, swiglu_ratio_fix=True)
+        mlp = _mlp_layer(mlp_layer, num_experts, moe_top_k)
         self.blocks = nn.Sequential(*[
             Block(
                 embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values,
