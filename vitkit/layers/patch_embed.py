@@ -11,8 +11,8 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _conv_stem(in_chans: int, embed_dim: int, patch_size: tuple[int, int]) -> tuple[nn.Sequential, int]:
-    """conv3x3-BN-ReLU-maxpool stages, one per halving, widening up to embed_dim / 2.
+def _conv_stem(in_chans: int, width: int, patch_size: tuple[int, int]) -> tuple[nn.Sequential, int]:
+    """conv3x3-BN-ReLU-maxpool stages, one per halving, doubling up to ``width`` channels.
 
     Early convolutions make ViTs converge faster and less sensitive to the optimiser, which
     matters most for small data and short schedules (Xiao et al., 2021). Max-pooling rather
@@ -25,7 +25,7 @@ def _conv_stem(in_chans: int, embed_dim: int, patch_size: tuple[int, int]) -> tu
     n = ph.bit_length() - 1
     layers, c_in = [], in_chans
     for i in range(n):
-        c_out = max(embed_dim // 2 ** (n - i), 16)
+        c_out = max(width // 2 ** (n - 1 - i), 16)
         layers += [
             nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
@@ -38,7 +38,8 @@ class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch size; equal to flatten-per-patch + Linear.
 
     With ``conv_stem`` the patchify conv is replaced by a stack of 3x3 conv + 2x2 max-pool
-    stages and a 1x1 projection, which gives the same token grid.
+    stages (the last with ``stem_width`` channels, default embed_dim / 2) and a 1x1
+    projection, which gives the same token grid.
 
     Accepts any H, W that are multiples of the patch (or pads when ``dynamic_pad``).
     Output: (B, N, C) tokens in row-major patch order, or (B, C, H', W') with ``flatten=False``.
@@ -55,6 +56,7 @@ class PatchEmbed(nn.Module):
         flatten: bool = True,
         dynamic_pad: bool = False,
         conv_stem: bool = False,
+        stem_width: int | None = None,
     ):
         super().__init__()
         self.img_size = _pair(img_size)
@@ -75,7 +77,7 @@ class PatchEmbed(nn.Module):
         self.flatten = flatten
         self.dynamic_pad = dynamic_pad
         if conv_stem:
-            self.stem, stem_chans = _conv_stem(in_chans, embed_dim, self.patch_size)
+            self.stem, stem_chans = _conv_stem(in_chans, stem_width or embed_dim // 2, self.patch_size)
             self.proj = nn.Conv2d(stem_chans, embed_dim, kernel_size=1, bias=bias)
         else:
             self.stem = nn.Identity()

@@ -90,6 +90,7 @@ class VisionTransformer(nn.Module):
         moe_top_k: int = 2,
         dynamic_img_pad: bool = False,
         conv_stem: bool = False,
+        stem_width: int | None = None,
     ):
         super().__init__()
         if global_pool not in _POOLS:
@@ -128,7 +129,7 @@ class VisionTransformer(nn.Module):
 
         self.patch_embed = PatchEmbed(
             img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_pad=dynamic_img_pad,
-            conv_stem=conv_stem,
+            conv_stem=conv_stem, stem_width=stem_width,
         )
         self.patch_size = self.patch_embed.patch_size
         grid = self.patch_embed.grid_size
