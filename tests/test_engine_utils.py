@@ -155,7 +155,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, engine: dict) -> 
     """One process of a gloo run: trains, and rank 0 saves the final objective state."""
     import os
 
-    import torch.distributed as dist
+    from vitkit.engine.distributed import shutdown_distributed
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -167,6 +167,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, engine: dict) -> 
         summary = tr.fit()
         if rank == 0:
             torch.save({"objective": tr.objective.state_dict(), "summary": summary}, f"{out_dir}/final.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        del tr  # release the DDP wrapper before the process group goes
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed()

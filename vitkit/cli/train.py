@@ -67,7 +67,7 @@ def run_train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from ..config import load_config
-    from ..engine.distributed import init_distributed
+    from ..engine.distributed import init_distributed, shutdown_distributed
     from ..train import train
 
     base_run, resume, out = _resume_plan(args)
@@ -89,18 +89,13 @@ def run_train(args: argparse.Namespace) -> int:
     is_main = init_distributed().is_main
     try:
         summary = train(cfg, resume=resume)
-    finally:
-        _leave_process_group()
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed()
     if is_main:
         print(format_summary(summary, cfg.data.path))
     return 0
-
-
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _pct(v: float | None) -> str:

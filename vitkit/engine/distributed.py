@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,6 +69,23 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group.
+
+    Drop every reference to the trainer (and so its DDP wrapper) before calling this: a DDP
+    module still alive when the group is destroyed makes gloo abort the process at exit now
+    and then ("terminate called without an active exception"); collecting garbage here frees
+    wrappers kept alive only by reference cycles. With ``wait`` (a run that ended normally)
+    all ranks meet at a barrier first, so none tears down while another is still finishing.
+    After an error, pass ``wait=False``: the other ranks may never come.
+    """
+    if is_dist():
+        gc.collect()
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
