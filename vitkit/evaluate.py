@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .objectives.supervised import topk_correct
 from .predict import LoadedModel, load_model
 
 _CELL_COUNTS_MAX = 20  # classes up to which the plot writes counts into cells
@@ -109,9 +110,8 @@ def evaluate(
         if int(labels.max()) >= k:
             raise ValueError(f"the data has label {int(labels.max())} but the model predicts only {k} classes")
         logits = lm.logits(batch["image"]).cpu()  # (B, k)
-        top = logits.topk(min(5, k), dim=-1).indices  # (B, min(5, k))
-        top5_hits += int((top == labels[:, None]).any(-1).sum())
-        confusion += torch.bincount(labels * k + top[:, 0], minlength=k * k).view(k, k)
+        top5_hits += int(topk_correct(logits, labels, 5).sum())
+        confusion += torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).view(k, k)
     n = int(confusion.sum())
     if n == 0:
         raise ValueError(f"split {split!r} of {data} has no images to evaluate")

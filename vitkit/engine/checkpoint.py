@@ -68,6 +68,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``, replacing any previous one.
+
+    A directory cannot be renamed over a non-empty one, so the previous one is first moved
+    aside to ``.old_<name>`` (a leftover from a crash is removed) and deleted afterwards.
+    """
+    if final.exists():
+        old = final.with_name(f".old_{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def _plain_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Contiguous CPU tensors with no shared storage, as safetensors requires."""
     out, seen = {}, set()
@@ -150,14 +167,7 @@ def save_checkpoint(
     _fsync_dir(tmp)
 
     final = root / name
-    if final.exists():
-        old = root / f".old_{name}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    _replace_dir(tmp, final)
     atomic_write_text(root / "latest", name + "\n")
 
     if keep_last > 0:
@@ -180,15 +190,7 @@ def save_best(ckpt_root: str | Path, src: str | Path) -> Path:
             shutil.copy2(f, tmp / f.name)
     atomic_write_text(tmp / "source", src.name + "\n")
     best = root / "best"
-    if best.exists():
-        old = root / ".old_best"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, best)
-    _fsync_dir(root)
+    _replace_dir(tmp, best)
     return best
 
 

@@ -68,7 +68,7 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
     return {
         "name": name,
         "card": card.to_dict(),
-        "config": {k: v for k, v in model.model_args.items()},
+        "config": dict(model.model_args),
         "depth": len(model.blocks),
         "num_heads": heads,
         "embed_dim": model.embed_dim,
