@@ -1,5 +1,6 @@
 """vitkit: vision transformers in PyTorch."""
 
+from .errors import VitkitError
 from .models import ModelCard, VisionTransformer, create_model, get_model_card, list_models
 
 __version__ = "0.1.0"
@@ -20,6 +21,6 @@ def save_weights(model, path, **kwargs):
 
 
 __all__ = [
-    "ModelCard", "VisionTransformer", "create_model", "get_model_card", "list_models", "load_weights",
+    "ModelCard", "VisionTransformer", "VitkitError", "create_model", "get_model_card", "list_models", "load_weights",
     "save_weights", "__version__",
 ]
