@@ -266,6 +266,16 @@ def test_mask_token_only_in_models_that_ask_for_it():
         masked.forward_tokens(tokens, ctx, token_mask=mask[:, :5])
 
 
+def test_plain_checkpoint_loads_strictly_into_a_mask_token_model():
+    from vitkit.convert import load_weights
+
+    plain, masked = _model("test_vit"), _model("test_vit", mask_token=True)
+    token = masked.mask_token.detach().clone()
+    report = load_weights(masked, plain.state_dict(), strict=True, verbose=False)
+    assert any("mask_token" in n for n in report.notes) and torch.equal(masked.mask_token, token)
+    assert torch.equal(masked.pos_embed, plain.pos_embed)
+
+
 @pytest.mark.parametrize("name", ["test_vit", "test_vit_modern"])
 def test_keep_with_grad_checkpointing_and_capture(name):
     m = _model(name)
