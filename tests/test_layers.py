@@ -84,6 +84,20 @@ def test_rope_preserves_norm_and_relative_positions():
     assert prefixed.shape == (1, 1, 14, 8)
 
 
+def test_rope_on_a_subset_equals_the_full_table_rows():
+    rope = RotaryEmbedding2D(head_dim=8)
+    sin, cos = rope((3, 5))
+    positions = torch.tensor([[14, 0, 7], [3, 3, 9]])
+    sub_sin, sub_cos = rope((3, 5), positions)
+    assert sub_sin.shape == (2, 1, 3, 8)
+    assert torch.equal(sub_sin[:, 0], sin[positions]) and torch.equal(sub_cos[:, 0], cos[positions])
+    # Per-sample tables rotate each sample's tokens as the full table rotates them there.
+    q = torch.randn(2, 2, 15, 8)
+    full = apply_rope(q, sin, cos)
+    sub = apply_rope(torch.stack([q[b, :, positions[b]] for b in range(2)]), sub_sin, sub_cos)
+    assert torch.equal(sub, torch.stack([full[b, :, positions[b]] for b in range(2)]))
+
+
 def test_relative_position_bias_symmetry():
     rpb = RelativePositionBias((3, 3), num_heads=2)
     bias = rpb()

@@ -184,6 +184,12 @@ def _adapt_norms(sd: dict, target: dict, log: AdaptLog) -> None:
             )
 
 
+def _adapt_mask_token(sd: dict, target: dict, log: AdaptLog) -> None:
+    if "mask_token" in target and "mask_token" not in sd:
+        sd["mask_token"] = target["mask_token"]
+        log.notes.append("checkpoint has no mask_token; the model's keeps its fresh initialisation and must be trained")
+
+
 def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], AdaptLog]:
     """Return a copy of a converted (timm-named) state dict that fits ``model``, and what changed."""
     sd = dict(state_dict)
@@ -194,4 +200,5 @@ def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tup
         _adapt_patch_embed(sd, model, log)
     _adapt_heads(sd, model, target, log)
     _adapt_norms(sd, target, log)
+    _adapt_mask_token(sd, target, log)
     return sd, log

@@ -12,10 +12,11 @@ from .patch_embed import PatchEmbed
 from .pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 from .rel_pos import RelativePositionBias, relative_position_index
 from .rope import RotaryEmbedding2D, apply_rope
+from .tokens import TokenContext
 
 __all__ = [
     "Attention", "Block", "DropPath", "LayerNorm", "LayerNorm2d", "LayerScale", "Mlp", "MoEMlp",
-    "PatchEmbed", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "SwiGLU", "apply_rope",
+    "PatchEmbed", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "SwiGLU", "TokenContext", "apply_rope",
     "capture_attention", "get_norm_layer", "relative_position_index", "resample_abs_pos_embed",
     "sincos_2d_pos_embed",
 ]

@@ -16,6 +16,9 @@ class Attention(nn.Module):
     kernels). When a capture list is attached (see :func:`vitkit.layers.capture_attention`)
     the block switches to the explicit softmax(QK^T) path so the weights can be returned;
     detaching the list switches back, so capture never slows normal inference.
+    ``attn_bias`` is added to the logits on both paths (broadcastable to (B, heads, N, N);
+    -inf removes a key). Pass None, not zeros, when there is none: a mask keeps GPU SDPA off
+    the flash kernel.
     """
 
     def __init__(
@@ -58,6 +61,8 @@ class Attention(nn.Module):
             q = apply_rope(q, *rope, num_prefix_tokens=num_prefix_tokens)
             k = apply_rope(k, *rope, num_prefix_tokens=num_prefix_tokens)
         dropout_p = self.attn_drop_p if self.training else 0.0
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)
         if self.captured is None:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
         else:

@@ -59,9 +59,12 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         num_prefix_tokens: int = 0,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x: (B, N, D). rope: (sin, cos) for the N - prefix patch tokens; attn_bias: additive,
+        broadcastable to (B, heads, N, N)."""
         if self.post_norm:
-            x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rope, num_prefix_tokens))))
+            x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rope, num_prefix_tokens, attn_bias))))
             return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens, attn_bias)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -11,6 +11,8 @@ class RotaryEmbedding2D(nn.Module):
 
     ``forward(grid)`` returns (sin, cos), each (H*W, head_dim), built for any grid size, so
     a model trained at one resolution runs at another without resampling anything.
+    ``forward(grid, positions)`` with (B, L) flat grid indices returns (B, 1, L, head_dim)
+    tables for a subset of the patches in any order (kept tokens of MAE, merged tokens).
     """
 
     def __init__(self, head_dim: int, theta: float = 100.0):
@@ -22,17 +24,19 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.head_dim = head_dim
 
-    def forward(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, grid: tuple[int, int], positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = grid
-        device = self.inv_freq.device
-        ys, xs = torch.meshgrid(
-            torch.arange(h, device=device, dtype=torch.float32),
-            torch.arange(w, device=device, dtype=torch.float32),
-            indexing="ij",
-        )
-        fy = ys.reshape(-1, 1) * self.inv_freq  # (N, hd/4)
-        fx = xs.reshape(-1, 1) * self.inv_freq
-        angles = torch.cat([fy, fx], dim=1).repeat_interleave(2, dim=1)  # (N, hd), pairs share an angle
+        if positions is None:
+            positions = torch.arange(h * w, device=self.inv_freq.device)
+        # Integer row / column, then float: the same angles whichever subset is asked for.
+        ys, xs = (positions // w).float(), (positions % w).float()
+        fy = ys[..., None] * self.inv_freq  # (..., L, hd/4)
+        fx = xs[..., None] * self.inv_freq
+        angles = torch.cat([fy, fx], dim=-1).repeat_interleave(2, dim=-1)  # (..., L, hd), pairs share an angle
+        if angles.ndim == 3:
+            angles = angles[:, None]  # (B, 1, L, hd): broadcasts over heads
         return angles.sin(), angles.cos()
 
 
@@ -44,7 +48,10 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Rotate q or k of shape (B, heads, N, head_dim); prefix tokens are left unrotated."""
+    """Rotate q or k of shape (B, heads, N, head_dim); prefix tokens are left unrotated.
+
+    sin, cos: (N - prefix, head_dim) or (B, 1, N - prefix, head_dim), from RotaryEmbedding2D.
+    """
     if num_prefix_tokens:
         prefix, x = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
     sin, cos = sin.to(x.dtype), cos.to(x.dtype)

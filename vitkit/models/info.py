@@ -39,7 +39,7 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
     resolutions = resolutions or tuple(sorted({H, 224, 384}))
     parts = OrderedDict()
     parts["patch_embed"] = _count(model.patch_embed)
-    tokens = [getattr(model, n, None) for n in ("cls_token", "dist_token", "reg_token", "pos_embed")]
+    tokens = [getattr(model, n, None) for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")]
     parts["tokens + pos_embed"] = sum(t.numel() for t in tokens if t is not None)
     parts["blocks"] = _count(model.blocks)
     parts["per block"] = _count(model.blocks[0])
@@ -69,7 +69,7 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
         "name": name,
         "card": card.to_dict(),
         "config": dict(model.model_args),
-        "depth": len(model.blocks),
+        "depth": len(model.feature_info),
         "num_heads": heads,
         "embed_dim": model.embed_dim,
         "params": total,

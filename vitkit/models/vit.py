@@ -23,6 +23,7 @@ from ..layers import (
     PatchEmbed,
     RotaryEmbedding2D,
     SwiGLU,
+    TokenContext,
     get_norm_layer,
     resample_abs_pos_embed,
     sincos_2d_pos_embed,
@@ -53,6 +54,11 @@ class VisionTransformer(nn.Module):
 
     Token layout: ``[cls][dist][reg * R][patches]``; ``num_prefix_tokens`` counts the
     tokens before the patches.
+
+    The token path is public: ``embed(x) -> (tokens, ctx)`` then ``forward_tokens(tokens, ctx)``
+    equals ``forward_features(x)``; ``forward_tokens`` also runs on kept patch tokens only
+    (``keep``, MAE) or with masked tokens replaced by a mask token (``token_mask``, iBOT; build
+    with ``mask_token=True``). ``feature_info`` lists each block's channels and stride.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class VisionTransformer(nn.Module):
         dynamic_img_pad: bool = False,
         conv_stem: bool = False,
         stem_width: int | None = None,
+        mask_token: bool = False,
     ):
         super().__init__()
         if global_pool not in _POOLS:
@@ -136,6 +143,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        # Only masked-image objectives use it; absent otherwise so checkpoint keys stay the plain ViT's.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         embed_len = grid[0] * grid[1] + (0 if no_embed_class else self.num_prefix_tokens)
         if pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
@@ -164,6 +173,8 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
+        reduction = self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else self.patch_size
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"blocks.{i}") for i in range(depth)]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -178,15 +189,18 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.mask_token is not None:
+            # Last, so the flag does not change how any other parameter is drawn.
+            nn.init.normal_(self.mask_token, std=0.02)
 
     # ------------------------------------------------------------------ backbone API
     def no_weight_decay(self) -> set[str]:
-        names = {"pos_embed", "cls_token", "dist_token", "reg_token"}
+        names = {"pos_embed", "cls_token", "dist_token", "reg_token", "mask_token"}
         return {n for n in names if getattr(self, n, None) is not None}
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {
-            "stem": r"^cls_token|^pos_embed|^patch_embed|^reg_token|^dist_token|^norm_pre",
+            "stem": r"^cls_token|^pos_embed|^patch_embed|^reg_token|^dist_token|^mask_token|^norm_pre",
             "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
 
@@ -239,12 +253,15 @@ class VisionTransformer(nn.Module):
                 f"expected a floating point image tensor, got {x.dtype}; convert with x.float() / 255 and normalise"
             )
 
-    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Add position embeddings and prepend prefix tokens. x: (B, H'*W', C) -> (B, N, C)."""
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Add position embeddings and prepend prefix tokens. x: (B, H'*W', C) -> (B, N, C).
+
+        Also returns the patch rows of the position embedding, (1, H'*W', C) or None.
+        """
         B = x.shape[0]
         pos = self.pos_embed
+        npt = 0 if self.no_embed_class else self.num_prefix_tokens
         if pos is not None and grid != self.patch_embed.grid_size:
-            npt = 0 if self.no_embed_class else self.num_prefix_tokens
             if self.pos_embed_type == "sincos":
                 grid_pe = sincos_2d_pos_embed(self.embed_dim, grid).to(pos)[None]
                 pos = torch.cat([pos[:, :npt], grid_pe], dim=1)
@@ -259,28 +276,85 @@ class VisionTransformer(nn.Module):
             x = torch.cat(prefix + [x], dim=1) if prefix else x
             if pos is not None:
                 x = x + pos
-        return self.pos_drop(x)
+        return self.pos_drop(x), None if pos is None else pos[:, npt:]
 
-    def _embed(self, x: torch.Tensor):
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenContext]:
+        """(B, C, H, W) -> (B, prefix + H'*W', D) tokens ready for the blocks, and their context.
+
+        Patchify, position embedding (resampled to the input's grid), prefix tokens, pre-norm.
+        RoPE is not applied here: the blocks rotate q and k from ``ctx.positions``.
+        """
         self._check_input(x)
         grid = self.patch_embed.dynamic_grid(x.shape[2], x.shape[3])
         x = self.patch_embed(x)  # (B, H'*W', C)
-        x = self._pos_embed(x, grid)
+        positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, H'*W') row-major grid order
+        x, patch_pos = self._pos_embed(x, grid)
         x = self.norm_pre(x)
-        rope = self.rope(grid) if self.rope is not None else None
-        return x, grid, rope
+        return x, TokenContext(grid, self.num_prefix_tokens, positions, pos_embed=patch_pos)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
+    def _apply_mask_token(
+        self, x: torch.Tensor, ctx: TokenContext, token_mask: torch.Tensor, mask_token: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Replace the patch tokens where ``token_mask`` (B, L) is True by the mask token at their position."""
+        mask_token = self.mask_token if mask_token is None else mask_token
+        if mask_token is None:
+            raise ValueError(
+                "token_mask needs a mask token: build the model with mask_token=True "
+                "(model.args: {mask_token: true}) or pass mask_token=(1, 1, D) to forward_tokens"
+            )
+        B, N, D = x.shape
+        L = N - ctx.num_prefix_tokens
+        if token_mask.shape != (B, L) or token_mask.dtype != torch.bool:
+            raise ValueError(
+                f"token_mask must be a (B={B}, L={L}) bool tensor over the patch tokens, "
+                f"got {token_mask.dtype} {tuple(token_mask.shape)}"
+            )
+        # The mask token goes through what a patch token went through in embed: + position, pre-norm.
+        fill = mask_token.reshape(1, 1, D).to(x.dtype)
+        if ctx.pos_embed is not None:
+            fill = fill + ctx.pos_embed
+        fill = self.norm_pre(self.pos_drop(fill))  # (1 or B, L, D)
+        npt = ctx.num_prefix_tokens
+        patches = torch.where(token_mask[..., None], fill, x[:, npt:])
+        return torch.cat([x[:, :npt], patches], dim=1)
+
+    def _block_inputs(self, ctx: TokenContext):
+        """RoPE tables for the tokens' positions and the attention bias, shared by every block."""
+        rope = self.rope(ctx.grid, ctx.positions) if self.rope is not None else None
+        return rope, ctx.attention_bias()
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, rope, attn_bias) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, rope, self.num_prefix_tokens, use_reentrant=False)
-        return blk(x, rope, self.num_prefix_tokens)
+            return checkpoint(blk, x, rope, self.num_prefix_tokens, attn_bias, use_reentrant=False)
+        return blk(x, rope, self.num_prefix_tokens, attn_bias)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        ctx: TokenContext,
+        keep: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the blocks and the final norm on tokens from :meth:`embed`.
+
+        keep: (B, K) indices of the patch tokens to run (prefix tokens always run); the output
+            is (B, prefix + K, D), the kept tokens in ``keep`` order, and positions follow them.
+        token_mask: (B, L) bool, True replaces that patch token by the mask token (plus its
+            position embedding); ``mask_token`` overrides the model's own. Applied before ``keep``.
+        """
+        if token_mask is not None:
+            tokens = self._apply_mask_token(tokens, ctx, token_mask, mask_token)
+        if keep is not None:
+            tokens, ctx = ctx.select(tokens, keep)
+        rope, bias = self._block_inputs(ctx)
+        for blk in self.blocks:
+            tokens = self._run_block(blk, tokens, rope, bias)
+        return self.norm(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) normalised tokens, prefix tokens first."""
-        x, _, rope = self._embed(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x, rope)
-        return self.norm(x)
+        return self.forward_tokens(*self.embed(x))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -337,10 +411,12 @@ class VisionTransformer(nn.Module):
                     raise ValueError(f"block index {i} is out of range for a model with {depth} blocks")
                 take.append(i % depth)
         B = x.shape[0]
-        x, grid, rope = self._embed(x)
+        x, ctx = self.embed(x)
+        grid = ctx.grid
+        rope, bias = self._block_inputs(ctx)
         feats = []
         for i, blk in enumerate(self.blocks):
-            x = self._run_block(blk, x, rope)
+            x = self._run_block(blk, x, rope, bias)
             if i in take:
                 feats.append(self.norm(x) if norm else x)
         npt = self.num_prefix_tokens
