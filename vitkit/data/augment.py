@@ -87,6 +87,7 @@ def random_erase(
     mode: str = "pixel",
     area: tuple[float, float] = (0.02, 1 / 3),
     ratio: tuple[float, float] = (0.3, 3.3),
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Randomly erase one box per sample of a normalised float (B, C, H, W) batch.
 
@@ -101,7 +102,7 @@ def random_erase(
     if len(hit) == 0:
         return x
     fill = torch.randn(len(hit), c, h, w, device=x.device, dtype=x.dtype) if mode == "pixel" else 0.0
-    x = x.clone()
+    x = x if inplace else x.clone()
     x[hit] = torch.where(mask[hit], fill, x[hit])
     return x
 
@@ -110,28 +111,20 @@ def color_jitter(x: torch.Tensor, strength: float) -> torch.Tensor:
     """Per-sample brightness, contrast and saturation jitter of a [0, 1] float (B, C, H, W) batch.
 
     Each factor is uniform in ``[max(0, 1 - strength), 1 + strength]`` and the three are applied
-    in a random order per sample. Brightness multiplies, contrast blends with the image's mean
-    gray, saturation with its gray version (the identity on 1-channel images).
+    in a random order per sample. Each is a blend ``f * x + (1 - f) * ref`` clamped to [0, 1]:
+    brightness blends with black (it multiplies), contrast with the image's mean gray,
+    saturation with its gray version (the identity on 1-channel images).
     """
     b, c = x.shape[:2]
-    factors = _uniform(max(0.0, 1 - strength), 1 + strength, (3, b, 1, 1, 1), x.device)
+    factors = _uniform(max(0.0, 1 - strength), 1 + strength, (b, 3), x.device)
     order = torch.rand(b, 3, device=x.device).argsort(1)  # (B, 3): a random permutation per sample
-
-    def gray(img):
-        if c == 1:
-            return img
-        weights = torch.tensor([0.299, 0.587, 0.114], device=img.device).view(1, 3, 1, 1)
-        return (img * weights).sum(1, keepdim=True)
-
-    ops = (
-        lambda img, f: img * f,
-        lambda img, f: f * img + (1 - f) * gray(img).mean((2, 3), keepdim=True),
-        lambda img, f: f * img + (1 - f) * gray(img),
-    )
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device)
     for step in range(3):
-        for k, op in enumerate(ops):
-            chosen = (order[:, step] == k).view(b, 1, 1, 1)
-            x = torch.where(chosen, op(x, factors[k]).clamp(0, 1), x)
+        op = order[:, step].view(b, 1, 1, 1)
+        f = factors.gather(1, order[:, step : step + 1]).view(b, 1, 1, 1)
+        gray = x if c == 1 else torch.einsum("bchw,c->bhw", x, weights).unsqueeze(1)  # (B, 1, H, W)
+        ref = torch.where(op == 2, gray, torch.where(op == 1, gray.mean((2, 3), keepdim=True), 0.0))
+        x = torch.lerp(ref, x, f).clamp_(0, 1)  # ref + f * (x - ref)
     return x
 
 
@@ -147,11 +140,11 @@ class Normalize(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 or float → float32 normalised (B, C, H, W)."""
-        x = _to_float(x)
         c = x.shape[1]
         mean = torch.tensor(_per_channel(self.mean, c, "mean"), device=x.device).view(1, c, 1, 1)
         std = torch.tensor(_per_channel(self.std, c, "std"), device=x.device).view(1, c, 1, 1)
-        return (x - mean) / std
+        scale = 1 / (255 * std) if x.dtype == torch.uint8 else 1 / std
+        return torch.addcmul(-mean / std, x.float(), scale)  # one pass: x * scale - mean / std
 
     def forward(self, batch):
         if isinstance(batch, torch.Tensor):
@@ -195,16 +188,21 @@ class BatchAugment(Normalize):
         self.keep_raw = keep_raw
         self.device = torch.device(device) if device is not None else None
 
-    def augment_raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) uint8 → (augmented and normalised, un-normalised [0, 1]), both float32."""
+    def augment_raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) uint8 → (augmented and normalised, un-normalised [0, 1] or None).
+
+        The [0, 1] image is materialised only when colour jitter or ``keep_raw`` needs it.
+        """
         if self.device is not None:
             x = x.to(self.device, non_blocking=True)
-        raw = _to_float(x)
-        if self.color_jitter > 0:
-            raw = color_jitter(raw, self.color_jitter)
-        out = self.normalize(raw)
+        raw = None
+        if self.color_jitter > 0 or self.keep_raw:
+            raw = _to_float(x)
+            if self.color_jitter > 0:
+                raw = color_jitter(raw, self.color_jitter)
+        out = self.normalize(x if raw is None else raw)
         if self.re_prob > 0:
-            out = random_erase(out, self.re_prob, self.re_mode)
+            out = random_erase(out, self.re_prob, self.re_mode, inplace=True)  # out is ours
         return out, raw
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
