@@ -99,13 +99,17 @@ def test_enhance_ops_go_both_ways_and_brightness_multiplies():
     assert op_argument("Posterize", 9, False, True) == 1 and op_argument("Solarize", 9, False, True) == 26
 
 
-def test_grayscale_and_rgb_pipelines_run_every_op():
+def test_grayscale_and_rgb_pipelines():
+    ra = RandAugment("rand-m9-n15-mstd0.5-inc1-p1")
+    seeds = range(6)
+    assert {name for seed in seeds for name, _ in ra.plan(random.Random(seed))} == set(OPS)  # all ops drawn
     for mode in ("RGB", "L"):
         img = _test_image(mode)
-        ra = RandAugment("rand-m9-n15-mstd0.5-inc1-p1")
-        for seed in range(5):
+        tf = TrainTransform(24, in_chans=len(mode), interpolation="lanczos", auto_augment="rand-m9-n15-mstd0.5-inc1-p1")
+        for seed in seeds:
             out = ra(img, random.Random(seed))
             assert out.mode == mode and out.size == img.size
+            assert tf(img, random.Random(seed)).shape == (len(mode), 24, 24)
 
 
 # ---- RandAugment: op frequencies and magnitudes over many images -----------------------------

@@ -61,7 +61,8 @@ class TrainTransform:
         scale: range of the crop's area as a fraction of the image.
         ratio: range of the crop's aspect ratio (w / h), sampled log-uniformly.
         hflip: probability of a horizontal flip.
-        interpolation: resampling of the crop and of RandAugment's geometric ops.
+        interpolation: resampling of the crop and of RandAugment's geometric ops (which use
+            bicubic when this is "lanczos").
         auto_augment: a RandAugment spec such as ``"rand-m9-mstd0.5-inc1"``; None or "" for none.
         mean: the normalisation mean (0..1 per channel); RandAugment fills the pixels its
             geometric ops uncover with it, so they normalise to about zero.
@@ -89,9 +90,11 @@ class TrainTransform:
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.interpolation = _interp(interpolation)
         fill = [min(255, round(255 * v)) for v in mean]
+        # PIL's affine transforms resample with nearest, bilinear or bicubic only.
+        affine = self.interpolation if interpolation in ("nearest", "bilinear", "bicubic") else _INTERP["bicubic"]
         self.rand_augment = (
             RandAugment(auto_augment, fill=fill * 3 if len(fill) == 1 else fill, translate_pct=translate_pct,
-                        resample=self.interpolation)
+                        resample=affine)
             if auto_augment else None
         )
 
