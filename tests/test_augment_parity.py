@@ -355,3 +355,38 @@ def test_color_jitter_per_sample():
     per_sample = out.mean((1, 2, 3))
     assert len(set(per_sample.tolist())) == 32
     assert per_sample.min() >= 128 / 255 * 0.6 - 1e-6 and per_sample.max() <= 128 / 255 * 1.4 + 1e-6
+
+
+# ---- end to end: the DeiT augmentation resumes bitwise ----------------------------------------
+
+
+def test_training_with_deit_augmentation_resumes_bitwise(tmp_path):
+    """RandAugment in 2 workers, pixel erasing and Mixup/CutMix: a run interrupted mid-epoch and
+    resumed ends with exactly the weights of an uninterrupted run."""
+    from test_engine_utils import Crash, CrashAt, assert_same_state
+
+    from vitkit.config import load_config
+    from vitkit.engine import find_latest
+    from vitkit.train import build_run
+
+    def trainer(out, hooks=()):
+        cfg = load_config(overrides=[
+            "model.name=test_vit", "data.path=shapes:96", "data.img_size=32", "data.batch_size=16",
+            "data.num_workers=2", "engine.epochs=2", "engine.ckpt_every_steps=4", "engine.amp=none",
+            "engine.tensorboard=false", "engine.plots=false", f"engine.out_dir={out}",
+            "data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.5", "data.re_mode=pixel",
+        ])
+        torch.manual_seed(cfg.engine.seed)
+        tr, _ = build_run(cfg, verbose=False)
+        tr.hooks = list(hooks)
+        return tr
+
+    full = trainer(tmp_path / "full")
+    full.fit()
+    with pytest.raises(Crash):
+        trainer(tmp_path / "run", hooks=[CrashAt(10)]).fit()
+    assert find_latest(tmp_path / "run").name == "step_000008"  # 6 steps per epoch: mid-epoch 2
+    resumed = trainer(tmp_path / "run")
+    resumed.fit(resume=True)
+    assert resumed.step == full.step == 12
+    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
