@@ -58,10 +58,15 @@ def test_op_set_matches_timm_inc1():
     assert all(op.prob == 0.5 and op.magnitude_std == 0.5 for op in ra.ops)
 
 
+_OP_CASES = [(name, True) for name in aa._RAND_INCREASING_TRANSFORMS] + [
+    (name, False) for name in aa._RAND_TRANSFORMS if name not in aa._RAND_INCREASING_TRANSFORMS
+]
+
+
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-@pytest.mark.parametrize("timm_name", aa._RAND_INCREASING_TRANSFORMS)
-def test_each_op_equals_timm(monkeypatch, timm_name, mode):
-    """Pixel-exact for every op, magnitude and sign (both run the same PIL resampling)."""
+@pytest.mark.parametrize("timm_name, increasing", _OP_CASES)
+def test_each_op_equals_timm(monkeypatch, timm_name, increasing, mode):
+    """Pixel-exact for every op (inc1, and the inc0 level mappings), magnitude and sign."""
     name = _vitkit_name(timm_name)
     img = _test_image(mode)
     fill = FILL if mode == "RGB" else round(sum(FILL) / 3)
@@ -70,7 +75,7 @@ def test_each_op_equals_timm(monkeypatch, timm_name, mode):
     for magnitude in (0, 3, 5.5, 9, 10):
         for negate in (False, True):
             monkeypatch.setattr(aa, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
-            arg = op_argument(name, magnitude, negate, increasing=True)
+            arg = op_argument(name, magnitude, negate, increasing=increasing)
             got = apply_op(img, name, arg, fill, Image.Resampling.BICUBIC)
             if name == "Posterize" and arg == 0:
                 # Keep 0 bits: black. (timm passes bits=0 to ImageOps.posterize, which Pillow >= 11 rejects.)
