@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vitkit.config import load_config
 from vitkit.data import (
     BatchAugment,
     EvalTransform,
@@ -23,6 +24,7 @@ from vitkit.data import (
     parse_rand_augment,
     smooth_one_hot,
 )
+from vitkit.errors import ConfigError
 
 # ---- shapes -------------------------------------------------------------------------------------
 
@@ -92,19 +94,28 @@ def test_eval_centre_crop_values():
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        ("rand-m9-mstd0.5-inc1", {"m": 9.0, "n": 2, "mstd": 0.5, "inc": True}),
-        ("rand-n3-m7", {"m": 7.0, "n": 3, "mstd": 0.0, "inc": False}),
-        ("rand", {"m": 9.0, "n": 2, "mstd": 0.0, "inc": False}),
+        ("rand-m9-mstd0.5-inc1", {"m": 9.0, "n": 2, "mstd": 0.5, "inc": True, "p": 0.5, "mmax": 10.0}),
+        ("rand-n3-m7", {"m": 7.0, "n": 3, "mstd": 0.0, "inc": False, "p": 0.5, "mmax": 10.0}),
+        ("rand", {"m": 9.0, "n": 2, "mstd": 0.0, "inc": False, "p": 0.5, "mmax": 10.0}),
+        ("rand-m12-mmax15-p1-mstd101", {"m": 12.0, "n": 2, "mstd": float("inf"), "inc": False, "p": 1.0, "mmax": 15.0}),
     ],
 )
 def test_parse_rand_augment(spec, expected):
     assert parse_rand_augment(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["rand-m", "randaug-m9", "rand-m9-x2", "rand-m11", "rand-n0", "", "rand-w0"])
+@pytest.mark.parametrize("spec", ["rand-m", "randaug-m9", "rand-m9-x2", "rand-m11", "rand-n0", "", "rand-w0", "rand-p2"])
 def test_parse_rand_augment_rejects(spec):
-    with pytest.raises(ValueError, match="RandAugment"):
+    with pytest.raises(ConfigError, match="RandAugment"):
         parse_rand_augment(spec)
+    with pytest.raises(ConfigError, match="RandAugment"):
+        load_config(overrides=[f"data.auto_augment={spec or 'rand-'}"])
+
+
+def test_re_mode_config():
+    assert load_config().data.re_mode == "pixel"
+    with pytest.raises(ConfigError, match="re_mode"):
+        load_config(overrides=["data.re_mode=zeros"])
 
 
 @pytest.mark.parametrize("chans", [1, 3])
@@ -114,8 +125,10 @@ def test_batch_augment_and_normalize(chans):
     assert out["image"].shape == x.shape and out["image"].dtype == torch.float32 and out["image"].isfinite().all()
     n = Normalize((0.5,), (0.5,))(torch.full((1, chans, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(n, torch.ones_like(n))
-    plain = BatchAugment(auto_augment=None, re_prob=0.0)(x)
+    plain = BatchAugment(re_prob=0.0)(x)
     assert torch.allclose(plain, Normalize()(x))
+    out = Normalize()({"image": x, "label": torch.zeros(4)})
+    assert set(out) == {"image", "label"} and torch.allclose(out["image"], plain)
 
 
 # ---- mixup --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
+from .errors import ConfigError
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DataConfig:
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.0
     re_prob: float = 0.25
+    re_mode: str = "pixel"  # random erasing fill: per-pixel N(0, 1) noise, or "const" zeros
     mixup: float = 0.8
     cutmix: float = 1.0
     mix_prob: float = 1.0
@@ -141,6 +143,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"data.scale_min must be in (0, 1], got {d.scale_min}")
     if not 0 <= d.val_fraction < 1:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.re_mode not in ("pixel", "const"):
+        raise ConfigError(f"data.re_mode must be pixel or const, got {d.re_mode!r}")
+    if d.auto_augment:
+        from .data.rand_augment import parse_rand_augment
+
+        parse_rand_augment(d.auto_augment)  # a malformed spec fails here, not in a loader worker
     if e.epochs < 1:
         raise ValueError(f"engine.epochs must be >= 1, got {e.epochs}")
     if e.amp not in ("auto", "bf16", "fp16", "none"):

@@ -129,7 +129,8 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     # The saved weights carry what inference needs: class names and the eval preprocessing.
     model.card = card = replace(card, labels=tuple(classes), crop_pct=crop_pct)
     workers = d.num_workers if d.num_workers is not None else min(4, os.cpu_count() or 1)
-    train_tf = TrainTransform(choice.img_size, choice.in_chans, scale=(d.scale_min, 1.0), hflip=d.hflip)
+    train_tf = TrainTransform(choice.img_size, choice.in_chans, scale=(d.scale_min, 1.0), hflip=d.hflip,
+                              auto_augment=d.auto_augment, mean=card.mean)
     eval_tf = EvalTransform(choice.img_size, choice.in_chans, crop_pct=crop_pct)
     sampler = None
     if d.repeated_aug > 1 and hasattr(train_ds, "__len__"):
@@ -146,8 +147,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
                       num_classes=choice.num_classes)
-    augment = BatchAugment(card.mean, card.std, auto_augment=d.auto_augment, color_jitter=d.color_jitter,
-                           re_prob=d.re_prob)
+    augment = BatchAugment(card.mean, card.std, color_jitter=d.color_jitter, re_prob=d.re_prob, re_mode=d.re_mode)
     objective = Supervised(model, choice.num_classes, label_smoothing=d.label_smoothing)
     out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else _default_out(cfg, choice.name)
     cfg.engine.out_dir = out_dir

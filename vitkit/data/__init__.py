@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, Normalize, parse_rand_augment
+from .augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, Normalize, random_erase
 from .dataset import ImageDataset
 from .formats import SUPPORTED, build_dataset, read_idx, stratified_split
 from .images import MAX_IMAGE_PIXELS, BadImageError, decode_image, to_channels
 from .inspect import DatasetInfo, inspect_dataset
 from .loader import ImageLoader, build_loader, collate, sample_rng
 from .mix import Mixup, cutmix_box, smooth_one_hot
+from .rand_augment import RandAugment, parse_rand_augment
 from .samplers import RepeatAugSampler, ResumableSampler
 from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
 from .skips import SkipCounter
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "Mixup",
     "Normalize",
+    "RandAugment",
     "RepeatAugSampler",
     "ResumableSampler",
     "SUPPORTED",
@@ -45,6 +47,7 @@ __all__ = [
     "inspect_dataset",
     "parse_rand_augment",
     "pil_to_uint8",
+    "random_erase",
     "read_idx",
     "render_shape",
     "sample_rng",

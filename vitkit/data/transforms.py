@@ -1,8 +1,9 @@
 """Per-sample CPU transforms: PIL image → fixed-size uint8 tensor (C, H, W).
 
-They run in DataLoader workers and do only what must be done per image (crop, resize, flip);
-uint8 output is 4x cheaper to collate and transfer than float. Colour augmentation and
-normalisation run batched on the device (:mod:`vitkit.data.augment`).
+They run in DataLoader workers and do what must be done per image (crop, resize, flip, and
+RandAugment on the PIL image, :mod:`vitkit.data.rand_augment`); uint8 output is 4x cheaper to
+collate and transfer than float. Normalisation, colour jitter and random erasing run batched on
+the device (:mod:`vitkit.data.augment`).
 
 Randomness comes from an explicit ``random.Random`` passed per sample, which the loader
 derives from ``(seed, epoch, index)``: the same sample in the same epoch gets the same crop
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .augment import IMAGENET_MEAN
 from .images import to_channels
+from .rand_augment import RandAugment
 
 _INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -49,7 +53,7 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Random-resized crop + horizontal flip → uint8 (C, H, W).
+    """Random-resized crop + horizontal flip (+ RandAugment) → uint8 (C, H, W).
 
     Args:
         img_size: output side, or (H, W).
@@ -57,6 +61,12 @@ class TrainTransform:
         scale: range of the crop's area as a fraction of the image.
         ratio: range of the crop's aspect ratio (w / h), sampled log-uniformly.
         hflip: probability of a horizontal flip.
+        interpolation: resampling of the crop and of RandAugment's geometric ops (which use
+            bicubic when this is "lanczos").
+        auto_augment: a RandAugment spec such as ``"rand-m9-mstd0.5-inc1"``; None or "" for none.
+        mean: the normalisation mean (0..1 per channel); RandAugment fills the pixels its
+            geometric ops uncover with it, so they normalise to about zero.
+        translate_pct: RandAugment's largest translation, as a fraction of the image side.
     """
 
     def __init__(
@@ -67,6 +77,9 @@ class TrainTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         interpolation: str = "bicubic",
+        auto_augment: str | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        translate_pct: float = 0.45,
     ):
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
@@ -76,6 +89,14 @@ class TrainTransform:
         self.in_chans = in_chans
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.interpolation = _interp(interpolation)
+        fill = [min(255, round(255 * v)) for v in mean]
+        # PIL's affine transforms resample with nearest, bilinear or bicubic only.
+        affine = self.interpolation if interpolation in ("nearest", "bilinear", "bicubic") else _INTERP["bicubic"]
+        self.rand_augment = (
+            RandAugment(auto_augment, fill=fill * 3 if len(fill) == 1 else fill, translate_pct=translate_pct,
+                        resample=affine)
+            if auto_augment else None
+        )
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of a random crop; falls back to the largest centred crop within ``ratio``."""
@@ -107,10 +128,15 @@ class TrainTransform:
         out = img.resize((self.size[1], self.size[0]), self.interpolation, box=box)
         if rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rand_augment is not None:
+            out = self.rand_augment(out, rng)
         return pil_to_uint8(out)
 
     def __repr__(self) -> str:
-        return f"TrainTransform(size={self.size}, in_chans={self.in_chans}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+        return (
+            f"TrainTransform(size={self.size}, in_chans={self.in_chans}, scale={self.scale}, ratio={self.ratio}, "
+            f"hflip={self.hflip}, rand_augment={self.rand_augment})"
+        )
 
 
 class EvalTransform:
