@@ -30,12 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..errors import PathNotFoundError, TrainingError
+
 _STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model", "objective", "ema")
 STATE_FILE = "trainer_state.pt"
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(TrainingError):
     """Raised instead of writing a checkpoint whose weights contain NaN or inf."""
 
 
@@ -194,6 +196,23 @@ def save_best(ckpt_root: str | Path, src: str | Path) -> Path:
     return best
 
 
+def recover_best(ckpt_root: str | Path) -> None:
+    """Repair ``best/`` after a crash between the two renames of :func:`_replace_dir`.
+
+    A crash there leaves the previous best only as ``.old_best``: it is moved back. A
+    ``.old_best`` beside a complete ``best/`` is a leftover and is removed.
+    """
+    root = Path(ckpt_root)
+    old, best = root / ".old_best", root / "best"
+    if not old.is_dir():
+        return
+    if best.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, best)
+        _fsync_dir(root)
+
+
 def find_latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (or of a ``checkpoints`` dir), or None."""
     run_dir = Path(run_dir)
@@ -217,7 +236,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not (path / STATE_FILE).exists():
         latest = find_latest(path)
         if latest is None:
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"no checkpoint in {path}: expected a checkpoint directory containing {STATE_FILE} "
                 "or a run directory with checkpoints/latest"
             )
