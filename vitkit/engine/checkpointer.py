@@ -20,12 +20,10 @@ def _prefix_of(root: nn.Module, sub: nn.Module) -> str:
 
 
 def _objective_state(objective: nn.Module, sd: dict | None = None) -> dict:
-    """The objective's state without the frozen modules it records by reference."""
-    refs = getattr(objective, "references", dict)()
-    if sd is None:
-        sd = objective.state_dict()
-    skip = tuple(f"{name}." for name in refs)
-    return {k: v for k, v in sd.items() if not k.startswith(skip)} if skip else sd
+    fn = getattr(objective, "checkpoint_state_dict", None)
+    if fn is not None:
+        return fn(sd)
+    return objective.state_dict() if sd is None else sd
 
 
 class Checkpointer:

@@ -78,10 +78,11 @@ class Objective(nn.Module):
         for m in self.frozen_modules().values():
             m.requires_grad_(False)
 
-    def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """``state_dict()`` without the modules named by :meth:`references` (not saved twice)."""
+    def checkpoint_state_dict(self, sd: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``state_dict()`` (or ``sd``, e.g. gathered from FSDP shards) without the modules
+        named by :meth:`references`: they are recorded, not saved."""
         skip = tuple(f"{name}." for name in self.references())
-        sd = self.state_dict()
+        sd = self.state_dict() if sd is None else sd
         return {k: v for k, v in sd.items() if not k.startswith(skip)} if skip else sd
 
     # ------------------------------------------------------------------ products
