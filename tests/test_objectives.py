@@ -130,3 +130,25 @@ def test_frozen_modules_stay_in_eval_mode_and_referenced_ones_are_not_saved():
     assert set(obj.checkpoint_state_dict()) == {"model.weight", "model.bias"}
     assert "teacher.1.running_mean" in FrozenTeacher(by_reference=False).checkpoint_state_dict()
     assert obj.export_model() is obj.model
+
+
+def test_run_dir_records_the_objective(tmp_path):
+    import json
+
+    import yaml
+
+    from vitkit.config import load_config
+    from vitkit.train import train
+
+    cfg = load_config(None, [
+        "model.name=test_vit", "data.path=shapes:64", "data.img_size=32", "engine.epochs=1", "data.batch_size=16",
+        "data.num_workers=0", "engine.tensorboard=false", "engine.plots=false", "engine.amp=none",
+        "data.auto_augment=null", "objective.label_smoothing=0.05", f"engine.out_dir={tmp_path}",
+    ])
+    summary = train(cfg, verbose=False)
+    assert summary["objective"] == "supervised"
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["objective"] == {"name": "supervised", "label_smoothing": 0.05, "aux_weight": 0.01, "references": {}}
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["objective"] == {"name": "supervised", "label_smoothing": 0.05}
+    assert json.loads((tmp_path / "summary.json").read_text())["objective"] == "supervised"

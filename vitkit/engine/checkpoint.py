@@ -250,12 +250,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return out
 
 
-def get_rng_state() -> dict:
-    """RNG states of torch (CPU and CUDA), numpy and python as tensors and lists."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
+def capture_rng_state() -> tuple:
+    """A cheap snapshot of every RNG (raw states); :func:`rng_state_to_dict` makes it saveable."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
+
+
+def rng_state_to_dict(raw: tuple) -> dict:
+    """A :func:`capture_rng_state` snapshot as tensors and lists (loads with ``weights_only=True``)."""
+    torch_state, (version, internal, gauss), np_state, cuda = raw
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": torch_state,
         "python": [version, list(internal), gauss],
         "numpy": {
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -264,9 +271,14 @@ def get_rng_state() -> dict:
             "cached_gaussian": float(np_state[4]),
         },
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
+
+
+def get_rng_state() -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and python as tensors and lists."""
+    return rng_state_to_dict(capture_rng_state())
 
 
 def set_rng_state(state: dict) -> None:

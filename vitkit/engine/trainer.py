@@ -212,7 +212,7 @@ class Trainer:
         self._last_eval_step = -1
         self._fit_start_step = 0
         self._t_fit = 0.0
-        self._rng_at_step: dict | None = None
+        self._rng_at_step: tuple | None = None
         self.last_evaluator = None
 
     # ------------------------------------------------------------------ counters (in self.state)
@@ -299,7 +299,7 @@ class Trainer:
             return
         self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
         try:
-            path = self.save_checkpoint(rng=self._rng_at_step)
+            path = self.save_checkpoint(rng=ckpt.rng_state_to_dict(self._rng_at_step))
         except Exception as e:  # the original error matters more; say why nothing was saved
             self.logger.info(f"no checkpoint written after the failure: {e}")
             return
@@ -432,7 +432,7 @@ class Trainer:
                 self.objective.on_step_end(StepContext(st.step, self.total_steps, self.optimizer, self))
             else:
                 self.objective.on_step_end(st.step, self.total_steps)
-        self._rng_at_step = ckpt.get_rng_state()
+        self._rng_at_step = ckpt.capture_rng_state()
         step_metrics = {k: v.detach() for k, v in out.items()}
         step_metrics["lr"] = lr
         if grad_norm is not None:
