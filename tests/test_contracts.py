@@ -4,6 +4,7 @@ best/ follows the evaluator's declared direction, and a failure on one process s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -407,3 +408,49 @@ def test_collectives_under_gloo(tmp_path):
 def test_collectives_under_nccl(tmp_path):
     mp.spawn(_collectives_worker, args=(2, free_port(), str(tmp_path), "nccl"), nprocs=2, join=True)
     _check_collectives(tmp_path, "nccl")
+
+
+class ExportsTeacher(Distill):
+    """A teacher that is state (an EMA teacher would be): saved, and the module the run exports."""
+
+    def references(self):
+        return {}
+
+    def export_model(self):
+        return self.teacher
+
+
+def test_export_model_is_what_the_checkpoint_exports_and_state_teachers_are_saved(tmp_path):
+    torch.manual_seed(1)
+    tr = make_trainer(tmp_path, objective=ExportsTeacher(), epochs=1)
+    tr.fit()
+    ck = load_checkpoint(tmp_path)
+    assert set(ck["model"]) == set(tr.objective.teacher.state_dict())
+    assert "teacher.1.running_mean" in ck["objective"] and ck["trainer_state"]["references"] == {}
+
+
+def test_knn_evaluator_builds_its_bank_in_the_evaluation_loop():
+    from torch.utils.data import DataLoader
+
+    from vitkit.engine.evaluation import run_evaluation
+    from vitkit.engine.evaluators import KNNEvaluator
+
+    class Features(Objective):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Identity()
+
+        def eval_outputs(self, batch, model=None):
+            return {"features": model(batch["image"])}
+
+    def blobs(n, seed):  # two well-separated clusters, label = cluster
+        g = torch.Generator().manual_seed(seed)
+        y = torch.arange(n) % 2
+        x = torch.randn(n, 4, generator=g) * 0.1 + torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])[y]
+        return [{"image": x[i], "label": y[i]} for i in range(n)]
+
+    ev = KNNEvaluator(num_classes=2, k=5, bank_loader=DataLoader(blobs(20, 0), batch_size=8))
+    obj = Features()
+    m = run_evaluation(obj, obj.model, ev, DataLoader(blobs(10, 1), batch_size=4), lambda b: b,
+                       contextlib.nullcontext)
+    assert m == {"knn_acc": 1.0} and ev.bank.shape == (20, 4)

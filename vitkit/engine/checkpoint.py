@@ -4,8 +4,8 @@ Layout of a run directory::
 
     checkpoints/
       step_000123/           one checkpoint: written as .tmp_step_000123 then renamed
-        model.safetensors      objective.model's state dict (the run's product)
-        objective.safetensors  full objective state (teacher, centers, ...)
+        model.safetensors      objective.export_model()'s state dict (the run's product)
+        objective.safetensors  objective state (EMA teacher, centers; not teachers kept by reference)
         ema.safetensors        EMA weights, when EMA is on
         trainer_state.pt       optimizer, scheduler, scaler, counters, RNG, sampler, config
       latest                 text file naming the newest complete checkpoint (atomic replace)
