@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints.
+"""Checkpoint files on disk: atomic step directories, `latest`, `best/` (swap and recovery), RNG capture.
 
 Layout of a run directory::
 
