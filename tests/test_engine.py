@@ -208,3 +208,53 @@ def test_mixed_precision_runs_on_cpu(tmp_path, amp):
     assert s["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
     assert math.isfinite(s["val_loss"]) and tr.scaler.is_enabled() == (amp == "fp16")
     assert all(p.dtype == torch.float32 for p in tr.objective.parameters())
+
+
+def test_best_is_recovered_after_a_crash_between_renames(tmp_path):
+    tr = make_trainer(tmp_path, epochs=1)
+    tr.fit()
+    root = tmp_path / "checkpoints"
+    best_files = sorted(p.name for p in (root / "best").iterdir())
+    # A crash after `best` was moved aside and before the new one was renamed in.
+    (root / "best").rename(root / ".old_best")
+    make_trainer(tmp_path, epochs=1)
+    assert sorted(p.name for p in (root / "best").iterdir()) == best_files
+    assert not (root / ".old_best").exists()
+
+
+def test_streaming_loader_without_sampler_gets_set_epoch(tmp_path):
+    from test_engine_utils import ToyDataset
+
+    class Streaming:
+        """An iterable loader with set_epoch and no index sampler (WebDataset-like)."""
+
+        batch_size = 8
+
+        def __init__(self):
+            self.epochs, self.ds = [], ToyDataset(32)
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __len__(self):
+            return 4
+
+        def __iter__(self):
+            for i in range(0, 32, 8):
+                yield {k: torch.stack([self.ds[j][k] for j in range(i, i + 8)]) for k in ("image", "label")}
+
+    loader = Streaming()
+    tr = make_trainer(tmp_path, epochs=3)
+    tr.train_loader, tr.sampler = loader, None
+    tr.steps_per_epoch = 4
+    tr.total_steps = 12
+    tr.fit()
+    assert loader.epochs == [0, 1, 2]
+
+
+def test_device_cuda_without_cuda_is_a_training_error(tmp_path, monkeypatch):
+    from vitkit.errors import TrainingError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="device=cuda but CUDA is not available"):
+        make_trainer(tmp_path, device="cuda")

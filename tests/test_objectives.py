@@ -83,3 +83,72 @@ def test_supervised_adds_moe_aux_loss():
     ce = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
     torch.testing.assert_close(out["loss"], ce + 0.5 * model.aux_loss(), atol=1e-5, rtol=1e-5)
     assert out["aux_loss"] >= 0.99
+
+
+def test_registry_builds_supervised_and_validates_keys():
+    from vitkit.config import load_config
+    from vitkit.errors import ConfigError
+    from vitkit.objectives import build_objective, describe_objectives, list_objectives, objective_config
+
+    assert "supervised" in list_objectives()
+    obj = build_objective("supervised", nn.Linear(4, 3), None, num_classes=3, label_smoothing=0.3)
+    assert isinstance(obj, Supervised) and obj.label_smoothing == 0.3  # data.label_smoothing is the default
+    obj = build_objective("supervised", nn.Linear(4, 3), {"label_smoothing": 0.0}, num_classes=3, label_smoothing=0.3)
+    assert obj.label_smoothing == 0.0 and obj.registered_name == "supervised"
+    with pytest.raises(ConfigError, match=r"objective.label_smoothing, objective.aux_weight"):
+        objective_config({"name": "supervised", "alpha": 0.5})
+    with pytest.raises(ConfigError, match="unknown objective 'kd'"):
+        load_config(None, ["objective.name=kd"])
+    cfg = load_config(None, ["objective.label_smoothing=0.2"])
+    assert objective_config(cfg.objective)[1].label_smoothing == 0.2
+    assert "supervised: label_smoothing=None, aux_weight=0.01" in describe_objectives()
+
+
+class FrozenTeacher(Objective):
+    """A student plus a BatchNorm/dropout teacher; ``by_reference`` records the teacher instead of saving it."""
+
+    def __init__(self, by_reference: bool):
+        super().__init__()
+        self.model = nn.Linear(4, 2)
+        self.teacher = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+        self.by_reference = by_reference
+
+    def frozen_modules(self):
+        return {"teacher": self.teacher}
+
+    def references(self):
+        return {"teacher": {"source": "teacher.safetensors", "sha256": "0" * 64}} if self.by_reference else {}
+
+
+def test_frozen_modules_stay_in_eval_mode_and_referenced_ones_are_not_saved():
+    obj = FrozenTeacher(by_reference=True)
+    obj.train()
+    assert obj.training and obj.model.training and not obj.teacher.training
+    assert all(not m.training for m in obj.teacher.modules())
+    obj.freeze()
+    assert not any(p.requires_grad for p in obj.teacher.parameters())
+    assert set(obj.checkpoint_state_dict()) == {"model.weight", "model.bias"}
+    assert "teacher.1.running_mean" in FrozenTeacher(by_reference=False).checkpoint_state_dict()
+    assert obj.export_model() is obj.model
+
+
+def test_run_dir_records_the_objective(tmp_path):
+    import json
+
+    import yaml
+
+    from vitkit.config import load_config
+    from vitkit.train import train
+
+    cfg = load_config(None, [
+        "model.name=test_vit", "data.path=shapes:64", "data.img_size=32", "engine.epochs=1", "data.batch_size=16",
+        "data.num_workers=0", "engine.tensorboard=false", "engine.plots=false", "engine.amp=none",
+        "data.auto_augment=null", "objective.label_smoothing=0.05", f"engine.out_dir={tmp_path}",
+    ])
+    summary = train(cfg, verbose=False)
+    assert summary["objective"] == "supervised"
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["objective"] == {"name": "supervised", "label_smoothing": 0.05, "aux_weight": 0.01, "references": {}}
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["objective"] == {"name": "supervised", "label_smoothing": 0.05}
+    assert json.loads((tmp_path / "summary.json").read_text())["objective"] == "supervised"

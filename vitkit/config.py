@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -73,7 +74,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    objective: str = "supervised"
+    # --- objective section (engine helper): ``objective.name`` picks a registered objective,
+    # its other keys are that objective's config (see vitkit.objectives; checked in validate).
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "supervised"})
 
 
 def recipe_path(recipe: str) -> Path:
@@ -153,8 +156,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"engine.epochs must be >= 1, got {e.epochs}")
     if e.amp not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
-    if cfg.objective != "supervised":
-        raise ValueError(f"objective {cfg.objective!r} is not available; this version trains 'supervised'")
+    from .objectives import objective_config
+
+    objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -12,7 +12,7 @@ import datetime as _dt
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from .data import (
 from .engine import Trainer
 from .engine.distributed import init_distributed
 from .models import create_model, get_model_card
-from .objectives import Supervised
+from .objectives import build_objective, objective_config
 
 
 @dataclass
@@ -147,8 +147,13 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
                       num_classes=choice.num_classes)
-    augment = BatchAugment(card.mean, card.std, color_jitter=d.color_jitter, re_prob=d.re_prob, re_mode=d.re_mode)
-    objective = Supervised(model, choice.num_classes, label_smoothing=d.label_smoothing)
+    objective_name, objective_cfg = objective_config(cfg.objective)
+    objective = build_objective(
+        objective_name, model, objective_cfg, num_classes=choice.num_classes, label_smoothing=d.label_smoothing,
+    )
+    # An objective that wants the un-normalised [0, 1] image gets it as batch["image_raw"].
+    augment = BatchAugment(card.mean, card.std, color_jitter=d.color_jitter, re_prob=d.re_prob, re_mode=d.re_mode,
+                           keep_raw=objective.needs_raw_image)
     out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else _default_out(cfg, choice.name)
     cfg.engine.out_dir = out_dir
     cfg.model.name, cfg.data.img_size = choice.name, choice.img_size
@@ -160,6 +165,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         "mean": list(card.mean), "std": list(card.std), "crop_pct": crop_pct,
         "interpolation": card.interpolation, "val_fraction": d.val_fraction, "seed": cfg.engine.seed,
         "model_args": model.model_args,
+        "objective": {"name": objective_name, **asdict(objective_cfg), "references": objective.references()},
     }
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
@@ -189,7 +195,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True) ->
     if trainer.is_main:
         from .convert import save_weights
 
-        model = trainer.objective.model
+        model = trainer.objective.export_model()
         save_weights(model, out / "model.safetensors")
         summary = {**summary, "model": run_info["model"], "out_dir": str(out)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -85,6 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.show_config:
         if int(os.environ.get("RANK", 0)) == 0:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+            from ..objectives import describe_objectives
+
+            print(describe_objectives())
         return 0
     is_main = init_distributed().is_main
     try:

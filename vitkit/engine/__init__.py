@@ -10,14 +10,25 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import EngineConfig, OptimConfig, ScheduleConfig
-from .distributed import init_distributed, is_main_process
-from .ema import ModelEma
+from .distributed import all_gather_with_grad, init_distributed, is_main_process
+from .ema import ModelEma, ema_decay_at
+from .evaluators import AccuracyEvaluator, Evaluator, KNNEvaluator, MeanEvaluator, MIoUEvaluator
 from .optim import build_optimizer, param_groups
+from .runtime import seed_everything
 from .schedule import LRSchedule, lr_at
-from .trainer import NonFiniteLossError, Trainer, seed_everything
+from .state import TrainState
+from .trainer import NonFiniteLossError, Trainer
 
 __all__ = [
+    "AccuracyEvaluator",
     "EngineConfig",
+    "Evaluator",
+    "KNNEvaluator",
+    "MIoUEvaluator",
+    "MeanEvaluator",
+    "TrainState",
+    "all_gather_with_grad",
+    "ema_decay_at",
     "LRSchedule",
     "ModelEma",
     "NonFiniteLossError",

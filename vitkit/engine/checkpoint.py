@@ -1,11 +1,11 @@
-"""Atomic, resumable checkpoints.
+"""Checkpoint files on disk: atomic step directories, `latest`, `best/` (swap and recovery), RNG capture.
 
 Layout of a run directory::
 
     checkpoints/
       step_000123/           one checkpoint: written as .tmp_step_000123 then renamed
-        model.safetensors      objective.model's state dict (the run's product)
-        objective.safetensors  full objective state (teacher, centers, ...)
+        model.safetensors      objective.export_model()'s state dict (the run's product)
+        objective.safetensors  objective state (EMA teacher, centers; not teachers kept by reference)
         ema.safetensors        EMA weights, when EMA is on
         trainer_state.pt       optimizer, scheduler, scaler, counters, RNG, sampler, config
       latest                 text file naming the newest complete checkpoint (atomic replace)
@@ -30,12 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..errors import PathNotFoundError, TrainingError
+
 _STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model", "objective", "ema")
 STATE_FILE = "trainer_state.pt"
 
 
-class NonFiniteWeightsError(RuntimeError):
+class NonFiniteWeightsError(TrainingError):
     """Raised instead of writing a checkpoint whose weights contain NaN or inf."""
 
 
@@ -194,6 +196,23 @@ def save_best(ckpt_root: str | Path, src: str | Path) -> Path:
     return best
 
 
+def recover_best(ckpt_root: str | Path) -> None:
+    """Repair ``best/`` after a crash between the two renames of :func:`_replace_dir`.
+
+    A crash there leaves the previous best only as ``.old_best``: it is moved back. A
+    ``.old_best`` beside a complete ``best/`` is a leftover and is removed.
+    """
+    root = Path(ckpt_root)
+    old, best = root / ".old_best", root / "best"
+    if not old.is_dir():
+        return
+    if best.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, best)
+        _fsync_dir(root)
+
+
 def find_latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (or of a ``checkpoints`` dir), or None."""
     run_dir = Path(run_dir)
@@ -217,7 +236,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not (path / STATE_FILE).exists():
         latest = find_latest(path)
         if latest is None:
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"no checkpoint in {path}: expected a checkpoint directory containing {STATE_FILE} "
                 "or a run directory with checkpoints/latest"
             )
@@ -231,12 +250,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return out
 
 
-def get_rng_state() -> dict:
-    """RNG states of torch (CPU and CUDA), numpy and python as tensors and lists."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
+def capture_rng_state() -> tuple:
+    """A cheap snapshot of every RNG (raw states); :func:`rng_state_to_dict` makes it saveable."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    return torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
+
+
+def rng_state_to_dict(raw: tuple) -> dict:
+    """A :func:`capture_rng_state` snapshot as tensors and lists (loads with ``weights_only=True``)."""
+    torch_state, (version, internal, gauss), np_state, cuda = raw
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": torch_state,
         "python": [version, list(internal), gauss],
         "numpy": {
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -245,9 +271,14 @@ def get_rng_state() -> dict:
             "cached_gaussian": float(np_state[4]),
         },
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["cuda"] = cuda
     return state
+
+
+def get_rng_state() -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and python as tensors and lists."""
+    return rng_state_to_dict(capture_rng_state())
 
 
 def set_rng_state(state: dict) -> None:

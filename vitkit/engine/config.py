@@ -61,6 +61,7 @@ class EngineConfig:
     accum_steps: int = 1
     amp: str = "auto"  # bf16 | fp16 | none | auto
     ema_decay: float | None = None
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) at update t
     compile: bool = False
     channels_last: bool = False
     grad_checkpointing: bool = False

@@ -1,4 +1,4 @@
-"""Multi-process training under torchrun: process groups, DDP/FSDP wrapping, reductions."""
+"""Multi-process plumbing under torchrun: process groups, DDP/FSDP wrapping, collectives, agreed errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..errors import TrainingError
 
 
 @dataclass
@@ -88,11 +90,87 @@ def shutdown_distributed(wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def group_device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL, else the CPU."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over processes in place (no-op when single-process); returns ``t``."""
-    if is_dist():
+    """Sum ``t`` over processes (no-op when single-process); returns the sum on ``t``'s device.
+
+    The reduction runs on the process group's device (NCCL rejects CPU tensors), so a tensor
+    on another device is moved there and back; a tensor already there is reduced in place.
+    """
+    if not is_dist():
+        return t
+    dev = group_device()
+    if t.device == dev:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+    moved = t.to(dev)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    t.copy_(moved)
     return t
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        # Each rank's loss depends on every rank's slice: the gradient of this rank's slice is
+        # the sum of what every rank's loss sends back to it (a reduce-scatter of the grads).
+        g = torch.stack(grads)  # (world, *x.shape)
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g[dist.get_rank()]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B, ...) from every process along dim 0 -> (world * B, ...), rank order.
+
+    Gradients flow back to each rank's own slice (summed over the ranks' losses), which is what
+    contrastive losses over the global batch need; ``x`` must have the same shape on every rank.
+    Single-process: returns ``x``.
+    """
+    if not is_dist():
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+class RankFailedError(TrainingError):
+    """Another process of the run failed; this one stopped with that process's message."""
+
+
+def agree_on_failure(error: BaseException | None) -> None:
+    """A collective point where every rank says whether it failed; all ranks must call it.
+
+    When no rank failed this returns. When some did, every rank raises: the failed rank re-raises
+    its own ``error``, the others raise :class:`RankFailedError` with the lowest failed rank's
+    message, so no process is left waiting in a collective that will never come.
+    """
+    if not is_dist():
+        if error is not None:
+            raise error
+        return
+    flag = torch.zeros(get_world_size(), device=group_device())
+    if error is not None:
+        flag[get_rank()] = 1.0
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    failed = flag.nonzero().flatten().tolist()
+    if not failed:
+        return
+    src = failed[0]
+    box = [f"{type(error).__name__}: {error}" if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    if error is not None:
+        raise error
+    raise RankFailedError(f"rank {src} failed: {box[0]}")
 
 
 def all_gather_object(obj) -> list:

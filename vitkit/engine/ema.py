@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights, evaluated alongside the trained model."""
+"""Exponential moving average of a model's weights and buffers, with a warm-up of its decay."""
 
 from __future__ import annotations
 
@@ -8,29 +8,52 @@ import torch
 from torch import nn
 
 
-class ModelEma(nn.Module):
-    """A float32 copy of ``model`` updated as ``ema = decay * ema + (1 - decay) * model``.
+def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
+    """Decay used by update number ``updates`` (counting from 0).
 
-    Buffers (e.g. BatchNorm running stats) are copied, not averaged. Call :meth:`update` after
+    With warm-up: ``min(decay, (1 + t) / (10 + t))``, so the first updates follow the model
+    closely (0.1, 0.18, 0.25, ...) and a short run's average is not mostly its random
+    initialisation; the warm-up ends near ``t = (10 * decay - 1) / (1 - decay)`` (about 9000
+    updates for 0.9999, 890 for 0.999).
+    """
+    if not warmup:
+        return decay
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+class ModelEma(nn.Module):
+    """A float32 copy of ``model`` updated as ``ema = d * ema + (1 - d) * model``.
+
+    ``d`` is :func:`ema_decay_at` of the update count ``updates``. Floating-point buffers (BatchNorm running stats) are averaged like the
+    weights; integer buffers (``num_batches_tracked``) are copied. Call :meth:`update` after
     each optimizer step.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).float().eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self.updates = 0  # saved by the trainer beside the EMA weights
+
+    def current_decay(self) -> float:
+        return ema_decay_at(self.decay, self.updates, self.warmup)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        w = 1.0 - self.current_decay()
         ema_p = list(self.module.parameters())
         src_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, src_p, w)
         for e, b in zip(self.module.buffers(), model.buffers()):
-            e.copy_(b)
+            if e.is_floating_point():
+                e.lerp_(b.detach().to(e.dtype), w)
+            else:
+                e.copy_(b)
+        self.updates += 1
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -2,38 +2,53 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-import random
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import TrainingError
+from ..objectives.base import StepContext
 from . import checkpoint as ckpt
+from .callbacks import CheckpointCadence, EmaCallback, TrainLogger
+from .checkpointer import Checkpointer
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import (
-    all_gather_object,
+    agree_on_failure,
     all_reduce_sum,
     barrier,
-    fsdp_full_state,
-    fsdp_load_full_state,
     init_distributed,
     is_dist,
     no_sync,
     wrap_ddp,
     wrap_fsdp,
 )
-from .ema import ModelEma
-from .logging import RunLogger, write_plots, write_summary
+from .evaluation import run_evaluation
+from .logging import RunLogger, write_summary
 from .optim import build_optimizer, scaled_lr
+from .plots import write_plots
+from .runtime import (
+    autocast,
+    batch_size,
+    channels_last,
+    loader_batch_size,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    to_device,
+)
 from .schedule import LRSchedule
+from .state import TrainState
+from .summary import build_summary
+
+__all__ = ["NonFiniteLossError", "Trainer", "resolve_amp", "seed_everything"]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """The loss became NaN or inf; training stopped before applying that step."""
 
     def __init__(self, step: int, value: float):
@@ -46,93 +61,34 @@ class NonFiniteLossError(RuntimeError):
         )
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+class _AgreedFailure(Exception):
+    """Marks an error that every process learned of at the same point (all may checkpoint together)."""
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU executes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if torch.backends.cpu.get_cpu_capability().startswith("AMX"):
-        return True
+def _takes_context(fn) -> bool:
+    """Whether an ``on_step_end`` takes one StepContext rather than the older ``(step, total_steps)``."""
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (None = full precision)."""
-    amp = amp.lower()
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-    raise ValueError(f"unknown amp {amp!r}: use 'bf16', 'fp16', 'none' or 'auto'")
-
-
-def to_device(batch, device: torch.device):
-    """Move tensors in nested dicts/lists/tuples to ``device``; other values pass through."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def _channels_last(batch):
-    if isinstance(batch, Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
-    if isinstance(batch, dict):
-        return {k: _channels_last(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_channels_last(v) for v in batch)
-    return batch
-
-
-def _batch_size(batch) -> int:
-    """Samples in a batch: the leading dim of its first tensor (first view for multi-view)."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, dict):
-        for v in batch.values():
-            n = _batch_size(v)
-            if n:
-                return n
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    return 0
-
-
-def _loader_batch_size(loader) -> int | None:
-    bs = getattr(loader, "batch_size", None)
-    if bs is None:
-        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    return bs
+        params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    except (TypeError, ValueError):
+        return True
+    return len(params) == 1
 
 
 class Trainer:
     """Trains an :class:`~vitkit.objectives.Objective`: amp, accumulation, clipping, schedule, EMA,
     checkpoints with exact resume, DDP/FSDP, logs.
 
+    The loop lives here; the pieces it uses each live in their own file: counters in
+    :class:`~vitkit.engine.state.TrainState` (``trainer.state``), checkpoint contents in
+    :class:`~vitkit.engine.checkpointer.Checkpointer`, evaluation in
+    :func:`~vitkit.engine.evaluation.run_evaluation` with the objective's evaluator, EMA,
+    logging and checkpoint cadence in :mod:`~vitkit.engine.callbacks`, the summary in
+    :mod:`~vitkit.engine.summary`.
+
     Args:
         objective: owns the model (``objective.model``) and any extra state.
         train_loader: iterable with ``len()`` yielding batches (dicts of tensors / lists of tensors).
-        val_loader: optional; ``objective.evaluate`` runs over it.
+        val_loader: optional; ``objective.evaluator()`` runs over it.
         cfg, optim_cfg, sched_cfg: see :mod:`vitkit.engine.config`.
         out_dir: run directory (defaults to ``cfg.out_dir``).
         train_transform, eval_transform: ``batch -> batch`` callables applied on the device
@@ -140,7 +96,8 @@ class Trainer:
         sampler: the train sampler, for exact mid-epoch resume: it must have ``set_epoch(e)`` and
             ``load_state_dict({"epoch", "position"})`` (position = samples of this process already
             consumed in the epoch). Defaults to ``train_loader.sampler`` when that has them.
-            Without one, a mid-epoch resume skips the consumed batches instead.
+            Without one, a mid-epoch resume skips the consumed batches instead, and a loader
+            with ``set_epoch`` (streaming shards) is told each epoch.
         hooks: objects with optional ``on_step_end(trainer, step, metrics)`` (metrics: detached
             tensors of the last micro-batch plus ``lr``) and ``on_epoch_end(trainer, epoch, val)``.
             Setting ``trainer.should_stop = True`` ends the run cleanly after the current step.
@@ -171,6 +128,7 @@ class Trainer:
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.hooks = list(hooks)
         self.config_to_save = config_to_save or {}
+        self.objective_name = getattr(objective, "registered_name", None) or type(objective).__name__
         if cfg.accum_steps < 1:
             raise ValueError(f"accum_steps must be >= 1, got {cfg.accum_steps}")
         if cfg.nonfinite not in ("stop", "skip"):
@@ -178,7 +136,7 @@ class Trainer:
 
         self.dist = init_distributed()
         self.is_main = self.dist.is_main
-        self.device = self._resolve_device()
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
         # Each process draws its own dropout/augmentation stream; model init happened before.
         seed_everything(cfg.seed + self.dist.rank)
         if cfg.deterministic:
@@ -197,6 +155,8 @@ class Trainer:
             if not callable(getattr(model, "set_grad_checkpointing", None)):
                 raise ValueError(f"grad_checkpointing=True but {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
+        if hasattr(objective, "freeze"):
+            objective.freeze()  # frozen modules never reach the optimizer
         objective.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -213,16 +173,16 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.batch_size = _loader_batch_size(train_loader)
+        self.batch_size = loader_batch_size(train_loader)
         if self.batch_size is None and self.optim_cfg.scale_lr:
             raise ValueError("optim.scale_lr needs train_loader.batch_size; set it or use scale_lr=False")
         self.global_batch = (self.batch_size or 1) * self.dist.world_size * cfg.accum_steps
 
-        self.ema = None
+        self.ema_callback = None
         if cfg.ema_decay is not None:
             if cfg.fsdp:
                 raise ValueError("ema_decay is not supported with fsdp=True (the EMA copy would be unsharded)")
-            self.ema = ModelEma(model, cfg.ema_decay)
+            self.ema_callback = EmaCallback(model, cfg.ema_decay, cfg.ema_warmup)
 
         self.module: nn.Module = objective
         if cfg.fsdp:
@@ -237,216 +197,188 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._train_fn = torch.compile(self.module) if cfg.compile else self.module
         self._params = [p for p in objective.parameters() if p.requires_grad]
+        hook = getattr(objective, "on_step_end", None)
+        self._objective_hook_ctx = hook is not None and _takes_context(hook)
 
         self.logger = RunLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
-        # Progress counters, all saved in checkpoints.
-        self.step = 0
-        self.epoch = 0
-        self.epoch_step = 0
-        self.best_metric: float | None = None
-        self.best_val_acc: float | None = None
-        self.nonfinite_skipped = 0
-        self.skipped_files = 0
-        self.train_samples = 0
-        self.train_time_s = 0.0
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(self.ckpt_dir, cfg.keep_last, cfg.save_best, self.is_main)
+        self.cadence = CheckpointCadence(cfg.ckpt_every_steps)
+        self.train_log = TrainLogger(self.logger, cfg.log_every, self.dist.world_size)
         self.should_stop = False
         self.last_val: dict[str, float] = {}
+        self.resume_sampler_state: dict | None = None
         self._last_saved_step = -1
         self._last_eval_step = -1
-        self._resume_sampler_state: dict | None = None
         self._fit_start_step = 0
+        self._t_fit = 0.0
+        self._rng_at_step: tuple | None = None
+        self.last_evaluator = None
 
-    def _resolve_device(self) -> torch.device:
-        want = self.cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want == "cuda":
-            if not torch.cuda.is_available():
-                raise RuntimeError("device=cuda but CUDA is not available: use device=cpu or auto")
-            return torch.device("cuda", self.dist.local_rank)
-        return torch.device(want)
+    # ------------------------------------------------------------------ counters (in self.state)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.state.epoch = value
+
+    @property
+    def epoch_step(self) -> int:
+        return self.state.epoch_step
+
+    @property
+    def ema(self):
+        """The :class:`~vitkit.engine.ema.ModelEma` when ``engine.ema_decay`` is set, else None."""
+        return self.ema_callback.ema if self.ema_callback is not None else None
+
+    # ------------------------------------------------------------------ plumbing
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.amp_dtype, self.device)
 
     def _prepare(self, batch, transform):
         batch = to_device(batch, self.device)
         if transform is not None:
             batch = transform(batch)
         if self.cfg.channels_last:
-            batch = _channels_last(batch)
+            batch = channels_last(batch)
         return batch
+
+    def _agree(self, error: BaseException | None) -> None:
+        """A point where all processes learn whether any failed (see ``agree_on_failure``)."""
+        try:
+            agree_on_failure(error)
+        except BaseException as e:
+            raise _AgreedFailure() from e
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_for_checkpoint(self, optim_state: dict | None = None) -> dict:
-        """``trainer_state.pt`` content: tensors and primitive containers only."""
-        if optim_state is None:
-            optim_state = self.optimizer.state_dict()
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "epoch_step": self.epoch_step,
-            "optimizer": optim_state,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": all_gather_object(ckpt.get_rng_state()),
-            "sampler": self._sampler_state(),
-            "best_metric": self.best_metric,
-            "best_val_acc": self.best_val_acc,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "skipped_files": self.skipped_files,
-            "train_samples": self.train_samples,
-            "train_time_s": self.train_time_s,
-            "world_size": self.dist.world_size,
-            "config": self.config_to_save,
-        }
-
-    def _sampler_state(self) -> dict:
-        # The position is computed from the steps taken rather than read from the sampler: a
-        # DataLoader prefetches, so the sampler has handed out more indices than were trained on.
+    def sampler_state(self) -> dict:
+        """The train sampler's position, from the steps taken (what ``trainer_state.pt`` stores)."""
+        # Computed from the steps rather than read from the sampler: a DataLoader prefetches, so
+        # the sampler has handed out more indices than were trained on.
         state = dict(self.sampler.state_dict()) if hasattr(self.sampler, "state_dict") else {}
-        state["epoch"] = self.epoch
-        state["position"] = self.epoch_step * self.cfg.accum_steps * (self.batch_size or 1)
+        state["epoch"] = self.state.epoch
+        state["position"] = self.state.epoch_step * self.cfg.accum_steps * (self.batch_size or 1)
         return state
 
-    def save_checkpoint(self, is_best: bool = False) -> Path | None:
-        """Write a checkpoint of the current step (main process); all processes must call it."""
-        if self.cfg.fsdp:
-            objective_sd, optim_sd = fsdp_full_state(self.objective, self.optimizer)
-            model_sd = {k[len("model."):]: v for k, v in objective_sd.items() if k.startswith("model.")}
-        else:
-            objective_sd, optim_sd = self.objective.state_dict(), None
-            model_sd = self.objective.model.state_dict()
-        state = self.state_for_checkpoint(optim_sd)  # collective (RNG gather): every rank takes part
-        path = None
-        if self.is_main:
-            weights = {
-                "model": model_sd,
-                "objective": objective_sd,
-                "ema": self.ema.module.state_dict() if self.ema is not None else None,
-            }
-            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, weights, state, keep_last=self.cfg.keep_last)
-            if is_best and self.cfg.save_best:
-                ckpt.save_best(self.ckpt_dir, path)
+    def save_checkpoint(self, is_best: bool = False, rng: dict | None = None) -> Path | None:
+        """Write a checkpoint of the current step (main process); all processes must call it.
+
+        A failure on the main process (non-finite weights) reaches every process.
+        """
+        path, error = None, None
+        try:
+            path = self.checkpointer.save(self, is_best=is_best, rng=rng)
+        except Exception as e:
+            error = e
+        agree_on_failure(error)
         self._last_saved_step = self.step
-        barrier()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore objective, EMA, optimizer, schedule, scaler, counters and RNG from ``path``."""
-        data = ckpt.load_checkpoint(path, map_location="cpu")
-        st = data["trainer_state"]
-        if self.cfg.fsdp:
-            fsdp_load_full_state(self.objective, self.optimizer, data["objective"], st["optimizer"])
-        else:
-            self.objective.load_state_dict(data["objective"])
-            self.optimizer.load_state_dict(st["optimizer"])
-        if self.ema is not None:
-            if data["ema"] is None:
-                raise ValueError(f"{data['path']} has no ema.safetensors but ema_decay is set")
-            self.ema.module.load_state_dict(data["ema"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        self.scaler.load_state_dict(st["scaler"])
-        for k in ("step", "epoch", "epoch_step", "nonfinite_skipped", "skipped_files", "train_samples"):
-            setattr(self, k, int(st[k]))
-        self.train_time_s = float(st["train_time_s"])
-        self.best_metric, self.best_val_acc = st["best_metric"], st["best_val_acc"]
-        self._resume_sampler_state = st["sampler"]
-        rng = st["rng"]
-        if len(rng) != self.dist.world_size:
-            self.logger.info(
-                f"checkpoint was written by {len(rng)} processes, this run has {self.dist.world_size}: "
-                "random streams restart from rank 0's state (training continues, not bitwise)"
-            )
-        ckpt.set_rng_state(rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0])
+        loaded = self.checkpointer.load(self, path)
         self._last_saved_step = self.step
-        self.logger.info(f"resumed from {data['path']} at step {self.step} (epoch {self.epoch})")
+        self.logger.info(f"resumed from {loaded} at step {self.step} (epoch {self.epoch})")
+
+    def _save_after_failure(self) -> None:
+        """Checkpoint the last completed step after an error every process agreed on."""
+        if self._last_saved_step == self.step or self.step == 0 or self._rng_at_step is None:
+            return
+        self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped
+        try:
+            path = self.save_checkpoint(rng=ckpt.rng_state_to_dict(self._rng_at_step))
+        except Exception as e:  # the original error matters more; say why nothing was saved
+            self.logger.info(f"no checkpoint written after the failure: {e}")
+            return
+        self.logger.info(f"saved {path or 'a checkpoint'} of step {self.step} before stopping")
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self, use_ema: bool = False) -> dict[str, float]:
-        """Average ``objective.evaluate`` over the validation set (summed across processes).
+        """Run the objective's evaluator over the validation set (reduced across processes).
 
-        With ``use_ema`` the EMA weights stand in for ``objective.model`` during the pass.
+        With ``use_ema`` the evaluator sees the EMA copy of the model instead of ``objective.model``.
         """
         if self.val_loader is None:
             return {}
-        obj = self.objective
-        saved_model = obj.model
+        model = self.objective.model
         if use_ema:
             if self.ema is None:
                 raise ValueError("evaluate(use_ema=True) needs engine.ema_decay set")
-            obj.model = self.ema.module
-        was_training = obj.training
-        obj.eval()
-        sums: dict[str, Tensor] = {}
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
-        try:
-            for batch in self.val_loader:
-                batch = self._prepare(batch, self.eval_transform)
-                if not use_ema and "skipped" in batch:
-                    self.skipped_files += int(batch["skipped"].sum())
-                with self._autocast():
-                    out = obj.evaluate(batch)
-                n = None
-                for k, v in out.items():
-                    v = v.detach().double()
-                    if v.ndim != 1 or (n is not None and v.shape[0] != n):
-                        raise ValueError(
-                            f"{type(obj).__name__}.evaluate must return per-sample tensors of shape (B,); "
-                            f"{k!r} has shape {tuple(v.shape)}"
-                        )
-                    n = v.shape[0]
-                    sums[k] = sums[k] + v.sum() if k in sums else v.sum()
-                count += n or 0
-        finally:
-            obj.model = saved_model
-            obj.train(was_training)
-        keys = sorted(sums)
-        # One all-reduce for every metric and the count: ranks see different val shards.
-        packed = all_reduce_sum(torch.stack([sums[k] for k in keys] + [count]))
-        total = packed[-1].item()
-        if total == 0:
-            return {}
-        return {k: packed[i].item() / total for i, k in enumerate(keys)}
+            model = self.ema.module
+
+        evaluator = self.objective.evaluator()
+        if not use_ema:
+            self.last_evaluator = evaluator
+
+        def count_skipped(batch):
+            if not use_ema and "skipped" in batch:
+                self.state.skipped_files += int(batch["skipped"].sum())
+
+        return run_evaluation(
+            self.objective, model, evaluator, self.val_loader,
+            lambda b: self._prepare(b, self.eval_transform), self._autocast, count_skipped,
+        )
 
     def _run_eval(self) -> dict[str, float]:
-        val = self.evaluate()
-        if self.ema is not None and val:
-            val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
+        error, val = None, {}
+        try:
+            val = self.evaluate()
+            if self.ema is not None and val:
+                val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
+        except Exception as e:
+            error = e
+        self._agree(error)
         self._last_eval_step = self.step
         self.last_val = val
         if not val:
             return val
-        improved = False
+        st = self.state
         if "acc1" in val:
-            improved = self.best_metric is None or val["acc1"] > self.best_metric
-            self.best_val_acc = max(val["acc1"], self.best_val_acc or 0.0)
+            st.best_val_acc = max(val["acc1"], st.best_val_acc or 0.0)
+        improved = False
+        evaluator = self.last_evaluator
+        if evaluator.primary in val:
+            improved = st.improves(val[evaluator.primary], evaluator.higher_is_better)
             if improved:
-                self.best_metric = val["acc1"]
-        elif "loss" in val:
-            # Without accuracy (self-supervised), lower validation loss is better.
-            improved = self.best_metric is None or -val["loss"] > self.best_metric
-            if improved:
-                self.best_metric = -val["loss"]
+                st.best_metric, st.best_metric_name = val[evaluator.primary], evaluator.primary
         val["_improved"] = improved
         self.logger.log({"kind": "val", "step": self.step, "epoch": self.epoch, **val})
-        parts = " ".join(f"{k}={v:.4f}" for k, v in val.items() if not k.startswith("_"))
+        parts = " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float) and not k.startswith("_"))
         self.logger.info(f"eval step {self.step} epoch {self.epoch}: {parts}")
         return val
 
     # ------------------------------------------------------------------ training
 
-    def _check_finite(self, loss: Tensor) -> bool:
-        finite = torch.isfinite(loss.detach()).float()
-        if is_dist():
-            # Every rank must take the same branch, or DDP's gradient sync would hang.
-            finite = all_reduce_sum(finite.reshape(1))[0] / self.dist.world_size
-        return bool(finite == 1)
+    def _step_checks(self, loss: Tensor | None, error: BaseException | None) -> bool:
+        """Whether ``loss`` is finite on every process; also the agreed-error point of a micro-step."""
+        if not is_dist():
+            if error is not None:
+                raise _AgreedFailure() from error
+            return bool(torch.isfinite(loss.detach()))
+        # One all-reduce carries both: every rank must take the same branch, or DDP's gradient
+        # sync would hang.
+        flags = torch.zeros(2, device=loss.device if loss is not None else self.device)
+        flags[0] = 1.0 if error is not None else 0.0
+        if loss is not None:
+            flags[1] = torch.isfinite(loss.detach()).float()
+        flags = all_reduce_sum(flags)
+        if flags[0] > 0:
+            self._agree(error)
+        return bool(flags[1] == self.dist.world_size)
 
     def _optimizer_step(self) -> Tensor | None:
         grad_norm = None
@@ -458,52 +390,92 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _train_epoch(self, t_fit: float) -> str | None:
-        """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end."""
-        cfg = self.cfg
-        accum = cfg.accum_steps
+    def _epoch_iterator(self):
+        st = self.state
         if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch)
-            if self.epoch_step:
-                self.sampler.load_state_dict(self._resume_sampler_state or self._sampler_state())
-        self._resume_sampler_state = None
+            self.sampler.set_epoch(st.epoch)
+            if st.epoch_step:
+                self.sampler.load_state_dict(self.resume_sampler_state or self.sampler_state())
+        elif hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(st.epoch)  # streaming shards reshuffle per epoch
+        self.resume_sampler_state = None
         # Creating the iterator draws from the global RNG (worker seeds); keep that out of the
         # training stream so a resumed run, which creates it at a different point, stays in step.
         with torch.random.fork_rng(devices=[]):
             it = iter(self.train_loader)
-        if self.sampler is None and self.epoch_step:
-            for _ in range(self.epoch_step * accum):
+        if self.sampler is None and st.epoch_step:
+            for _ in range(st.epoch_step * self.cfg.accum_steps):
                 next(it)
+        return it
 
-        window = {"t": time.perf_counter(), "samples": 0, "sums": {}, "n": 0}
+    def _next_batch(self, it):
+        """The next prepared batch, or None at the loader's end; data errors are agreed on."""
+        batch, error = None, None
+        try:
+            batch = next(it, None)
+            if batch is not None:
+                batch = self._prepare(batch, self.train_transform)
+        except Exception as e:
+            error = e
+        if is_dist():
+            self._agree(error)
+        elif error is not None:
+            raise _AgreedFailure() from error
+        return batch
+
+    def _on_step_end(self, lr: float, grad_norm: Tensor | None, applied: bool, out: dict) -> None:
+        st = self.state
+        if applied:
+            if self.ema_callback is not None:
+                self.ema_callback.on_step_end(self.objective.model)
+            if self._objective_hook_ctx:
+                self.objective.on_step_end(StepContext(st.step, self.total_steps, self.optimizer, self))
+            else:
+                self.objective.on_step_end(st.step, self.total_steps)
+        self._rng_at_step = ckpt.capture_rng_state()
+        step_metrics = {k: v.detach() for k, v in out.items()}
+        step_metrics["lr"] = lr
+        if grad_norm is not None:
+            step_metrics["grad_norm"] = grad_norm.detach()
+        for h in self.hooks:
+            if hasattr(h, "on_step_end"):
+                h.on_step_end(self, st.step, step_metrics)
+        rate = st.train_time_s / max(1, st.step - self._fit_start_step)
+        self.train_log.on_step_end(st, self.total_steps, lr, grad_norm, (self.total_steps - st.step) * rate)
+
+    def _train_epoch(self) -> str | None:
+        """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end."""
+        cfg, st = self.cfg, self.state
+        accum = cfg.accum_steps
+        it = self._epoch_iterator()
+        self.train_log.reset()
         micro = 0
         bad = False
         out: dict[str, Tensor] = {}
         t_step = time.perf_counter()
-        for batch in it:
-            batch = self._prepare(batch, self.train_transform)
+        while (batch := self._next_batch(it)) is not None:
             if "skipped" in batch:
-                self.skipped_files += int(batch["skipped"].sum())
-            n = _batch_size(batch)
+                st.skipped_files += int(batch["skipped"].sum())
+            n = batch_size(batch)
             if hasattr(self.sampler, "advance"):
                 self.sampler.advance(n)
             micro += 1
             last_micro = micro == accum
-            with no_sync(self.module, self.dist.enabled and not last_micro), self._autocast():
-                out = self._train_fn(batch)
-            loss = out["loss"]
-            if not self._check_finite(loss):
+            loss, error = None, None
+            try:
+                with no_sync(self.module, self.dist.enabled and not last_micro), self._autocast():
+                    out = self._train_fn(batch)
+                loss = out["loss"]
+            except Exception as e:
+                error = e
+            if not self._step_checks(loss, error):
                 if cfg.nonfinite == "stop":
-                    raise NonFiniteLossError(self.step + 1, float(loss.detach().float()))
+                    raise NonFiniteLossError(st.step + 1, float(loss.detach().float()))
                 bad = True
             if not bad:
                 self.scaler.scale(loss / accum).backward()
-                for k, v in out.items():
-                    v = v.detach().float()
-                    window["sums"][k] = window["sums"][k] + v if k in window["sums"] else v
-                window["n"] += 1
-            window["samples"] += n
-            self.train_samples += n * self.dist.world_size
+            self.train_log.on_micro_batch(None if bad else out, n)
+            st.train_samples += n * self.dist.world_size
             if not last_micro:
                 continue
 
@@ -512,67 +484,53 @@ class Trainer:
             grad_norm = None
             if bad:
                 self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_skipped += 1
-                self.logger.info(f"step {self.step + 1}: non-finite loss, step skipped ({self.nonfinite_skipped})")
+                st.nonfinite_skipped += 1
+                self.logger.info(f"step {st.step + 1}: non-finite loss, step skipped ({st.nonfinite_skipped})")
             else:
                 grad_norm = self._optimizer_step()
-            self.step += 1
-            self.epoch_step += 1
+            st.step += 1
+            st.epoch_step += 1
             self.scheduler.step()
-            if not bad:
-                if self.ema is not None:
-                    self.ema.update(self.objective.model)
-                self.objective.on_step_end(self.step, self.total_steps)
-            bad = False
             now = time.perf_counter()
-            self.train_time_s += now - t_step
+            st.train_time_s += now - t_step
             t_step = now
-            step_metrics = {k: v.detach() for k, v in out.items()}
-            step_metrics["lr"] = lr
-            if grad_norm is not None:
-                step_metrics["grad_norm"] = grad_norm.detach()
-            for h in self.hooks:
-                if hasattr(h, "on_step_end"):
-                    h.on_step_end(self, self.step, step_metrics)
+            self._on_step_end(lr, grad_norm, not bad, out)
+            bad = False
 
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log_window(window, lr, grad_norm)
-
-            reason = self._stop_reason(t_fit)
-            epoch_done = self.epoch_step == self.steps_per_epoch
-            if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and not epoch_done and not reason:
+            reason = self.stop_reason()
+            epoch_done = st.epoch_step == self.steps_per_epoch
+            if self.cadence.due_mid_epoch(st.step) and not epoch_done and not reason:
                 self.save_checkpoint()
             if epoch_done:
                 return None  # the caller finishes the epoch (eval, checkpoint), then stops
             if reason:
                 return reason
         raise RuntimeError(
-            f"the train loader ended after {self.epoch_step} of {self.steps_per_epoch} steps in epoch {self.epoch}: "
+            f"the train loader ended after {st.epoch_step} of {self.steps_per_epoch} steps in epoch {st.epoch}: "
             "its len() must match the batches it yields"
         )
 
-    def _log_window(self, window: dict, lr: float, grad_norm: Tensor | None) -> None:
-        now = time.perf_counter()
-        record = {"kind": "train", "step": self.step, "epoch": self.epoch, "lr": lr}
-        if window["n"]:
-            record.update({k: (v / window["n"]).item() for k, v in window["sums"].items()})
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm.item()
-        record["img_per_s"] = window["samples"] * self.dist.world_size / max(now - window["t"], 1e-9)
-        self.logger.log(record)
-        steps_left = self.total_steps - self.step
-        rate = self.train_time_s / max(1, self.step - self._fit_start_step)
-        self.logger.progress(self.step, self.total_steps, record, steps_left * rate)
-        window.update(t=now, samples=0, sums={}, n=0)
-
-    def _stop_reason(self, t_fit: float) -> str | None:
+    def stop_reason(self) -> str | None:
+        """Why the run should stop now (``max_steps``, ``time_budget``, a hook), or None: the one stop rule."""
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             return "max_steps"
-        if self.cfg.time_budget_s is not None and time.time() - t_fit >= self.cfg.time_budget_s:
+        if self.cfg.time_budget_s is not None and time.time() - self._t_fit >= self.cfg.time_budget_s:
             return "time_budget"
         if self.should_stop:
             return "stopped_by_hook"
         return None
+
+    def _finish_epoch(self) -> None:
+        st = self.state
+        st.epoch += 1
+        st.epoch_step = 0
+        val = {}
+        if st.epoch % self.cfg.eval_every == 0 or st.epoch == self.cfg.epochs:
+            val = self._run_eval()
+        for h in self.hooks:
+            if hasattr(h, "on_epoch_end"):
+                h.on_epoch_end(self, st.epoch, val)
+        self.save_checkpoint(is_best=bool(val.pop("_improved", False)))
 
     def fit(self, resume: bool | str | os.PathLike = False) -> dict:
         """Train to ``cfg.epochs`` (or ``max_steps`` / ``time_budget_s``); returns the summary.
@@ -580,6 +538,10 @@ class Trainer:
         Args:
             resume: True continues from the run's latest checkpoint (fresh start if there is
                 none); a path resumes from that checkpoint directory.
+
+        An error from the data or the objective that every process agreed on first saves a
+        checkpoint of the last completed step (when its weights are finite), then is raised;
+        other processes raise ``TrainingError("rank R failed: ...")``.
         """
         if resume:
             path = ckpt.find_latest(self.out_dir) if resume is True else Path(resume)
@@ -588,25 +550,18 @@ class Trainer:
                 self.logger.truncate_after(self.step)
             else:
                 self.logger.info(f"no checkpoint under {self.out_dir}: starting from scratch")
-        t_fit = time.time()
+        self._t_fit = time.time()
         self._fit_start_step = self.step
+        self._rng_at_step = None
         self.objective.train()
         self.logger.start_progress(self.total_steps, self.step)
         reason = "completed"
         try:
             while self.epoch < self.cfg.epochs and self.step < self.total_steps:
-                stop = self._train_epoch(t_fit)
+                stop = self._train_epoch()
                 if stop is None:
-                    self.epoch += 1
-                    self.epoch_step = 0
-                    val = {}
-                    if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
-                        val = self._run_eval()
-                    for h in self.hooks:
-                        if hasattr(h, "on_epoch_end"):
-                            h.on_epoch_end(self, self.epoch, val)
-                    self.save_checkpoint(is_best=bool(val.pop("_improved", False)))
-                    stop = self._stop_reason(t_fit)
+                    self._finish_epoch()
+                    stop = self.stop_reason()
                 if stop is not None:
                     reason = stop
                     break
@@ -616,37 +571,15 @@ class Trainer:
                     self.save_checkpoint(is_best=bool(val.pop("_improved", False)))
             elif self._last_saved_step != self.step:
                 self.save_checkpoint()
-            summary = self._summary(reason, time.time() - t_fit)
+            summary = build_summary(self, reason, time.time() - self._t_fit)
             if self.is_main:
                 write_summary(self.out_dir, summary)
                 if self.cfg.plots:
                     write_plots(self.out_dir)
+            barrier()
             return summary
+        except _AgreedFailure as failure:
+            self._save_after_failure()
+            raise failure.__cause__ from None
         finally:
             self.logger.close()
-
-    def _summary(self, reason: str, wall_s: float) -> dict:
-        counts = all_reduce_sum(torch.tensor([self.skipped_files, self.nonfinite_skipped], dtype=torch.float64))
-        val = {k: v for k, v in self.last_val.items() if not k.startswith("_")}
-        summary = {
-            "val_acc": val.get("acc1"),
-            "best_val_acc": self.best_val_acc,
-            "val_loss": val.get("loss"),
-            "epochs": self.epoch + self.epoch_step / self.steps_per_epoch,
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "stopped": reason,
-            "wall_s": wall_s,
-            "train_time_s": self.train_time_s,
-            "train_img_per_s": self.train_samples / self.train_time_s if self.train_time_s > 0 else 0.0,
-            "skipped_files": int(counts[0]),
-            "nonfinite_skipped": int(self.nonfinite_skipped),
-            "world_size": self.dist.world_size,
-            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
-            "global_batch": self.global_batch,
-            "base_lr": self.base_lr,
-        }
-        if self.ema is not None:
-            summary["val_acc_ema"] = val.get("ema_acc1")
-        summary.update({f"val_{k}": v for k, v in val.items() if f"val_{k}" not in summary and k != "acc1"})
-        return summary

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Objective
+from .registry import register_objective
+
+
+@dataclass
+class SupervisedConfig:
+    """``objective.*`` keys of ``supervised``.
+
+    ``label_smoothing`` None takes ``data.label_smoothing`` (which mixup also uses).
+    """
+
+    label_smoothing: float | None = None
+    aux_weight: float = 0.01
 
 
 def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -24,6 +38,7 @@ def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     return (top == labels[:, None]).any(-1).float()
 
 
+@register_objective("supervised", SupervisedConfig)
 class Supervised(Objective):
     """Cross-entropy classification.
 
@@ -66,6 +81,21 @@ class Supervised(Objective):
         if label is not None:
             out["acc1"] = (logits.argmax(-1) == label).float().mean().detach()
         return out
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: SupervisedConfig, *, num_classes: int, label_smoothing: float = 0.1,
+                    **_) -> Supervised:
+        smoothing = cfg.label_smoothing if cfg.label_smoothing is not None else label_smoothing
+        return cls(model, num_classes, label_smoothing=smoothing, aux_weight=cfg.aux_weight)
+
+    def evaluator(self):
+        from ..engine.evaluators import AccuracyEvaluator
+
+        return AccuracyEvaluator(self.num_classes)
+
+    @torch.no_grad()
+    def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
+        return {"logits": _logits((model if model is not None else self.model)(batch["image"])).float()}
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, Tensor]:
