@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
+from .errors import ConfigError, PathNotFoundError
 
 
 @dataclass
@@ -83,7 +84,7 @@ def recipe_path(recipe: str) -> Path:
     packaged = resources.files("vitkit") / "recipes" / name
     if packaged.is_file():
         return Path(str(packaged))
-    raise FileNotFoundError(f"no recipe {recipe!r}: not a YAML file, and not one of {list_recipes()}")
+    raise PathNotFoundError(f"no recipe {recipe!r}: not a YAML file, and not one of {list_recipes()}")
 
 
 def list_recipes() -> list[str]:
@@ -114,12 +115,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         layers.append(OmegaConf.load(recipe_path(recipe)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ValueError(f"overrides must look like key=value (e.g. engine.epochs=10), got {bad}")
+        raise ConfigError(f"overrides must look like key=value (e.g. engine.epochs=10), got {bad}")
     layers.append(OmegaConf.from_dotlist(list(overrides)))
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
-        raise ValueError(_config_error(e)) from None
+        raise ConfigError(_config_error(e)) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -136,17 +137,17 @@ def _config_error(e: OmegaConfBaseException) -> str:
 def validate(cfg: TrainConfig) -> None:
     d, e = cfg.data, cfg.engine
     if d.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
     if not 0 < d.scale_min <= 1:
-        raise ValueError(f"data.scale_min must be in (0, 1], got {d.scale_min}")
+        raise ConfigError(f"data.scale_min must be in (0, 1], got {d.scale_min}")
     if not 0 <= d.val_fraction < 1:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if e.epochs < 1:
-        raise ValueError(f"engine.epochs must be >= 1, got {e.epochs}")
+        raise ConfigError(f"engine.epochs must be >= 1, got {e.epochs}")
     if e.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+        raise ConfigError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
     if cfg.objective != "supervised":
-        raise ValueError(f"objective {cfg.objective!r} is not available; this version trains 'supervised'")
+        raise ConfigError(f"objective {cfg.objective!r} is not available; this version trains 'supervised'")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

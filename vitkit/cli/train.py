@@ -7,6 +7,8 @@ import os
 import shlex
 from pathlib import Path
 
+from ..errors import ConfigError, PathNotFoundError, RunDirError
+
 _FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("out", "engine.out_dir"), ("init", "model.init"))
 
 
@@ -43,7 +45,7 @@ def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str
         args.resume = True
     if args.resume is True:
         if not args.out:
-            raise ValueError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
+            raise ConfigError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
                              "or --resume CHECKPOINT_OR_RUN_DIR")
         if not (Path(args.out) / "config.yaml").is_file():
             # Nothing to continue yet: start the run, so one command line serves every restart of a job.
@@ -51,14 +53,14 @@ def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str
         return Path(args.out), True, args.out
     path = Path(args.resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint or run directory")
+        raise PathNotFoundError(f"--resume {path}: no such checkpoint or run directory")
     if (path / "config.yaml").is_file():  # a run directory: continue from its latest checkpoint
         if args.out and Path(args.out).resolve() != path.resolve():
             return path, str(path), args.out
         return path, True, str(path)
     run = path.parent.parent if path.parent.name == "checkpoints" else None
     if run is None or not (run / "config.yaml").is_file():
-        raise ValueError(f"--resume {path}: expected a run directory (with config.yaml) or one of its "
+        raise RunDirError(f"--resume {path}: expected a run directory (with config.yaml) or one of its "
                          "checkpoints/step_N directories")
     return run, str(path), args.out or str(run)
 
@@ -74,7 +76,7 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = args.recipe
     if base_run is not None:
         if recipe:
-            raise ValueError(
+            raise ConfigError(
                 f"--recipe cannot be combined with resuming {base_run}: a resumed run keeps its config.yaml; "
                 "change settings with key=value overrides"
             )

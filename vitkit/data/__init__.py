@@ -10,6 +10,7 @@ from .inspect import DatasetInfo, inspect_dataset
 from .loader import ImageLoader, build_loader, collate, sample_rng
 from .mix import Mixup, cutmix_box, smooth_one_hot
 from .samplers import RepeatAugSampler, ResumableSampler
+from .scan import ScanReport, is_system_path, scan_files
 from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
 from .skips import SkipCounter
 from .transforms import EvalTransform, TrainTransform, pil_to_uint8
@@ -32,6 +33,7 @@ __all__ = [
     "RepeatAugSampler",
     "ResumableSampler",
     "SUPPORTED",
+    "ScanReport",
     "ShapesDataset",
     "SkipCounter",
     "TrainTransform",
@@ -43,11 +45,13 @@ __all__ = [
     "decode_image",
     "expand_shards",
     "inspect_dataset",
+    "is_system_path",
     "parse_rand_augment",
     "pil_to_uint8",
     "read_idx",
     "render_shape",
     "sample_rng",
+    "scan_files",
     "smooth_one_hot",
     "stratified_split",
     "to_channels",

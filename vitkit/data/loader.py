@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from ..errors import ConfigError
 from .samplers import ResumableSampler
 from .skips import SkipCounter
 
@@ -150,7 +151,7 @@ def build_loader(
     )
     if isinstance(dataset, IterableDataset):
         if sampler is not None:
-            raise ValueError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no sampler")
+            raise ConfigError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no sampler")
         dataset.shuffle = train
         # Workers are rebuilt each epoch so they pick up the dataset's new epoch.
         return ImageLoader(_TransformedStream(dataset, transform, seed), **common)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import DataError, PathNotFoundError
+from .dataset import corrupt_archive
 from .images import BadImageError, decode_image
 from .skips import SkipCounter
 
@@ -38,7 +40,7 @@ def expand_shards(pattern: str) -> list[str]:
         out.extend(expand_shards(pattern[: m.start()] + str(k).zfill(width) + pattern[m.end() :]))
     missing = [p for p in out if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]!r}")
+        raise PathNotFoundError(f"{len(missing)} shard(s) of {pattern!r} do not exist, e.g. {missing[0]!r}")
     return out
 
 
@@ -51,12 +53,15 @@ def _split_key(name: str) -> tuple[str, str]:
 
 def is_webdataset_tar(path: str, probe: int = 20) -> bool:
     """True if the first members of the tar look like WebDataset samples (a ``.cls`` member among them)."""
-    with tarfile.open(path, "r|*") as tf:
-        for k, m in enumerate(tf):
-            if m.isfile() and _split_key(m.name)[1] == "cls":
-                return True
-            if k >= probe:
-                break
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for k, m in enumerate(tf):
+                if m.isfile() and _split_key(m.name)[1] == "cls":
+                    return True
+                if k >= probe:
+                    break
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise corrupt_archive(path, e) from None
     return False
 
 
@@ -108,7 +113,7 @@ class WebDatasetShards(IterableDataset):
         max_bad_fraction: float = 0.05,
     ):
         if not shards:
-            raise ValueError("WebDatasetShards needs at least one shard")
+            raise DataError("WebDatasetShards needs at least one shard")
         self.shards = list(shards)
         self.split = split
         self.val_fraction = val_fraction
