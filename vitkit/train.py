@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,11 +30,13 @@ from .data import (
     build_dataset,
     build_loader,
     inspect_dataset,
+    scan_path,
 )
 from .engine import Trainer
 from .engine.distributed import init_distributed
 from .models import create_model, get_model_card
 from .objectives import Supervised
+from .rundir import prepare_out_dir
 
 
 @dataclass
@@ -110,6 +113,13 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     """Everything :func:`train` needs, without training: returns (trainer, run info)."""
     dist = init_distributed()
     d = cfg.data
+    # --- broken files: found and judged before training, then left out (issue 7) ---
+    t0 = time.perf_counter()
+    scan = scan_path(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, max_bad_fraction=d.max_bad_fraction)
+    if verbose and dist.is_main and scan is not None:
+        found = f"{len(scan.bad)} broken, left out (listed in bad_files.txt)" if scan.bad else "none broken"
+        print(f"checked {scan.scanned} image files in {time.perf_counter() - t0:.1f} s: {found}")
+    # --- end broken files ---
     info = inspect_dataset(d.path, seed=cfg.engine.seed)
     choice = choose_model(cfg, info)
     if verbose and dist.is_main:
@@ -124,6 +134,9 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         d.path, "val", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=choice.in_chans,
         max_bad_fraction=d.max_bad_fraction,
     )
+    if scan is not None and scan.bad:  # --- broken files (issue 7) ---
+        for ds in (train_ds, val_ds):
+            ds.exclude(scan.bad_files)
     classes = list(getattr(train_ds, "classes", []) or [str(i) for i in range(choice.num_classes)])
     crop_pct = d.crop_pct or card.crop_pct
     # The saved weights carry what inference needs: class names and the eval preprocessing.
@@ -160,6 +173,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         "mean": list(card.mean), "std": list(card.std), "crop_pct": crop_pct,
         "interpolation": card.interpolation, "val_fraction": d.val_fraction, "seed": cfg.engine.seed,
         "model_args": model.model_args,
+        "bad_files": scan.lines() if scan is not None else [],  # "name: reason", each broken file once
     }
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
@@ -169,20 +183,30 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     return trainer, run_info
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True) -> dict:
+def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True, force: bool = False) -> dict:
     """Train as configured; returns the summary (also written to ``<out>/summary.json``).
 
     The run directory gets ``config.yaml``, ``run.json`` (model, classes, preprocessing),
-    ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots and, at the end,
-    ``model.safetensors`` (the final weights with their config and class names).
+    ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots, ``bad_files.txt`` (the
+    broken images left out, if any) and, at the end, ``model.safetensors`` (the final weights
+    with their config and class names). A directory that already holds a run needs ``resume``
+    (continue it) or ``force`` (delete its files and start over).
     """
     torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
+    # --- run directory checks (issue 7) ---
+    if cfg.engine.out_dir != "runs/default":
+        removed = prepare_out_dir(cfg.engine.out_dir, resume=resume, force=force, is_main=init_distributed().is_main)
+        if removed and verbose:
+            print(f"--force: deleted the previous run's {', '.join(removed)} in {cfg.engine.out_dir}")
+    # --- end run directory checks ---
     trainer, run_info = build_run(cfg, verbose=verbose)
     out = Path(trainer.out_dir)
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        if run_info["bad_files"]:
+            (out / "bad_files.txt").write_text("\n".join(run_info["bad_files"]) + "\n")
         if verbose:
             print(f"run dir: {out}")
     summary = trainer.fit(resume=resume)
@@ -191,6 +215,18 @@ def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True) ->
 
         model = trainer.objective.model
         save_weights(model, out / "model.safetensors")
-        summary = {**summary, "model": run_info["model"], "out_dir": str(out)}
+        bad = _all_bad_files(run_info["bad_files"], trainer)
+        if len(bad) > len(run_info["bad_files"]):
+            (out / "bad_files.txt").write_text("\n".join(bad) + "\n")
+        summary = {**summary, "model": run_info["model"], "out_dir": str(out), "bad_files": bad,
+                   "skipped_files": len(bad)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _all_bad_files(scanned: list[str], trainer: Trainer) -> list[str]:
+    """The broken files found up front, then those met during training (streaming data), each once."""
+    lines = dict.fromkeys(scanned)
+    for loader in (trainer.train_loader, trainer.val_loader):
+        lines.update(dict.fromkeys(getattr(getattr(loader, "skips", None), "bad_files", [])))
+    return list(lines)

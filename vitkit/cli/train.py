@@ -30,6 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the run in --out; or from CKPT, a checkpoint or run directory. "
              "The run's config.yaml is the base, key=value overrides apply on top",
     )
+    p.add_argument("--force", action="store_true",
+                   help="--out already holds a run: delete its files (config, checkpoints, metrics...) and start over")
+    p.add_argument("--reschedule", action="store_true",
+                   help="on --resume, accept overrides that change the lr schedule (epochs, batch size, lr, ...): "
+                        "the schedule is re-stretched from the current step")
     p.add_argument("--show-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. engine.epochs=10")
     p.set_defaults(func=run_train)
@@ -84,13 +89,15 @@ def run_train(args: argparse.Namespace) -> int:
     flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
+    if base_run is not None:
+        _check_schedule(base_run, cfg, args.reschedule)
     if args.show_config:
         if int(os.environ.get("RANK", 0)) == 0:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return 0
     is_main = init_distributed().is_main
     try:
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, force=args.force)
     except BaseException:
         shutdown_distributed(wait=False)
         raise
@@ -98,6 +105,18 @@ def run_train(args: argparse.Namespace) -> int:
     if is_main:
         print(format_summary(summary, cfg.data.path))
     return 0
+
+
+def _check_schedule(base_run: Path, cfg, reschedule: bool) -> None:
+    import yaml
+
+    from ..config import to_dict
+    from ..rundir import check_resume_config
+
+    saved = yaml.safe_load((base_run / "config.yaml").read_text()) or {}
+    changes = check_resume_config(saved, to_dict(cfg), reschedule=reschedule)
+    if changes and int(os.environ.get("RANK", 0)) == 0:
+        print(f"--reschedule: the lr schedule is re-stretched from the current step ({'; '.join(changes)})")
 
 
 def _pct(v: float | None) -> str:
@@ -113,5 +132,5 @@ def format_summary(summary: dict, data: str) -> str:
         "next:",
         f"  vitkit eval {run} --data {data}",
         f"  vitkit predict {run} IMAGE",
-        f"  vitkit train --resume --out {run} engine.epochs=N   (train longer)",
+        f"  vitkit train --resume --reschedule --out {run} engine.epochs=N   (train longer)",
     ])

@@ -10,7 +10,7 @@ from .inspect import DatasetInfo, inspect_dataset
 from .loader import ImageLoader, build_loader, collate, sample_rng
 from .mix import Mixup, cutmix_box, smooth_one_hot
 from .samplers import RepeatAugSampler, ResumableSampler
-from .scan import ScanReport, is_system_path, scan_files
+from .scan import ScanReport, is_system_path, scan_files, scan_path
 from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
 from .skips import SkipCounter
 from .transforms import EvalTransform, TrainTransform, pil_to_uint8
@@ -52,6 +52,7 @@ __all__ = [
     "render_shape",
     "sample_rng",
     "scan_files",
+    "scan_path",
     "smooth_one_hot",
     "stratified_split",
     "to_channels",

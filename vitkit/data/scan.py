@@ -91,3 +91,12 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
             "without them."
         )
     return report
+
+
+def scan_path(path: str, *, val_fraction: float = 0.1, seed: int = 0, max_bad_fraction: float = 1.0,
+              workers: int | None = None) -> ScanReport | None:
+    """:func:`scan_files` over both splits of the dataset at ``path`` (see ``build_dataset``)."""
+    from .formats import build_dataset
+
+    splits = [build_dataset(path, s, val_fraction=val_fraction, seed=seed) for s in ("train", "val")]
+    return scan_files(splits, max_bad_fraction=max_bad_fraction, workers=workers)
