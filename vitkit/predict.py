@@ -76,10 +76,9 @@ def _saved_model_name(path: Path) -> str | None:
     """The ``model_name`` that ``save_weights`` stores in a safetensors file, or None."""
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
+    from .convert.weights import read_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("model_name") or None
+    return read_metadata(path).get("model_name") or None
 
 
 def _owning_run(path: Path) -> Path | None:

@@ -9,6 +9,7 @@ need an explicit ``reschedule``: the schedule is then re-stretched from the curr
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def holds_run(out: str | Path) -> bool:
 
 def prepare_out_dir(out: str | Path, *, resume: bool | str = False, force: bool = False,
                     is_main: bool = True) -> list[str]:
-    """Check that ``out`` may receive this run and create it; returns the names ``force`` removed.
+    """Check that ``out`` may receive this run (nothing is created yet); returns the names ``force`` removed.
 
     Raises:
         RunDirError: ``out`` holds a run and neither ``resume`` nor ``force`` is given, or it
@@ -58,17 +59,32 @@ def prepare_out_dir(out: str | Path, *, resume: bool | str = False, force: bool 
                     continue
                 removed.append(name)
     if is_main:
+        _check_writable(out)
+    return removed
+
+
+def _check_writable(out: Path) -> None:
+    """Raise RunDirError unless ``out`` exists and is writable, or can be created."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif existing == out:
+        probe = out / ".vitkit_write_test"
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".vitkit_write_test"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise RunDirError(
-                f"cannot write the run directory {out}: {e.strerror or e}. Choose another --out "
-                "(engine.out_dir) or fix its permissions"
-            ) from None
-    return removed
+            problem = e.strerror or str(e)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"no permission to create folders in {existing}"
+    if problem:
+        raise RunDirError(
+            f"cannot write the run directory {out}: {problem}. Choose another --out (engine.out_dir) "
+            "or fix the permissions"
+        )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -150,6 +150,10 @@ def _download_hub(repo_id: str) -> Path:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.utils import EntryNotFoundError
     except ImportError:
+        if hub_offline():
+            raise PathNotFoundError(
+                f"no such file or folder: {repo_id!r} (HF_HUB_OFFLINE is set, so it is not looked up on the hub)"
+            ) from None
         raise WeightsError(
             f"{repo_id!r} is not a local file or folder, and loading it from the Hugging Face hub needs "
             "huggingface_hub (pip install huggingface_hub); if you meant a local path, check the spelling"
@@ -343,6 +347,17 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (``save_weights`` stores the model config there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise _corrupt(Path(path), e) from None
+
+
 def model_from_file(
     path: str | os.PathLike,
     num_classes: int | None = None,
@@ -355,15 +370,9 @@ def model_from_file(
     Overrides change the architecture before loading; the weights adapt (a new ``img_size``
     resamples the position embedding, a new ``num_classes`` starts a fresh head).
     """
-    from safetensors import safe_open
-
     from ..models import create_model
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
-        raise _corrupt(Path(path), e) from None
+    meta = read_metadata(path)
     if not meta.get("model_name"):
         raise WeightsError(
             f"{path} has no vitkit metadata (it was not written by save_weights); build the model with "
