@@ -84,8 +84,7 @@ def build_dataset(
 
     if "{" in path and ".." in path:
         return WebDatasetShards(
-            expand_shards(path), split=split, val_fraction=val_fraction, seed=seed, in_chans=in_chans,
-            num_classes=num_classes,
+            expand_shards(path), split=split, val_fraction=val_fraction, seed=seed, num_classes=num_classes, **kw
         )
     if not os.path.exists(path):
         raise PathNotFoundError(
@@ -100,8 +99,7 @@ def build_dataset(
         if low.endswith(_TAR_SUFFIXES):
             if is_webdataset_tar(path):
                 return WebDatasetShards(
-                    [path], split=split, val_fraction=val_fraction, seed=seed, in_chans=in_chans,
-                    num_classes=num_classes,
+                    [path], split=split, val_fraction=val_fraction, seed=seed, num_classes=num_classes, **kw
                 )
             return _build_tar_tree(path, split, val_fraction, seed, num_classes, kw)
         raise DataError(f"{path!r} is a file of no supported type: expected {SUPPORTED}")
@@ -121,10 +119,8 @@ def build_dataset(
         other = "val" if split == "train" else "train"
         has_named = any(os.path.basename(s).lower().startswith(other) for s in shards)
         if by_split and has_named:
-            return WebDatasetShards(by_split, split=None, seed=seed, in_chans=in_chans, num_classes=num_classes)
-        return WebDatasetShards(
-            shards, split=split, val_fraction=val_fraction, seed=seed, in_chans=in_chans, num_classes=num_classes
-        )
+            return WebDatasetShards(by_split, split=None, seed=seed, num_classes=num_classes, **kw)
+        return WebDatasetShards(shards, split=split, val_fraction=val_fraction, seed=seed, num_classes=num_classes, **kw)
     return _build_folder_tree(path, split, val_fraction, seed, num_classes, kw)
 
 
