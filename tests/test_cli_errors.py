@@ -254,3 +254,56 @@ def test_debug_shows_the_traceback_and_bugs_say_so(tmp_path):
     assert r.returncode == 1 and "internal error (a bug)" in r.stderr and "Traceback" not in r.stderr
     log = r.stderr.split("the traceback is in ")[1].split(";")[0]
     assert "Traceback" in open(log).read()
+
+
+# ---- in-process: paths the subprocess tests cannot reach -------------------------------------------------
+
+
+def test_keyboard_interrupt_exits_130_with_one_line(monkeypatch, capsys):
+    import vitkit.cli.models as models_cmd
+    from vitkit.cli.main import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models_cmd, "run_models", interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err.strip() == "vitkit models: interrupted"
+
+
+def test_hub_http_error_is_a_weights_error(monkeypatch):
+    """An HTTP failure from the hub names the id and what to check (huggingface_hub faked: no network here)."""
+    import types
+
+    from vitkit.convert.weights import read_state_dict
+    from vitkit.errors import WeightsError
+
+    class HTTPError(OSError):
+        pass
+
+    class EntryNotFoundError(Exception):
+        pass
+
+    def download(repo_id, filename):
+        raise HTTPError(f"401 Client Error: Unauthorized for url: https://huggingface.co/{repo_id}/{filename}")
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.constants = types.SimpleNamespace(HF_HUB_OFFLINE=False, HF_HUB_CACHE="/tmp/none")
+    hub.hf_hub_download = download
+    utils = types.ModuleType("huggingface_hub.utils")
+    utils.EntryNotFoundError = EntryNotFoundError
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.utils", utils)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(WeightsError, match=r"'someone/private-vit'.*401.*Check the id.*network.*HF_HUB_OFFLINE"):
+        read_state_dict("someone/private-vit")
+
+
+def test_create_model_with_a_missing_file_says_no_such_file():
+    from vitkit import create_model
+    from vitkit.errors import PathNotFoundError
+
+    with pytest.raises(PathNotFoundError, match="no such file or folder: 'missing.safetensors'"):
+        create_model("missing.safetensors")
+    with pytest.raises(PathNotFoundError, match="no such file"):
+        create_model("runs/x/model.safetensors")
