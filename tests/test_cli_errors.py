@@ -131,7 +131,7 @@ def test_folder_with_10_percent_broken_files(tmp_path):
 def test_folder_of_only_broken_files(tmp_path):
     _folder(tmp_path / "ds", n_good=0, n_bad=6)
     assert_user_error(vitkit("train", "--data", tmp_path / "ds", "--out", tmp_path / "run", *TINY),
-                      "6 of 6 image files")
+                      "none of the 6 image files can be read")
 
 
 def test_cluttered_folder_trains_and_lists_each_broken_file_once(tmp_path):

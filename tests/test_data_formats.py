@@ -389,6 +389,9 @@ def test_scan_counts_each_bad_file_once_and_excludes_it(tmp_path):
     loader = build_loader(tr, 10, train=False, transform=EvalTransform(8, crop_pct=1.0))
     assert sum(int(b["skipped"].sum()) for b in loader) == 0 and loader.skips.skipped == 0
     # The threshold is judged on the whole dataset: 3 of 100 is over 2%.
+    only_bad = str(_tree_with_bad(tmp_path / "bad", n_good=0, bad=BAD))
+    with pytest.raises(DataError, match="none of the 3 image files can be read"):  # whatever the threshold
+        scan_files([build_dataset(only_bad, s, val_fraction=0.5) for s in ("train", "val")], max_bad_fraction=1.0)
     with pytest.raises(DataError, match=r"3 of 100 image files \(3.0%\).*data.max_bad_fraction=0.02"):
         scan_files([tr.__class__(tr.source, [0] * len(tr.source), ["a"]), va], max_bad_fraction=0.02)
 

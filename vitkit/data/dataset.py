@@ -172,10 +172,10 @@ class ImageDataset(Dataset):
     def exclude(self, names) -> ImageDataset:
         """Leave out the items whose source name is in ``names`` (broken files); they go to ``bad_files``."""
         names = set(names)
-        keep = [k for k, j in enumerate(self.indices) if self.source.name(j) not in names]
-        self.bad_files = sorted(self.bad_files + [self.source.name(j) for j in self.indices if self.source.name(j) in names])
-        self.indices = [self.indices[k] for k in keep]
-        self.targets = [self.targets[k] for k in keep]
+        is_bad = [self.source.name(j) in names for j in self.indices]
+        self.bad_files = sorted(self.bad_files + [self.source.name(j) for j, b in zip(self.indices, is_bad) if b])
+        self.indices = [j for j, b in zip(self.indices, is_bad) if not b]
+        self.targets = [y for y, b in zip(self.targets, is_bad) if not b]
         return self
 
     def __len__(self) -> int:

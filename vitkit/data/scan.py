@@ -65,7 +65,7 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
     when there are more than ``max_files`` files (they are counted during training instead).
 
     Raises:
-        DataError: more than ``max_bad_fraction`` of the files are broken.
+        DataError: more than ``max_bad_fraction`` of the files are broken, or all of them.
     """
     items: dict[str, tuple] = {}
     for ds in datasets:
@@ -81,12 +81,16 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
         results = list(pool.map(lambda it: _check(*it), items.values(), chunksize=64))
     report = ScanReport(scanned=len(items), bad={name: why for name, why in results if why is not None})
     n_bad = len(report.bad)
-    if n_bad and n_bad / report.scanned > max_bad_fraction:
-        shown = "\n  ".join(report.lines()[:5])
-        more = f"\n  ... and {n_bad - 5} more" if n_bad > 5 else ""
+    shown = "\n  ".join(report.lines()[:5]) + (f"\n  ... and {n_bad - 5} more" if n_bad > 5 else "")
+    if n_bad and n_bad == report.scanned:
+        raise DataError(
+            f"none of the {n_bad} image files can be read:\n  {shown}\nCheck that the path holds the images "
+            "you meant (re-copy or re-download them)"
+        )
+    if n_bad / report.scanned > max_bad_fraction:
         raise DataError(
             f"{n_bad} of {report.scanned} image files ({n_bad / report.scanned:.1%}) cannot be read, more than "
-            f"data.max_bad_fraction={max_bad_fraction}:\n  {shown}{more}\n"
+            f"data.max_bad_fraction={max_bad_fraction}:\n  {shown}\n"
             "Delete or fix these files, or raise the threshold (e.g. data.max_bad_fraction=0.2) to train "
             "without them."
         )
