@@ -12,7 +12,7 @@ import yaml
 
 from vitkit.cli.main import main
 from vitkit.errors import ConfigError, RunDirError
-from vitkit.rundir import check_resume_config, prepare_out_dir, schedule_changes
+from vitkit.rundir import check_resume_config, prepare_out_dir, saved_config, schedule_changes
 
 # One tiny epoch: 256 shapes images, 8 steps of 32 at 32 px, in full precision.
 TINY = [
@@ -145,6 +145,15 @@ def test_out_with_a_run_needs_resume_or_force(trained, tmp_path, capsys):
     n_new = len((run / "metrics.jsonl").read_text().splitlines())
     assert n_new == len((first / "metrics.jsonl").read_text().splitlines()) > 0
     assert (run / "notes.md").read_text() == "mine"
+
+
+def test_saved_config_of_what_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000004").mkdir(parents=True)
+    (run / "config.yaml").write_text("engine: {}\n")
+    assert saved_config(True, run) == saved_config(str(run / "checkpoints" / "step_000004"), tmp_path / "new") \
+        == run / "config.yaml"
+    assert saved_config(False, run) is None and saved_config(True, tmp_path / "fresh") is None
 
 
 def test_prepare_out_dir_unwritable(tmp_path):

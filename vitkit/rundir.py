@@ -112,6 +112,17 @@ def schedule_changes(saved: dict, new: dict) -> list[str]:
     ]
 
 
+def saved_config(resume: bool | str, out: str | Path) -> Path | None:
+    """The ``config.yaml`` of the run that ``resume`` continues (``True``: the one in ``out``), if any."""
+    if not resume:
+        return None
+    base = Path(out) if resume is True else Path(resume)
+    if base.parent.name == "checkpoints":  # a checkpoint directory: its run is two levels up
+        base = base.parent.parent
+    path = base / "config.yaml"
+    return path if path.is_file() else None
+
+
 def check_resume_config(saved: dict, new: dict, *, reschedule: bool = False) -> list[str]:
     """Refuse schedule changes on resume unless ``reschedule``; returns the changes.
 

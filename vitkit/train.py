@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from .config import TrainConfig, save_config, to_dict
@@ -36,7 +37,7 @@ from .engine import Trainer
 from .engine.distributed import init_distributed
 from .models import create_model, get_model_card
 from .objectives import Supervised
-from .rundir import prepare_out_dir
+from .rundir import check_resume_config, prepare_out_dir, saved_config
 
 
 @dataclass
@@ -183,19 +184,28 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     return trainer, run_info
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True, force: bool = False) -> dict:
+def train(
+    cfg: TrainConfig, resume: bool | str = False, verbose: bool = True, force: bool = False, reschedule: bool = False
+) -> dict:
     """Train as configured; returns the summary (also written to ``<out>/summary.json``).
 
     The run directory gets ``config.yaml``, ``run.json`` (model, classes, preprocessing),
     ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots, ``bad_files.txt`` (the
     broken images left out, if any) and, at the end, ``model.safetensors`` (the final weights
     with their config and class names). A directory that already holds a run needs ``resume``
-    (continue it) or ``force`` (delete its files and start over).
+    (continue it) or ``force`` (delete its files and start over). A resumed run refuses changes
+    to the keys that shape the lr schedule unless ``reschedule`` (see :mod:`vitkit.rundir`).
     """
     torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
     # --- run directory checks (issue 7) ---
+    is_main = init_distributed().is_main
+    saved = saved_config(resume, cfg.engine.out_dir)
+    if saved is not None:
+        changes = check_resume_config(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), reschedule=reschedule)
+        if changes and verbose and is_main:
+            print(f"--reschedule: the lr schedule is re-stretched from the current step ({'; '.join(changes)})")
     if cfg.engine.out_dir != "runs/default":
-        removed = prepare_out_dir(cfg.engine.out_dir, resume=resume, force=force, is_main=init_distributed().is_main)
+        removed = prepare_out_dir(cfg.engine.out_dir, resume=resume, force=force, is_main=is_main)
         if removed and verbose:
             print(f"--force: deleted the previous run's {', '.join(removed)} in {cfg.engine.out_dir}")
     # --- end run directory checks ---

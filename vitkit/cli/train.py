@@ -89,15 +89,13 @@ def run_train(args: argparse.Namespace) -> int:
     flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
-    if base_run is not None:
-        _check_schedule(base_run, cfg, args.reschedule)
     if args.show_config:
         if int(os.environ.get("RANK", 0)) == 0:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return 0
     is_main = init_distributed().is_main
     try:
-        summary = train(cfg, resume=resume, force=args.force)
+        summary = train(cfg, resume=resume, force=args.force, reschedule=args.reschedule)
     except BaseException:
         shutdown_distributed(wait=False)
         raise
@@ -105,18 +103,6 @@ def run_train(args: argparse.Namespace) -> int:
     if is_main:
         print(format_summary(summary, cfg.data.path))
     return 0
-
-
-def _check_schedule(base_run: Path, cfg, reschedule: bool) -> None:
-    import yaml
-
-    from ..config import to_dict
-    from ..rundir import check_resume_config
-
-    saved = yaml.safe_load((base_run / "config.yaml").read_text()) or {}
-    changes = check_resume_config(saved, to_dict(cfg), reschedule=reschedule)
-    if changes and int(os.environ.get("RANK", 0)) == 0:
-        print(f"--reschedule: the lr schedule is re-stretched from the current step ({'; '.join(changes)})")
 
 
 def _pct(v: float | None) -> str:
