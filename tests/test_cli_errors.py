@@ -246,14 +246,12 @@ def test_device_cuda_without_cuda(tmp_path):
 # ---- the CLI's own contract ------------------------------------------------------------------------------
 
 
-def test_debug_shows_the_traceback_and_bugs_say_so(tmp_path):
+def test_debug_shows_the_traceback(tmp_path):
     r = vitkit("--debug", "train", "--data", tmp_path / "nope", *TINY)
     assert r.returncode == 1 and "Traceback" in r.stderr and "PathNotFoundError" in r.stderr
-    # An unexpected exception is reported as a bug with its log file (the model constructor is fed a bad type).
-    r = vitkit("train", "--data", "shapes:64", "--out", tmp_path / "run", *TINY, "model.args.depth=x")
-    assert r.returncode == 1 and "internal error (a bug)" in r.stderr and "Traceback" not in r.stderr
-    log = r.stderr.split("the traceback is in ")[1].split(";")[0]
-    assert "Traceback" in open(log).read()
+    # Bad model arguments from the config are a user error too.
+    assert_user_error(vitkit("train", "--data", "shapes:64", "--out", tmp_path / "run", *TINY, "model.args.depth=x"),
+                      "model.args={'depth': 'x'}")
 
 
 # ---- in-process: paths the subprocess tests cannot reach -------------------------------------------------
@@ -269,6 +267,23 @@ def test_keyboard_interrupt_exits_130_with_one_line(monkeypatch, capsys):
     monkeypatch.setattr(models_cmd, "run_models", interrupted)
     assert main(["models"]) == 130
     assert capsys.readouterr().err.strip() == "vitkit models: interrupted"
+
+
+def test_a_bug_says_so_and_leaves_its_traceback_in_a_log(monkeypatch, capsys, tmp_path):
+    import vitkit.cli.models as models_cmd
+    from vitkit.cli.main import main
+
+    def buggy(args):
+        raise RuntimeError("index out of whack")
+
+    monkeypatch.setattr(models_cmd, "run_models", buggy)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vitkit models: internal error (a bug): RuntimeError: index out of whack; the traceback is in ")
+    assert "please report it" in err and "Traceback" not in err
+    log = err.split("the traceback is in ")[1].split(";")[0]
+    assert log.startswith(str(tmp_path)) and "index out of whack" in open(log).read()
 
 
 def test_hub_http_error_is_a_weights_error(monkeypatch):

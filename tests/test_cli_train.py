@@ -64,6 +64,10 @@ def test_show_config_prints_yaml_and_trains_nothing(tmp_path, monkeypatch, capsy
         ("engine.epochs=abc", "engine.epochs"),  # wrong type
         ("data.batch_size=0", "data.batch_size"),  # fails validation
         ("epochs", "key=value"),  # not an override
+        ("engine.nonfinite=ignore", "engine.nonfinite must be one of stop, skip"),  # the engine would refuse it late
+        ("schedule.name=cos", "schedule.name"),
+        ("data.auto_augment=rand-m99", "data.auto_augment"),
+        ("engine.device=gpu", "engine.device"),
     ],
 )
 def test_bad_override_exits_2_naming_the_key(override, expect, tmp_path, monkeypatch, capsys):

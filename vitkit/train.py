@@ -35,6 +35,7 @@ from .data import (
 )
 from .engine import Trainer
 from .engine.distributed import init_distributed
+from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import Supervised
 from .rundir import check_resume_config, prepare_out_dir, saved_config
@@ -97,10 +98,17 @@ class TrainAugment(nn.Module):
 
 
 def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> nn.Module:
-    model = create_model(
-        choice.name, num_classes=choice.num_classes, img_size=choice.img_size, in_chans=choice.in_chans,
-        drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.args),
-    )
+    try:
+        model = create_model(
+            choice.name, num_classes=choice.num_classes, img_size=choice.img_size, in_chans=choice.in_chans,
+            drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.args),
+        )
+    except (TypeError, ValueError) as e:  # the arguments come from the config: a user error, not a bug
+        if isinstance(e, VitkitError):
+            raise
+        raise ConfigError(
+            f"cannot build {choice.name} at {choice.img_size} px with model.args={dict(cfg.model.args)}: {e}"
+        ) from e
     if cfg.model.init:
         from .convert import load_weights
 
