@@ -196,6 +196,12 @@ def test_missing_owner_name_path_offline(tmp_path):
     assert_user_error(vitkit("predict", "runs/my-run", img, cwd=tmp_path), "no such file or folder", "runs/my-run")
 
 
+def test_too_few_images_for_one_batch(tmp_path):
+    _folder(tmp_path / "ds", n_good=12, n_bad=0)
+    assert_user_error(vitkit("train", "--data", tmp_path / "ds", "--out", tmp_path / "run", *TINY, "data.batch_size=64"),
+                      "data.batch_size=64")
+
+
 # ---- run directories -----------------------------------------------------------------------------------
 
 

@@ -164,6 +164,12 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         val_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
         seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
     )
+    if len(train_loader) < cfg.engine.accum_steps:  # a user error; found here, it is a ConfigError (issue 7)
+        raise ConfigError(
+            f"{len(train_ds)} training images make {len(train_loader)} full batches of data.batch_size={d.batch_size}"
+            f" per process, fewer than one optimizer step of engine.accum_steps={cfg.engine.accum_steps}: lower "
+            "data.batch_size (or accum_steps), or train on more images"
+        )
     mixup = None
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
