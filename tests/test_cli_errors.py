@@ -320,6 +320,14 @@ def test_hub_http_error_is_a_weights_error(monkeypatch):
         read_state_dict("someone/private-vit")
 
 
+def test_which_names_go_to_the_hub():
+    from vitkit.convert.weights import is_hub_id
+
+    assert is_hub_id("facebook/dinov2-small") and is_hub_id("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    for local in ("./owner/name", "/owner/name", "owner/name.safetensors", "runs/model.pth", "a/b/c", "~/x/y"):
+        assert not is_hub_id(local), local
+
+
 def test_create_model_with_a_missing_file_says_no_such_file():
     from vitkit import create_model
     from vitkit.errors import PathNotFoundError

@@ -171,7 +171,7 @@ def _download_hub(repo_id: str) -> Path:
                 for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
                     hf_hub_download(repo_id, shard)
             return path
-    except (OSError, ValueError) as e:  # HTTP errors, no network, offline cache misses, bad repo ids
+    except Exception as e:  # noqa: BLE001 - HTTP errors (requests or httpx), no network, cache misses, bad ids
         if constants.HF_HUB_OFFLINE:
             errors.append(f"{type(e).__name__}")
         else:
@@ -180,7 +180,7 @@ def _download_hub(repo_id: str) -> Path:
                 f"cannot fetch weights for hub repo {repo_id!r}: {type(e).__name__}: {reason}. Check the id "
                 "(https://huggingface.co/" + repo_id + "), your network, or set HF_HUB_OFFLINE=1 to use only "
                 "the local cache; if you meant a local path, no such file or folder exists"
-            ) from None
+            ) from e
     if constants.HF_HUB_OFFLINE:
         raise PathNotFoundError(
             f"no such file or folder: {repo_id!r}, and no weights for it in the hub cache "
