@@ -125,7 +125,7 @@ def test_folder_with_10_percent_broken_files(tmp_path):
     assert len(listing.splitlines()) == 6
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_files"] == 6 and len(summary["bad_files"]) == 6
-    assert "checked 60 image files" in r.stdout
+    assert "checked 60 image files" in r.stdout and "left out 6 broken image files" in r.stdout
 
 
 def test_folder_of_only_broken_files(tmp_path):

@@ -115,6 +115,8 @@ def format_summary(summary: dict, data: str) -> str:
         f"done ({summary['stopped']}): val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}, "
         f"{summary['steps']} steps in {summary['wall_s']:.1f} s",
         f"run dir: {run}",
+        *([f"left out {summary['skipped_files']} broken image files, listed in {run}/bad_files.txt"]
+          if summary.get("skipped_files") else []),
         "next:",
         f"  vitkit eval {run} --data {data}",
         f"  vitkit predict {run} IMAGE",
