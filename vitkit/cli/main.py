@@ -83,7 +83,8 @@ def _write_traceback(args: argparse.Namespace) -> str:
     text = traceback.format_exc()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     candidates = []
-    out = getattr(args, "out", None)
+    cfg = getattr(args, "cfg", None)
+    out = cfg.engine.out_dir if cfg is not None else getattr(args, "out", None)
     if out and Path(out).is_dir():
         candidates.append(Path(out) / "error.log")
     candidates.append(Path(tempfile.gettempdir()) / f"vitkit-{args.command}-{stamp}-{os.getpid()}.log")

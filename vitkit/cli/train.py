@@ -89,6 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
     flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
+    args.cfg = cfg  # train() fills in the run dir; the CLI puts a bug's traceback there
     if args.show_config:
         if int(os.environ.get("RANK", 0)) == 0:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
