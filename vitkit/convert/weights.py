@@ -267,8 +267,15 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, verbose: bool
     notes: list[str] = []
     sd = unwrap(raw, notes)
     fmt = detect_format(sd)
-    sd = FORMATS[fmt][1](sd, notes)
-    sd, log = adapt_to_model(sd, model)
+    try:
+        sd = FORMATS[fmt][1](sd, notes)
+        sd, log = adapt_to_model(sd, model)
+    except ValueError as e:  # the converters and adapters name what does not fit; say which checkpoint
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(
+            f"checkpoint {where} (detected format: {fmt}) cannot be fitted to {type(model).__name__}: {e}"
+        ) from e
     target = model.state_dict()
     missing = sorted(set(target) - set(sd))
     unexpected = sorted(set(sd) - set(target))
