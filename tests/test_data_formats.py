@@ -483,3 +483,18 @@ def test_webdataset_set_epoch_reshuffles_shards(tmp_path):
         order.setdefault(epoch, []).append([key.split("_")[0] for key, *_ in ds.samples()])
     assert order[0][0] == order[0][1] and order[0][0] != order[1][0]
     assert sorted(order[0][0]) == sorted(order[1][0])
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_cifar_batches_of_any_pickle_protocol_load(tmp_path, protocol):
+    """Python 2 era batches (protocol 2, bytes via _codecs) and new ones (out-of-band-capable 5) alike."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    data = np.arange(2 * 3072, dtype=np.uint64).astype(np.uint8).reshape(2, 3072)
+    for name in ("data_batch_1", "test_batch"):
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": b"batch", b"data": data, b"labels": [3, 1], b"filenames": [b"a", b"b"]}, f,
+                        protocol=protocol)
+    ds = build_dataset(str(tmp_path), "train")
+    assert ds.targets == [3, 1]
+    np.testing.assert_array_equal(np.asarray(ds[1][0])[..., 0].ravel(), data[1, :1024])
