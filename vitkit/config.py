@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
-from .errors import ConfigError
+from .errors import ConfigError, PathNotFoundError
 
 
 @dataclass
@@ -88,7 +88,7 @@ def recipe_path(recipe: str) -> Path:
     packaged = resources.files("vitkit") / "recipes" / name
     if packaged.is_file():
         return Path(str(packaged))
-    raise FileNotFoundError(f"no recipe {recipe!r}: not a YAML file, and not one of {list_recipes()}")
+    raise PathNotFoundError(f"no recipe {recipe!r}: not a YAML file, and not one of {list_recipes()}")
 
 
 def list_recipes() -> list[str]:
@@ -119,12 +119,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         layers.append(OmegaConf.load(recipe_path(recipe)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ValueError(f"overrides must look like key=value (e.g. engine.epochs=10), got {bad}")
+        raise ConfigError(f"overrides must look like key=value (e.g. engine.epochs=10), got {bad}")
     layers.append(OmegaConf.from_dotlist(list(overrides)))
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
-        raise ValueError(_config_error(e)) from None
+        raise ConfigError(_config_error(e)) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -139,26 +139,71 @@ def _config_error(e: OmegaConfBaseException) -> str:
 
 
 def validate(cfg: TrainConfig) -> None:
+    _validate_choices(cfg)
     d, e = cfg.data, cfg.engine
     if d.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
     if not 0 < d.scale_min <= 1:
-        raise ValueError(f"data.scale_min must be in (0, 1], got {d.scale_min}")
+        raise ConfigError(f"data.scale_min must be in (0, 1], got {d.scale_min}")
     if not 0 <= d.val_fraction < 1:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if d.re_mode not in ("pixel", "const"):
         raise ConfigError(f"data.re_mode must be pixel or const, got {d.re_mode!r}")
-    if d.auto_augment:
-        from .data.rand_augment import parse_rand_augment
-
-        parse_rand_augment(d.auto_augment)  # a malformed spec fails here, not in a loader worker
     if e.epochs < 1:
-        raise ValueError(f"engine.epochs must be >= 1, got {e.epochs}")
+        raise ConfigError(f"engine.epochs must be >= 1, got {e.epochs}")
     if e.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ValueError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+        raise ConfigError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
     from .objectives import objective_config
 
     objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys
+
+
+# (key, allowed values) of the string choices; checked here so a typo fails before any work.
+_CHOICES = (
+    ("engine.nonfinite", ("stop", "skip")),
+    ("schedule.name", ("cosine", "onecycle", "constant")),
+    ("optim.name", ("adamw", "sgd")),
+)
+
+
+def _get(cfg: TrainConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _validate_choices(cfg: TrainConfig) -> None:
+    """Ranges and choices the engine and the data pipeline would otherwise reject mid-setup."""
+    from .data.rand_augment import parse_rand_augment
+
+    for key, allowed in _CHOICES:
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
+    d, e = cfg.data, cfg.engine
+    if e.device != "auto" and e.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"engine.device must be auto, cpu or cuda (or cuda:N), got {e.device!r}")
+    checks = (
+        ("engine.accum_steps", e.accum_steps >= 1, ">= 1"),
+        ("engine.eval_every", e.eval_every >= 1, ">= 1"),
+        ("engine.ema_decay", e.ema_decay is None or 0 <= e.ema_decay <= 1, "in [0, 1]"),
+        ("data.img_size", d.img_size is None or d.img_size > 0, "positive"),
+        ("data.in_chans", d.in_chans in (None, 1, 3), "1 or 3"),
+        ("data.num_classes", d.num_classes is None or d.num_classes >= 1, ">= 1"),
+        ("data.crop_pct", d.crop_pct is None or 0 < d.crop_pct <= 1, "in (0, 1]"),
+        ("data.mixup", d.mixup >= 0, ">= 0"),
+        ("data.cutmix", d.cutmix >= 0, ">= 0"),
+        ("data.label_smoothing", 0 <= d.label_smoothing < 1, "in [0, 1)"),
+        ("data.max_bad_fraction", 0 <= d.max_bad_fraction <= 1, "in [0, 1]"),
+        ("data.repeated_aug", d.repeated_aug >= 0, ">= 0"),
+        ("optim.lr", cfg.optim.lr > 0, "> 0"),
+    )
+    for key, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}, got {_get(cfg, key)!r}")
+    if d.auto_augment:
+        try:
+            parse_rand_augment(d.auto_augment)
+        except ValueError as err:
+            raise ConfigError(f"data.auto_augment: {err}") from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
 from .objectives.supervised import topk_correct
 from .predict import LoadedModel, load_model
 
@@ -44,14 +45,14 @@ def class_mapping(data_classes: list[str], model_labels: tuple[str, ...], num_cl
         unknown = [c for c in data_classes if c not in model_labels]
         if not unknown:
             return [model_labels.index(c) for c in data_classes]
-        raise ValueError(
+        raise DataError(
             f"the data's classes do not match the model's: {len(unknown)} of the data's {len(data_classes)} classes "
             f"are not among the model's {num_classes} labels (e.g. {unknown[:5]}; model labels: "
             f"{list(model_labels[:10])}{' ...' if len(model_labels) > 10 else ''}). Evaluate on data with the "
             "classes the model was trained on, or fine-tune it on these (vitkit train --init WEIGHTS --data PATH)"
         )
     if data_classes and len(data_classes) != num_classes:
-        raise ValueError(
+        raise DataError(
             f"the data has {len(data_classes)} classes but the model predicts {num_classes}, and class names are "
             "missing on one side to match them by: evaluate on data with the model's classes, or fine-tune it "
             "on these (vitkit train --init WEIGHTS --data PATH)"
@@ -108,13 +109,13 @@ def evaluate(
     for batch in loader:
         labels = batch["label"] if remap is None else remap[batch["label"]]  # (B,) in the model's classes
         if int(labels.max()) >= k:
-            raise ValueError(f"the data has label {int(labels.max())} but the model predicts only {k} classes")
+            raise DataError(f"the data has label {int(labels.max())} but the model predicts only {k} classes")
         logits = lm.logits(batch["image"]).cpu()  # (B, k)
         top5_hits += int(topk_correct(logits, labels, 5).sum())
         confusion += torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).view(k, k)
     n = int(confusion.sum())
     if n == 0:
-        raise ValueError(f"split {split!r} of {data} has no images to evaluate")
+        raise DataError(f"split {split!r} of {data} has no images to evaluate")
     cm = confusion.numpy()
     per_true = cm.sum(1)
     result = {

@@ -27,6 +27,7 @@ from torch import nn
 
 from .data import BadImageError, EvalTransform, Normalize, decode_image
 from .engine.checkpoint import STATE_FILE, find_latest
+from .errors import ConfigError, DataError, PathNotFoundError, RunDirError, WeightsError
 
 _WEIGHTS = "model.safetensors"
 
@@ -75,10 +76,9 @@ def _saved_model_name(path: Path) -> str | None:
     """The ``model_name`` that ``save_weights`` stores in a safetensors file, or None."""
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
+    from .convert.weights import read_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("model_name") or None
+    return read_metadata(path).get("model_name") or None
 
 
 def _owning_run(path: Path) -> Path | None:
@@ -93,8 +93,8 @@ def _checkpoint_file(ckpt: Path, use_ema: bool) -> Path:
     name = "ema.safetensors" if use_ema else _WEIGHTS
     if not (ckpt / name).is_file():
         if use_ema:
-            raise ValueError(f"{ckpt} has no EMA weights: the run was trained without engine.ema_decay")
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {name}")
+            raise RunDirError(f"{ckpt} has no EMA weights: the run was trained without engine.ema_decay")
+        raise PathNotFoundError(f"checkpoint {ckpt} has no {name}")
     return ckpt / name
 
 
@@ -102,10 +102,10 @@ def _resolve(source: str | os.PathLike, use_ema: bool) -> tuple[Path, Path | Non
     """source -> (weights file, run directory or None)."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{source} does not exist: pass a vitkit run directory or a .safetensors weights file")
+        raise PathNotFoundError(f"no such file or folder: {source}: pass a vitkit run directory or a .safetensors weights file")
     if path.is_file():
         if use_ema:
-            raise ValueError(f"EMA weights live in a run's checkpoints; {path} is a single weights file")
+            raise ConfigError(f"EMA weights live in a run's checkpoints; {path} is a single weights file")
         return path, _owning_run(path)
     if (path / "run.json").is_file():
         if (path / _WEIGHTS).is_file() and not use_ema:
@@ -114,7 +114,7 @@ def _resolve(source: str | os.PathLike, use_ema: bool) -> tuple[Path, Path | Non
         best = path / "checkpoints" / "best"
         ckpt = find_latest(path) if (path / _WEIGHTS).is_file() or not best.is_dir() else best
         if ckpt is None:
-            raise FileNotFoundError(
+            raise RunDirError(
                 f"run {path} has no {_WEIGHTS} and no checkpoint yet: train it (vitkit train --resume --out {path})"
             )
         return _checkpoint_file(ckpt, use_ema), path
@@ -122,7 +122,7 @@ def _resolve(source: str | os.PathLike, use_ema: bool) -> tuple[Path, Path | Non
         return _checkpoint_file(path, use_ema), _owning_run(path)
     if (path / _WEIGHTS).is_file() and not use_ema:
         return path / _WEIGHTS, None
-    raise ValueError(
+    raise RunDirError(
         f"{path} is not a vitkit run directory (no run.json), a checkpoint directory (no {STATE_FILE}) "
         f"or a folder with {_WEIGHTS}"
     )
@@ -156,7 +156,7 @@ def load_model(
             model.card, labels=tuple(run["classes"]), mean=tuple(run["mean"]), std=tuple(run["std"])
         )
     else:
-        raise ValueError(
+        raise WeightsError(
             f"{weights} holds no model config (it was not written by save_weights) and no run.json sits above it: "
             "pass the run directory, or build the model with vitkit.create_model(name) and vitkit.load_weights"
         )
@@ -187,7 +187,7 @@ def _read_image(image: str | os.PathLike | Image.Image, in_chans: int) -> Image.
     try:
         return decode_image(str(image), in_chans, name=str(image))
     except BadImageError as e:
-        raise ValueError(f"cannot read image {e}") from None
+        raise DataError(f"cannot read image {e}") from None
 
 
 def predict(
@@ -211,11 +211,11 @@ def predict(
         or class indices as strings when it carries none.
     """
     if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+        raise ConfigError(f"topk must be >= 1, got {topk}")
     lm = source if isinstance(source, LoadedModel) else load_model(source)
     for image in images:
         if not isinstance(image, Image.Image) and not Path(image).is_file():
-            raise FileNotFoundError(f"image {image} does not exist")
+            raise PathNotFoundError(f"no such file: image {image}")
     labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
     k = min(topk, lm.num_classes)
     results = []

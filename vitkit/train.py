@@ -12,10 +12,12 @@ import datetime as _dt
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from .config import TrainConfig, save_config, to_dict
@@ -29,11 +31,14 @@ from .data import (
     build_dataset,
     build_loader,
     inspect_dataset,
+    scan_path,
 )
 from .engine import Trainer
 from .engine.distributed import init_distributed
+from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
+from .rundir import check_resume_config, prepare_out_dir, saved_config
 
 
 @dataclass
@@ -93,10 +98,17 @@ class TrainAugment(nn.Module):
 
 
 def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> nn.Module:
-    model = create_model(
-        choice.name, num_classes=choice.num_classes, img_size=choice.img_size, in_chans=choice.in_chans,
-        drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.args),
-    )
+    try:
+        model = create_model(
+            choice.name, num_classes=choice.num_classes, img_size=choice.img_size, in_chans=choice.in_chans,
+            drop_path_rate=cfg.model.drop_path_rate, **dict(cfg.model.args),
+        )
+    except (TypeError, ValueError) as e:  # the arguments come from the config: a user error, not a bug
+        if isinstance(e, VitkitError):
+            raise
+        raise ConfigError(
+            f"cannot build {choice.name} at {choice.img_size} px with model.args={dict(cfg.model.args)}: {e}"
+        ) from e
     if cfg.model.init:
         from .convert import load_weights
 
@@ -110,6 +122,13 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     """Everything :func:`train` needs, without training: returns (trainer, run info)."""
     dist = init_distributed()
     d = cfg.data
+    # --- broken files: found and judged before training, then left out (issue 7) ---
+    t0 = time.perf_counter()
+    scan = scan_path(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, max_bad_fraction=d.max_bad_fraction)
+    if verbose and dist.is_main and scan is not None:
+        found = f"{len(scan.bad)} broken, left out (listed in bad_files.txt)" if scan.bad else "none broken"
+        print(f"checked {scan.scanned} image files in {time.perf_counter() - t0:.1f} s: {found}")
+    # --- end broken files ---
     info = inspect_dataset(d.path, seed=cfg.engine.seed)
     choice = choose_model(cfg, info)
     if verbose and dist.is_main:
@@ -124,6 +143,9 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         d.path, "val", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=choice.in_chans,
         max_bad_fraction=d.max_bad_fraction,
     )
+    if scan is not None and scan.bad:  # --- broken files (issue 7) ---
+        for ds in (train_ds, val_ds):
+            ds.exclude(scan.bad_files)
     classes = list(getattr(train_ds, "classes", []) or [str(i) for i in range(choice.num_classes)])
     crop_pct = d.crop_pct or card.crop_pct
     # The saved weights carry what inference needs: class names and the eval preprocessing.
@@ -143,6 +165,12 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         val_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
         seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
     )
+    if len(train_loader) < cfg.engine.accum_steps:  # a user error; found here, it is a ConfigError (issue 7)
+        raise ConfigError(
+            f"{len(train_ds)} training images make {len(train_loader)} full batches of data.batch_size={d.batch_size}"
+            f" per process, fewer than one optimizer step of engine.accum_steps={cfg.engine.accum_steps}: lower "
+            "data.batch_size (or accum_steps), or train on more images"
+        )
     mixup = None
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
@@ -166,6 +194,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         "interpolation": card.interpolation, "val_fraction": d.val_fraction, "seed": cfg.engine.seed,
         "model_args": model.model_args,
         "objective": {"name": objective_name, **asdict(objective_cfg), "references": objective.references()},
+        "bad_files": scan.lines() if scan is not None else [],  # "name: reason", each broken file once
     }
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
@@ -175,20 +204,39 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
     return trainer, run_info
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True) -> dict:
+def train(
+    cfg: TrainConfig, resume: bool | str = False, verbose: bool = True, force: bool = False, reschedule: bool = False
+) -> dict:
     """Train as configured; returns the summary (also written to ``<out>/summary.json``).
 
     The run directory gets ``config.yaml``, ``run.json`` (model, classes, preprocessing),
-    ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots and, at the end,
-    ``model.safetensors`` (the final weights with their config and class names).
+    ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots, ``bad_files.txt`` (the
+    broken images left out, if any) and, at the end, ``model.safetensors`` (the final weights
+    with their config and class names). A directory that already holds a run needs ``resume``
+    (continue it) or ``force`` (delete its files and start over). A resumed run refuses changes
+    to the keys that shape the lr schedule unless ``reschedule`` (see :mod:`vitkit.rundir`).
     """
     torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
+    # --- run directory checks (issue 7) ---
+    is_main = init_distributed().is_main
+    saved = saved_config(resume, cfg.engine.out_dir)
+    if saved is not None:
+        changes = check_resume_config(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), reschedule=reschedule)
+        if changes and verbose and is_main:
+            print(f"--reschedule: the lr schedule is re-stretched from the current step ({'; '.join(changes)})")
+    if cfg.engine.out_dir != "runs/default":
+        removed = prepare_out_dir(cfg.engine.out_dir, resume=resume, force=force, is_main=is_main)
+        if removed and verbose:
+            print(f"--force: deleted the previous run's {', '.join(removed)} in {cfg.engine.out_dir}")
+    # --- end run directory checks ---
     trainer, run_info = build_run(cfg, verbose=verbose)
     out = Path(trainer.out_dir)
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        if run_info["bad_files"]:
+            (out / "bad_files.txt").write_text("\n".join(run_info["bad_files"]) + "\n")
         if verbose:
             print(f"run dir: {out}")
     summary = trainer.fit(resume=resume)
@@ -197,6 +245,18 @@ def train(cfg: TrainConfig, resume: bool | str = False, verbose: bool = True) ->
 
         model = trainer.objective.export_model()
         save_weights(model, out / "model.safetensors")
-        summary = {**summary, "model": run_info["model"], "out_dir": str(out)}
+        bad = _all_bad_files(run_info["bad_files"], trainer)
+        if len(bad) > len(run_info["bad_files"]):
+            (out / "bad_files.txt").write_text("\n".join(bad) + "\n")
+        summary = {**summary, "model": run_info["model"], "out_dir": str(out), "bad_files": bad,
+                   "skipped_files": len(bad)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _all_bad_files(scanned: list[str], trainer: Trainer) -> list[str]:
+    """The broken files found up front, then those met during training (streaming data), each once."""
+    lines = dict.fromkeys(scanned)
+    for loader in (trainer.train_loader, trainer.val_loader):
+        lines.update(dict.fromkeys(getattr(getattr(loader, "skips", None), "bad_files", [])))
+    return list(lines)

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from ..errors import ConfigError
 from ..models import create_model, get_model_card, list_models
 from ..models.info import count_flops, model_info
 
@@ -30,7 +31,7 @@ def _fmt_params(n: int) -> str:
 def run_models(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}; try `vitkit models` for the full list")
+        raise ConfigError(f"no model matches {args.pattern!r}; try `vitkit models` for the full list")
     print(f"{'name':40s} {'params':>9s} {'input':>11s} {'GFLOPs':>8s}")
     for name in names:
         card = get_model_card(name)

@@ -7,6 +7,8 @@ import os
 import shlex
 from pathlib import Path
 
+from ..errors import ConfigError, PathNotFoundError, RunDirError
+
 _FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("out", "engine.out_dir"), ("init", "model.init"))
 
 
@@ -28,6 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the run in --out; or from CKPT, a checkpoint or run directory. "
              "The run's config.yaml is the base, key=value overrides apply on top",
     )
+    p.add_argument("--force", action="store_true",
+                   help="--out already holds a run: delete its files (config, checkpoints, metrics...) and start over")
+    p.add_argument("--reschedule", action="store_true",
+                   help="on --resume, accept overrides that change the lr schedule (epochs, batch size, lr, ...): "
+                        "the schedule is re-stretched from the current step")
     p.add_argument("--show-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. engine.epochs=10")
     p.set_defaults(func=run_train)
@@ -43,7 +50,7 @@ def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str
         args.resume = True
     if args.resume is True:
         if not args.out:
-            raise ValueError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
+            raise ConfigError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
                              "or --resume CHECKPOINT_OR_RUN_DIR")
         if not (Path(args.out) / "config.yaml").is_file():
             # Nothing to continue yet: start the run, so one command line serves every restart of a job.
@@ -51,14 +58,14 @@ def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str
         return Path(args.out), True, args.out
     path = Path(args.resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint or run directory")
+        raise PathNotFoundError(f"--resume {path}: no such checkpoint or run directory")
     if (path / "config.yaml").is_file():  # a run directory: continue from its latest checkpoint
         if args.out and Path(args.out).resolve() != path.resolve():
             return path, str(path), args.out
         return path, True, str(path)
     run = path.parent.parent if path.parent.name == "checkpoints" else None
     if run is None or not (run / "config.yaml").is_file():
-        raise ValueError(f"--resume {path}: expected a run directory (with config.yaml) or one of its "
+        raise RunDirError(f"--resume {path}: expected a run directory (with config.yaml) or one of its "
                          "checkpoints/step_N directories")
     return run, str(path), args.out or str(run)
 
@@ -74,7 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = args.recipe
     if base_run is not None:
         if recipe:
-            raise ValueError(
+            raise ConfigError(
                 f"--recipe cannot be combined with resuming {base_run}: a resumed run keeps its config.yaml; "
                 "change settings with key=value overrides"
             )
@@ -82,6 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
     flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
+    args.cfg = cfg  # train() fills in the run dir; the CLI puts a bug's traceback there
     if args.show_config:
         if int(os.environ.get("RANK", 0)) == 0:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
@@ -91,7 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     is_main = init_distributed().is_main
     try:
-        summary = train(cfg, resume=resume)
+        summary = train(cfg, resume=resume, force=args.force, reschedule=args.reschedule)
     except BaseException:
         shutdown_distributed(wait=False)
         raise
@@ -111,8 +119,10 @@ def format_summary(summary: dict, data: str) -> str:
         f"done ({summary['stopped']}): val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}, "
         f"{summary['steps']} steps in {summary['wall_s']:.1f} s",
         f"run dir: {run}",
+        *([f"left out {summary['skipped_files']} broken image files, listed in {run}/bad_files.txt"]
+          if summary.get("skipped_files") else []),
         "next:",
         f"  vitkit eval {run} --data {data}",
         f"  vitkit predict {run} IMAGE",
-        f"  vitkit train --resume --out {run} engine.epochs=N   (train longer)",
+        f"  vitkit train --resume --reschedule --out {run} engine.epochs=N   (train longer)",
     ])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, PathNotFoundError, WeightsError
 from .adapt import adapt_to_model
 from .dinov2 import convert_dinov2, is_dinov2
 from .hf import convert_hf, is_hf
@@ -75,15 +76,30 @@ def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        if "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise _corrupt(path, e) from None
+        raise WeightsError(
             f"{path} holds Python objects that weights_only loading refuses (it would run arbitrary code): {e}. "
             "If you trust the file, load it yourself and pass the state dict, or re-save it as safetensors"
         ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise _corrupt(path, e) from None
+
+
+def _corrupt(path: Path, e: BaseException) -> WeightsError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return WeightsError(
+        f"cannot read weights file {path}: it is truncated or corrupt ({reason}). "
+        "Download or copy it again (compare its size with the original), or point at another file"
+    )
 
 
 def _read_file(path: Path) -> dict:
     if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise _corrupt(path, e) from None
         sd = {}
         for shard in sorted(set(weight_map.values())):
             sd.update(_read_file(path.parent / shard))
@@ -91,10 +107,13 @@ def _read_file(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError or OSError
+            raise _corrupt(path, e) from None
     if path.suffix in _PICKLE_SUFFIXES:
         return _torch_load(path)
-    raise ValueError(f"cannot read {path}: expected .safetensors, {'/'.join(_PICKLE_SUFFIXES)} or a folder")
+    raise WeightsError(f"cannot read {path}: expected .safetensors, {'/'.join(_PICKLE_SUFFIXES)} or a folder")
 
 
 def _read_folder(path: Path) -> dict:
@@ -105,29 +124,72 @@ def _read_folder(path: Path) -> dict:
     if len(files) == 1:
         return _read_file(files[0])
     found = ", ".join(p.name for p in files) or "no weight files"
-    raise ValueError(f"folder {path} has no {_HUB_FILES[0]} or {_HUB_FILES[2]} ({found}); pass the file to load")
+    raise WeightsError(f"folder {path} has no {_HUB_FILES[0]} or {_HUB_FILES[2]} ({found}); pass the file to load")
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` asks for the hub cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# File suffixes that mark a name as a local path even when it is shaped like ``owner/name``.
+_FILE_SUFFIXES = (*_PICKLE_SUFFIXES, ".safetensors", ".json", ".npz", ".h5", ".onnx", ".yaml", ".yml")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a name that is not a local file could be a hub repo id (``owner/name``, no file suffix)."""
+    s = str(source)
+    if s.startswith(("./", "../", "/", "~", ".\\")) or s.lower().endswith(_FILE_SUFFIXES):
+        return False
+    return bool(_REPO_ID.match(s.removeprefix("hf-hub:")))
 
 
 def _download_hub(repo_id: str) -> Path:
     """Resolve a hub repo to a local weights file through the hub cache (works offline once cached)."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+    except ImportError:
+        if hub_offline():
+            raise PathNotFoundError(
+                f"no such file or folder: {repo_id!r} (HF_HUB_OFFLINE is set, so it is not looked up on the hub)"
+            ) from None
+        raise WeightsError(
+            f"{repo_id!r} is not a local file or folder, and loading it from the Hugging Face hub needs "
+            "huggingface_hub (pip install huggingface_hub); if you meant a local path, check the spelling"
+        ) from None
 
     errors = []
-    for name in _HUB_FILES:
-        try:
-            path = Path(hf_hub_download(repo_id, name))
-        except EntryNotFoundError as e:
-            errors.append(f"{name}: {type(e).__name__}")
-            continue
-        if name.endswith(".index.json"):
-            for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
-                hf_hub_download(repo_id, shard)
-        return path
-    offline = " (HF_HUB_OFFLINE is set: the files must already be in the cache)" if constants.HF_HUB_OFFLINE else ""
-    raise FileNotFoundError(
-        f"no weights found for hub repo {repo_id!r}{offline}; cache {constants.HF_HUB_CACHE}; tried "
-        + "; ".join(errors)
+    try:
+        for name in _HUB_FILES:
+            try:
+                path = Path(hf_hub_download(repo_id, name))
+            except EntryNotFoundError as e:
+                errors.append(f"{name}: {type(e).__name__}")
+                continue
+            if name.endswith(".index.json"):
+                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                    hf_hub_download(repo_id, shard)
+            return path
+    except Exception as e:  # noqa: BLE001 - HTTP errors (requests or httpx), no network, cache misses, bad ids
+        if constants.HF_HUB_OFFLINE:
+            errors.append(f"{type(e).__name__}")
+        else:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WeightsError(
+                f"cannot fetch weights for hub repo {repo_id!r}: {type(e).__name__}: {reason}. Check the id "
+                "(https://huggingface.co/" + repo_id + "), your network, or set HF_HUB_OFFLINE=1 to use only "
+                "the local cache; if you meant a local path, no such file or folder exists"
+            ) from e
+    if constants.HF_HUB_OFFLINE:
+        raise PathNotFoundError(
+            f"no such file or folder: {repo_id!r}, and no weights for it in the hub cache "
+            f"{constants.HF_HUB_CACHE} (HF_HUB_OFFLINE is set: the files must already be in the cache); "
+            "tried " + "; ".join(errors)
+        )
+    raise WeightsError(
+        f"no weights found for hub repo {repo_id!r} (tried {'; '.join(errors)}): the repo has no "
+        f"{' or '.join(_HUB_FILES[::2])}; check the id"
     )
 
 
@@ -136,16 +198,19 @@ def read_state_dict(source) -> tuple[dict, str]:
     if isinstance(source, Mapping):
         return dict(source), "state dict"
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a path, a hub repo id or a state dict, got {type(source).__name__}")
+        raise ConfigError(f"source must be a path, a hub repo id or a state dict, got {type(source).__name__}")
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path), str(path)
     if path.is_dir():
         return _read_folder(path), str(path)
     repo_id = str(source).removeprefix("hf-hub:")
-    if _REPO_ID.match(repo_id):
+    if is_hub_id(str(source)):
         return _read_file(_download_hub(repo_id)), f"hub:{repo_id}"
-    raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub repo id ('owner/name')")
+    raise PathNotFoundError(
+        f"no such file or folder: {str(source)!r} (it is neither an existing file or folder nor a hub repo id "
+        "'owner/name'); check the path"
+    )
 
 
 def unwrap(obj: dict, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -176,7 +241,7 @@ def detect_format(state_dict: Mapping[str, torch.Tensor]) -> str:
     for name, (test, _) in FORMATS.items():
         if test(state_dict):
             return name
-    raise ValueError(
+    raise WeightsError(
         f"unknown checkpoint format; first keys: {_first(list(state_dict), 8)}. Supported: timm/DeiT ViT, "
         "HF transformers ViT/DeiT/DINOv2, official DINOv2 and MAE. Rename the keys to timm's ViT names "
         "(patch_embed.proj, blocks.N.attn.qkv, ...) and pass the state dict"
@@ -202,8 +267,15 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, verbose: bool
     notes: list[str] = []
     sd = unwrap(raw, notes)
     fmt = detect_format(sd)
-    sd = FORMATS[fmt][1](sd, notes)
-    sd, log = adapt_to_model(sd, model)
+    try:
+        sd = FORMATS[fmt][1](sd, notes)
+        sd, log = adapt_to_model(sd, model)
+    except ValueError as e:  # the converters and adapters name what does not fit; say which checkpoint
+        if isinstance(e, WeightsError):
+            raise
+        raise WeightsError(
+            f"checkpoint {where} (detected format: {fmt}) cannot be fitted to {type(model).__name__}: {e}"
+        ) from e
     target = model.state_dict()
     missing = sorted(set(target) - set(sd))
     unexpected = sorted(set(sd) - set(target))
@@ -217,7 +289,7 @@ def load_weights(model: nn.Module, source, *, strict: bool = True, verbose: bool
         if mismatched:
             shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}" for k in mismatched]
             problems.append(f"shape mismatch: {_first(shapes)}")
-        raise ValueError(
+        raise WeightsError(
             f"checkpoint {where} (detected format: {fmt}) does not fit {type(model).__name__}: "
             + "; ".join(problems)
             + ". Check that the model variant matches the checkpoint (depth, width, tokens), or pass strict=False"
@@ -259,7 +331,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"save_weights writes safetensors; name the file *.safetensors, got {path.name}")
+        raise ConfigError(f"save_weights writes safetensors; name the file *.safetensors, got {path.name}")
     card = getattr(model, "card", None)
     try:
         metadata = {
@@ -269,7 +341,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
             "card": json.dumps(card.to_dict() if card is not None else {}),
         }
     except TypeError as e:
-        raise ValueError(f"model_args must be JSON serialisable to be saved with the weights: {e}") from e
+        raise ConfigError(f"model_args must be JSON serialisable to be saved with the weights: {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp_{path.name}.{os.getpid()}")
     try:
@@ -280,6 +352,17 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (``save_weights`` stores the model config there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise _corrupt(Path(path), e) from None
 
 
 def model_from_file(
@@ -294,14 +377,11 @@ def model_from_file(
     Overrides change the architecture before loading; the weights adapt (a new ``img_size``
     resamples the position embedding, a new ``num_classes`` starts a fresh head).
     """
-    from safetensors import safe_open
-
     from ..models import create_model
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     if not meta.get("model_name"):
-        raise ValueError(
+        raise WeightsError(
             f"{path} has no vitkit metadata (it was not written by save_weights); build the model with "
             "vitkit.create_model(name) and call vitkit.load_weights(model, path)"
         )

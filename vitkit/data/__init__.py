@@ -11,6 +11,7 @@ from .loader import ImageLoader, build_loader, collate, sample_rng
 from .mix import Mixup, cutmix_box, smooth_one_hot
 from .rand_augment import RandAugment, parse_rand_augment
 from .samplers import RepeatAugSampler, ResumableSampler
+from .scan import ScanReport, is_system_path, scan_files, scan_path
 from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
 from .skips import SkipCounter
 from .transforms import EvalTransform, TrainTransform, pil_to_uint8
@@ -34,6 +35,7 @@ __all__ = [
     "RepeatAugSampler",
     "ResumableSampler",
     "SUPPORTED",
+    "ScanReport",
     "ShapesDataset",
     "SkipCounter",
     "TrainTransform",
@@ -45,12 +47,15 @@ __all__ = [
     "decode_image",
     "expand_shards",
     "inspect_dataset",
+    "is_system_path",
     "parse_rand_augment",
     "pil_to_uint8",
     "random_erase",
     "read_idx",
     "render_shape",
     "sample_rng",
+    "scan_files",
+    "scan_path",
     "smooth_one_hot",
     "stratified_split",
     "to_channels",

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import random
 import tarfile
+import threading
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError
 from .images import BadImageError, decode_image
 from .skips import SkipCounter
 
@@ -25,6 +27,8 @@ _MAX_REPLACEMENTS = 100
 
 class FileSource:
     """Images stored as individual files on disk."""
+
+    scannable = True  # worth a decode scan before training (see vitkit.data.scan)
 
     def __init__(self, paths: list[str]):
         self.paths = paths
@@ -52,8 +56,11 @@ class TarSource:
     process opens its own handle, so forked DataLoader workers never share a file position.
     A compressed ``.tar.gz`` cannot seek, so its image bytes are read into memory once at
     construction: one sequential pass is the fastest way through gzip, and datasets of CIFAR
-    size (tens of MB) fit easily. Workers then share the bytes copy-on-write.
+    size (tens of MB) fit easily. Workers then share the bytes copy-on-write. Threads of one
+    process (the up-front scan) share the handle under a lock.
     """
+
+    scannable = True
 
     def __init__(self, path: str, members: list[tarfile.TarInfo], data: list[bytes] | None = None):
         self.path = path
@@ -62,6 +69,15 @@ class TarSource:
         self.data = data
         self._fh = None
         self._pid = -1
+        self._lock = threading.Lock()
+
+    def subset(self, order: list[int]) -> TarSource:
+        """The same archive restricted to the members at positions ``order``."""
+        out = TarSource(self.path, [])
+        out.names = [self.names[k] for k in order]
+        out.offsets = [self.offsets[k] for k in order]
+        out.data = None if self.data is None else [self.data[k] for k in order]
+        return out
 
     def __len__(self) -> int:
         return len(self.names)
@@ -69,7 +85,12 @@ class TarSource:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fh"], state["_pid"] = None, -1  # handles do not cross process boundaries
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def name(self, j: int) -> str:
         return f"{self.path}:{self.names[j]}"
@@ -78,12 +99,13 @@ class TarSource:
         if self.data is not None:
             data = self.data[j]
         else:
-            if self._fh is None or self._pid != os.getpid():
-                self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the process lifetime
-                self._pid = os.getpid()
-            offset, size = self.offsets[j]
-            self._fh.seek(offset)
-            data = self._fh.read(size)
+            with self._lock:
+                if self._fh is None or self._pid != os.getpid():
+                    self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open for the process lifetime
+                    self._pid = os.getpid()
+                offset, size = self.offsets[j]
+                self._fh.seek(offset)
+                data = self._fh.read(size)
         return decode_image(data, in_chans, name=self.name(j))
 
 
@@ -118,8 +140,10 @@ class ImageDataset(Dataset):
         format: the detected format name, for messages and :meth:`stats`.
         max_bad_fraction: tolerated fraction of unreadable files (see :class:`SkipCounter`).
 
-    An unreadable file is replaced by another (seeded pseudo-random) item, so a batch keeps its size;
-    :meth:`load` reports the replaced names so a loader can count them in the main process.
+    Broken files found before training (``vitkit.data.scan_files``) are left out with
+    :meth:`exclude` and listed in ``bad_files``. A file that still fails to decode is replaced by
+    another (seeded pseudo-random) item, so a batch keeps its size; :meth:`load` reports the
+    replaced names so a loader can count them in the main process.
     """
 
     def __init__(
@@ -134,7 +158,7 @@ class ImageDataset(Dataset):
         max_bad_fraction: float = 0.05,
     ):
         if in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+            raise ConfigError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
         self.source = source
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.targets = [int(targets[j]) for j in self.indices]
@@ -143,6 +167,16 @@ class ImageDataset(Dataset):
         self.in_chans = in_chans
         self.format = format
         self.skips = SkipCounter(max_bad_fraction)
+        self.bad_files: list[str] = []
+
+    def exclude(self, names) -> ImageDataset:
+        """Leave out the items whose source name is in ``names`` (broken files); they go to ``bad_files``."""
+        names = set(names)
+        is_bad = [self.source.name(j) in names for j in self.indices]
+        self.bad_files = sorted(self.bad_files + [self.source.name(j) for j, b in zip(self.indices, is_bad) if b])
+        self.indices = [j for j, b in zip(self.indices, is_bad) if not b]
+        self.targets = [y for y, b in zip(self.targets, is_bad) if not b]
+        return self
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -161,9 +195,10 @@ class ImageDataset(Dataset):
                 return self.source.image(self.indices[idx], self.in_chans), self.targets[idx], bad
             except BadImageError as e:
                 bad.append(str(e))
-        raise RuntimeError(
+        raise DataError(
             f"{len(bad)} files in a row of the {self.format or 'image'} dataset could not be read, "
             f"replacing item {i}:\n  " + "\n  ".join(bad[:20])
+            + "\nDelete or fix these files (`vitkit.data.scan_files` lists every broken file)"
         )
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
@@ -191,3 +226,11 @@ class ImageDataset(Dataset):
             f"{type(self).__name__}(format={self.format!r}, n={len(self)}, num_classes={self.num_classes}, "
             f"in_chans={self.in_chans})"
         )
+
+
+def corrupt_archive(path: str, e: BaseException) -> DataError:
+    reason = str(e) or type(e).__name__
+    return DataError(
+        f"cannot read the archive {path}: it is truncated or corrupt ({type(e).__name__}: {reason}). "
+        "Copy or download it again, or extract it and pass the folder"
+    )

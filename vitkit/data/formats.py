@@ -23,11 +23,14 @@ import pickle
 import re
 import struct
 import tarfile
+import zlib
 
 import numpy as np
 
-from .dataset import ArraySource, FileSource, ImageDataset, TarSource
+from ..errors import ConfigError, DataError, PathNotFoundError
+from .dataset import ArraySource, FileSource, ImageDataset, TarSource, corrupt_archive
 from .images import IMAGE_EXTENSIONS
+from .scan import is_system_path
 
 SUPPORTED = (
     "'shapes[:N]', a class-folder tree (root/train/<class>/..., root/val/<class>/... or root/<class>/...), "
@@ -56,14 +59,17 @@ def build_dataset(
     Datasets without their own split are split by a stratified fraction ``val_fraction``
     drawn with ``seed``: the same seed gives the same split every time.
 
+    System files (``._x``, ``__MACOSX/``, ``.DS_Store``, hidden names ...) are never read as
+    data, and files without an image extension in a class tree are ignored.
+
     Raises:
-        FileNotFoundError: nothing exists at ``path``.
-        ValueError: ``path`` exists but is in no supported format, or is empty.
+        PathNotFoundError: nothing exists at ``path``.
+        DataError: ``path`` exists but is in no supported format, is empty or corrupt.
     """
     if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     kw = dict(in_chans=in_chans, max_bad_fraction=max_bad_fraction)
     path = str(path)
 
@@ -78,11 +84,13 @@ def build_dataset(
 
     if "{" in path and ".." in path:
         return WebDatasetShards(
-            expand_shards(path), split=split, val_fraction=val_fraction, seed=seed, in_chans=in_chans,
-            num_classes=num_classes,
+            expand_shards(path), split=split, val_fraction=val_fraction, seed=seed, num_classes=num_classes, **kw
         )
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no dataset at {path!r}: expected {SUPPORTED}")
+        raise PathNotFoundError(
+            f"no such file or folder: {path!r}; check the path (expected a dataset folder, archive, listing "
+            "or 'shapes')"
+        )
 
     if os.path.isfile(path):
         low = path.lower()
@@ -91,11 +99,10 @@ def build_dataset(
         if low.endswith(_TAR_SUFFIXES):
             if is_webdataset_tar(path):
                 return WebDatasetShards(
-                    [path], split=split, val_fraction=val_fraction, seed=seed, in_chans=in_chans,
-                    num_classes=num_classes,
+                    [path], split=split, val_fraction=val_fraction, seed=seed, num_classes=num_classes, **kw
                 )
             return _build_tar_tree(path, split, val_fraction, seed, num_classes, kw)
-        raise ValueError(f"{path!r} is a file of no supported type: expected {SUPPORTED}")
+        raise DataError(f"{path!r} is a file of no supported type: expected {SUPPORTED}")
 
     cifar = _find_cifar(path)
     if cifar is not None:
@@ -104,17 +111,16 @@ def build_dataset(
     if idx is not None:
         return _build_idx(idx, split, num_classes, kw)
     shards = sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(_TAR_SUFFIXES)
+        os.path.join(path, f) for f in os.listdir(path)
+        if f.lower().endswith(_TAR_SUFFIXES) and not is_system_path(f)
     )
     if shards and is_webdataset_tar(shards[0]):
         by_split = [s for s in shards if os.path.basename(s).lower().startswith(split)]
         other = "val" if split == "train" else "train"
         has_named = any(os.path.basename(s).lower().startswith(other) for s in shards)
         if by_split and has_named:
-            return WebDatasetShards(by_split, split=None, seed=seed, in_chans=in_chans, num_classes=num_classes)
-        return WebDatasetShards(
-            shards, split=split, val_fraction=val_fraction, seed=seed, in_chans=in_chans, num_classes=num_classes
-        )
+            return WebDatasetShards(by_split, split=None, seed=seed, num_classes=num_classes, **kw)
+        return WebDatasetShards(shards, split=split, val_fraction=val_fraction, seed=seed, num_classes=num_classes, **kw)
     return _build_folder_tree(path, split, val_fraction, seed, num_classes, kw)
 
 
@@ -126,7 +132,7 @@ def _shapes_count(path: str) -> int:
     except ValueError:
         n = 0
     if n <= 0:
-        raise ValueError(f"{path!r}: expected 'shapes' or 'shapes:N' with N a positive number of training images")
+        raise DataError(f"{path!r}: expected 'shapes' or 'shapes:N' with N a positive number of training images")
     return n
 
 
@@ -149,7 +155,7 @@ def _tree_layout(relpaths: list[str], where: str) -> dict[str | None, list[tuple
     ):
         parts = [p[1:] for p in parts]
     if not parts:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}: expected {SUPPORTED}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}: expected {SUPPORTED}")
     tops = {p[0].lower() for p in parts if len(p) >= 3}
     layout: dict[str | None, list[tuple[int, str]]] = {}
     if "train" in tops and tops <= split_names:
@@ -159,7 +165,7 @@ def _tree_layout(relpaths: list[str], where: str) -> dict[str | None, list[tuple
         return layout
     for k, p in enumerate(parts):
         if len(p) < 2:
-            raise ValueError(
+            raise DataError(
                 f"{where}: image {relpaths[k]!r} is not inside a class folder; expected root/<class>/image "
                 f"or root/train/<class>/image"
             )
@@ -182,12 +188,12 @@ def _tree_dataset(source, layout, split, val_fraction, seed, num_classes, kw, fm
     else:
         name = next((v for v in _VAL_DIRS if v in layout), None)
         if name is None:
-            raise ValueError(f"{source_name(source)}: has a train/ folder but no {'/'.join(_VAL_DIRS)} folder")
+            raise DataError(f"{source_name(source)}: has a train/ folder but no {'/'.join(_VAL_DIRS)} folder")
         items = layout[name]
     classes = sorted({c for _, c in layout["train"]})
     unknown = sorted({c for _, c in items} - set(classes))
     if unknown:
-        raise ValueError(f"{source_name(source)}: validation classes {unknown} do not appear in train/")
+        raise DataError(f"{source_name(source)}: validation classes {unknown} do not appear in train/")
     source = _reorder(source, [k for k, _ in items])
     targets = [classes.index(c) for _, c in items]
     return ImageDataset(source, targets, _classes(classes, num_classes), format=fmt, **kw)
@@ -201,28 +207,23 @@ def _reorder(source, order: list[int]):
     """Restrict a File/TarSource to the items ``order`` (positions in its listing)."""
     if isinstance(source, FileSource):
         return FileSource([source.paths[k] for k in order])
-    out = TarSource.__new__(TarSource)
-    out.__dict__.update(source.__getstate__())
-    out.names = [source.names[k] for k in order]
-    out.offsets = [source.offsets[k] for k in order]
-    out.data = None if source.data is None else [source.data[k] for k in order]
-    return out
+    return source.subset(order)
 
 
 def _classes(names: list[str], num_classes: int | None) -> list[str]:
     if num_classes is None or num_classes == len(names):
         return list(names)
     if num_classes < len(names):
-        raise ValueError(f"num_classes={num_classes} but the dataset has {len(names)} classes")
+        raise ConfigError(f"data.num_classes={num_classes} but the dataset has {len(names)} classes")
     return list(names) + [f"class_{k}" for k in range(len(names), num_classes)]
 
 
 def _build_folder_tree(path, split, val_fraction, seed, num_classes, kw) -> ImageDataset:
     rel = []
     for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not is_system_path(d))
         for f in sorted(filenames):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not is_system_path(f):
                 rel.append(os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/"))
     layout = _tree_layout(rel, path)
     source = FileSource([os.path.join(path, r) for r in rel])
@@ -234,12 +235,15 @@ def _read_tar(path: str, mtime: float) -> TarSource:
     """Index (``.tar``) or load (``.tar.gz``) a tar once per process; train and val share it."""
     compressed = not path.lower().endswith(".tar")
     members, data = [], [] if compressed else None
-    with tarfile.open(path, "r:*") as tf:
-        for m in tf:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
-                members.append(m)
-                if compressed:
-                    data.append(tf.extractfile(m).read())
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS) and not is_system_path(m.name):
+                    members.append(m)
+                    if compressed:
+                        data.append(tf.extractfile(m).read())
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise corrupt_archive(path, e) from None
     return TarSource(path, members, data)
 
 
@@ -281,11 +285,41 @@ def _find_cifar(path: str) -> str | None:
     return None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only; any other global is refused before it runs.
+
+    CIFAR ships only as pickled batches, so a dataset folder is the one place vitkit reads a
+    pickle. A pickle can name any callable to run at load time; the batches need only numpy's
+    array reconstruction, so every other name is refused.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
 def _unpickle(path: str) -> dict:
-    # CIFAR ships only as pickled batches; the user pointed at these files explicitly as a
-    # dataset, which is the one place vitkit reads a pickle (never for weights).
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            out = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(
+            f"{path}: not a CIFAR python batch ({type(e).__name__}: {e}). CIFAR batches hold only numpy "
+            "arrays, lists, bytes and numbers; a file that names other Python objects is refused unread. "
+            "Download the dataset again from its source"
+        ) from None
+    if not isinstance(out, dict):
+        raise DataError(f"{path}: not a CIFAR python batch (a {type(out).__name__}, expected a dict)")
+    return out
 
 
 def _build_cifar(root: str, split: str, num_classes, kw) -> ImageDataset:
@@ -332,23 +366,23 @@ def read_idx(path: str) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {body.size} bytes; the file is truncated")
+        raise DataError(f"{path}: header says shape {shape} but holds {body.size} bytes; the file is truncated")
     return body.reshape(shape)
 
 
 def _build_idx(files: dict[str, str], split: str, num_classes, kw) -> ImageDataset:
     prefix = "train" if split == "train" else "t10k"
     if f"{prefix}-images" not in files or f"{prefix}-labels" not in files:
-        raise ValueError(f"IDX dataset has no {prefix}-images/{prefix}-labels files for split {split!r}")
+        raise DataError(f"IDX dataset has no {prefix}-images/{prefix}-labels files for split {split!r}")
     images = read_idx(files[f"{prefix}-images"])
     labels = read_idx(files[f"{prefix}-labels"]).astype(np.int64).tolist()
     if len(images) != len(labels):
-        raise ValueError(f"IDX dataset: {len(images)} images but {len(labels)} labels")
+        raise DataError(f"IDX dataset: {len(images)} images but {len(labels)} labels")
     fashion = "fashion" in files[f"{prefix}-images"].lower()
     names = _FASHION_CLASSES if fashion else [str(k) for k in range(max(max(labels) + 1, 10))]
     source = ArraySource(np.ascontiguousarray(images), files[f"{prefix}-images"])
@@ -374,7 +408,7 @@ def _read_listing(path: str) -> list[tuple[str, str]]:
                 p = next((rec[k] for k in _PATH_KEYS if k in rec), None)
                 y = next((rec[k] for k in _LABEL_KEYS if k in rec), None)
                 if p is None or y is None:
-                    raise ValueError(f"{path}:{lineno}: expected keys {_PATH_KEYS[0]!r} and {_LABEL_KEYS[0]!r}, got {list(rec)}")
+                    raise DataError(f"{path}:{lineno}: expected keys {_PATH_KEYS[0]!r} and {_LABEL_KEYS[0]!r}, got {list(rec)}")
                 rows.append((str(p), str(y)))
         return rows
     with open(path, newline="", encoding="utf-8") as f:
@@ -384,22 +418,22 @@ def _read_listing(path: str) -> list[tuple[str, str]]:
             if lineno == 1 and row[0].strip().lower() in _PATH_KEYS:
                 continue  # header
             if len(row) < 2:
-                raise ValueError(f"{path}:{lineno}: expected 'path,label', got {row}")
+                raise DataError(f"{path}:{lineno}: expected 'path,label', got {row}")
             rows.append((row[0].strip(), row[1].strip()))
     return rows
 
 
 def _build_listing(path, split, val_fraction, seed, num_classes, kw) -> ImageDataset:
-    rows = _read_listing(path)
+    rows = [r for r in _read_listing(path) if not is_system_path(r[0])]
     if not rows:
-        raise ValueError(f"{path}: no rows; expected lines of 'path,label'")
+        raise DataError(f"{path}: no rows; expected lines of 'path,label'")
     base = os.path.dirname(os.path.abspath(path))
     paths = [p if os.path.isabs(p) else os.path.join(base, p) for p, _ in rows]
     labels = [y for _, y in rows]
     if all(re.fullmatch(r"-?\d+", y) for y in labels):
         targets = [int(y) for y in labels]
         if min(targets) < 0:
-            raise ValueError(f"{path}: negative label {min(targets)}")
+            raise DataError(f"{path}: negative label {min(targets)}")
         classes = [str(k) for k in range(max(targets) + 1)]
     else:
         classes = sorted(set(labels))

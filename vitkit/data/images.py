@@ -22,6 +22,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError
+
 # 8192 x 8192: above anything a ViT pipeline resizes from in practice, and about 200 MB as
 # RGB, which a DataLoader worker can survive.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -65,7 +67,7 @@ def decode_image(data: bytes | str, in_chans: int = 3, name: str = "<bytes>") ->
 def to_channels(img: Image.Image, in_chans: int) -> Image.Image:
     """Convert any PIL mode to ``"L"`` (in_chans=1) or ``"RGB"`` (in_chans=3), see the module notes."""
     if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        raise ConfigError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     target = "L" if in_chans == 1 else "RGB"
     if img.mode == target:
         return img

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from ..errors import ConfigError
 from .samplers import ResumableSampler
 from .skips import SkipCounter
 
@@ -95,17 +96,35 @@ def _worker_init(worker_id: int) -> None:
 
 
 class ImageLoader(DataLoader):
-    """A DataLoader that counts skipped files (``skips``) and forwards ``set_epoch``."""
+    """A DataLoader that counts skipped files (``skips``) and forwards ``set_epoch``.
+
+    Over streaming shards, ``len()`` is exact for this rank: each worker batches its own
+    share of the samples, so the batch count is summed per worker.
+    """
 
     def __init__(self, *args, max_bad_fraction: float = 0.05, **kwargs):
         super().__init__(*args, **kwargs)
         self.skips = SkipCounter(max_bad_fraction)
 
+    @property
+    def _stream(self):
+        return self.dataset.dataset if isinstance(self.dataset, _TransformedStream) else None
+
     def set_epoch(self, epoch: int) -> None:
-        target = self.dataset.dataset if isinstance(self.dataset, _TransformedStream) else self.sampler
-        target.set_epoch(epoch)
+        (self._stream or self.sampler).set_epoch(epoch)
+
+    def __len__(self) -> int:
+        if self._stream is None:
+            return super().__len__()
+        bs = self.batch_size
+        counts = self._stream.worker_counts(self.num_workers)
+        return sum(c // bs if self.drop_last else -(-c // bs) for c in counts)
 
     def __iter__(self):
+        if self._stream is not None and self._stream.world is None:
+            from .webdataset import _world
+
+            self._stream.world = _world()  # workers may not see the process group: pass it on
         for batch in super().__iter__():
             bad = batch.pop("bad_files")
             self.skips.add(len(batch["label"]), bad)
@@ -150,7 +169,7 @@ def build_loader(
     )
     if isinstance(dataset, IterableDataset):
         if sampler is not None:
-            raise ValueError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no sampler")
+            raise ConfigError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no sampler")
         dataset.shuffle = train
         # Workers are rebuilt each epoch so they pick up the dataset's new epoch.
         return ImageLoader(_TransformedStream(dataset, transform, seed), **common)

@@ -3,12 +3,19 @@
 A bad file is replaced by another sample so batches keep their size, and the replacement is
 reported in the sample (``"skipped"``, ``"bad_files"``). The counting happens in the process
 that consumes batches, so it is correct with any number of DataLoader workers: no shared
-memory, no per-worker counters to merge.
+memory, no per-worker counters to merge. Each file counts once, however often it is met
+(every epoch, or as the stand-in search meets it again), and is logged once as one line.
+Files are normally found before training (``vitkit.data.scan_files``); this counter catches
+the rest, and streaming data that cannot be scanned up front.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
+
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger("vitkit.data")
 
 # Mid-epoch, the fraction is judged only after this many files: bad files cluster (one
 # class folder, one shard), so a small early sample overstates the rate. The end of an epoch
@@ -21,12 +28,12 @@ class SkipCounter:
 
     Args:
         max_bad_fraction: the largest tolerated ``skipped / seen``; above it :meth:`check`
-            raises a RuntimeError naming the first 20 bad files.
+            raises a DataError naming the first bad files.
     """
 
     def __init__(self, max_bad_fraction: float = 0.05):
         if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
         self.seen = 0
         self.skipped = 0
@@ -35,13 +42,13 @@ class SkipCounter:
 
     def add(self, n_good: int, bad_files: list[str]) -> None:
         """Record ``n_good`` decoded samples and the names of files that failed to decode."""
-        self.seen += n_good + len(bad_files)
-        self.skipped += len(bad_files)
-        for name in bad_files:
-            if name not in self._warned:
-                self._warned.add(name)
-                self.bad_files.append(name)
-                warnings.warn(f"skipped unreadable image {name}", RuntimeWarning, stacklevel=3)
+        new = [name for name in dict.fromkeys(bad_files) if name not in self._warned]
+        self.seen += n_good + len(new)
+        self.skipped += len(new)
+        for name in new:
+            self._warned.add(name)
+            self.bad_files.append(name)
+            log.warning(f"skipping broken file {name}")
         self.check(final=False)
 
     def check(self, final: bool = True) -> None:
@@ -49,11 +56,11 @@ class SkipCounter:
         if self.skipped == 0 or (not final and self.seen < _MIN_SEEN):
             return
         if self.skipped / self.seen > self.max_bad_fraction:
-            names = "\n  ".join(self.bad_files[:20])
-            raise RuntimeError(
+            names = "\n  ".join(self.bad_files[:5])
+            raise DataError(
                 f"{self.skipped} of {self.seen} files could not be read "
-                f"(more than max_bad_fraction={self.max_bad_fraction}); the dataset looks broken. "
-                f"First bad files:\n  {names}\nFix or remove them, or raise max_bad_fraction."
+                f"(more than data.max_bad_fraction={self.max_bad_fraction}); the dataset looks broken. "
+                f"First bad files:\n  {names}\nDelete or fix them, or raise data.max_bad_fraction."
             )
 
     def summary(self) -> dict:

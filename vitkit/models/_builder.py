@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from ..errors import ConfigError, PathNotFoundError
 from ._registry import get_model_card, get_model_fn
 
 
@@ -32,6 +33,11 @@ def create_model(
         from ..convert.weights import model_from_file
 
         return model_from_file(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
+    if _looks_like_path(name):
+        raise PathNotFoundError(
+            f"no such file or folder: {name!r}. create_model takes a registered name (see `vitkit models`) "
+            "or the path of a .safetensors file written by vitkit"
+        )
     card = get_model_card(name)
     kwargs = dict(card.config)
     kwargs.update(overrides)
@@ -58,6 +64,11 @@ def create_model(
 
         source = card.hub_id if pretrained is True else pretrained
         if source is None:
-            raise ValueError(f"model {name!r} has no published weights; pass pretrained=<path or hub id>")
+            raise ConfigError(f"model {name!r} has no published weights; pass pretrained=<path or hub id>")
         load_weights(model, source)
     return model
+
+
+def _looks_like_path(name: str) -> bool:
+    """Registered names are bare identifiers; a separator or a file suffix means a path was meant."""
+    return any(c in name for c in "/\\") or os.path.splitext(name)[1] != ""

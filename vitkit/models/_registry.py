@@ -7,6 +7,8 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ..errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
@@ -74,5 +76,5 @@ def _lookup(name: str) -> _Entry:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (see vitkit.list_models() or `vitkit models`)")
+        raise ConfigError(f"unknown model {name!r}{hint} (see vitkit.list_models() or `vitkit models`)")
     return _MODELS[name]
