@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .engine.budget import parse_duration
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
 
 
@@ -145,6 +146,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"engine.epochs must be >= 1, got {e.epochs}")
     if e.amp not in ("auto", "bf16", "fp16", "none"):
         raise ValueError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+    parse_duration(e.time_budget)  # a bad duration fails here, before any data is read
     if cfg.objective != "supervised":
         raise ValueError(f"objective {cfg.objective!r} is not available; this version trains 'supervised'")
 

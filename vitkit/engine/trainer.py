@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from .budget import Budget, end_reserve, loader_samples, parse_duration
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import (
     all_gather_object,
@@ -145,6 +146,8 @@ class Trainer:
             tensors of the last micro-batch plus ``lr``) and ``on_epoch_end(trainer, epoch, val)``.
             Setting ``trainer.should_stop = True`` ends the run cleanly after the current step.
         config_to_save: the run's full config (primitives), stored in each checkpoint.
+        budget: the run's clock when ``cfg.time_budget`` is set (``vitkit.train`` starts it before
+            the data scan); by default one starts here.
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class Trainer:
         sampler=None,
         hooks: Sequence = (),
         config_to_save: dict | None = None,
+        budget: Budget | None = None,
     ):
         self.cfg = cfg = cfg if cfg is not None else EngineConfig()
         self.optim_cfg = optim_cfg if optim_cfg is not None else OptimConfig()
@@ -229,10 +233,16 @@ class Trainer:
             self.module = wrap_fsdp(objective, self.device)
         elif self.dist.enabled:
             self.module = wrap_ddp(objective, self.device, cfg.find_unused_parameters)
+        # budget: the clock that drives the schedule and the stop under engine.time_budget
+        budget_s = parse_duration(cfg.time_budget)
+        self.budget = (budget or Budget(budget_s)) if budget_s else None
+        if self.budget is not None:
+            self.budget.total_s = budget_s
         self.optimizer = build_optimizer(objective, self.optim_cfg, self.global_batch)
         self.base_lr = scaled_lr(self.optim_cfg, self.global_batch)
         self.scheduler = LRSchedule(
-            self.optimizer, self.sched_cfg, self.base_lr, self.total_steps, self.steps_per_epoch
+            self.optimizer, self.sched_cfg, self.base_lr, self.total_steps, self.steps_per_epoch,
+            budget=self.budget,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._train_fn = torch.compile(self.module) if cfg.compile else self.module
@@ -300,6 +310,7 @@ class Trainer:
             "skipped_files": self.skipped_files,
             "train_samples": self.train_samples,
             "train_time_s": self.train_time_s,
+            "budget": self.budget.state_dict() if self.budget is not None else None,  # budget
             "world_size": self.dist.world_size,
             "config": self.config_to_save,
         }
@@ -348,6 +359,8 @@ class Trainer:
             if data["ema"] is None:
                 raise ValueError(f"{data['path']} has no ema.safetensors but ema_decay is set")
             self.ema.module.load_state_dict(data["ema"])
+        if self.budget is not None and st.get("budget"):  # budget: before the schedule reads it
+            self.budget.load_state_dict(st["budget"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])
         for k in ("step", "epoch", "epoch_step", "nonfinite_skipped", "skipped_files", "train_samples"):
@@ -415,9 +428,12 @@ class Trainer:
         return {k: packed[i].item() / total for i, k in enumerate(keys)}
 
     def _run_eval(self) -> dict[str, float]:
+        t_eval = time.perf_counter()
         val = self.evaluate()
         if self.ema is not None and val:
             val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
+        if self.budget is not None:  # budget: a measured eval sizes the reserve for the final one
+            self.budget.note_eval(time.perf_counter() - t_eval)
         self._last_eval_step = self.step
         self.last_val = val
         if not val:
@@ -527,6 +543,10 @@ class Trainer:
             now = time.perf_counter()
             self.train_time_s += now - t_step
             t_step = now
+            if self.budget is not None and self.budget.reserve_s is None and self.step - self._fit_start_step >= 10:
+                # budget: keep time for the final eval, estimated from the measured train rate
+                rate = self.train_samples / max(self.train_time_s, 1e-9)
+                self.budget.reserve_s = end_reserve(self.budget.total_s, loader_samples(self.val_loader), rate)
             step_metrics = {k: v.detach() for k, v in out.items()}
             step_metrics["lr"] = lr
             if grad_norm is not None:
@@ -562,20 +582,21 @@ class Trainer:
         self.logger.log(record)
         steps_left = self.total_steps - self.step
         rate = self.train_time_s / max(1, self.step - self._fit_start_step)
-        self.logger.progress(self.step, self.total_steps, record, steps_left * rate)
+        eta = self.budget.remaining() if self.budget is not None else steps_left * rate  # budget
+        self.logger.progress(self.step, self.total_steps, record, eta)
         window.update(t=now, samples=0, sums={}, n=0)
 
     def _stop_reason(self, t_fit: float) -> str | None:
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             return "max_steps"
-        if self.cfg.time_budget_s is not None and time.time() - t_fit >= self.cfg.time_budget_s:
+        if self.budget is not None and self.budget.progress() >= 1:  # budget
             return "time_budget"
         if self.should_stop:
             return "stopped_by_hook"
         return None
 
     def fit(self, resume: bool | str | os.PathLike = False) -> dict:
-        """Train to ``cfg.epochs`` (or ``max_steps`` / ``time_budget_s``); returns the summary.
+        """Train to ``cfg.epochs`` (or ``max_steps`` / ``time_budget``); returns the summary.
 
         Args:
             resume: True continues from the run's latest checkpoint (fresh start if there is

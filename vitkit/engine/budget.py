@@ -1,0 +1,103 @@
+"""A wall-clock budget for a whole run: parsing ("10m"), the clock, and the share kept for the end.
+
+The budget counts from when the run started (``vitkit.train()`` creates the :class:`Budget`
+before scanning the data), so ``engine.time_budget=10m`` means the command takes 10 minutes.
+Training gets ``train_budget = total - reserve``; the reserve pays for the final evaluation,
+checkpoint and summary. The lr schedule follows ``progress() = elapsed / train_budget``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+from ..errors import ConfigError
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+# What the end of a run costs besides evaluation: checkpoint, weights, summary, plots.
+END_MARGIN_S = 3.0
+END_MARGIN_FRAC = 0.01
+
+
+def parse_duration(value: str | float | int | None) -> float | None:
+    """Seconds in ``value``: a number of seconds, or "90s", "10m", "2h", "1h30m"; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            m = _DURATION.match(text)
+            if not text or m is None or not any(m.groups()):
+                raise ConfigError(
+                    f"engine.time_budget={value!r} is not a duration: use seconds (600) or a string like "
+                    "'90s', '10m', '2h' or '1h30m'"
+                ) from None
+            seconds = sum(float(g) * u for g, u in zip(m.groups(), _UNITS.values()) if g)
+    if seconds <= 0:
+        raise ConfigError(f"engine.time_budget must be positive, got {value!r}")
+    return seconds
+
+
+def end_reserve(total_s: float, n_val: int, train_img_per_s: float) -> float:
+    """Seconds to keep for the end: one evaluation of ``n_val`` images plus a margin.
+
+    Forward-only evaluation runs at roughly 3x the training rate; it is counted at 2x to be safe.
+    """
+    eval_s = n_val / max(2.0 * train_img_per_s, 1e-6)
+    return eval_s + END_MARGIN_S + END_MARGIN_FRAC * total_s
+
+
+def loader_samples(loader) -> int:
+    """Images one pass over ``loader`` evaluates (0 without a loader)."""
+    if loader is None:
+        return 0
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return len(loader) * (getattr(loader, "batch_size", None) or 1)
+
+
+class Budget:
+    """The run's clock. ``clock`` is injectable (tests use a fake one); ``elapsed_before`` carries
+    the time a resumed run had already spent."""
+
+    def __init__(self, total_s: float, clock: Callable[[], float] = time.monotonic, elapsed_before: float = 0.0):
+        self.total_s = float(total_s)
+        self.clock = clock
+        self.t0 = clock()
+        self.elapsed_before = float(elapsed_before)
+        self.reserve_s: float | None = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + self.clock() - self.t0
+
+    @property
+    def train_budget(self) -> float:
+        # Never let the reserve eat more than half of the budget.
+        return self.total_s - min(self.reserve_s or 0.0, 0.5 * self.total_s)
+
+    def progress(self) -> float:
+        """Fraction of the training budget spent (>= 1: time to stop training)."""
+        return self.elapsed() / self.train_budget
+
+    def remaining(self) -> float:
+        return max(0.0, self.train_budget - self.elapsed())
+
+    def note_eval(self, seconds: float) -> None:
+        """A measured evaluation: the final one will cost about as much (10% slack)."""
+        self.reserve_s = 1.1 * seconds + END_MARGIN_S + END_MARGIN_FRAC * self.total_s
+
+    def state_dict(self) -> dict:
+        return {"elapsed": self.elapsed(), "reserve_s": self.reserve_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t0 = self.clock()
+        self.elapsed_before = float(state["elapsed"])
+        self.reserve_s = state.get("reserve_s")
