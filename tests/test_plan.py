@@ -7,7 +7,7 @@ import random
 
 import pytest
 from PIL import Image, ImageDraw
-from test_convert import hub_cache  # noqa: F401  (the offline hub-cache fixture)
+from test_convert import hub_cache as _hub_cache  # noqa: F401  (registers the offline hub-cache fixture)
 
 from vitkit import plan as plan_mod
 from vitkit.config import load_config, user_keys, uses_plan
