@@ -211,3 +211,10 @@ def test_no_flag_run_plans_learns_and_records_the_plan(tmp_path):
     assert run["class_counts"] == {"checker": 54, "hstripes": 54, "vstripes": 54}
     assert summary["stopped"] == "completed" and summary["epochs"] == 15
     assert summary["val_acc"] > 0.6  # chance is 1/3
+
+    from vitkit.evaluate import evaluate
+
+    result = evaluate(str(tmp_path / "run"), str(tmp_path / "data"), num_workers=0)
+    assert result["top1"] == pytest.approx(summary["val_acc"], abs=0.01)
+    # 6 val images per class: balanced accuracy is the plain mean of the per-class accuracies.
+    assert result["balanced_acc"] == pytest.approx(sum(result["per_class"].values()) / 3)
