@@ -33,7 +33,9 @@ from vitkit.train import train
 from _common import machine, versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+SHARED = next((p / "shared" / "datasets" for p in REPO.parents if (p / "shared" / "datasets").is_dir()),
+              REPO.parent / "shared" / "datasets")
+DEFAULT_DATA = SHARED / "cifar10-jpg.tar.gz"
 QUIET = ["engine.tensorboard=false", "engine.plots=false"]
 
 

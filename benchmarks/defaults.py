@@ -34,7 +34,9 @@ from vitkit.engine.budget import parse_duration
 from _common import machine, versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+# ../shared/datasets beside the checkout (or beside a worktree's parent folder)
+SHARED = next((p / "shared" / "datasets" for p in REPO.parents if (p / "shared" / "datasets").is_dir()),
+              REPO.parent / "shared" / "datasets")
 DATASETS = {
     "shapes": "shapes",
     "fashion-mnist": str(SHARED / "fashion-mnist"),

@@ -140,6 +140,10 @@ def aug_strength(epochs: float) -> float:
     return min(1.0, math.log(epochs / LIGHT_EPOCHS) / math.log(STRONG_EPOCHS / LIGHT_EPOCHS))
 
 
+def _ep(epochs: float) -> str:
+    return f"{epochs:.1f}" if epochs < 10 else f"{epochs:.0f}"
+
+
 def _train_rate(calib: Calibration, cand: Candidate) -> float:
     # Decoding runs in loader workers on the same cores: counted in series, to be safe.
     model_s = 1.0 / max(calib.img_per_s[cand.key], 1e-6)
@@ -188,7 +192,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
                    f"{cand.img_size} px, which a CPU can learn from {n:,} images in the budget")
         else:
             why = (f"{h}x{w} images: {tokens} tokens at {cand.img_size} px; "
-                   f"~{expected_epochs(cand):.0f} epochs fit at {_train_rate(calib, cand):.0f} img/s")
+                   f"~{_ep(expected_epochs(cand))} epochs fit at {_train_rate(calib, cand):.0f} img/s")
         plan.set("model.name", cand.name, why)
         if "data.img_size" not in user:
             plan.set("data.img_size", cand.img_size, "the model's resolution for this image size")
@@ -223,12 +227,12 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
         plan.set("optim.lr", lr_per_512(SCRATCH_LR_128), lr_why)
         plan.set("schedule.name", "onecycle", "from scratch: one cycle, annealed at the end of the run")
     warm = round(min(5.0, max(0.3, 0.03 * epochs)), 2)
-    plan.set("schedule.warmup_epochs", warm, f"3% of ~{epochs:.0f} epochs (0.3-5)")
+    plan.set("schedule.warmup_epochs", warm, f"3% of ~{_ep(epochs)} epochs (0.3-5)")
 
     # Augmentation and regularisation from the expected number of passes.
     s = aug_strength(epochs)
     level = "light" if s == 0 else ("DeiT-strength" if s >= 1 else f"{s:.0%} of DeiT")
-    why = f"~{epochs:.0f} epochs: {level} augmentation"
+    why = f"~{_ep(epochs)} epochs: {level} augmentation"
     plan.set("data.scale_min", round(0.5 - 0.25 * s, 2), why)
     plan.set("data.auto_augment", f"rand-m{round(3 + 6 * s)}-mstd0.5-inc1" if s >= 0.3 else None, why)
     plan.set("data.re_prob", round(0.25 * s, 2) if s >= 0.5 else 0.0, why)
