@@ -543,9 +543,9 @@ class Trainer:
             now = time.perf_counter()
             self.train_time_s += now - t_step
             t_step = now
-            if self.budget is not None and self.budget.reserve_s is None and (
-                self.step - self._fit_start_step >= 10 or self.budget.progress() > 0.05
-            ):
+            if self.budget is not None and (self.step == 10 or (
+                self.budget.reserve_s is None and self.budget.progress() > 0.05
+            )):
                 # budget: keep time for the final eval, estimated from the measured train rate
                 rate = self.train_samples / max(self.train_time_s, 1e-9)
                 self.budget.reserve_s = end_reserve(self.budget.total_s, loader_samples(self.val_loader), rate)
