@@ -133,6 +133,20 @@ def test_budget_reserve_and_train_budget():
     assert b.progress() == pytest.approx(293.0 / 580.0)
 
 
+def test_budget_reserve_is_estimated_at_step_10_or_after_5_percent():
+    clock = FakeClock()
+    b = Budget(100.0, clock=clock)
+    b.on_step(3, 300, 1.0, n_val=600)
+    assert b.reserve_s is None
+    clock.t += 5.5  # 5.5% of the budget, still before step 10
+    b.on_step(4, 400, 2.0, n_val=600)
+    assert b.reserve_s == pytest.approx(600 / 400 + 3.0 + 1.0)
+    b.on_step(9, 900, 3.0, n_val=600)
+    assert b.reserve_s == pytest.approx(5.5)  # unchanged until step 10
+    b.on_step(10, 1000, 2.5, n_val=600)
+    assert b.reserve_s == pytest.approx(600 / 800 + 4.0)  # 400 img/s: eval counted at 800
+
+
 class _Tick:
     """Train transform: every batch takes ``dt`` seconds of the fake clock (before its step)."""
 

@@ -90,6 +90,13 @@ class Budget:
     def remaining(self) -> float:
         return max(0.0, self.train_budget - self.elapsed())
 
+    def on_step(self, step: int, train_samples: int, train_time_s: float, n_val: int) -> None:
+        """After optimizer step ``step``: estimate the reserve from the training rate, once at step 10
+        (a fixed step, so a resumed run makes the same estimate), or earlier if 5% of the budget
+        passes without one."""
+        if step == 10 or (self.reserve_s is None and self.progress() > 0.05):
+            self.reserve_s = end_reserve(self.total_s, n_val, train_samples / max(train_time_s, 1e-9))
+
     def note_eval(self, seconds: float) -> None:
         """A measured evaluation: the final one will cost about as much (10% slack)."""
         self.reserve_s = 1.1 * seconds + END_MARGIN_S + END_MARGIN_FRAC * self.total_s

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .budget import Budget, end_reserve, loader_samples, parse_duration
+from .budget import Budget, loader_samples, parse_duration
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import (
     all_gather_object,
@@ -543,12 +543,8 @@ class Trainer:
             now = time.perf_counter()
             self.train_time_s += now - t_step
             t_step = now
-            if self.budget is not None and (self.step == 10 or (
-                self.budget.reserve_s is None and self.budget.progress() > 0.05
-            )):
-                # budget: keep time for the final eval, estimated from the measured train rate
-                rate = self.train_samples / max(self.train_time_s, 1e-9)
-                self.budget.reserve_s = end_reserve(self.budget.total_s, loader_samples(self.val_loader), rate)
+            if self.budget is not None:  # budget: size the end reserve from the measured train rate
+                self.budget.on_step(self.step, self.train_samples, self.train_time_s, loader_samples(self.val_loader))
             step_metrics = {k: v.detach() for k, v in out.items()}
             step_metrics["lr"] = lr
             if grad_norm is not None:
