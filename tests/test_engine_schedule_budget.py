@@ -124,8 +124,8 @@ def test_budget_schedule_resumes_on_the_same_curve():
 def test_budget_reserve_and_train_budget():
     clock = FakeClock()
     b = Budget(600.0, clock=clock)
-    b.reserve_s = end_reserve(600.0, n_val=1000, train_img_per_s=100.0)
-    assert b.reserve_s == pytest.approx(1000 / 200 + 3.0 + 6.0)
+    b.reserve_s = end_reserve(600.0, n_val=1000, eval_img_per_s=220.0)
+    assert b.reserve_s == pytest.approx(1.1 * 1000 / 220 + 3.0 + 6.0)
     assert b.train_budget == pytest.approx(600 - 14.0)
     b.note_eval(10.0)
     assert b.reserve_s == pytest.approx(11.0 + 3.0 + 6.0)
@@ -140,11 +140,16 @@ def test_budget_reserve_is_estimated_at_step_10_or_after_5_percent():
     assert b.reserve_s is None
     clock.t += 5.5  # 5.5% of the budget, still before step 10
     b.on_step(4, 400, 2.0, n_val=600)
-    assert b.reserve_s == pytest.approx(600 / 400 + 3.0 + 1.0)
+    assert b.reserve_s == pytest.approx(1.1 * 600 / 400 + 3.0 + 1.0)  # 200 img/s: eval counted at 400
     b.on_step(9, 900, 3.0, n_val=600)
-    assert b.reserve_s == pytest.approx(5.5)  # unchanged until step 10
+    assert b.reserve_s == pytest.approx(5.65)  # unchanged until step 10
     b.on_step(10, 1000, 2.5, n_val=600)
-    assert b.reserve_s == pytest.approx(600 / 800 + 4.0)  # 400 img/s: eval counted at 800
+    assert b.reserve_s == pytest.approx(1.1 * 600 / 800 + 4.0)
+    # A measured evaluation rate (the plan's calibration) takes precedence over the estimate.
+    b.set_eval_rate(1200.0, n_val=600)
+    assert b.reserve_s == pytest.approx(1.1 * 0.5 + 4.0)
+    b.on_step(10, 1000, 2.5, n_val=600)
+    assert b.reserve_s == pytest.approx(1.1 * 0.5 + 4.0)
 
 
 class _Tick:

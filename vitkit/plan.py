@@ -63,6 +63,7 @@ class Calibration:
     img_per_s: dict[str, float]
     decode_s: float
     pretrained: str | None = None  # hub id of weights that can be loaded (cached or reachable)
+    eval_img_per_s: dict[str, float] = field(default_factory=dict)  # forward-only, at twice the batch
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     img_per_s: float | None = None  # expected training rate of the chosen model, images and all
+    eval_img_per_s: float | None = None  # its measured evaluation rate (for the budget's end reserve)
 
     def set(self, key: str, value, reason: str) -> None:
         self.values[key] = value
@@ -202,6 +204,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
             plan.set("model.init", cand.pretrained, "ImageNet weights: few images train far better from them")
     epochs = expected_epochs(cand)
     plan.img_per_s = _train_rate(calib, cand)
+    plan.eval_img_per_s = calib.eval_img_per_s.get(cand.key)
     if side <= MEDIUM_SIDE and "data.crop_pct" not in user:
         plan.set("data.crop_pct", 1.0, "small images: evaluate on the whole image, no centre crop")
 
@@ -307,8 +310,9 @@ def find_pretrained(model_name: str = PRETRAINED_MODEL, timeout_s: float = 3.0) 
 
 def _time_model(cand: Candidate, in_chans: int, num_classes: int, batch: int, device, amp_dtype,
                 min_s: float = 1.0, max_steps: int = 8) -> float:
-    """Training img/s of ``cand``: two untimed steps, then timed forward+backward+update steps for
-    at least ``min_s`` seconds (at least 2, at most ``max_steps`` steps)."""
+    """(training, evaluation) img/s of ``cand``: two untimed steps, then timed forward+backward+update
+    steps for at least ``min_s`` seconds (at least 2, at most ``max_steps`` steps); then forward-only
+    passes at twice the batch, as the evaluation runs, for a third of that."""
     import torch
     from torch.nn import functional as F
 
@@ -336,7 +340,20 @@ def _time_model(cand: Candidate, in_chans: int, num_classes: int, batch: int, de
     while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s):
         step()
         n += 1
-    return batch * n / (time.perf_counter() - t0)
+    train_rate = batch * n / (time.perf_counter() - t0)
+
+    model.eval()
+    x2 = torch.cat([x, x])
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        model(x2)
+        t0 = time.perf_counter()
+        n = 0
+        while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s / 3):
+            model(x2)
+            n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return train_rate, 2 * batch * n / (time.perf_counter() - t0)
 
 
 def _time_decode(dataset, img_size: int, in_chans: int, n: int = 32) -> float:
@@ -375,7 +392,9 @@ def calibrate(info: DatasetInfo, dataset, cfg, user: dict[str, object], device) 
     calib = Calibration(device.type, {}, _time_decode(dataset, cands[0].img_size, in_chans), pretrained)
     budget_s = planned_budget_s(info.n_train, user, device.type)
     for c in reversed(cands):
-        calib.img_per_s[c.key] = _time_model(c, in_chans, info.num_classes, batch, device, amp_dtype)
+        calib.img_per_s[c.key], calib.eval_img_per_s[c.key] = _time_model(
+            c, in_chans, info.num_classes, batch, device, amp_dtype
+        )
         if budget_s is not None and _train_rate(calib, c) * 0.9 * budget_s / max(1, info.n_train) < MIN_EPOCHS:
             break
     return calib

@@ -32,7 +32,7 @@ from .data import (
     inspect_dataset,
 )
 from .engine import Trainer
-from .engine.budget import Budget, end_reserve, parse_duration
+from .engine.budget import Budget, parse_duration
 from .engine.distributed import all_gather_object, init_distributed
 from .models import create_model, get_model_card
 from .objectives import Supervised
@@ -187,8 +187,8 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     if cfg.engine.time_budget is not None:  # the budget counts from the start of the run
         budget = Budget(parse_duration(cfg.engine.time_budget))
         budget.elapsed_before = time.monotonic() - start if start is not None else 0.0
-        if plan is not None and plan.img_per_s:
-            budget.reserve_s = end_reserve(budget.total_s, info.n_val, plan.img_per_s)
+        if plan is not None and plan.eval_img_per_s:
+            budget.set_eval_rate(plan.eval_img_per_s, info.n_val)
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
         out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),

@@ -45,13 +45,9 @@ def parse_duration(value: str | float | int | None) -> float | None:
     return seconds
 
 
-def end_reserve(total_s: float, n_val: int, train_img_per_s: float) -> float:
-    """Seconds to keep for the end: one evaluation of ``n_val`` images plus a margin.
-
-    Forward-only evaluation runs at roughly 3x the training rate; it is counted at 2x to be safe.
-    """
-    eval_s = n_val / max(2.0 * train_img_per_s, 1e-6)
-    return eval_s + END_MARGIN_S + END_MARGIN_FRAC * total_s
+def end_reserve(total_s: float, n_val: int, eval_img_per_s: float) -> float:
+    """Seconds to keep for the end: one evaluation of ``n_val`` images (10% slack) plus a margin."""
+    return 1.1 * n_val / max(eval_img_per_s, 1e-6) + END_MARGIN_S + END_MARGIN_FRAC * total_s
 
 
 def loader_samples(loader) -> int:
@@ -74,6 +70,8 @@ class Budget:
         self.t0 = clock()
         self.elapsed_before = float(elapsed_before)
         self.reserve_s: float | None = None
+        # A measured evaluation rate (the plan's calibration); without one, the train rate estimates it.
+        self.eval_img_per_s: float | None = None
 
     def elapsed(self) -> float:
         return self.elapsed_before + self.clock() - self.t0
@@ -91,15 +89,23 @@ class Budget:
         return max(0.0, self.train_budget - self.elapsed())
 
     def on_step(self, step: int, train_samples: int, train_time_s: float, n_val: int) -> None:
-        """After optimizer step ``step``: estimate the reserve from the training rate, once at step 10
+        """After optimizer step ``step``: without a measured evaluation rate, estimate the reserve from
+        the training rate (forward-only evaluation runs at roughly 3x; counted at 2x), once at step 10
         (a fixed step, so a resumed run makes the same estimate), or earlier if 5% of the budget
         passes without one."""
+        if self.eval_img_per_s is not None:
+            return
         if step == 10 or (self.reserve_s is None and self.progress() > 0.05):
-            self.reserve_s = end_reserve(self.total_s, n_val, train_samples / max(train_time_s, 1e-9))
+            self.reserve_s = end_reserve(self.total_s, n_val, 2.0 * train_samples / max(train_time_s, 1e-9))
 
     def note_eval(self, seconds: float) -> None:
         """A measured evaluation: the final one will cost about as much (10% slack)."""
         self.reserve_s = 1.1 * seconds + END_MARGIN_S + END_MARGIN_FRAC * self.total_s
+
+    def set_eval_rate(self, eval_img_per_s: float, n_val: int) -> None:
+        """A measured evaluation rate: the reserve follows from it (until an evaluation is timed)."""
+        self.eval_img_per_s = eval_img_per_s
+        self.reserve_s = end_reserve(self.total_s, n_val, eval_img_per_s)
 
     def state_dict(self) -> dict:
         return {"elapsed": self.elapsed(), "reserve_s": self.reserve_s}
