@@ -138,13 +138,14 @@ def test_budget_reserve_is_estimated_at_step_10_or_after_5_percent():
     b = Budget(100.0, clock=clock)
     b.on_step(3, 300, 1.0, n_val=600)
     assert b.reserve_s is None
-    clock.t += 5.5  # 5.5% of the budget, still before step 10
-    b.on_step(4, 400, 2.0, n_val=600)
-    assert b.reserve_s == pytest.approx(1.1 * 600 / 400 + 3.0 + 1.0)  # 200 img/s: eval counted at 400
-    b.on_step(9, 900, 3.0, n_val=600)
-    assert b.reserve_s == pytest.approx(5.65)  # unchanged until step 10
-    b.on_step(10, 1000, 2.5, n_val=600)
-    assert b.reserve_s == pytest.approx(1.1 * 600 / 800 + 4.0)
+    clock.t += 5.5  # 5.5% of the budget, still before step 10: all steps so far, 150 img/s
+    b.on_step(4, 300, 2.0, n_val=600)
+    assert b.reserve_s == pytest.approx(1.1 * 600 / 450 + 3.0 + 1.0)  # eval counted at 3x
+    b.on_step(5, 400, 2.5, n_val=600)
+    b.on_step(9, 800, 3.5, n_val=600)
+    assert b.reserve_s == pytest.approx(1.1 * 600 / 450 + 4.0)  # unchanged until step 10
+    b.on_step(10, 900, 3.75, n_val=600)  # steps 6-10: 500 images in 1.25 s = 400 img/s
+    assert b.reserve_s == pytest.approx(1.1 * 600 / 1200 + 4.0)
     # A measured evaluation rate (the plan's calibration) takes precedence over the estimate.
     b.set_eval_rate(1200.0, n_val=600)
     assert b.reserve_s == pytest.approx(1.1 * 0.5 + 4.0)

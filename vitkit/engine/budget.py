@@ -72,6 +72,7 @@ class Budget:
         self.reserve_s: float | None = None
         # A measured evaluation rate (the plan's calibration); without one, the train rate estimates it.
         self.eval_img_per_s: float | None = None
+        self._mark: tuple[float, float] | None = None  # (samples, train seconds) after step 5
 
     def elapsed(self) -> float:
         return self.elapsed_before + self.clock() - self.t0
@@ -90,13 +91,20 @@ class Budget:
 
     def on_step(self, step: int, train_samples: int, train_time_s: float, n_val: int) -> None:
         """After optimizer step ``step``: without a measured evaluation rate, estimate the reserve from
-        the training rate (forward-only evaluation runs at roughly 3x; counted at 2x), once at step 10
-        (a fixed step, so a resumed run makes the same estimate), or earlier if 5% of the budget
-        passes without one."""
+        the training rate of steps 6-10, past the slow first steps (forward-only evaluation runs at
+        about 3x the training rate), at fixed steps so that a resumed run makes the same estimate;
+        earlier, from all steps so far, if 5% of the budget passes without one."""
         if self.eval_img_per_s is not None:
             return
-        if step == 10 or (self.reserve_s is None and self.progress() > 0.05):
-            self.reserve_s = end_reserve(self.total_s, n_val, 2.0 * train_samples / max(train_time_s, 1e-9))
+        if step == 5:
+            self._mark = (train_samples, train_time_s)
+        if step == 10 and self._mark is not None:
+            samples, seconds = train_samples - self._mark[0], train_time_s - self._mark[1]
+        elif self.reserve_s is None and self.progress() > 0.05:
+            samples, seconds = train_samples, train_time_s
+        else:
+            return
+        self.reserve_s = end_reserve(self.total_s, n_val, 3.0 * samples / max(seconds, 1e-9))
 
     def note_eval(self, seconds: float) -> None:
         """A measured evaluation: the final one will cost about as much (10% slack)."""
@@ -108,9 +116,10 @@ class Budget:
         self.reserve_s = end_reserve(self.total_s, n_val, eval_img_per_s)
 
     def state_dict(self) -> dict:
-        return {"elapsed": self.elapsed(), "reserve_s": self.reserve_s}
+        return {"elapsed": self.elapsed(), "reserve_s": self.reserve_s, "mark": self._mark}
 
     def load_state_dict(self, state: dict) -> None:
         self.t0 = self.clock()
         self.elapsed_before = float(state["elapsed"])
         self.reserve_s = state.get("reserve_s")
+        self._mark = tuple(state["mark"]) if state.get("mark") else None
