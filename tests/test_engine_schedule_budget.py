@@ -133,6 +133,24 @@ def test_budget_reserve_and_train_budget():
     assert b.progress() == pytest.approx(293.0 / 580.0)
 
 
+def test_budget_reserve_grows_when_the_machine_slows_down():
+    clock = FakeClock()
+    b = Budget(600.0, clock=clock)
+    b.set_eval_rate(1000.0, n_val=5000, train_img_per_s=400.0)
+    reserve = 1.1 * 5 + 3.0 + 6.0
+    assert b.train_budget == pytest.approx(600 - reserve)
+    samples = seconds = 0.0
+    for step in range(1, 31):  # 400 img/s
+        samples, seconds = samples + 400, seconds + 1.0
+        b.on_step(step, samples, seconds, n_val=5000)
+    assert b.slowdown() == pytest.approx(1.0)
+    for step in range(31, 131):  # another job takes the cores: 100 img/s
+        samples, seconds = samples + 100, seconds + 1.0
+        b.on_step(step, samples, seconds, n_val=5000)
+    assert b.slowdown() == pytest.approx(4.0, rel=1e-3)
+    assert b.train_budget == pytest.approx(600 - 4.0 * reserve, rel=1e-3)
+
+
 def test_budget_reserve_is_estimated_at_step_10_or_after_5_percent():
     clock = FakeClock()
     b = Budget(100.0, clock=clock)

@@ -188,7 +188,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         budget = Budget(parse_duration(cfg.engine.time_budget))
         budget.elapsed_before = time.monotonic() - start if start is not None else 0.0
         if plan is not None and plan.eval_img_per_s:
-            budget.set_eval_rate(plan.eval_img_per_s, info.n_val)
+            budget.set_eval_rate(plan.eval_img_per_s, info.n_val, plan.img_per_s)
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
         out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),

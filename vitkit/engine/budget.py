@@ -73,6 +73,17 @@ class Budget:
         # A measured evaluation rate (the plan's calibration); without one, the train rate estimates it.
         self.eval_img_per_s: float | None = None
         self._mark: tuple[float, float] | None = None  # (samples, train seconds) after step 5
+        # The reserve was sized at train rate ``ref_rate``; when the machine slows down (``rate``, a
+        # running average of recent steps, drops) the final evaluation will be slower by as much.
+        self.ref_rate: float | None = None
+        self.rate: float | None = None
+        self._last: tuple[float, float] = (0.0, 0.0)
+
+    def slowdown(self) -> float:
+        """How much slower training runs now than when the reserve was sized (1 to 10)."""
+        if not self.ref_rate or not self.rate:
+            return 1.0
+        return min(10.0, max(1.0, self.ref_rate / self.rate))
 
     def elapsed(self) -> float:
         return self.elapsed_before + self.clock() - self.t0
@@ -80,7 +91,7 @@ class Budget:
     @property
     def train_budget(self) -> float:
         # Never let the reserve eat more than half of the budget.
-        return self.total_s - min(self.reserve_s or 0.0, 0.5 * self.total_s)
+        return self.total_s - min((self.reserve_s or 0.0) * self.slowdown(), 0.5 * self.total_s)
 
     def progress(self) -> float:
         """Fraction of the training budget spent (>= 1: time to stop training)."""
@@ -93,7 +104,13 @@ class Budget:
         """After optimizer step ``step``: without a measured evaluation rate, estimate the reserve from
         the training rate of steps 6-10, past the slow first steps (forward-only evaluation runs at
         about 3x the training rate), at fixed steps so that a resumed run makes the same estimate;
-        earlier, from all steps so far, if 5% of the budget passes without one."""
+        earlier, from all steps so far, if 5% of the budget passes without one. Also keeps the
+        running train rate that :meth:`slowdown` compares."""
+        d_samples, d_seconds = train_samples - self._last[0], train_time_s - self._last[1]
+        self._last = (train_samples, train_time_s)
+        if step > 1 and d_seconds > 0:  # the first step pays for warm-up
+            now = d_samples / d_seconds
+            self.rate = now if self.rate is None else 0.9 * self.rate + 0.1 * now
         if self.eval_img_per_s is not None:
             return
         if step == 5:
@@ -104,22 +121,30 @@ class Budget:
             samples, seconds = train_samples, train_time_s
         else:
             return
-        self.reserve_s = end_reserve(self.total_s, n_val, 3.0 * samples / max(seconds, 1e-9))
+        self.ref_rate = samples / max(seconds, 1e-9)
+        self.reserve_s = end_reserve(self.total_s, n_val, 3.0 * self.ref_rate)
 
     def note_eval(self, seconds: float) -> None:
         """A measured evaluation: the final one will cost about as much (10% slack)."""
         self.reserve_s = 1.1 * seconds + END_MARGIN_S + END_MARGIN_FRAC * self.total_s
+        self.ref_rate = self.rate
 
-    def set_eval_rate(self, eval_img_per_s: float, n_val: int) -> None:
-        """A measured evaluation rate: the reserve follows from it (until an evaluation is timed)."""
+    def set_eval_rate(self, eval_img_per_s: float, n_val: int, train_img_per_s: float | None = None) -> None:
+        """A measured evaluation rate (and the train rate measured with it): the reserve follows from it
+        (until an evaluation is timed)."""
         self.eval_img_per_s = eval_img_per_s
         self.reserve_s = end_reserve(self.total_s, n_val, eval_img_per_s)
+        self.ref_rate = train_img_per_s
 
     def state_dict(self) -> dict:
-        return {"elapsed": self.elapsed(), "reserve_s": self.reserve_s, "mark": self._mark}
+        return {"elapsed": self.elapsed(), "reserve_s": self.reserve_s, "mark": self._mark,
+                "eval_img_per_s": self.eval_img_per_s, "ref_rate": self.ref_rate, "rate": self.rate,
+                "last": self._last}
 
     def load_state_dict(self, state: dict) -> None:
         self.t0 = self.clock()
         self.elapsed_before = float(state["elapsed"])
         self.reserve_s = state.get("reserve_s")
         self._mark = tuple(state["mark"]) if state.get("mark") else None
+        self.eval_img_per_s, self.ref_rate, self.rate = state["eval_img_per_s"], state["ref_rate"], state["rate"]
+        self._last = tuple(state["last"])
