@@ -169,7 +169,7 @@ def test_grad_accumulation_matches_larger_batch(tmp_path):
 
 
 def test_time_budget_stops_cleanly(tmp_path):
-    tr = make_trainer(tmp_path, epochs=1000, time_budget_s=0.5)
+    tr = make_trainer(tmp_path, epochs=1000, time_budget="0.5s")
     s = tr.fit()
     assert s["stopped"] == "time_budget" and 0 < s["steps"] < 8000
     assert s["val_acc"] is not None

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .engine.budget import parse_duration
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
 from .errors import ConfigError, PathNotFoundError
 
@@ -105,12 +106,36 @@ def auto_recipe(overrides: list[str] | tuple[str, ...] = ()) -> str | None:
     return "shapes_quick" if path.split(":")[0] == "shapes" else None
 
 
+def _set_keys(tree, prefix: str = "") -> set[str]:
+    """``section.name`` keys in a nested dict (deeper keys count as their two-level parent)."""
+    out = set()
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key.count(".") < 1:
+            out |= _set_keys(v, key + ".")
+        else:
+            out.add(key)
+    return out
+
+
+def user_keys(cfg: TrainConfig) -> frozenset[str]:
+    """The ``section.name`` keys set by the recipe or the overrides of :func:`load_config`."""
+    return getattr(cfg, "_user_keys", frozenset())
+
+
+def uses_plan(cfg: TrainConfig) -> bool:
+    """True when :func:`vitkit.train` fills unset keys from the data-aware plan (:mod:`vitkit.plan`)."""
+    return bool(getattr(cfg, "_use_plan", False))
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults, then the recipe, then ``key=value`` overrides; returns a validated TrainConfig.
 
     With no recipe, the built-in shapes data gets ``shapes_quick`` (see :func:`auto_recipe`);
-    other data starts from the dataclass defaults (the DeiT recipe).
+    other data gets the data-aware plan (:mod:`vitkit.plan`) at train time: every key that the
+    overrides do not set is chosen from the dataset scan and a short calibration.
     """
+    use_plan = recipe is None and auto_recipe(overrides) is None
     if recipe is None:
         recipe = auto_recipe(overrides)
     base = OmegaConf.structured(TrainConfig)
@@ -127,6 +152,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
         raise ConfigError(_config_error(e)) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
     validate(cfg)
+    keys = set()
+    for layer in layers[1:]:
+        keys |= _set_keys(OmegaConf.to_container(layer))
+    # Not dataclass fields: they steer the plan and are not saved with the config.
+    cfg._user_keys = frozenset(keys)
+    cfg._use_plan = use_plan
     return cfg
 
 
@@ -153,6 +184,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"engine.epochs must be >= 1, got {e.epochs}")
     if e.amp not in ("auto", "bf16", "fp16", "none"):
         raise ConfigError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+    parse_duration(e.time_budget)  # a bad duration fails here, before any data is read
     from .objectives import objective_config
 
     objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys

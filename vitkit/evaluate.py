@@ -83,6 +83,7 @@ def evaluate(
     Returns:
         ``{"top1", "top5"}`` (fractions; top-5 is top-k with k = min(5, classes)), ``"n"`` (images),
         ``"per_class"`` (class name -> accuracy, for the classes present in the data),
+        ``"balanced_acc"`` (the mean of ``per_class``: every class counts the same, whatever its size),
         ``"classes"`` and ``"confusion_matrix"`` (rows: true class, columns: predicted, in the
         model's class order), plus where the model, weights and outputs are.
     """
@@ -118,11 +119,13 @@ def evaluate(
         raise DataError(f"split {split!r} of {data} has no images to evaluate")
     cm = confusion.numpy()
     per_true = cm.sum(1)
+    per_class = {classes[i]: float(cm[i, i] / per_true[i]) for i in range(k) if per_true[i] > 0}
     result = {
         "top1": float(np.trace(cm) / n),
         "top5": top5_hits / n,
+        "balanced_acc": float(np.mean(list(per_class.values()))),
         "n": n,
-        "per_class": {classes[i]: float(cm[i, i] / per_true[i]) for i in range(k) if per_true[i] > 0},
+        "per_class": per_class,
         "classes": classes,
         "confusion_matrix": cm.tolist(),
         "model": getattr(lm.model, "model_name", ""),

@@ -22,7 +22,7 @@ RUN_FILES = (
 )
 # Keys whose change alters the lr at a given step (the schedule's length or shape).
 SCHEDULE_KEYS = (
-    "engine.epochs", "engine.max_steps", "engine.time_budget", "engine.time_budget_s", "data.batch_size",
+    "engine.epochs", "engine.max_steps", "engine.time_budget", "data.batch_size",
     "engine.accum_steps", "optim.lr", "schedule.*",
 )
 

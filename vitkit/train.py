@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from .config import TrainConfig, save_config, to_dict
+from .config import TrainConfig, save_config, to_dict, user_keys, uses_plan
 from .data import (
     BatchAugment,
     EvalTransform,
@@ -34,7 +34,8 @@ from .data import (
     scan_path,
 )
 from .engine import Trainer
-from .engine.distributed import init_distributed
+from .engine.budget import Budget, parse_duration
+from .engine.distributed import all_gather_object, init_distributed
 from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
@@ -118,8 +119,24 @@ def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> 
     return model
 
 
-def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
-    """Everything :func:`train` needs, without training: returns (trainer, run info)."""
+def _make_plan(cfg: TrainConfig, info, train_ds, dist, verbose: bool):
+    """The data-aware plan, applied to ``cfg``; under torchrun every process takes rank 0's."""
+    from .plan import apply_plan, plan_run
+
+    want = cfg.engine.device
+    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    plan = plan_run(cfg, info, train_ds, user_keys(cfg), device, verbose=verbose)
+    if dist.enabled:
+        plan.values, plan.reasons = all_gather_object((plan.values, plan.reasons))[0]
+        apply_plan(cfg, plan)
+    return plan
+
+
+def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None) -> tuple[Trainer, dict]:
+    """Everything :func:`train` needs, without training: returns (trainer, run info).
+
+    ``start`` (``time.monotonic()``) is when the run began: an ``engine.time_budget`` counts from it.
+    """
     dist = init_distributed()
     d = cfg.data
     # --- broken files: found and judged before training, then left out (issue 7) ---
@@ -130,22 +147,24 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         print(f"checked {scan.scanned} image files in {time.perf_counter() - t0:.1f} s: {found}")
     # --- end broken files ---
     info = inspect_dataset(d.path, seed=cfg.engine.seed)
-    choice = choose_model(cfg, info)
-    if verbose and dist.is_main:
-        print(choice.reason)
-    model = build_model(choice, cfg, verbose=verbose and dist.is_main)
-    card = model.card
+    in_chans = d.in_chans or info.in_chans
     train_ds = build_dataset(
-        d.path, "train", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=choice.in_chans,
+        d.path, "train", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=in_chans,
         max_bad_fraction=d.max_bad_fraction,
     )
     val_ds = build_dataset(
-        d.path, "val", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=choice.in_chans,
+        d.path, "val", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=in_chans,
         max_bad_fraction=d.max_bad_fraction,
     )
     if scan is not None and scan.bad:  # --- broken files (issue 7) ---
         for ds in (train_ds, val_ds):
             ds.exclude(scan.bad_files)
+    plan = _make_plan(cfg, info, train_ds, dist, verbose and dist.is_main) if uses_plan(cfg) else None
+    choice = choose_model(cfg, info)
+    if verbose and dist.is_main and plan is None:
+        print(choice.reason)
+    model = build_model(choice, cfg, verbose=verbose and dist.is_main)
+    card = model.card
     classes = list(getattr(train_ds, "classes", []) or [str(i) for i in range(choice.num_classes)])
     crop_pct = d.crop_pct or card.crop_pct
     # The saved weights carry what inference needs: class names and the eval preprocessing.
@@ -195,11 +214,19 @@ def build_run(cfg: TrainConfig, verbose: bool = True) -> tuple[Trainer, dict]:
         "model_args": model.model_args,
         "objective": {"name": objective_name, **asdict(objective_cfg), "references": objective.references()},
         "bad_files": scan.lines() if scan is not None else [],  # "name: reason", each broken file once
+        "class_counts": dict(zip(classes, info.class_counts)),
+        "plan": plan.to_json() if plan is not None else None,
     }
+    budget = None
+    if cfg.engine.time_budget is not None:  # the budget counts from the start of the run
+        budget = Budget(parse_duration(cfg.engine.time_budget))
+        budget.elapsed_before = time.monotonic() - start if start is not None else 0.0
+        if plan is not None and plan.eval_img_per_s:
+            budget.set_eval_rate(plan.eval_img_per_s, info.n_val, plan.img_per_s)
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
         out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),
-        config_to_save=to_dict(cfg),
+        config_to_save=to_dict(cfg), budget=budget,
     )
     return trainer, run_info
 
@@ -216,6 +243,7 @@ def train(
     (continue it) or ``force`` (delete its files and start over). A resumed run refuses changes
     to the keys that shape the lr schedule unless ``reschedule`` (see :mod:`vitkit.rundir`).
     """
+    start = time.monotonic()
     torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
     # --- run directory checks (issue 7) ---
     is_main = init_distributed().is_main
@@ -229,7 +257,7 @@ def train(
         if removed and verbose:
             print(f"--force: deleted the previous run's {', '.join(removed)} in {cfg.engine.out_dir}")
     # --- end run directory checks ---
-    trainer, run_info = build_run(cfg, verbose=verbose)
+    trainer, run_info = build_run(cfg, verbose=verbose, start=start)
     out = Path(trainer.out_dir)
     if trainer.is_main:
         out.mkdir(parents=True, exist_ok=True)

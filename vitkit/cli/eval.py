@@ -32,7 +32,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['model']} on {result['data']} ({result['split']}, {result['n']} images)")
-    print(f"  top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}")
+    print(f"  top-1 {result['top1']:.2%}   top-5 {result['top5']:.2%}   balanced {result['balanced_acc']:.2%}")
     worst = sorted(result["per_class"].items(), key=lambda kv: kv[1])[:5]
     if len(result["per_class"]) > 1:
         print("  worst classes: " + ", ".join(f"{name} {acc:.1%}" for name, acc in worst))

@@ -14,7 +14,8 @@ _GRAY_TOLERANCE = 3
 
 @dataclass
 class DatasetInfo:
-    """What :func:`inspect_dataset` found. ``typical_size`` is the median (H, W) of the sampled images."""
+    """What :func:`inspect_dataset` found. ``typical_size`` is the median (H, W) of the sampled images;
+    ``class_counts`` are training images per class (empty when the format does not list labels)."""
 
     num_classes: int
     in_chans: int
@@ -22,6 +23,8 @@ class DatasetInfo:
     n_train: int
     n_val: int
     format: str
+    classes: tuple[str, ...] = ()
+    class_counts: tuple[int, ...] = ()
 
 
 def _sampled_images(ds, max_samples: int, seed: int):
@@ -62,6 +65,8 @@ def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0) -> Dataset
         if not hs:
             raise ValueError(f"{path}: none of the sampled images could be read")
         h, w = int(np.median(hs)), int(np.median(ws))
+    targets = getattr(train, "targets", None)
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=train.num_classes) if targets else []
     return DatasetInfo(
         num_classes=train.num_classes,
         in_chans=1 if gray else 3,
@@ -69,4 +74,6 @@ def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0) -> Dataset
         n_train=len(train),
         n_val=len(val),
         format=train.format,
+        classes=tuple(getattr(train, "classes", ()) or ()),
+        class_counts=tuple(int(c) for c in counts),
     )

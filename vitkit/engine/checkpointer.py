@@ -51,6 +51,7 @@ class Checkpointer:
             rng=all_gather_object(rng if rng is not None else ckpt.get_rng_state()),
             sampler=tr.sampler_state(),
             ema_updates=tr.ema.updates if tr.ema is not None else 0,
+            budget=tr.budget.state_dict() if tr.budget is not None else None,
             references=getattr(tr.objective, "references", dict)(),
             world_size=tr.dist.world_size,
             config=tr.config_to_save,
@@ -103,6 +104,8 @@ class Checkpointer:
                 raise WeightsError(f"{data['path']} has no ema.safetensors but engine.ema_decay is set")
             tr.ema.module.load_state_dict(data["ema"])
             tr.ema.updates = int(st.get("ema_updates", tr.step))
+        if tr.budget is not None and st.get("budget"):  # before the schedule reads it
+            tr.budget.load_state_dict(st["budget"])
         tr.scheduler.load_state_dict(st["scheduler"])
         tr.scaler.load_state_dict(st["scaler"])
         tr.state.load_state_dict(st)

@@ -48,16 +48,17 @@ class ScheduleConfig:
 class EngineConfig:
     """The training loop.
 
-    ``max_steps`` caps optimizer steps (and shortens the schedule to match); ``time_budget_s``
-    stops cleanly after that much wall-clock, still evaluating, checkpointing and writing the
-    summary. ``amp="auto"`` picks bf16 on CUDA with bf16 support or on a CPU with native bf16
+    ``max_steps`` caps optimizer steps (and shortens the schedule to match). ``time_budget``
+    ("90s", "10m", "2h", "1h30m" or seconds) bounds the whole run's wall-clock: the lr schedule
+    follows the elapsed share of the budget and anneals when it ends, and the final evaluation,
+    checkpoint and summary fit inside it (see :mod:`vitkit.engine.budget`). ``amp="auto"`` picks bf16 on CUDA with bf16 support or on a CPU with native bf16
     instructions, else none. ``nonfinite="skip"`` drops optimizer steps whose loss is NaN/inf
     (counted in the summary) instead of stopping.
     """
 
     epochs: int = 100
     max_steps: int | None = None
-    time_budget_s: float | None = None
+    time_budget: str | None = None
     accum_steps: int = 1
     amp: str = "auto"  # bf16 | fp16 | none | auto
     ema_decay: float | None = None

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..errors import TrainingError
 from ..objectives.base import StepContext
 from . import checkpoint as ckpt
+from .budget import Budget, loader_samples, parse_duration
 from .callbacks import CheckpointCadence, EmaCallback, TrainLogger
 from .checkpointer import Checkpointer
 from .config import EngineConfig, OptimConfig, ScheduleConfig
@@ -102,6 +103,8 @@ class Trainer:
             tensors of the last micro-batch plus ``lr``) and ``on_epoch_end(trainer, epoch, val)``.
             Setting ``trainer.should_stop = True`` ends the run cleanly after the current step.
         config_to_save: the run's full config (primitives), stored in each checkpoint.
+        budget: the run's clock when ``cfg.time_budget`` is set (``vitkit.train`` starts it before
+            the data scan); by default one starts here.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class Trainer:
         sampler=None,
         hooks: Sequence = (),
         config_to_save: dict | None = None,
+        budget: Budget | None = None,
     ):
         self.cfg = cfg = cfg if cfg is not None else EngineConfig()
         self.optim_cfg = optim_cfg if optim_cfg is not None else OptimConfig()
@@ -189,10 +193,16 @@ class Trainer:
             self.module = wrap_fsdp(objective, self.device)
         elif self.dist.enabled:
             self.module = wrap_ddp(objective, self.device, cfg.find_unused_parameters)
+        # The clock that drives the schedule and the stop under engine.time_budget.
+        budget_s = parse_duration(cfg.time_budget)
+        self.budget = (budget or Budget(budget_s)) if budget_s else None
+        if self.budget is not None:
+            self.budget.total_s = budget_s
         self.optimizer = build_optimizer(objective, self.optim_cfg, self.global_batch)
         self.base_lr = scaled_lr(self.optim_cfg, self.global_batch)
         self.scheduler = LRSchedule(
-            self.optimizer, self.sched_cfg, self.base_lr, self.total_steps, self.steps_per_epoch
+            self.optimizer, self.sched_cfg, self.base_lr, self.total_steps, self.steps_per_epoch,
+            budget=self.budget,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._train_fn = torch.compile(self.module) if cfg.compile else self.module
@@ -335,6 +345,7 @@ class Trainer:
 
     def _run_eval(self) -> dict[str, float]:
         error, val = None, {}
+        t_eval = time.perf_counter()
         try:
             val = self.evaluate()
             if self.ema is not None and val:
@@ -342,6 +353,8 @@ class Trainer:
         except Exception as e:
             error = e
         self._agree(error)
+        if self.budget is not None:  # a measured eval sizes the reserve for the final one
+            self.budget.note_eval(time.perf_counter() - t_eval)
         self._last_eval_step = self.step
         self.last_val = val
         if not val:
@@ -440,8 +453,12 @@ class Trainer:
         for h in self.hooks:
             if hasattr(h, "on_step_end"):
                 h.on_step_end(self, st.step, step_metrics)
-        rate = st.train_time_s / max(1, st.step - self._fit_start_step)
-        self.train_log.on_step_end(st, self.total_steps, lr, grad_norm, (self.total_steps - st.step) * rate)
+        if self.budget is not None:  # size the end reserve from the measured train rate
+            self.budget.on_step(st.step, st.train_samples, st.train_time_s, loader_samples(self.val_loader))
+            eta = self.budget.remaining()
+        else:
+            eta = (self.total_steps - st.step) * st.train_time_s / max(1, st.step - self._fit_start_step)
+        self.train_log.on_step_end(st, self.total_steps, lr, grad_norm, eta)
 
     def _train_epoch(self) -> str | None:
         """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end."""
@@ -514,7 +531,7 @@ class Trainer:
         """Why the run should stop now (``max_steps``, ``time_budget``, a hook), or None: the one stop rule."""
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
             return "max_steps"
-        if self.cfg.time_budget_s is not None and time.time() - self._t_fit >= self.cfg.time_budget_s:
+        if self.budget is not None and self.budget.progress() >= 1:
             return "time_budget"
         if self.should_stop:
             return "stopped_by_hook"
@@ -533,7 +550,7 @@ class Trainer:
         self.save_checkpoint(is_best=bool(val.pop("_improved", False)))
 
     def fit(self, resume: bool | str | os.PathLike = False) -> dict:
-        """Train to ``cfg.epochs`` (or ``max_steps`` / ``time_budget_s``); returns the summary.
+        """Train to ``cfg.epochs`` (or ``max_steps`` / ``time_budget``); returns the summary.
 
         Args:
             resume: True continues from the run's latest checkpoint (fresh start if there is

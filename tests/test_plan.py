@@ -1,0 +1,220 @@
+"""The data-aware plan: choices on synthetic scans, overrides kept, and the no-flag path end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image, ImageDraw
+from test_convert import hub_cache  # noqa: F401  (the offline hub-cache fixture)
+
+from vitkit import plan as plan_mod
+from vitkit.config import load_config, user_keys, uses_plan
+from vitkit.data.inspect import DatasetInfo, inspect_dataset
+from vitkit.plan import Calibration, apply_plan, cpu_budget_s, find_pretrained, make_plan
+
+SMALL_A, SMALL_B = "vit_nano_convstem_patch4_32@32", "vit_nano_convstem_patch8_64@32"
+MED_A, MED_B = "vit_nano_convstem_patch8_64@64", "vit_nano_convstem_patch16_64@64"
+DEIT = "deit_tiny_patch16_224@224"
+
+
+def info(n=8000, side=28, chans=1, classes=10, counts=None):
+    counts = counts or [n // classes] * classes
+    return DatasetInfo(num_classes=classes, in_chans=chans, typical_size=(side, side), n_train=n,
+                       n_val=n // 9, format="folder", classes=tuple(f"c{i}" for i in range(classes)),
+                       class_counts=tuple(counts))
+
+
+def cpu(rates, decode=0.0, pretrained=None):
+    return Calibration("cpu", dict(rates), decode, pretrained)
+
+
+def test_cpu_budget_rule():
+    assert cpu_budget_s(2_000) == 600 and cpu_budget_s(50_000) == 600
+    assert cpu_budget_s(60_000) == 720  # 12 min: proportional beyond 50k, whole minutes
+    assert cpu_budget_s(10**7) == 3600
+
+
+def test_small_gray_dataset_many_epochs_gets_capable_model_and_strong_augmentation():
+    # 8k images, 450 img/s for the fast model, 150 for the capable one: 150 * 540 / 8000 ~ 10 epochs
+    # for the capable one (< 15), so the fast one, with ~30 epochs.
+    p = make_plan(info(8000), cpu({SMALL_B: 450.0, SMALL_A: 150.0}), {})
+    v = p.values
+    assert v["engine.time_budget"] == "10m"
+    assert v["model.name"] == "vit_nano_convstem_patch8_64" and v["data.img_size"] == 32
+    assert v["model.args"] == {"stem_width": 192}
+    assert v["data.batch_size"] == 128
+    epochs = 450 * 0.9 * 600 / 8000  # 30.4
+    s = plan_mod.aug_strength(epochs)
+    assert 0.55 < s < 0.65
+    assert v["data.auto_augment"] == f"rand-m{round(3 + 6 * s)}-mstd0.5-inc1"
+    assert v["data.label_smoothing"] == 0.1 and v["data.re_prob"] == round(0.25 * s, 2)
+    assert v["model.drop_path_rate"] == round(0.1 * s, 2)
+    assert v["engine.eval_every"] == 16 and v["engine.epochs"] == 92
+    # With the capable model faster (400 img/s: 27 epochs) it is chosen instead.
+    p2 = make_plan(info(8000), cpu({SMALL_B: 450.0, SMALL_A: 400.0}), {})
+    assert p2.values["model.name"] == "vit_nano_convstem_patch4_32" and "model.args" not in p2.values
+
+
+def test_tiny_dataset_strong_regularisation_small_batch():
+    p = make_plan(info(1800, side=32, chans=3, classes=4), cpu({SMALL_B: 300.0, SMALL_A: 120.0}), {})
+    v = p.values
+    assert v["model.name"] == "vit_nano_convstem_patch4_32"  # 120 * 540 / 1800 = 36 epochs
+    assert v["data.batch_size"] == 32  # 1800 / 30 = 60 -> 32
+    assert v["data.mixup"] > 0 and v["data.cutmix"] > 0  # 36 epochs: s = 0.66
+    assert v["engine.ema_decay"] is not None and 0.99 <= v["engine.ema_decay"] < 1
+
+
+def test_large_dataset_light_augmentation():
+    p = make_plan(info(60_000, side=28), cpu({SMALL_B: 400.0}), {})
+    v = p.values
+    assert v["engine.time_budget"] == "12m"
+    assert v["model.name"] == "vit_nano_convstem_patch8_64"  # 400 * 648 / 60000 = 4.3 epochs
+    assert v["data.auto_augment"] is None and v["data.mixup"] == 0 and v["data.re_prob"] == 0
+    assert v["data.label_smoothing"] == 0 and v["model.drop_path_rate"] == 0
+    assert v["data.scale_min"] == 0.5 and v["engine.ema_decay"] is None
+    assert v["schedule.name"] == "onecycle" and v["optim.lr"] == 6e-3  # batch 128: the tuned recipe's lr
+
+
+def test_decode_cost_lowers_expected_epochs():
+    fast = make_plan(info(8000), cpu({SMALL_B: 450.0}), {})
+    slow = make_plan(info(8000), cpu({SMALL_B: 450.0}, decode=0.01), {})  # 10 ms/image: ~82 img/s
+    assert slow.values["data.mixup"] == 0 < fast.values["data.mixup"] or (
+        slow.values["model.drop_path_rate"] < fast.values["model.drop_path_rate"])
+
+
+def test_medium_rgb_images_train_at_64px():
+    p = make_plan(info(5000, side=96, chans=3), cpu({MED_B: 500.0, MED_A: 90.0}), {})
+    assert p.values["data.img_size"] == 64 and p.values["model.name"] == "vit_nano_convstem_patch16_64"
+    assert p.values["data.crop_pct"] == 1.0
+
+
+def test_photos_offline_train_from_scratch_at_64px():
+    p = make_plan(info(3000, side=320, chans=3, classes=5), cpu({MED_B: 300.0, MED_A: 80.0}), {})
+    assert p.values["model.name"].startswith("vit_nano_convstem") and p.values["data.img_size"] == 64
+    assert "from scratch" in p.reasons["model.name"] and "model.init" not in p.values
+    assert "data.crop_pct" not in p.values  # photos keep the centre crop
+
+
+def test_photos_with_pretrained_weights_fine_tune():
+    hub = "timm/deit_tiny_patch16_224.fb_in1k"
+    p = make_plan(info(3000, side=320, chans=3, classes=5), cpu({DEIT: 30.0}, pretrained=hub), {})
+    v = p.values
+    assert v["model.name"] == "deit_tiny_patch16_224" and v["model.init"] == hub and v["data.img_size"] == 224
+    # 2.5e-4 at batch 128, sqrt-scaled to 32 (1.25e-4), written per 512: 2e-3.
+    assert v["optim.layer_decay"] == 0.65 and v["optim.lr"] == pytest.approx(2e-3)
+    assert v["schedule.name"] == "cosine" and v["data.batch_size"] == 32
+    assert "fine-tune" in p.reasons["model.name"]
+
+
+def test_gpu_plan_is_sized_in_epochs():
+    c = Calibration("cuda", {SMALL_B: 5000.0, SMALL_A: 3000.0}, 0.0)
+    p = make_plan(info(10_000, side=32, chans=3), c, {})
+    assert "engine.time_budget" not in p.values
+    assert p.values["engine.epochs"] == 150 and p.values["data.batch_size"] == 256
+    assert p.values["data.auto_augment"] is not None and p.values["data.mixup"] > 0  # 150 epochs: DeiT-strength
+
+
+def test_imbalance_reported_and_rare_classes_warned():
+    p = make_plan(info(2000, classes=3, counts=[1500, 495, 5]), cpu({SMALL_B: 400.0, SMALL_A: 150.0}), {})
+    text = "\n".join(p.lines())
+    assert "c0=1500, c1=495, c2=5" in text and "imbalanced 300.0:1" in text
+    assert "fewer than 10" in text and "'c2'" in text
+    balanced = make_plan(info(2000, classes=2), cpu({SMALL_B: 400.0, SMALL_A: 150.0}), {})
+    assert "balanced;" in "\n".join(balanced.lines())
+
+
+def test_plan_never_touches_user_keys():
+    user = {"model.name": "vit_nano_convstem_patch4_32", "data.batch_size": 64, "data.mixup": 0.5,
+            "engine.time_budget": "2m", "optim.lr": 1e-3, "model.args": {}}
+    p = make_plan(info(8000), cpu({SMALL_A: 150.0, SMALL_B: 450.0}), user)
+    assert not set(p.values) & set(user)
+    # The user's budget and batch feed the choices: 150 * 0.9 * 120 / 8000 = 2 epochs -> light.
+    assert p.values["data.auto_augment"] is None and p.values["data.cutmix"] == 0.0
+
+
+def test_load_config_tracks_user_keys_and_plan_is_applied_around_them():
+    cfg = load_config(None, ["data.path=/data/mine", "data.mixup=0.3", "model.args.stem_width=96",
+                             "engine.time_budget=3m"])
+    assert uses_plan(cfg)
+    assert user_keys(cfg) == {"data.path", "data.mixup", "model.args", "engine.time_budget"}
+    assert not uses_plan(load_config(None, ["data.path=shapes"]))
+    assert not uses_plan(load_config("cifar10_fast", ["data.path=/data/mine"]))
+    from vitkit.plan import user_values
+
+    user = user_values(cfg, user_keys(cfg))
+    p = make_plan(info(8000), cpu({SMALL_A: 150.0, SMALL_B: 450.0}), user)
+    apply_plan(cfg, p)
+    assert cfg.data.mixup == 0.3 and cfg.model.args == {"stem_width": 96} and cfg.engine.time_budget == "3m"
+    assert cfg.model.name == p.values["model.name"] and cfg.data.batch_size == p.values["data.batch_size"]
+
+
+# ---------------------------------------------------------------------- pretrained weights in the hub cache
+
+def test_find_pretrained_uses_the_local_cache_offline(hub_cache):  # noqa: F811
+    import vitkit
+
+    assert find_pretrained() is None  # offline and nothing cached: train from scratch
+    hub_id = vitkit.get_model_card(plan_mod.PRETRAINED_MODEL).hub_id
+    (hub_cache(hub_id) / "model.safetensors").write_bytes(b"x")
+    assert find_pretrained() == hub_id
+
+
+# ---------------------------------------------------------------------- the no-flag path end to end
+
+
+def draw_patterns(root, per_class=40, size=40, seed=0):
+    """A class folder of horizontal stripes, vertical stripes and checkerboards (random period, phase, colours)."""
+    rng = random.Random(seed)
+    for name in ("hstripes", "vstripes", "checker"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            bg, fg = (tuple(rng.randrange(lo, lo + 80) for _ in range(3)) for lo in (0, 170))
+            img = Image.new("RGB", (size, size), bg)
+            d = ImageDraw.Draw(img)
+            period, phase = rng.randrange(6, 11), rng.randrange(0, 6)
+            for a in range(-phase, size, period):
+                for b in range(-phase, size, period) if name == "checker" else [0]:
+                    if name == "hstripes":
+                        d.rectangle([0, a, size, a + period // 2 - 1], fill=fg)
+                    elif name == "vstripes":
+                        d.rectangle([a, 0, a + period // 2 - 1, size], fill=fg)
+                    elif ((a + b) // period) % 2 == 0:
+                        d.rectangle([a, b, a + period - 1, b + period - 1], fill=fg)
+            img.save(root / name / f"{i}.png")
+
+
+def test_inspect_counts_classes(tmp_path):
+    draw_patterns(tmp_path / "data", per_class=10)
+    got = inspect_dataset(str(tmp_path / "data"))
+    assert got.classes == ("checker", "hstripes", "vstripes") and got.class_counts == (9, 9, 9)
+    assert got.typical_size == (40, 40) and got.in_chans == 3
+
+
+def test_no_flag_run_plans_learns_and_records_the_plan(tmp_path):
+    """The plan path of ``vitkit train --data DIR``; a tiny model and 15 epochs keep it fast, and
+    15 planned epochs switch augmentation on (RandAugment, label smoothing)."""
+    from vitkit.train import train
+
+    draw_patterns(tmp_path / "data", per_class=60)
+    cfg = load_config(None, [f"data.path={tmp_path / 'data'}", "model.name=test_vit", "engine.epochs=15",
+                             f"engine.out_dir={tmp_path / 'run'}", "engine.plots=false", "engine.tensorboard=false",
+                             "data.num_workers=0"])
+    summary = train(cfg, verbose=False)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    plan = run["plan"]
+    assert plan["data.auto_augment"]["value"] == "rand-m5-mstd0.5-inc1"
+    assert plan["data.label_smoothing"]["value"] == 0.1 and plan["data.batch_size"]["value"] == 16
+    assert not {"model.name", "engine.epochs", "data.num_workers", "engine.time_budget"} & set(plan)
+    assert all(set(v) == {"value", "reason"} and v["reason"] for v in plan.values())
+    assert run["class_counts"] == {"checker": 54, "hstripes": 54, "vstripes": 54}
+    assert summary["stopped"] == "completed" and summary["epochs"] == 15
+    assert summary["val_acc"] > 0.6  # chance is 1/3
+
+    from vitkit.evaluate import evaluate
+
+    result = evaluate(str(tmp_path / "run"), str(tmp_path / "data"), num_workers=0)
+    assert result["top1"] == pytest.approx(summary["val_acc"], abs=0.01)
+    # 6 val images per class: balanced accuracy is the plain mean of the per-class accuracies.
+    assert result["balanced_acc"] == pytest.approx(sum(result["per_class"].values()) / 3)

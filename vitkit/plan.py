@@ -1,0 +1,440 @@
+"""The data-aware plan: what ``vitkit train --data DIR`` trains when no recipe is named.
+
+From the dataset scan (:class:`~vitkit.data.inspect.DatasetInfo`) and a short timed calibration
+on this machine (:func:`calibrate`: a few training steps of each candidate model, and the cost
+of decoding and cropping real images), :func:`make_plan` chooses the model, resolution, batch,
+lr, schedule, augmentation, regularisation and length, each with a one-line reason.
+:func:`make_plan` is a pure function of those numbers, so tests can check it on synthetic scans.
+
+Rules, all derived from the scan and the measured speed (no dataset is special-cased):
+
+- **Length.** On a CPU the run gets a wall-clock budget: 10 minutes for up to 50,000 images,
+  growing in proportion to the image count beyond that, at most an hour. On a GPU it is sized in
+  epochs (more passes for fewer images). ``epochs_expected = img/s x training time / n_train``.
+- **Model.** Small images (<= 48 px) train at 32 px, up to 128 px at 64 px, on conv-stem nano
+  ViTs; of the two candidates the one with more tokens is taken when the budget still affords
+  it ``MIN_EPOCHS`` passes, else the faster one. Larger images (photos) fine-tune a pretrained
+  DeiT-Tiny with layer-wise lr decay when its weights are cached or the hub answers; offline
+  they train from scratch at 64 px, where a CPU can learn from a few thousand images.
+- **Augmentation and regularisation** grow with the expected epochs: light (crop + flip) for a
+  handful of passes, then RandAugment, label smoothing, erasing, mixup/cutmix, drop path and an
+  EMA of the weights, up to DeiT strength at ``STRONG_EPOCHS`` passes or more.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+from .data.inspect import DatasetInfo
+
+SMALL_SIDE, MEDIUM_SIDE = 48, 128
+MIN_EPOCHS = 15  # passes the larger candidate must still get to be chosen
+LIGHT_EPOCHS, STRONG_EPOCHS = 5.0, 100.0  # augmentation strength 0 at or below, 1 at or above
+CPU_BUDGET_S, CPU_BUDGET_IMAGES, CPU_BUDGET_MAX_S = 600.0, 50_000, 3600.0
+MIN_CLASS_IMAGES = 10
+# AdamW lr at a batch of 128 (from the tuned small-image recipe, 6e-3 per 512; fine-tuning 1e-3
+# per 512), square-root scaled to the planned batch: linear scaling starves small batches.
+SCRATCH_LR_128, FINETUNE_LR_128 = 1.5e-3, 2.5e-4
+PRETRAINED_MODEL = "deit_tiny_patch16_224"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model at a resolution; ``args`` are extra constructor arguments."""
+
+    name: str
+    img_size: int
+    args: tuple[tuple[str, object], ...] = ()
+    pretrained: str | None = None  # hub id to fine-tune from
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.img_size}"
+
+
+@dataclass
+class Calibration:
+    """Measured on the machine at hand: training img/s per candidate key, seconds to decode and crop one image."""
+
+    device: str
+    img_per_s: dict[str, float]
+    decode_s: float
+    pretrained: str | None = None  # hub id of weights that can be loaded (cached or reachable)
+    eval_img_per_s: dict[str, float] = field(default_factory=dict)  # forward-only, at twice the batch
+
+
+@dataclass
+class Plan:
+    """Chosen values by dotted config key, each with its reason, plus warnings."""
+
+    values: dict[str, object] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    img_per_s: float | None = None  # expected training rate of the chosen model, images and all
+    eval_img_per_s: float | None = None  # its measured evaluation rate (for the budget's end reserve)
+
+    def set(self, key: str, value, reason: str) -> None:
+        self.values[key] = value
+        self.reasons[key] = reason
+
+    def to_json(self) -> dict:
+        return {k: {"value": v, "reason": self.reasons[k]} for k, v in self.values.items()}
+
+    def lines(self) -> list[str]:
+        out = ["plan (override any key with key=value):"]
+        for k, v in self.values.items():
+            out.append(f"  {k}={v}  # {self.reasons[k]}")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+def candidates(info: DatasetInfo, pretrained: str | None) -> list[Candidate]:
+    """Models to calibrate for this data, most capable first."""
+    side = max(info.typical_size)
+    if side <= SMALL_SIDE:
+        return [
+            Candidate("vit_nano_convstem_patch4_32", 32),
+            Candidate("vit_nano_convstem_patch8_64", 32, (("stem_width", 192),)),
+        ]
+    if side > MEDIUM_SIDE and pretrained:
+        return [Candidate(PRETRAINED_MODEL, 224, pretrained=pretrained)]
+    return [Candidate("vit_nano_convstem_patch8_64", 64), Candidate("vit_nano_convstem_patch16_64", 64)]
+
+
+def cpu_budget_s(n_train: int) -> float:
+    """The CPU budget: 10 min up to 50k images, proportionally more beyond, at most 1 h (whole minutes)."""
+    s = CPU_BUDGET_S * max(1.0, n_train / CPU_BUDGET_IMAGES)
+    return min(CPU_BUDGET_MAX_S, 60.0 * math.ceil(s / 60.0))
+
+
+def planned_budget_s(n_train: int, user: dict[str, object], device: str) -> float | None:
+    """The run's time budget: the user's, else :func:`cpu_budget_s` on a CPU unless epochs were set."""
+    from .engine.budget import parse_duration
+
+    if "engine.time_budget" in user:
+        return parse_duration(user["engine.time_budget"])
+    if "engine.epochs" in user or device == "cuda":
+        return None
+    return cpu_budget_s(n_train)
+
+
+def gpu_epochs(n_train: int, finetune: bool) -> int:
+    """GPU length in epochs: about 1.5M samples from scratch (30-300 epochs), 300k to fine-tune (10-50)."""
+    if finetune:
+        return int(min(50, max(10, round(3e5 / max(1, n_train)))))
+    return int(min(300, max(30, round(1.5e6 / max(1, n_train)))))
+
+
+def planned_batch(n_train: int, device: str, finetune: bool) -> int:
+    """128 (256 on a GPU, 32/64 to fine-tune), smaller for small datasets so an epoch has >= 30 steps."""
+    top = (64 if device == "cuda" else 32) if finetune else (256 if device == "cuda" else 128)
+    fit = 2 ** int(math.log2(max(1, n_train // 30)))
+    return int(max(16, min(top, fit)))
+
+
+def aug_strength(epochs: float) -> float:
+    """0 at ``LIGHT_EPOCHS`` passes or fewer, 1 at ``STRONG_EPOCHS`` or more, log-linear between."""
+    if epochs <= LIGHT_EPOCHS:
+        return 0.0
+    return min(1.0, math.log(epochs / LIGHT_EPOCHS) / math.log(STRONG_EPOCHS / LIGHT_EPOCHS))
+
+
+def _ep(epochs: float) -> str:
+    return f"{epochs:.1f}" if epochs < 10 else f"{epochs:.0f}"
+
+
+def _train_rate(calib: Calibration, cand: Candidate) -> float:
+    # Decoding runs in loader workers on the same cores: counted in series, to be safe.
+    model_s = 1.0 / max(calib.img_per_s[cand.key], 1e-6)
+    return 1.0 / (model_s + calib.decode_s)
+
+
+def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) -> Plan:
+    """The plan for ``info`` on the calibrated machine. ``user``: dotted keys the user set, with values.
+
+    Keys the user set are never planned; choices that depend on them use the user's value.
+    """
+    plan = Plan()
+    n = max(1, info.n_train)
+    h, w = info.typical_size
+    side = max(h, w)
+    cands = candidates(info, calib.pretrained)
+    finetune = cands[0].pretrained is not None and "model.name" not in user
+
+    # Length: a time budget on a CPU, epochs on a GPU.
+    budget_s = planned_budget_s(n, user, calib.device)
+    if budget_s is not None and "engine.time_budget" not in user:
+        plan.set("engine.time_budget", f"{budget_s / 60:g}m",
+                 f"CPU run: 10 min for up to {CPU_BUDGET_IMAGES:,} images ({n:,} here), at most 1 h")
+
+    def expected_epochs(cand: Candidate) -> float:
+        if budget_s is None:
+            return float(user.get("engine.epochs") or gpu_epochs(n, finetune))
+        return _train_rate(calib, cand) * 0.9 * budget_s / n  # ~10% for startup and the final eval
+
+    # Model and resolution.
+    if "model.name" in user:
+        cand = Candidate(str(user["model.name"]), int(user.get("data.img_size") or cands[0].img_size))
+        if cand.key not in calib.img_per_s:
+            calib.img_per_s[cand.key] = calib.img_per_s[cands[-1].key]
+    else:
+        cand = cands[-1]
+        for c in cands:
+            if c is cands[-1] or (c.key in calib.img_per_s and expected_epochs(c) >= MIN_EPOCHS):
+                cand = c
+                break
+        tokens = (cand.img_size // (int(cand.name.split("patch")[1].split("_")[0]))) ** 2
+        if finetune:
+            why = f"{side} px photos: fine-tune pretrained {cand.pretrained} (weights cached or reachable)"
+        elif side > MEDIUM_SIDE:
+            why = (f"{side} px photos, no pretrained weights cached and the hub unreachable: from scratch at "
+                   f"{cand.img_size} px, which a CPU can learn from {n:,} images in the budget")
+        else:
+            why = (f"{h}x{w} images: {tokens} tokens at {cand.img_size} px; "
+                   f"~{_ep(expected_epochs(cand))} epochs fit at {_train_rate(calib, cand):.0f} img/s")
+        plan.set("model.name", cand.name, why)
+        if "data.img_size" not in user:
+            plan.set("data.img_size", cand.img_size, "the model's resolution for this image size")
+        if cand.args and "model.args" not in user:
+            plan.set("model.args", dict(cand.args), "the wider conv stem of the fast small-image recipe")
+        if cand.pretrained and "model.init" not in user:
+            plan.set("model.init", cand.pretrained, "ImageNet weights: few images train far better from them")
+    epochs = expected_epochs(cand)
+    plan.img_per_s = _train_rate(calib, cand)
+    plan.eval_img_per_s = calib.eval_img_per_s.get(cand.key)
+    if side <= MEDIUM_SIDE and "data.crop_pct" not in user:
+        plan.set("data.crop_pct", 1.0, "small images: evaluate on the whole image, no centre crop")
+
+    batch = int(user.get("data.batch_size") or planned_batch(n, calib.device, finetune))
+    if "data.batch_size" not in user:
+        plan.set("data.batch_size", batch, f"{n:,} training images: >= 30 steps per epoch, at most "
+                                           f"{planned_batch(10**9, calib.device, finetune)}")
+
+    # Optimiser and schedule.
+    def lr_per_512(lr_128: float) -> float:
+        # optim.lr is per batch 512 and the engine scales it linearly to the batch.
+        return float(f"{lr_128 * math.sqrt(batch / 128) * 512 / batch:.3g}")
+
+    eff = (FINETUNE_LR_128 if finetune else SCRATCH_LR_128) * math.sqrt(batch / 128)
+    lr_why = f"AdamW {eff:.2g} at batch {batch} ({'fine-tuning' if finetune else 'from scratch'}; per 512 in the config)"
+    if finetune:
+        plan.set("optim.lr", lr_per_512(FINETUNE_LR_128), lr_why)
+        if "optim.layer_decay" not in user:
+            plan.set("optim.layer_decay", 0.65, "layer-wise lr decay keeps early pretrained blocks close")
+        plan.set("optim.clip_grad", 1.0, "fine-tuning: clip gradients at norm 1")
+        plan.set("schedule.name", "cosine", "fine-tuning: linear warmup, cosine decay")
+    else:
+        plan.set("optim.lr", lr_per_512(SCRATCH_LR_128), lr_why)
+        plan.set("schedule.name", "onecycle", "from scratch: one cycle, annealed at the end of the run")
+    warm = round(min(5.0, max(0.3, 0.03 * epochs)), 2)
+    plan.set("schedule.warmup_epochs", warm, f"3% of ~{_ep(epochs)} epochs (0.3-5)")
+
+    # Augmentation and regularisation from the expected number of passes.
+    s = aug_strength(epochs)
+    level = "light" if s == 0 else ("DeiT-strength" if s >= 1 else f"{s:.0%} of DeiT")
+    why = f"~{_ep(epochs)} epochs: {level} augmentation"
+    plan.set("data.scale_min", round(0.5 - 0.25 * s, 2), why)
+    plan.set("data.auto_augment", f"rand-m{round(3 + 6 * s)}-mstd0.5-inc1" if s >= 0.3 else None, why)
+    plan.set("data.re_prob", round(0.25 * s, 2) if s >= 0.5 else 0.0, why)
+    mix = s >= 0.6
+    plan.set("data.mixup", round(0.8 * s, 2) if mix else 0.0, why)
+    plan.set("data.cutmix", round(1.0 * s, 2) if mix else 0.0, why)
+    plan.set("data.label_smoothing", 0.1 if s >= 0.2 else 0.0, why)
+    plan.set("model.drop_path_rate", 0.1 if finetune else round(0.1 * s, 2), why)
+
+    steps = epochs * n / batch
+    if s >= 0.5 and steps >= 500:
+        decay = min(0.9999, max(0.99, 1 - 10 / steps))
+        plan.set("engine.ema_decay", round(decay, 5), f"~{steps:.0f} noisy steps: average the last ~10%")
+    else:
+        plan.set("engine.ema_decay", None, f"~{steps:.0f} steps: the annealed weights need no average")
+
+    if budget_s is not None:
+        plan.set("engine.epochs", max(2, math.ceil(3 * epochs)), "a cap only: the time budget ends the run")
+        plan.set("engine.eval_every", max(1, math.ceil(epochs / 2)),
+                 "evaluate about once midway and at the end: the budget goes to training")
+    else:
+        if "engine.epochs" not in user:
+            plan.set("engine.epochs", round(epochs), f"GPU: about {round(epochs)} passes over {n:,} images")
+        plan.set("engine.eval_every", max(1, round(epochs / 10)), "about 10 evaluations over the run")
+
+    _class_notes(info, plan)
+    for k in [k for k in plan.values if k in user]:
+        del plan.values[k], plan.reasons[k]
+    return plan
+
+
+def _class_notes(info: DatasetInfo, plan: Plan) -> None:
+    counts = list(info.class_counts)
+    if not counts:
+        return
+    names = list(info.classes) or [str(i) for i in range(len(counts))]
+    pairs = ", ".join(f"{c}={k}" for c, k in zip(names, counts))
+    ratio = max(counts) / max(1, min(counts))
+    balance = "balanced" if ratio <= 1.5 else f"imbalanced {ratio:.1f}:1 (watch balanced accuracy)"
+    plan.notes.append(f"{len(counts)} classes, {balance}; train images per class: {pairs}")
+    few = [c for c, k in zip(names, counts) if k < MIN_CLASS_IMAGES]
+    if few:
+        plan.notes.append(f"classes with fewer than {MIN_CLASS_IMAGES} training images: {few}; "
+                          "their accuracy will be unreliable, add images if you can")
+
+
+# ---------------------------------------------------------------------- measuring this machine
+
+
+def find_pretrained(model_name: str = PRETRAINED_MODEL, timeout_s: float = 3.0) -> str | None:
+    """The hub id of ``model_name``'s weights if they are in the local HF cache or the hub answers in time."""
+    from .models import get_model_card
+
+    hub_id = get_model_card(model_name).hub_id
+    if not hub_id:
+        return None
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(hub_id, name), str):
+            return hub_id
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        HfApi().model_info(hub_id, timeout=timeout_s)
+    except Exception:  # any failure (no network, DNS, timeout, HTTP error) means: not reachable
+        return None
+    return hub_id
+
+
+def _time_model(cand: Candidate, in_chans: int, num_classes: int, batch: int, device, amp_dtype,
+                min_s: float = 1.0, max_steps: int = 8) -> float:
+    """(training, evaluation) img/s of ``cand``: two untimed steps, then timed forward+backward+update
+    steps for at least ``min_s`` seconds (at least 2, at most ``max_steps`` steps); then forward-only
+    passes at twice the batch, as the evaluation runs, for a third of that."""
+    import torch
+    from torch.nn import functional as F
+
+    from .models import create_model
+
+    model = create_model(cand.name, num_classes=num_classes, img_size=cand.img_size, in_chans=in_chans,
+                         **dict(cand.args)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, in_chans, cand.img_size, cand.img_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    step()  # the first steps pay for kernel selection and allocation
+    t0 = time.perf_counter()
+    n = 0
+    while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s):
+        step()
+        n += 1
+    train_rate = batch * n / (time.perf_counter() - t0)
+
+    model.eval()
+    x2 = torch.cat([x, x])
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        model(x2)
+        t0 = time.perf_counter()
+        n = 0
+        while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s / 3):
+            model(x2)
+            n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return train_rate, 2 * batch * n / (time.perf_counter() - t0)
+
+
+def _time_decode(dataset, img_size: int, in_chans: int, n: int = 32) -> float:
+    """Seconds to read, decode and random-crop one image of ``dataset`` (median-free mean over ``n``)."""
+    import numpy as np
+
+    from .data import TrainTransform
+
+    if not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return 0.0
+    tf = TrainTransform(img_size, in_chans, scale=(0.35, 1.0))
+    idx = np.random.default_rng(0).permutation(len(dataset))[:n]
+    t0 = time.perf_counter()
+    for i in idx:
+        tf(dataset[int(i)][0])
+    return (time.perf_counter() - t0) / len(idx)
+
+
+def calibrate(info: DatasetInfo, dataset, cfg, user: dict[str, object], device) -> Calibration:
+    """Time the candidate models and the image pipeline here (a few seconds).
+
+    The fastest candidate is timed first; a more capable one only when the budget would give the
+    fast one at least ``MIN_EPOCHS`` passes (else the slower one cannot qualify).
+    """
+    from .engine.trainer import resolve_amp
+
+    pretrained = find_pretrained() if max(info.typical_size) > MEDIUM_SIDE else None
+    cands = candidates(info, pretrained)
+    if "model.name" in user:
+        cands = [Candidate(str(user["model.name"]), int(user.get("data.img_size") or cands[0].img_size),
+                           tuple(dict(cfg.model.args).items()))]
+    finetune = cands[0].pretrained is not None
+    batch = int(user.get("data.batch_size") or planned_batch(info.n_train, device.type, finetune))
+    amp_dtype = resolve_amp(cfg.engine.amp, device)
+    in_chans = cfg.data.in_chans or info.in_chans
+    calib = Calibration(device.type, {}, _time_decode(dataset, cands[0].img_size, in_chans), pretrained)
+    budget_s = planned_budget_s(info.n_train, user, device.type)
+    for c in reversed(cands):
+        calib.img_per_s[c.key], calib.eval_img_per_s[c.key] = _time_model(
+            c, in_chans, info.num_classes, batch, device, amp_dtype
+        )
+        if budget_s is not None and _train_rate(calib, c) * 0.9 * budget_s / max(1, info.n_train) < MIN_EPOCHS:
+            break
+    return calib
+
+
+def user_values(cfg, keys) -> dict[str, object]:
+    """``{dotted key: value in cfg}`` for the keys the user set."""
+    out = {}
+    for k in keys:
+        obj = cfg
+        try:
+            for part in k.split("."):
+                obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+        except (AttributeError, KeyError):
+            continue
+        out[k] = obj
+    return out
+
+
+def apply_plan(cfg, plan: Plan) -> None:
+    """Write the plan's values into ``cfg`` (the plan holds no user-set key)."""
+    for key, value in plan.values.items():
+        section, name = key.split(".", 1)
+        setattr(getattr(cfg, section), name, value)
+
+
+def plan_run(cfg, info: DatasetInfo, dataset, user_keys, device, verbose: bool = True) -> Plan:
+    """Calibrate, plan and apply the plan to ``cfg``; prints the plan. Returns it."""
+    import torch
+
+    user = user_values(cfg, user_keys)
+    with torch.random.fork_rng(devices=[]):  # timing must not shift the run's model init
+        calib = calibrate(info, dataset, cfg, user, device)
+    plan = make_plan(info, calib, user)
+    apply_plan(cfg, plan)
+    rates = ", ".join(f"{k} {v:.0f} img/s" for k, v in calib.img_per_s.items())
+    plan.notes.append(f"calibration on {calib.device}: {rates}; decode+crop {calib.decode_s * 1e3:.1f} ms/image")
+    if verbose:
+        print("\n".join(plan.lines()), flush=True)
+    for n in plan.notes:
+        if "fewer than" in n:
+            warnings.warn(n, stacklevel=2)
+    return plan
