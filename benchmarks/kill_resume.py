@@ -4,7 +4,8 @@ One small run (built-in shapes data, a tiny ViT, checkpoints every few steps) is
 without interruption. Then, for each of ``--kills`` trials, the same command is started in a
 fresh run directory, killed with SIGKILL after a random delay (anywhere from start-up to the end
 of training, so some kills land inside a checkpoint write), and restarted with the very same
-command line until it exits 0, the way a job scheduler restarts a preempted job. The final
+command line until it exits 0, the way a job scheduler restarts a preempted job (a trial
+whose run ended before its kill is redrawn, so every kill lands inside a run). The final
 ``model.safetensors`` must equal the uninterrupted run's bit for bit (CPU, fp32).
 
 Writes results/kill_resume.json: ``{"kills", "resumed", "bitwise_equal", "trials": [...]}``.
@@ -82,19 +83,27 @@ def main() -> None:
     trials = []
     for k in range(args.kills):
         out = root / f"trial{k}"
-        delay = rng.uniform(0.5, ref_wall)
-        proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        finished_before_kill = proc.poll() is not None
-        if not finished_before_kill:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        # A kill must land inside the run: when the run ended first (a fast moment of a shared
+        # machine), the trial starts over in a fresh directory with a new delay.
+        attempts = 0
+        while attempts < 5:
+            attempts += 1
+            shutil.rmtree(out, ignore_errors=True)
+            delay = rng.uniform(0.5, ref_wall)
+            proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(delay)
+            finished_before_kill = proc.poll() is not None
+            if not finished_before_kill:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            if not finished_before_kill:
+                break
         ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
         n_runs, codes = run_to_end(out)
         resumed = codes[-1] == 0
         equal = resumed and same_weights(ref / "model.safetensors", out / "model.safetensors")
         trials.append({
-            "kill_after_s": round(delay, 2), "finished_before_kill": finished_before_kill,
+            "kill_after_s": round(delay, 2), "finished_before_kill": finished_before_kill, "attempts": attempts,
             "checkpoints_at_kill": ckpts, "restarts": n_runs, "exit_codes": codes,
             "resumed": resumed, "bitwise_equal": equal,
         })
