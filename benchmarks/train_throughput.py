@@ -144,7 +144,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {"engine": [], "hand_loop": [], "data": []}
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            trainer, _ = build_run(load_config(None, [*overrides, f"engine.out_dir={tmp}"]), verbose=False)
+            trainer, _ = build_run(load_config(None, [*overrides, f"engine.out_dir={tmp}"], plan=False), verbose=False)
             trainer.val_loader = None  # nothing is evaluated: only training is timed
             peer = timm.create_model(args.model, img_size=args.img_size, patch_size=args.patch_size, num_classes=10)
             trainer.objective.model.load_state_dict(peer.state_dict(), strict=True)

@@ -128,14 +128,17 @@ def uses_plan(cfg: TrainConfig) -> bool:
     return bool(getattr(cfg, "_use_plan", False))
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_config(
+    recipe: str | None = None, overrides: list[str] | tuple[str, ...] = (), plan: bool = True
+) -> TrainConfig:
     """Defaults, then the recipe, then ``key=value`` overrides; returns a validated TrainConfig.
 
     With no recipe, the built-in shapes data gets ``shapes_quick`` (see :func:`auto_recipe`);
     other data gets the data-aware plan (:mod:`vitkit.plan`) at train time: every key that the
-    overrides do not set is chosen from the dataset scan and a short calibration.
+    overrides do not set is chosen from the dataset scan and a short calibration. ``plan=False``
+    keeps the dataclass defaults for those keys instead.
     """
-    use_plan = recipe is None and auto_recipe(overrides) is None
+    use_plan = plan and recipe is None and auto_recipe(overrides) is None
     if recipe is None:
         recipe = auto_recipe(overrides)
     base = OmegaConf.structured(TrainConfig)
