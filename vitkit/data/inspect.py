@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DataError
 from .images import BadImageError
 
 # A colour JPEG of a gray picture keeps small chroma noise; within this many levels it is gray.
@@ -63,7 +64,8 @@ def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0) -> Dataset
                 a = np.asarray(img, dtype=np.int16)
                 gray = bool(np.abs(a - a.mean(axis=2, keepdims=True)).max() <= _GRAY_TOLERANCE)
         if not hs:
-            raise ValueError(f"{path}: none of the sampled images could be read")
+            raise DataError(f"{path}: none of the sampled images could be read; check that the folder holds images "
+                            "(vitkit.data.scan_files lists the broken ones)")
         h, w = int(np.median(hs)), int(np.median(ws))
     targets = getattr(train, "targets", None)
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=train.num_classes) if targets else []
