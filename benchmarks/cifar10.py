@@ -28,15 +28,37 @@ from pathlib import Path
 import vitkit
 from vitkit.config import load_config, recipe_path, to_dict
 from vitkit.engine.budget import parse_duration
+from vitkit.evaluate import evaluate
 from vitkit.train import train
 
-from _common import machine, versions, write_json
+from _common import RESULTS, machine, versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next((p / "shared" / "datasets" for p in REPO.parents if (p / "shared" / "datasets").is_dir()),
               REPO.parent / "shared" / "datasets")
 DEFAULT_DATA = SHARED / "cifar10-jpg.tar.gz"
 QUIET = ["engine.tensorboard=false", "engine.plots=false"]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def history(path: Path, new: dict) -> list[dict]:
+    """Earlier runs written to ``path`` (what was tried and what it gave), oldest first: each with
+    the config keys in which it differed from the run after it."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    now, then = _flat(new["resolved_config"]), _flat(old.get("resolved_config", {}))
+    skip = ("engine.out_dir", "data.path")
+    changed = {k: then.get(k) for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k) and k not in skip}
+    entry = {k: old.get(k) for k in ("recipe", "test_acc", "epochs", "train_img_per_s", "wall_s", "budget_s")}
+    entry.update(git_commit=old.get("machine", {}).get("git_commit"), differs_from_next_run=changed)
+    return [*old.get("history", []), entry]
 
 
 def main() -> None:
@@ -61,6 +83,10 @@ def main() -> None:
     if summary["val_acc"] is None:
         raise SystemExit("the run produced no test accuracy")
     n_test = json.loads((Path(run_dir) / "run.json").read_text())["n_val"]
+    tta = (run_cfg.objective or {}).get("tta", "none")
+    no_tta = None
+    if tta != "none":  # for the record, outside the timed run: the same weights without it
+        no_tta = evaluate(run_dir, args.data, tta="none", out_dir=Path(run_dir) / "eval_no_tta")["top1"]
 
     payload = {
         "benchmark": f"CIFAR-10 from scratch, {args.budget} wall-clock budget, official test split",
@@ -72,6 +98,8 @@ def main() -> None:
         "test_acc": summary["val_acc"],
         "best_test_acc": summary["best_val_acc"],
         "test_loss": summary["val_loss"],
+        "tta": tta,
+        "test_acc_without_tta": no_tta,
         "test_split": f"cifar10/test/ of {Path(args.data).name}: {n_test} images, evaluated once at the end",
         "train_img_per_s": summary["train_img_per_s"],
         "epochs": summary["epochs"],
@@ -87,6 +115,7 @@ def main() -> None:
         "machine": machine(),
         "versions": versions(vitkit),
     }
+    payload["history"] = history(RESULTS / args.out, payload)
     print(f"test acc {payload['test_acc']:.4f} after {payload['epochs']:.2f} epochs, "
           f"{payload['train_img_per_s']:.0f} img/s, {wall_s / 60:.1f} min", flush=True)
     print("wrote", write_json(args.out, payload))

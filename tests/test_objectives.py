@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.errors import ConfigError
 from vitkit.objectives import Objective, Supervised
 
 
@@ -59,6 +60,23 @@ def test_evaluate_per_sample_metrics():
     assert ((ev["acc1"] <= ev["acc5"]) & (ev["acc5"] <= 1) & (ev["acc1"] >= 0)).all()
     few = Supervised(nn.Linear(4, 3), num_classes=3).evaluate({"image": torch.randn(4, 4), "label": torch.zeros(4).long()})
     assert (few["acc5"] == 1).all()  # top-5 of 3 classes is top-3
+
+
+def test_hflip_tta_averages_the_image_and_its_mirror():
+    # A model that sees the left and right halves differently, so the flip changes its logits.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 6, 5))
+    x, y = torch.randn(3, 2, 4, 6), torch.randint(0, 5, (3,))
+    plain = Supervised(model, num_classes=5).eval_outputs({"image": x})["logits"]
+    obj = Supervised(model, num_classes=5, tta="hflip")
+    want = 0.5 * (model(x) + model(x[..., torch.arange(5, -1, -1)]))
+    torch.testing.assert_close(obj.eval_outputs({"image": x})["logits"], want)
+    assert not torch.allclose(plain, want)
+    torch.testing.assert_close(obj.evaluate({"image": x, "label": y})["loss"],
+                               F.cross_entropy(want, y, reduction="none"))
+    # Training is unchanged by it: the loss sees the image as given.
+    torch.testing.assert_close(obj({"image": x, "label": y})["loss"], F.cross_entropy(model(x), y, label_smoothing=0.1))
+    with pytest.raises(ConfigError, match="tta"):
+        Supervised(model, num_classes=5, tta="vflip")
 
 
 def test_objective_no_weight_decay_prefixes_model_names():
@@ -148,7 +166,8 @@ def test_run_dir_records_the_objective(tmp_path):
     summary = train(cfg, verbose=False)
     assert summary["objective"] == "supervised"
     run = json.loads((tmp_path / "run.json").read_text())
-    assert run["objective"] == {"name": "supervised", "label_smoothing": 0.05, "aux_weight": 0.01, "references": {}}
+    assert run["objective"] == {"name": "supervised", "label_smoothing": 0.05, "aux_weight": 0.01, "tta": "none",
+                                "references": {}}
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["objective"] == {"name": "supervised", "label_smoothing": 0.05}
     assert json.loads((tmp_path / "summary.json").read_text())["objective"] == "supervised"

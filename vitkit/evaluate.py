@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
-from .objectives.supervised import topk_correct
+from .errors import ConfigError, DataError
+from .objectives.supervised import TTA_MODES, topk_correct
 from .predict import LoadedModel, load_model
 
 _CELL_COUNTS_MAX = 20  # classes up to which the plot writes counts into cells
@@ -69,6 +69,7 @@ def evaluate(
     num_workers: int | None = None,
     out_dir: str | os.PathLike | None = None,
     use_ema: bool = False,
+    tta: str = "none",
 ) -> dict:
     """Evaluate a model on ``split`` of the dataset at ``data``; writes ``eval.json`` and ``confusion_matrix.png``.
 
@@ -79,6 +80,7 @@ def evaluate(
         num_workers: loader processes; None uses min(4, CPU count).
         out_dir: where the results go; default the run directory, or the folder of the weights file.
         use_ema: evaluate the run's EMA weights.
+        tta: "none", or "hflip" to average the logits of each image and its mirror image.
 
     Returns:
         ``{"top1", "top5"}`` (fractions; top-5 is top-k with k = min(5, classes)), ``"n"`` (images),
@@ -89,6 +91,8 @@ def evaluate(
     """
     from .data import build_dataset, build_loader
 
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta={tta!r} is not one of {', '.join(TTA_MODES)}")
     lm = source if isinstance(source, LoadedModel) else load_model(source, use_ema=use_ema)
     s = lm.settings
     ds = build_dataset(
@@ -112,6 +116,8 @@ def evaluate(
         if int(labels.max()) >= k:
             raise DataError(f"the data has label {int(labels.max())} but the model predicts only {k} classes")
         logits = lm.logits(batch["image"]).cpu()  # (B, k)
+        if tta == "hflip":
+            logits = 0.5 * (logits + lm.logits(batch["image"].flip(-1)).cpu())
         top5_hits += int(topk_correct(logits, labels, 5).sum())
         confusion += torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).view(k, k)
     n = int(confusion.sum())
@@ -132,6 +138,7 @@ def evaluate(
         "weights": str(lm.weights),
         "data": str(data),
         "split": split,
+        "tta": tta,
         "classes_matched_by_name": mapping is not None,
     }
     out = Path(out_dir) if out_dir is not None else (lm.run_dir or lm.weights.parent)

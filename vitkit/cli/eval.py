@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="loader processes (default: min(4, CPUs))")
     p.add_argument("--out", help="where eval.json and confusion_matrix.png go (default: the run directory)")
     p.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights")
+    p.add_argument("--tta", default="none", choices=("none", "hflip"),
+                   help="test-time augmentation: hflip averages each image with its mirror image")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=run_eval)
 
@@ -26,7 +28,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     result = evaluate(
         args.source, args.data, batch_size=args.batch_size, split=args.split, num_workers=args.workers,
-        out_dir=args.out, use_ema=args.ema,
+        out_dir=args.out, use_ema=args.ema, tta=args.tta,
     )
     if args.json:
         print(json.dumps(result, indent=2))

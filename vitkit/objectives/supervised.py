@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .base import Objective
 from .registry import register_objective
 
@@ -17,10 +18,24 @@ class SupervisedConfig:
     """``objective.*`` keys of ``supervised``.
 
     ``label_smoothing`` None takes ``data.label_smoothing`` (which mixup also uses).
+    ``tta``: test-time augmentation at evaluation: "none", or "hflip" (the mean of the logits of
+    the image and its mirror image; twice the evaluation cost, for data where flips keep the class).
     """
 
     label_smoothing: float | None = None
     aux_weight: float = 0.01
+    tta: str = "none"
+
+
+TTA_MODES = ("none", "hflip")
+
+
+def tta_logits(model: nn.Module, images: Tensor, tta: str = "none") -> Tensor:
+    """(B, C) logits of ``model`` on ``images`` (B, C, H, W), averaged over the ``tta`` views."""
+    logits = _logits(model(images)).float()
+    if tta == "hflip":
+        logits = 0.5 * (logits + _logits(model(images.flip(-1))).float())
+    return logits
 
 
 def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -49,12 +64,17 @@ class Supervised(Objective):
         label_smoothing: applied with hard labels; soft ``batch["target"]`` (B, num_classes)
             from mixup already carries its smoothing.
         aux_weight: weight of the model's ``aux_loss()`` (MoE load balancing) added to the loss.
+        tta: test-time augmentation of evaluation, "none" or "hflip" (see :class:`SupervisedConfig`).
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1, aux_weight: float = 0.01):
+    def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1, aux_weight: float = 0.01,
+                 tta: str = "none"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if tta not in TTA_MODES:
+            raise ConfigError(f"objective.tta={tta!r} is not one of {', '.join(TTA_MODES)}")
+        self.tta = tta
         self.model = model
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
@@ -86,7 +106,7 @@ class Supervised(Objective):
     def from_config(cls, model: nn.Module, cfg: SupervisedConfig, *, num_classes: int, label_smoothing: float = 0.1,
                     **_) -> Supervised:
         smoothing = cfg.label_smoothing if cfg.label_smoothing is not None else label_smoothing
-        return cls(model, num_classes, label_smoothing=smoothing, aux_weight=cfg.aux_weight)
+        return cls(model, num_classes, label_smoothing=smoothing, aux_weight=cfg.aux_weight, tta=cfg.tta)
 
     def evaluator(self):
         from ..engine.evaluators import AccuracyEvaluator
@@ -95,11 +115,11 @@ class Supervised(Objective):
 
     @torch.no_grad()
     def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
-        return {"logits": _logits((model if model is not None else self.model)(batch["image"])).float()}
+        return {"logits": tta_logits(model if model is not None else self.model, batch["image"], self.tta)}
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> dict[str, Tensor]:
-        logits = _logits(self.model(batch["image"])).float()  # (B, C)
+        logits = tta_logits(self.model, batch["image"], self.tta)  # (B, C)
         label = batch["label"]
         return {
             "loss": F.cross_entropy(logits, label, reduction="none"),
