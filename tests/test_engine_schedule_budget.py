@@ -211,3 +211,19 @@ def test_trainer_stops_at_budget_and_resumes_same_curve(tmp_path, monkeypatch):
     assert resumed.step == full.step
     assert resumed.scheduler.get_lr() == full.scheduler.get_lr()
     assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
+
+
+def test_progress_under_a_budget_shows_the_steps_the_budget_will_reach(tmp_path, monkeypatch):
+    clock = FakeClock()
+    tr = _budget_trainer(tmp_path / "run", clock, monkeypatch)
+    shown = []
+    progress = tr.logger.progress
+    monkeypatch.setattr(tr.logger, "progress", lambda step, total, record, eta, approx=False: (
+        shown.append((step, total, approx)), progress(step, total, record, eta, approx)))
+    tr.fit()
+    # Every step takes 0.5 s. At step 2 no end reserve is sized yet: 2 + 19 s left / 0.5 s = 40.
+    # Later the display follows the reserve (an estimate, then measured evaluations) and ends at the
+    # run's real length, 34 steps (20 s less a 3.2 s reserve), never the epoch cap's step count.
+    assert tr.step == 34 and tr.total_steps > 1000
+    assert shown[0] == (2, 40, True) and shown[-1] == (34, 34, True)
+    assert all(approx and step <= total <= 40 for step, total, approx in shown)

@@ -41,7 +41,10 @@ class TrainLogger:
             self.n += 1
         self.samples += n_samples
 
-    def on_step_end(self, state, total_steps: int, lr: float, grad_norm: Tensor | None, eta_s: float) -> None:
+    def on_step_end(self, state, total_steps: int, lr: float, grad_norm: Tensor | None, eta_s: float,
+                    shown_total: int | None = None) -> None:
+        """``shown_total``: an estimate of the run's length in steps to display instead of ``total_steps``
+        (a time budget ends the run before the epoch cap)."""
         if state.step % self.log_every and state.step != total_steps:
             return
         now = time.perf_counter()
@@ -55,7 +58,7 @@ class TrainLogger:
             record["grad_norm"] = grad_norm.item()
         record["img_per_s"] = self.samples * self.world_size / max(now - self.t, 1e-9)
         self.logger.log(record)
-        self.logger.progress(state.step, total_steps, record, eta_s)
+        self.logger.progress(state.step, shown_total or total_steps, record, eta_s, approx=shown_total is not None)
         self.reset()
 
 

@@ -81,17 +81,19 @@ class RunLogger:
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def progress(self, step: int, total: int, record: dict, eta_s: float) -> None:
-        """Show a step's metrics: updates the bar, or prints a line when not on a terminal."""
+    def progress(self, step: int, total: int, record: dict, eta_s: float, approx: bool = False) -> None:
+        """Show a step's metrics: updates the bar, or prints a line when not on a terminal.
+        ``approx``: ``total`` is an estimate (the steps a time budget will reach)."""
         if not self.enabled:
             return
         shown = {k: record[k] for k in ("loss", "lr", "img_per_s") if k in record}
         if self._bar is not None:
+            self._bar.total = total
             self._bar.n = step
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=True)
             return
         parts = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-        self.info(f"step {step}/{total} epoch {record.get('epoch', 0)} {parts} eta {_fmt_s(eta_s)}")
+        self.info(f"step {step}/{'~' if approx else ''}{total} epoch {record.get('epoch', 0)} {parts} eta {_fmt_s(eta_s)}")
 
     def info(self, msg: str) -> None:
         if not self.enabled:

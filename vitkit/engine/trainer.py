@@ -456,9 +456,12 @@ class Trainer:
         if self.budget is not None:  # size the end reserve from the measured train rate
             self.budget.on_step(st.step, st.train_samples, st.train_time_s, loader_samples(self.val_loader))
             eta = self.budget.remaining()
+            # The step count the budget will reach at the current rate, for the progress display.
+            shown = min(self.total_steps, st.step + round(eta * st.step / max(st.train_time_s, 1e-9)))
         else:
             eta = (self.total_steps - st.step) * st.train_time_s / max(1, st.step - self._fit_start_step)
-        self.train_log.on_step_end(st, self.total_steps, lr, grad_norm, eta)
+            shown = None
+        self.train_log.on_step_end(st, self.total_steps, lr, grad_norm, eta, shown_total=shown)
 
     def _train_epoch(self) -> str | None:
         """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end."""
