@@ -154,7 +154,12 @@ class SelfSupervised(Objective):
 
     @torch.no_grad()
     def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
-        """Features of the network the run exports (DINO: the teacher), or of ``model`` (the EMA copy)."""
+        """Features of the network the run exports (DINO: the teacher), or of ``model`` (the EMA copy).
+
+        Nothing without a labelled bank: no evaluator would read them.
+        """
+        if self.bank_loader is None or self.num_classes < 1:
+            return {}
         net = self.export_model() if model is None or model is self.model else model
         return {"features": backbone_features(net, batch["image"]).float()}
 
