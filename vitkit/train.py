@@ -39,6 +39,7 @@ from .engine.distributed import all_gather_object, init_distributed
 from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
+from .objectives.registry import objective_entry
 from .rundir import check_resume_config, prepare_out_dir, saved_config
 
 
@@ -172,6 +173,14 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     workers = d.num_workers if d.num_workers is not None else min(4, os.cpu_count() or 1)
     train_tf = TrainTransform(choice.img_size, choice.in_chans, scale=(d.scale_min, 1.0), hflip=d.hflip,
                               auto_augment=d.auto_augment, mean=card.mean)
+    # --- objectives that need their own data (multi-crop views, issue 11) ---
+    objective_name, objective_cfg = objective_config(cfg.objective)
+    pipeline_fn = getattr(objective_entry(objective_name).cls, "train_pipeline", None)
+    pipeline = pipeline_fn(objective_cfg, model, choice.img_size, choice.in_chans, card.mean, card.std) \
+        if pipeline_fn is not None else None
+    if pipeline is not None:
+        train_tf = pipeline[0]
+    # --- end ---
     eval_tf = EvalTransform(choice.img_size, choice.in_chans, crop_pct=crop_pct)
     sampler = None
     if d.repeated_aug > 1 and hasattr(train_ds, "__len__"):
@@ -194,13 +203,20 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
                       num_classes=choice.num_classes)
-    objective_name, objective_cfg = objective_config(cfg.objective)
+    # The labelled train split seen as at evaluation: the feature bank of k-NN evaluators (issue 11).
+    bank_loader = build_loader(
+        train_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
+        seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
+    ) if pipeline is not None and hasattr(train_ds, "__len__") else None
     objective = build_objective(
         objective_name, model, objective_cfg, num_classes=choice.num_classes, label_smoothing=d.label_smoothing,
+        bank_loader=bank_loader,
     )
     # An objective that wants the un-normalised [0, 1] image gets it as batch["image_raw"].
     augment = BatchAugment(card.mean, card.std, color_jitter=d.color_jitter, re_prob=d.re_prob, re_mode=d.re_mode,
                            keep_raw=objective.needs_raw_image)
+    if pipeline is not None:
+        augment, mixup = pipeline[1], None
     out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else _default_out(cfg, choice.name)
     cfg.engine.out_dir = out_dir
     cfg.model.name, cfg.data.img_size = choice.name, choice.img_size

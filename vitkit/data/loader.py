@@ -78,9 +78,18 @@ class _TransformedStream(IterableDataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack per-sample dicts into a batch dict (bad file names are kept as a flat list)."""
+    """Stack per-sample dicts into a batch dict (bad file names are kept as a flat list).
+
+    A transform that returns a list of views (:class:`vitkit.data.views.MultiCrop`) gives
+    ``"views"``: one stacked (B, C, H_v, W_v) tensor per view, instead of ``"image"``.
+    """
+    first = samples[0]["image"]
+    if isinstance(first, (list, tuple)):
+        images = {"views": [torch.stack([s["image"][v] for s in samples]) for v in range(len(first))]}
+    else:
+        images = {"image": torch.stack([s["image"] for s in samples])}
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        **images,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "skipped": torch.tensor([len(s["bad_files"]) for s in samples], dtype=torch.long),

@@ -591,6 +591,9 @@ class Trainer:
                     self.save_checkpoint(is_best=bool(val.pop("_improved", False)))
             elif self._last_saved_step != self.step:
                 self.save_checkpoint()
+            end_hook = getattr(self.objective, "on_fit_end", None)
+            if self.is_main and callable(end_hook):
+                end_hook(self)  # end-of-run products of the objective (MAE's reconstruction figure)
             summary = build_summary(self, reason, time.time() - self._t_fit)
             if self.is_main:
                 write_summary(self.out_dir, summary)

@@ -11,8 +11,25 @@ from .registry import (
 )
 from .supervised import Supervised, SupervisedConfig, topk_correct
 
+# Self-supervised objectives (issue 11): registering them is importing them.
+from .mae import MAE, MAEConfig  # noqa: E402  isort: skip
+from .dino import DINO, DINOConfig  # noqa: E402  isort: skip
+from .ibot import IBOT, IBOTConfig  # noqa: E402  isort: skip
+from .simclr import SimCLR, SimCLRConfig  # noqa: E402  isort: skip
+from .mocov3 import MoCoV3, MoCoV3Config  # noqa: E402  isort: skip
+
 __all__ = [
+    "DINO",
+    "DINOConfig",
+    "IBOT",
+    "IBOTConfig",
+    "MAE",
+    "MAEConfig",
+    "MoCoV3",
+    "MoCoV3Config",
     "Objective",
+    "SimCLR",
+    "SimCLRConfig",
     "StepContext",
     "Supervised",
     "SupervisedConfig",

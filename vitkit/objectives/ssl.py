@@ -1,0 +1,169 @@
+"""What every self-supervised objective shares: the k-NN evaluator, the run's progress, EMA copies.
+
+Each method (``mae``, ``dino``, ``ibot``, ``simclr``, ``mocov3``) subclasses
+:class:`SelfSupervised`, reaches the backbone through its public API only (``embed``,
+``forward_tokens``, ``forward_features``, ``forward_head(pre_logits=True)``,
+``reset_classifier``) and may declare the data pipeline it needs (:meth:`train_pipeline`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ..engine.evaluators import Evaluator, KNNEvaluator
+from .base import Objective, StepContext
+
+
+def backbone_features(model: nn.Module, x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, D): the backbone's pooled, normalised features (what a classifier would see)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off: the start of an EMA teacher / momentum encoder."""
+    twin = copy.deepcopy(module)
+    twin.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * source`` over parameters (same structure)."""
+    t = [p for p in target.parameters()]
+    s = [p.detach() for p in source.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def cosine_ramp(start: float, end: float, progress: float) -> float:
+    """``start`` at progress 0 to ``end`` at 1 along half a cosine (DINO's momentum and weight-decay schedules)."""
+    progress = min(1.0, max(0.0, progress))
+    return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@contextmanager
+def batch_statistics(module: nn.Module):
+    """Run ``module`` (a frozen momentum encoder) in train mode, so its BatchNorms normalise with
+    the batch's statistics as the online network's do; its mode is restored afterwards."""
+    was = module.training
+    module.train()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+class _NoLabels(Evaluator):
+    """Stands in for k-NN when the run has no labelled feature bank: reports nothing."""
+
+    primary = "knn_acc"
+    higher_is_better = True
+
+    def update(self, batch: dict, outputs: dict) -> None:
+        pass
+
+    def compute(self) -> dict[str, float]:
+        return {}
+
+
+class SelfSupervised(Objective):
+    """Base of the self-supervised objectives.
+
+    Args:
+        model: the backbone; its classifier is removed (``reset_classifier(0)``): nothing trains it,
+            and a parameter without gradients would stop DDP.
+        num_classes: classes of the labelled bank for k-NN (0: no k-NN).
+        bank_loader: labelled loader (train split, eval transform) whose features form the k-NN
+            bank; the evaluator then reports ``knn_acc`` on the validation set, and ``best/``
+            follows it.
+        knn_k: neighbours for the in-training k-NN (cosine, weights ``exp(sim / 0.07)``).
+        weight_decay_end: when set, each step moves the weight decay of every decayed param
+            group along a cosine from its start value to this (DINO: 0.04 -> 0.4).
+
+    Buffers (checkpointed, so a resumed run continues the same schedules): ``progress`` (0..1
+    of the run, following the lr schedule's clock, budget included) and ``step``.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int = 0, bank_loader=None, knn_k: int = 20,
+                 weight_decay_end: float | None = None):
+        super().__init__()
+        if callable(getattr(model, "reset_classifier", None)):
+            model.reset_classifier(0)
+            # What the saved weights say about the model must match: a feature extractor.
+            if isinstance(getattr(model, "model_args", None), dict):
+                model.model_args = {**model.model_args, "num_classes": 0}
+            if dataclasses.is_dataclass(getattr(model, "card", None)):
+                model.card = dataclasses.replace(model.card, num_classes=0)
+        self.model = model
+        self.num_classes = num_classes
+        self.bank_loader = bank_loader
+        self.knn_k = knn_k
+        self.weight_decay_end = weight_decay_end
+        self._wd_start: list[float] | None = None
+        self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.num_features)
+
+    # ------------------------------------------------------------------ data the method needs
+
+    @classmethod
+    def train_pipeline(cls, cfg, model: nn.Module, img_size: int, in_chans: int, mean, std):
+        """``(sample_transform, batch_transform)`` for training, or None for the run's default.
+
+        ``sample_transform(img, rng)`` runs in the loader workers (a list return becomes
+        ``batch["views"]``); ``batch_transform(batch)`` runs on the device and normalises.
+        """
+        return None
+
+    # ------------------------------------------------------------------ schedules
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        sched = getattr(ctx.trainer, "scheduler", None)
+        p = sched.progress() if callable(getattr(sched, "progress", None)) else ctx.step / max(1, ctx.total_steps)
+        self.progress.fill_(min(1.0, p))
+        self.step.fill_(ctx.step)
+        if self.weight_decay_end is not None:
+            self._schedule_weight_decay(ctx.optimizer)
+
+    def _schedule_weight_decay(self, optimizer) -> None:
+        groups = optimizer.param_groups
+        if self._wd_start is None or len(self._wd_start) != len(groups):
+            # The configured values; after a resume the groups hold scheduled ones, which are not starts.
+            self._wd_start = [g.get("initial_weight_decay", g["weight_decay"]) for g in groups]
+            for g, wd in zip(groups, self._wd_start):
+                g.setdefault("initial_weight_decay", wd)
+        p = float(self.progress)
+        for g, wd in zip(groups, self._wd_start):
+            if wd > 0:  # groups without decay (norms, biases, tokens) keep none
+                g["weight_decay"] = cosine_ramp(wd, self.weight_decay_end, p)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluator(self):
+        if self.bank_loader is None or self.num_classes < 1:
+            return _NoLabels()
+        return KNNEvaluator(self.num_classes, k=self.knn_k, temperature=0.07, bank_loader=self.bank_loader)
+
+    @torch.no_grad()
+    def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """Features of the network the run exports (DINO: the teacher), or of ``model`` (the EMA copy).
+
+        Nothing without a labelled bank: no evaluator would read them.
+        """
+        if self.bank_loader is None or self.num_classes < 1:
+            return {}
+        net = self.export_model() if model is None or model is self.model else model
+        return {"features": backbone_features(net, batch["image"]).float()}
+
+
+def context_kwargs(context: dict, knn: bool = True) -> dict:
+    """The run context every self-supervised objective takes from ``build_objective``."""
+    return {"num_classes": context.get("num_classes", 0) or 0, "bank_loader": context.get("bank_loader") if knn else None}
