@@ -21,16 +21,19 @@ and ``results/tome.png`` (accuracy against throughput).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from vitkit.config import load_config
 from vitkit.data import build_dataset, build_loader
 from vitkit.efficient import apply_token_pruning, apply_tome, quantize_int8, remove_reduction
+from vitkit.efficient.bench import count_forward_flops
 from vitkit.predict import load_model
 from vitkit.train import train
 
@@ -53,8 +56,12 @@ def train_model(data: str, budget: str, run_dir: str) -> str:
     return run_dir
 
 
-def load_test_set(lm, data: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split, decoded once: normalised float images (N, C, H, W) and labels (N,)."""
+def load_test_set(lm, data: str, limit: int | None, img_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split, decoded once: normalised float images (N, C, H, W) and labels (N,).
+
+    ``limit`` takes every k-th image, so that every class is represented as in the full split
+    (the split is stored class by class). ``img_size`` resizes (bilinear) for more tokens.
+    """
     s = lm.settings
     ds = build_dataset(data, "val", val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0),
                        in_chans=lm.in_chans)
@@ -63,10 +70,13 @@ def load_test_set(lm, data: str, limit: int | None) -> tuple[torch.Tensor, torch
     for batch in loader:
         images.append(lm.normalize(batch["image"]))
         labels.append(batch["label"])
-        if limit and sum(len(t) for t in labels) >= limit:
-            break
     x, y = torch.cat(images), torch.cat(labels)
-    return (x[:limit], y[:limit]) if limit else (x, y)
+    if limit and limit < len(x):
+        idx = torch.linspace(0, len(x) - 1, limit).round().long()
+        x, y = x[idx], y[idx]
+    if img_size and img_size != x.shape[-1]:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    return x, y
 
 
 @torch.inference_mode()
@@ -120,7 +130,10 @@ def main() -> None:
     ap.add_argument("--run-dir", help="a trained CIFAR-10 run to evaluate (default: train one)")
     ap.add_argument("--budget", default="30m", help="training wall-clock budget when the script trains")
     ap.add_argument("--data", default=str(SHARED / "cifar10-jpg.tar.gz"))
-    ap.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default all)")
+    ap.add_argument("--test-images", type=int, default=None,
+                    help="evaluate on N test images spread evenly over the split (default all)")
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="evaluate at this input size (upsampled; more tokens for a model trained small)")
     ap.add_argument("--r", default="0,2,4,6,8,10", help="ToMe r values (tokens merged per block)")
     ap.add_argument("--keep", default="0.9,0.8,0.7,0.6,0.5", help="pruning keep rates")
     ap.add_argument("--speed-batch", type=int, default=256)
@@ -138,18 +151,22 @@ def main() -> None:
     train_s = time.time() - t0
     lm = load_model(run_dir, device="cpu")
     model = lm.model.eval()
-    x, y = load_test_set(lm, args.data, args.test_images)
+    x, y = load_test_set(lm, args.data, args.test_images, args.img_size)
     xb = x[:args.speed_batch]
     grid = model.patch_embed.dynamic_grid(x.shape[2], x.shape[3])
     base_acc = accuracy(model, x, y)
     rows = []
 
-    def add(method: str, setting, acc: float, img_s: float, base_img_s: float) -> None:
+    base_gflops = count_forward_flops(model, x[:1]) / 1e9
+
+    def add(method: str, setting, acc: float, img_s: float, base_img_s: float, net=None) -> None:
+        gflops = count_forward_flops(net if net is not None else model, x[:1]) / 1e9
         row = {"method": method, "r_or_keep": setting, "acc": round(acc, 4), "img_s": round(img_s, 1),
-               "speedup": round(img_s / base_img_s, 3), "acc_change_points": round(100 * (acc - base_acc), 2)}
+               "speedup": round(img_s / base_img_s, 3), "acc_change_points": round(100 * (acc - base_acc), 2),
+               "gflops": round(gflops, 4), "flops_speedup": round(base_gflops / gflops, 3)}
         rows.append(row)
         print(f"{method:16s} {setting!s:>5s}  acc {acc:.4f} ({row['acc_change_points']:+.2f} pt)  "
-              f"{img_s:8.1f} img/s  speedup {row['speedup']:.3f}", flush=True)
+              f"{img_s:8.1f} img/s  speedup {row['speedup']:.3f}  FLOPs speedup {row['flops_speedup']:.3f}", flush=True)
 
     twin = load_model(run_dir, device="cpu").model.eval()  # the unmodified model for paired timing
     m_rate, b_rate = paired_rates(model, twin, xb, args.reps)
@@ -168,7 +185,7 @@ def main() -> None:
         add("prune", keep, acc, *paired_rates(model, twin, xb, args.reps))
     remove_reduction(model)
     q = quantize_int8(model)
-    add("int8", None, accuracy(q, x, y), *paired_rates(q, twin, xb, args.reps))
+    add("int8", None, accuracy(q, x, y), *paired_rates(q, twin, xb, args.reps), net=model)
 
     best = [r for r in rows if r["method"].startswith("tome") and r["acc_change_points"] >= -1.0]
     best = max(best, key=lambda r: r["speedup"], default=None)
@@ -177,13 +194,15 @@ def main() -> None:
     payload = {
         "benchmark": "ToMe / token pruning / int8 on a CIFAR-10 ViT, off the shelf: test accuracy vs CPU throughput",
         "model": {"name": lm.model.model_name, "args": lm.model.model_args, "tokens": grid[0] * grid[1],
-                  "depth": len(model.blocks)},
+                  "depth": len(model.blocks), "eval_img_size": x.shape[-1]},
         "training": budget_note,
         "train_wall_s": round(train_s, 1) if trained_here else None,
         "test_images": n_test,
         "test_split": f"the first {n_test} images of the official test split" if args.test_images else
                       "the official 10,000-image test split",
-        "speed": f"batch {len(xb)}, fp32, median of {args.reps} timed calls alternating with the unmodified model",
+        "speed": f"batch {len(xb)}, fp32, median of {args.reps} timed calls alternating with the unmodified model; "
+                 "gflops per image counted op by op (flops_speedup does not depend on machine load)",
+        "loadavg_end": os.getloadavg(),
         "rows": rows,
         "best_tome_within_1pt": best,
         "int8": next(r for r in rows if r["method"] == "int8"),
@@ -194,7 +213,7 @@ def main() -> None:
     }
     path = write_json(args.out, payload)
     plot(rows, RESULTS / (Path(args.out).stem + ".png"),
-         f"{lm.model.model_name} (64 tokens, {budget_note}), {n_test} test images")
+         f"{lm.model.model_name} ({grid[0] * grid[1]} tokens at {x.shape[-1]} px), {n_test} test images")
     print("wrote", path)
 
 

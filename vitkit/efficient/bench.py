@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
@@ -83,7 +84,9 @@ def matmul_peak_flops(precision: str, device: torch.device, n: int | None = None
 def count_forward_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs (2 x multiply-adds) of ``model(x)`` as run, counted op by op."""
     counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
+    # Not every fused attention kernel has a FLOP formula (the CPU flash kernel has none); the math
+    # path's matmuls are the same FLOPs, counted.
+    with counter, torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
         model(x)
     return counter.get_total_flops()
 
