@@ -165,8 +165,36 @@ def main() -> None:
                "speedup": round(img_s / base_img_s, 3), "acc_change_points": round(100 * (acc - base_acc), 2),
                "gflops": round(gflops, 4), "flops_speedup": round(base_gflops / gflops, 3)}
         rows.append(row)
+        write_json(args.out, payload(complete=False))  # what a cut-off run measured stays on disk
         print(f"{method:16s} {setting!s:>5s}  acc {acc:.4f} ({row['acc_change_points']:+.2f} pt)  "
               f"{img_s:8.1f} img/s  speedup {row['speedup']:.3f}  FLOPs speedup {row['flops_speedup']:.3f}", flush=True)
+
+    def payload(complete: bool) -> dict:
+        best = [r for r in rows if r["method"].startswith("tome") and r["acc_change_points"] >= -1.0]
+        best = max(best, key=lambda r: r["speedup"], default=None)
+        budget_note = f"trained here under a {args.budget} wall-clock budget" if trained_here else f"from {run_dir}"
+        n_test = len(x)
+        return {
+            "complete": complete,  # False: a run still going or cut off (rows so far)
+            "benchmark": "ToMe / token pruning / int8 on a CIFAR-10 ViT, off the shelf: test accuracy vs CPU throughput",
+            "model": {"name": lm.model.model_name, "args": lm.model.model_args, "tokens": grid[0] * grid[1],
+                      "depth": len(model.blocks), "eval_img_size": x.shape[-1]},
+            "training": budget_note,
+            "train_wall_s": round(train_s, 1) if trained_here else None,
+            "test_images": n_test,
+            "test_split": f"{n_test} images spread evenly over the official test split" if args.test_images else
+                          "the official 10,000-image test split",
+            "speed": f"batch {len(xb)}, fp32, median of {args.reps} timed calls alternating with the unmodified model; "
+                     "gflops per image counted op by op (flops_speedup does not depend on machine load)",
+            "loadavg_end": os.getloadavg(),
+            "rows": rows,
+            "best_tome_within_1pt": best,
+            "int8": next((r for r in rows if r["method"] == "int8"), None),
+            "run_dir": run_dir,
+            "wall_s": round(time.time() - t0, 1),
+            "machine": machine(),
+            "versions": versions(vitkit),
+        }
 
     twin = load_model(run_dir, device="cpu").model.eval()  # the unmodified model for paired timing
     m_rate, b_rate = paired_rates(model, twin, xb, args.reps)
@@ -187,33 +215,9 @@ def main() -> None:
     q = quantize_int8(model)
     add("int8", None, accuracy(q, x, y), *paired_rates(q, twin, xb, args.reps), net=model)
 
-    best = [r for r in rows if r["method"].startswith("tome") and r["acc_change_points"] >= -1.0]
-    best = max(best, key=lambda r: r["speedup"], default=None)
-    budget_note = f"trained here under a {args.budget} wall-clock budget" if trained_here else f"from {run_dir}"
-    n_test = len(x)
-    payload = {
-        "benchmark": "ToMe / token pruning / int8 on a CIFAR-10 ViT, off the shelf: test accuracy vs CPU throughput",
-        "model": {"name": lm.model.model_name, "args": lm.model.model_args, "tokens": grid[0] * grid[1],
-                  "depth": len(model.blocks), "eval_img_size": x.shape[-1]},
-        "training": budget_note,
-        "train_wall_s": round(train_s, 1) if trained_here else None,
-        "test_images": n_test,
-        "test_split": f"the first {n_test} images of the official test split" if args.test_images else
-                      "the official 10,000-image test split",
-        "speed": f"batch {len(xb)}, fp32, median of {args.reps} timed calls alternating with the unmodified model; "
-                 "gflops per image counted op by op (flops_speedup does not depend on machine load)",
-        "loadavg_end": os.getloadavg(),
-        "rows": rows,
-        "best_tome_within_1pt": best,
-        "int8": next(r for r in rows if r["method"] == "int8"),
-        "run_dir": run_dir,
-        "wall_s": round(time.time() - t0, 1),
-        "machine": machine(),
-        "versions": versions(vitkit),
-    }
-    path = write_json(args.out, payload)
+    path = write_json(args.out, payload(complete=True))
     plot(rows, RESULTS / (Path(args.out).stem + ".png"),
-         f"{lm.model.model_name} ({grid[0] * grid[1]} tokens at {x.shape[-1]} px), {n_test} test images")
+         f"{lm.model.model_name} ({grid[0] * grid[1]} tokens at {x.shape[-1]} px), {len(x)} test images")
     print("wrote", path)
 
 
