@@ -36,7 +36,9 @@ def test_bench_rows_are_sane():
         assert r["img_s"] > 0 and len(r["runs_img_s"]) == 3
         assert r["gflops_per_img"] == pytest.approx(flops, rel=1e-3)
         assert r["achieved_gflops_s"] == pytest.approx(r["gflops_per_img"] * r["img_s"], rel=1e-2)
-        assert 0 < r["frac_of_matmul_peak"] < 2
+        # The share of the measured matmul peak (itself load-dependent on a shared machine, so no upper bound).
+        peak = result["matmul_peak_gflops_s"][r["precision"]]
+        assert r["frac_of_matmul_peak"] == pytest.approx(r["achieved_gflops_s"] / peak, rel=1e-2)
         assert r["peak_mem_mb"] > 0
         if r["batch"] == 1:
             assert 0 < r["latency_ms_p50"] <= r["latency_ms_p95"]
