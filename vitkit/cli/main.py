@@ -17,15 +17,16 @@ import traceback
 from pathlib import Path
 
 from ..errors import VitkitError
+from . import bench as bench_cmd
 from . import eval as eval_cmd
+from . import export as export_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
 from . import pretrain as pretrain_cmd
 from . import probe as probe_cmd
 from . import train as train_cmd
 
-_COMMANDS = [train_cmd, eval_cmd, predict_cmd, models_cmd]
-_COMMANDS += [pretrain_cmd, probe_cmd]  # self-supervised pretraining and feature probes (issue 11)
+_COMMANDS = [train_cmd, pretrain_cmd, eval_cmd, probe_cmd, predict_cmd, models_cmd, export_cmd, bench_cmd]
 # OS errors about a path the user named: a typo or a permission, not a bug.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 

@@ -5,18 +5,20 @@ from .block import Block
 from .capture import capture_attention
 from .drop import DropPath
 from .layer_scale import LayerScale
+from .linear_attention import LinearAttention
 from .mlp import Mlp, SwiGLU
 from .moe import MoEMlp
 from .norm import LayerNorm, LayerNorm2d, RMSNorm, get_norm_layer
 from .patch_embed import PatchEmbed
+from .performer import PerformerAttention
 from .pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 from .rel_pos import RelativePositionBias, relative_position_index
 from .rope import RotaryEmbedding2D, apply_rope
 from .tokens import TokenContext
 
 __all__ = [
-    "Attention", "Block", "DropPath", "LayerNorm", "LayerNorm2d", "LayerScale", "Mlp", "MoEMlp",
-    "PatchEmbed", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "SwiGLU", "TokenContext", "apply_rope",
-    "capture_attention", "get_norm_layer", "relative_position_index", "resample_abs_pos_embed",
-    "sincos_2d_pos_embed",
+    "Attention", "Block", "DropPath", "LayerNorm", "LayerNorm2d", "LayerScale", "LinearAttention", "Mlp",
+    "MoEMlp", "PatchEmbed", "PerformerAttention", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "SwiGLU",
+    "TokenContext", "apply_rope", "capture_attention", "get_norm_layer", "relative_position_index",
+    "resample_abs_pos_embed", "sincos_2d_pos_embed",
 ]

@@ -45,6 +45,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         self.captured: list[torch.Tensor] | None = None
+        # Token reduction (vitkit.efficient) reads the queries and keys each forward used.
+        self.keep_qk = False
+        self.last_qk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, num_prefix_tokens: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, C) -> q, k, v, each (B, heads, N, head_dim), normed and rotated as attention uses them."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q = apply_rope(q, *rope, num_prefix_tokens=num_prefix_tokens)
+            k = apply_rope(k, *rope, num_prefix_tokens=num_prefix_tokens)
+        if self.keep_qk:
+            self.last_qk = (q, k)
+        return q, k, v
 
     def forward(
         self,
@@ -54,12 +72,7 @@ class Attention(nn.Module):
         attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q = apply_rope(q, *rope, num_prefix_tokens=num_prefix_tokens)
-            k = apply_rope(k, *rope, num_prefix_tokens=num_prefix_tokens)
+        q, k, v = self.project(x, rope, num_prefix_tokens)
         dropout_p = self.attn_drop_p if self.training else 0.0
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)

@@ -63,8 +63,23 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """x: (B, N, D). rope: (sin, cos) for the N - prefix patch tokens; attn_bias: additive,
         broadcastable to (B, heads, N, N)."""
+        return self.forward_mlp(self.forward_attn(x, rope, num_prefix_tokens, attn_bias))
+
+    # The two halves are public so that token reduction (vitkit.efficient) can act between them.
+    def forward_attn(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_prefix_tokens: int = 0,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention residual (and norm1 when post-norm)."""
         if self.post_norm:
-            x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rope, num_prefix_tokens, attn_bias))))
+            return self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rope, num_prefix_tokens, attn_bias))))
+        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens, attn_bias)))
+
+    def forward_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP residual (and norm2 when post-norm)."""
+        if self.post_norm:
             return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope, num_prefix_tokens, attn_bias)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

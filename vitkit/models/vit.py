@@ -17,10 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import (
+    Attention,
     Block,
+    LinearAttention,
     Mlp,
     MoEMlp,
     PatchEmbed,
+    PerformerAttention,
     RotaryEmbedding2D,
     SwiGLU,
     TokenContext,
@@ -47,6 +50,15 @@ def _mlp_layer(name: str, num_experts: int, top_k: int) -> type[nn.Module]:
     if name == "moe":
         return partial(MoEMlp, num_experts=num_experts, top_k=top_k)
     raise ValueError(f"unknown mlp_layer {name!r}; choose 'mlp', 'swiglu' or 'moe'")
+
+
+_ATTN_TYPES = {"softmax": Attention, "linear": LinearAttention, "performer": PerformerAttention}
+
+
+def _attn_layer(name: str) -> type[nn.Module]:
+    if name not in _ATTN_TYPES:
+        raise ValueError(f"unknown attn_type {name!r}; choose one of {sorted(_ATTN_TYPES)}")
+    return _ATTN_TYPES[name]
 
 
 class VisionTransformer(nn.Module):
@@ -98,6 +110,7 @@ class VisionTransformer(nn.Module):
         conv_stem: bool = False,
         stem_width: int | None = None,
         mask_token: bool = False,
+        attn_type: str = "softmax",
     ):
         super().__init__()
         if global_pool not in _POOLS:
@@ -160,11 +173,12 @@ class VisionTransformer(nn.Module):
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         mlp = _mlp_layer(mlp_layer, num_experts, moe_top_k)
+        attn = _attn_layer(attn_type)  # softmax (SDPA), or O(N) linear / Performer for long sequences
         self.blocks = nn.Sequential(*[
             Block(
                 embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm,
-                mlp_layer=mlp, post_norm=post_norm,
+                mlp_layer=mlp, post_norm=post_norm, attn_layer=attn,
             )
             for i in range(depth)
         ])

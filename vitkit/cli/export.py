@@ -1,0 +1,42 @@
+"""`vitkit export RUN_DIR|WEIGHTS --format onnx|safetensors|pt2`: write a deployable model and check it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a run or weights file to ONNX, torch.export (.pt2) or safetensors, checked against torch",
+    )
+    p.add_argument("source", metavar="RUN_DIR|WEIGHTS", help="a run directory, checkpoint directory or .safetensors file")
+    p.add_argument("--format", default="onnx", choices=("onnx", "safetensors", "pt2"))
+    p.add_argument("--out", help="output file (default: model.<format> in the run directory or beside the weights)")
+    p.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (onnx, pt2)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--img-size", type=int, help="input size to export at (default: the model's)")
+    p.add_argument("--ema", action="store_true", help="export the run's EMA weights")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import export
+
+    result = export(
+        args.source, args.format, args.out, dynamic_batch=args.dynamic_batch, opset=args.opset,
+        img_size=args.img_size, use_ema=args.ema,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"wrote {result['path']} ({result['format']}, {result['model']})")
+        print(f"  checked on a batch of {result['checked_batch']}: max abs diff vs torch {result['max_abs_diff']:.3g} "
+              f"(tolerance {result['tolerance']:g})")
+    if not result["ok"]:
+        print(f"vitkit export: the exported model differs from torch by {result['max_abs_diff']:.3g}, more than "
+              f"{result['tolerance']:g}; do not deploy it, and please report this", file=sys.stderr)
+        return 1
+    return 0
