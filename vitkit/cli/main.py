@@ -17,12 +17,14 @@ import traceback
 from pathlib import Path
 
 from ..errors import VitkitError
+from . import demo as demo_cmd
 from . import eval as eval_cmd
+from . import explain as explain_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
 from . import train as train_cmd
 
-_COMMANDS = [train_cmd, eval_cmd, predict_cmd, models_cmd]
+_COMMANDS = [train_cmd, eval_cmd, predict_cmd, explain_cmd, demo_cmd, models_cmd]
 # OS errors about a path the user named: a typo or a permission, not a bug.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
