@@ -92,7 +92,7 @@ def pos_embed_figure(sim: torch.Tensor) -> Figure:
     for i in range(H):
         for j in range(W):
             ax = axes[i, j]
-            im = ax.imshow(sim[i, j].cpu().numpy(), cmap="viridis", vmin=-1, vmax=1)
+            im = ax.imshow(sim[i, j].detach().cpu().numpy(), cmap="viridis", vmin=-1, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("position embedding similarity", fontsize=10)
@@ -124,7 +124,7 @@ def pca_figure(image, rgb: torch.Tensor) -> Figure:
     fig = _figure(6, 3.2)
     axes = fig.subplots(1, 2)
     _overlay(axes[0], image, None, "input")
-    axes[1].imshow(rgb.cpu().numpy(), interpolation="nearest")
+    axes[1].imshow(rgb.detach().cpu().numpy(), interpolation="nearest")
     axes[1].set_title("patch features: PCA 1-3 as RGB", fontsize=9)
     axes[1].axis("off")
     fig.tight_layout()

@@ -37,7 +37,7 @@ def pos_embed_similarity(model: nn.Module, grid: tuple[int, int] | None = None) 
             f"{type(model).__name__} adds no position embedding to the tokens "
             f"(pos_embed={getattr(model, 'pos_embed_type', 'none')!r}); RoPE and no-position models have none to show"
         )
-    pe = ctx.pos_embed[0].float()  # (H'*W', D)
+    pe = ctx.pos_embed[0].detach().float()  # (H'*W', D)
     pe = F.normalize(pe, dim=-1)
     return (pe @ pe.T).reshape(H, W, H, W)
 
