@@ -55,6 +55,20 @@ def _source(tmp_path: Path) -> tuple[str, list[str]]:
     return str(vitkit.save_weights(m, tmp_path / "model.safetensors")), list(labels)
 
 
+# The map is done when its status tracker is hidden and its <img> holds a served file that loaded.
+_MAP_READY = """prev => {
+    const tracker = document.querySelector('#map [data-testid="status-tracker"]');
+    const img = document.querySelector('#map img');
+    return tracker && tracker.classList.contains('hide') && img && img.complete && img.naturalWidth > 0
+        && img.src.includes('file=') && img.src !== prev;
+}"""
+
+
+def _wait_for_map(page, previous: str) -> str:
+    page.wait_for_function(_MAP_READY, arg=previous, timeout=90_000)
+    return page.locator("#map img").get_attribute("src")
+
+
 def test_demo_upload_shows_prediction_and_map(tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -76,13 +90,14 @@ def test_demo_upload_shows_prediction_and_map(tmp_path):
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
             upload = page.locator("#input-image input[type=file]")
             upload.wait_for(state="attached", timeout=90_000)
-            upload.set_input_files(str(image))
+            upload.set_input_files(str(image))  # the upload alone runs the default method
+            first = _wait_for_map(page, previous="")
+            # Choose another layer and press the button: a new map (rollout through layer 0) replaces it.
+            layer = page.locator("#layer input[type=number]")
+            layer.fill("0")
+            layer.press("Enter")
             page.locator("#explain").click()
-            page.locator("#map img").wait_for(state="visible", timeout=90_000)
-            page.wait_for_function(
-                "() => { const i = document.querySelector('#map img'); return i && i.complete && i.naturalWidth > 0 }",
-                timeout=30_000,
-            )
+            _wait_for_map(page, previous=first)
             prediction = page.locator("#prediction").inner_text(timeout=30_000)
             shot = tmp_path / "demo.png"
             page.screenshot(path=str(shot), full_page=True)
