@@ -9,6 +9,7 @@ beside it.
 
     python benchmarks/explain_shapes.py                   # the recipe's full 5-epoch run, 100 images
     python benchmarks/explain_shapes.py --epochs 2        # shorter (the budget is in the JSON)
+    python benchmarks/explain_shapes.py --time-budget 4m  # as much training as 4 minutes allow
     python benchmarks/explain_shapes.py --run-dir runs/x  # keep the run there (or measure the run already there)
 """
 
@@ -42,10 +43,8 @@ from vitkit.predict import load_model
 from _common import machine, versions, write_json
 
 
-def train(run_dir: Path, epochs: float | None) -> float:
-    cmd = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", "shapes", "--out", str(run_dir)]
-    if epochs is not None:
-        cmd.append(f"engine.epochs={epochs}")
+def train(run_dir: Path, overrides: list[str]) -> float:
+    cmd = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", "shapes", "--out", str(run_dir), *overrides]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -98,7 +97,8 @@ def measure(run_dir: Path, n: int, batch: int = 25) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=float, default=None, help="engine.epochs for the run (default: the recipe's)")
+    ap.add_argument("--epochs", type=int, default=None, help="engine.epochs for the run (default: the recipe's)")
+    ap.add_argument("--time-budget", help="engine.time_budget for the run, e.g. 4m (a shorter run on a busy machine)")
     ap.add_argument("--n", type=int, default=100, help="validation images to measure")
     ap.add_argument("--run-dir", help="train into this folder and keep it; if it already holds a run, measure that")
     ap.add_argument("--out", default="explain_shapes.json")
@@ -106,20 +106,22 @@ def main() -> None:
     torch.set_num_threads(2)
     run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="vitkit-explain-shapes-")) / "run"
     existing = (run_dir / "run.json").is_file()
-    wall = None if existing else train(run_dir, args.epochs)
+    overrides = [f"engine.epochs={args.epochs}"] * (args.epochs is not None)
+    overrides += [f"engine.time_budget={args.time_budget}"] * (args.time_budget is not None)
+    wall = None if existing else train(run_dir, overrides)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     result = measure(run_dir, args.n)
     payload = {
         "benchmark": "attention rollout mass inside the shape mask vs the mask's area, shapes validation images",
         **result,
         "train": {
-            "command": "vitkit train --data shapes" + (f" engine.epochs={args.epochs}" if args.epochs else ""),
+            "command": " ".join(["vitkit train --data shapes", *overrides]) if not existing else None,
             "epochs": summary.get("epochs"),
             "steps": summary.get("steps"),
             "val_acc": summary.get("val_acc"),
             "wall_s": None if wall is None else round(wall, 1),
             "budget": "existing run" if existing else
-                      f"short: engine.epochs={args.epochs}" if args.epochs else "full (recipe default)",
+                      f"short: {' '.join(overrides)}" if overrides else "full (recipe default)",
         },
         "machine": machine(),
         "versions": versions(vitkit),

@@ -109,12 +109,12 @@ def render(
         last = layer % n
         R = attention_rollout(maps[: last + 1], head_fusion, discard_ratio)
         heat = token_map(R, maps.num_prefix_tokens, maps.grid, rows)[0]
-        return overlay_figure(pixels, heat, f"attention rollout, layers 0-{last} ({head_fusion} of heads)")
+        return overlay_figure(pixels, heat, f"rollout, layers 0-{last}, {head_fusion} of heads")
     if method == "grad-rollout":
         R, logits = gradient_rollout(model, x, target, discard_ratio)
         cls = int(logits.argmax(-1)) if target is None else int(target)
         heat = token_map(R, int(getattr(model, "num_prefix_tokens", 0)), patch_grid(model, x), rows)[0]
-        return overlay_figure(pixels, heat, f"gradient rollout for class {_label(lm, cls)}")
+        return overlay_figure(pixels, heat, f"gradient rollout: {_label(lm, cls)}")
     if method in ("heads", "attention"):
         maps = capture_attention(model, x, layers=[layer])
         per_head = head_maps(maps[0], maps.num_prefix_tokens, maps.grid, rows)[0]  # (heads, H', W')

@@ -134,7 +134,7 @@ def pca_figure(image, rgb: torch.Tensor) -> Figure:
 def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", bbox_inches="tight")
     return path
 
 
