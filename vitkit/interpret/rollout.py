@@ -6,7 +6,8 @@ renormalised, and the layers multiply, last on the left: R = Â_L ... Â_1. Row 
 how much token r's final state draws on each input token.
 
 Gradient-weighted rollout (Chefer et al., 2021) fuses the heads as mean_h(max(0, dy/dA * A)),
-weighting each head by how much it moves the chosen class score ``y``.
+weighting each head by how much it moves the chosen class score ``y``; each fused row is then
+renormalised to sum to 1, so the gradients' scale does not decide how much the identity weighs.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ def gradient_rollout(
         score = logits.gather(1, target[:, None]).sum()
         grads = torch.autograd.grad(score, list(maps))
     fused = [(g * a).clamp(min=0).mean(dim=1).detach().float() for g, a in zip(grads, maps)]
+    # Gradients are tiny next to the residual identity: scaled as they are, every row of the
+    # rollout would stay the identity. Each row is made a distribution (an all-zero row, with
+    # no positive evidence, keeps only the residual).
+    fused = [f / f.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny) for f in fused]
     return rollout_fused(fused, discard_ratio), logits.detach()
 
 
