@@ -90,14 +90,18 @@ def test_demo_upload_shows_prediction_and_map(tmp_path):
             page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
             upload = page.locator("#input-image input[type=file]")
             upload.wait_for(state="attached", timeout=90_000)
-            upload.set_input_files(str(image))  # the upload alone runs the default method
-            first = _wait_for_map(page, previous="")
-            # Choose another layer and press the button: a new map (rollout through layer 0) replaces it.
             layer = page.locator("#layer input[type=number]")
+            last = page.locator("#layer input[type=range]").get_attribute("max")
             layer.fill("0")
+            layer.press("Enter")
+            upload.set_input_files(str(image))  # the upload alone runs the method: rollout through layer 0
+            first = _wait_for_map(page, previous="")
+            # Choose the last layer and press the button: the full rollout replaces the map.
+            layer.fill(last)
             layer.press("Enter")
             page.locator("#explain").click()
             _wait_for_map(page, previous=first)
+            page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
             prediction = page.locator("#prediction").inner_text(timeout=30_000)
             shot = tmp_path / "demo.png"
             page.screenshot(path=str(shot), full_page=True)
