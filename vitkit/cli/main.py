@@ -18,7 +18,9 @@ from pathlib import Path
 
 from ..errors import VitkitError
 from . import bench as bench_cmd
+from . import demo as demo_cmd
 from . import eval as eval_cmd
+from . import explain as explain_cmd
 from . import export as export_cmd
 from . import models as models_cmd
 from . import predict as predict_cmd
@@ -26,7 +28,9 @@ from . import pretrain as pretrain_cmd
 from . import probe as probe_cmd
 from . import train as train_cmd
 
-_COMMANDS = [train_cmd, pretrain_cmd, eval_cmd, probe_cmd, predict_cmd, models_cmd, export_cmd, bench_cmd]
+_COMMANDS = [
+    train_cmd, pretrain_cmd, eval_cmd, probe_cmd, predict_cmd, explain_cmd, demo_cmd, models_cmd, export_cmd, bench_cmd,
+]
 # OS errors about a path the user named: a typo or a permission, not a bug.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 

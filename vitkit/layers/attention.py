@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .capture import attend
 from .rope import apply_rope
 
 
@@ -13,9 +13,9 @@ class Attention(nn.Module):
     """Multi-head self-attention.
 
     The default path is ``F.scaled_dot_product_attention`` (flash / memory-efficient
-    kernels). When a capture list is attached (see :func:`vitkit.layers.capture_attention`)
-    the block switches to the explicit softmax(QK^T) path so the weights can be returned;
-    detaching the list switches back, so capture never slows normal inference.
+    kernels). When a capture sink is attached (see :mod:`vitkit.layers.capture`) the layer
+    also forms the explicit softmax(QK^T) weights and hands them over; its output stays the
+    fused kernel's. Detaching the sink switches back, so capture never slows normal inference.
     ``attn_bias`` is added to the logits on both paths (broadcastable to (B, heads, N, N);
     -inf removes a key). Pass None, not zeros, when there is none: a mask keeps GPU SDPA off
     the flash kernel.
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.attn_drop_p = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.captured: list[torch.Tensor] | None = None
+        self.captured = None  # a capture sink while capturing (vitkit.layers.capture)
         # Token reduction (vitkit.efficient) reads the queries and keys each forward used.
         self.keep_qk = False
         self.last_qk: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -76,14 +76,6 @@ class Attention(nn.Module):
         dropout_p = self.attn_drop_p if self.training else 0.0
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)
-        if self.captured is None:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-            if attn_bias is not None:
-                attn = attn + attn_bias
-            attn = attn.softmax(dim=-1)
-            self.captured.append(attn.detach())
-            x = F.dropout(attn, dropout_p) @ v
+        x = attend(q, k, v, self.captured, attn_bias, dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * head_dim)
         return self.proj_drop(self.proj(x))

@@ -1,0 +1,116 @@
+"""`vitkit demo` in a real browser: serve on loopback, upload an image with headless Chromium,
+and check the top-5 and the map appear.
+
+Chromium is Debian's package (``apt-get install chromium``; ``.ci/run`` installs it), driven by
+Playwright through its executable. Without a Chromium on the machine the test skips and says so.
+``VITKIT_CHROMIUM`` names another executable. ``VITKIT_DEMO_SOURCE`` serves that run or weights
+file instead of a tiny random model, and ``VITKIT_DEMO_SCREENSHOT`` copies the screenshot there
+(how docs/demo.png is made).
+"""
+
+import os
+import shutil
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import vitkit
+
+
+def _chromium() -> str | None:
+    if os.environ.get("VITKIT_CHROMIUM"):
+        return os.environ["VITKIT_CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
+           ".ci/run installs it where apt-get can",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _source(tmp_path: Path) -> tuple[str, list[str]]:
+    if os.environ.get("VITKIT_DEMO_SOURCE"):
+        from vitkit.predict import load_model
+
+        src = os.environ["VITKIT_DEMO_SOURCE"]
+        return src, list(load_model(src).labels)
+    m = vitkit.create_model("test_vit", num_classes=6)
+    labels = ("circle", "square", "triangle", "star", "hexagon", "cross")
+    m.card = replace(m.card, labels=labels)
+    return str(vitkit.save_weights(m, tmp_path / "model.safetensors")), list(labels)
+
+
+# The map is done when its status tracker is hidden and its <img> holds a served file that loaded.
+_MAP_READY = """prev => {
+    const tracker = document.querySelector('#map [data-testid="status-tracker"]');
+    const img = document.querySelector('#map img');
+    return tracker && tracker.classList.contains('hide') && img && img.complete && img.naturalWidth > 0
+        && img.src.includes('file=') && img.src !== prev;
+}"""
+
+
+def _wait_for_map(page, previous: str) -> str:
+    page.wait_for_function(_MAP_READY, arg=previous, timeout=90_000)
+    return page.locator("#map img").get_attribute("src")
+
+
+def test_demo_upload_shows_prediction_and_map(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from vitkit.data import ShapesDataset
+    from vitkit.interpret.demo import launch_demo
+
+    source, labels = _source(tmp_path)
+    image = tmp_path / "star.png"
+    ShapesDataset(n=4, split="val", img_size=64, seed=3).sample(3)["image"].resize((192, 192)).save(image)
+    port = _free_port()
+    demo = launch_demo(source, port=port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+            )
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            # Not "networkidle": the page may ask for web fonts that a machine offline never gets.
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
+            upload = page.locator("#input-image input[type=file]")
+            upload.wait_for(state="attached", timeout=90_000)
+            layer = page.locator("#layer input[type=number]")
+            last = page.locator("#layer input[type=range]").get_attribute("max")
+            layer.fill("0")
+            layer.press("Enter")
+            upload.set_input_files(str(image))  # the upload alone runs the method: rollout through layer 0
+            first = _wait_for_map(page, previous="")
+            # Choose the last layer and press the button: the full rollout replaces the map.
+            layer.fill(last)
+            layer.press("Enter")
+            page.locator("#explain").click()
+            _wait_for_map(page, previous=first)
+            page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
+            prediction = page.locator("#prediction").inner_text(timeout=30_000)
+            shot = tmp_path / "demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    assert any(label in prediction for label in labels), prediction
+    assert "%" in prediction  # the top classes come with their probabilities
+    with Image.open(shot) as im:
+        assert im.size[0] >= 1000
+    if os.environ.get("VITKIT_DEMO_SCREENSHOT"):
+        shutil.copy(shot, os.environ["VITKIT_DEMO_SCREENSHOT"])

@@ -1,0 +1,79 @@
+"""A local web app: upload an image, see the top-5 classes and where the model looks.
+
+Needs the optional ``gradio`` dependency (``pip install 'vitkit[demo]'``).
+
+>>> from vitkit.interpret.demo import build_demo
+>>> build_demo("runs/my-run").launch()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from ..errors import ConfigError, VitkitError
+from ..layers.capture import capturable_modules
+from ..predict import LoadedModel, load_model
+from .explain import applicable, prepare, render, top_classes
+from .plots import to_array
+
+# The demo's choices: one layer/head of raw attention, rollout up to a layer, the rest per image.
+DEMO_METHODS = ("attention", "rollout", "grad-rollout", "heads", "pca")
+
+
+def _gradio():
+    # Gradio phones home for analytics unless told not to; a local demo has no reason to.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ConfigError("the demo needs gradio: pip install 'vitkit[demo]'") from None
+    return gr
+
+
+def build_demo(source, examples: Sequence[str] = ()):
+    """The Gradio Blocks app for a run directory, weights file or :class:`LoadedModel`."""
+    gr = _gradio()
+    lm = source if isinstance(source, LoadedModel) else load_model(source)
+    layers = capturable_modules(lm.model)
+    if not layers:
+        raise ConfigError(f"{type(lm.model).__name__} has no attention layers to show")
+    num_heads = getattr(layers[-1], "num_heads", 1)
+    methods = [m for m in DEMO_METHODS if applicable(lm, m) is None]
+
+    def run(image, method, layer, head):
+        if image is None:
+            return None, None
+        try:
+            pixels, x = prepare(lm, image)
+            top = {t["label"]: t["prob"] for t in top_classes(lm, x, 5)}
+            fig = render(lm, pixels, x, method, layer=int(layer), head=None if head == "mean" else int(head))
+        except VitkitError as e:
+            raise gr.Error(str(e)) from None  # shown in the page, not as a server traceback
+        return top, to_array(fig)
+
+    with gr.Blocks(title="vitkit explain") as demo:
+        gr.Markdown(f"## vitkit: where does the model look?\n`{lm.weights}`")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="image", elem_id="input-image")
+                method = gr.Dropdown(methods, value="rollout", label="method", elem_id="method")
+                layer = gr.Slider(0, len(layers) - 1, value=len(layers) - 1, step=1, label="layer", elem_id="layer")
+                head = gr.Dropdown(["mean"] + [str(h) for h in range(num_heads)], value="mean", label="head",
+                                   elem_id="head")
+                button = gr.Button("Explain", variant="primary", elem_id="explain")
+            with gr.Column():
+                prediction = gr.Label(num_top_classes=5, label="top-5", elem_id="prediction")
+                heat = gr.Image(label="map", type="numpy", elem_id="map")
+        button.click(run, [image, method, layer, head], [prediction, heat])
+        image.upload(run, [image, method, layer, head], [prediction, heat])
+        if examples:
+            gr.Examples(list(examples), inputs=image)
+    return demo
+
+
+def launch_demo(source, host: str = "127.0.0.1", port: int | None = None, examples: Sequence[str] = (), block=True):
+    """Build and serve the app on ``host:port`` (loopback by default); returns the app."""
+    demo = build_demo(source, examples)
+    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block)
+    return demo
