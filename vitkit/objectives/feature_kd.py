@@ -68,7 +68,7 @@ class FeatureKD(TeacherObjective):
         size = input_size or getattr(getattr(model, "card", None), "input_size", None)
         if size is None:
             raise ConfigError("feature_kd needs the student's input_size (C, H, W) to size its projection")
-        probe = torch.zeros(1, *size)
+        probe = torch.zeros(1, *size, device=next(model.parameters()).device)
         was_training = model.training
         model.eval()  # a probe in eval mode draws no dropout and moves no norm statistics
         with torch.no_grad():

@@ -38,7 +38,7 @@ def weights_sha256(model: nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor cannot be viewed as bytes
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -123,11 +123,11 @@ def load_teacher(source: str | os.PathLike, model_name: str | None = None,
     return model.eval(), ref
 
 
-def _norm_stats(model: nn.Module, chans: int) -> tuple[Tensor, Tensor]:
+def _norm_stats(model: nn.Module) -> tuple[Tensor, Tensor] | None:
     card = getattr(model, "card", None)
-    mean = torch.tensor(card.mean if card is not None else (0.0,) * chans, dtype=torch.float32)
-    std = torch.tensor(card.std if card is not None else (1.0,) * chans, dtype=torch.float32)
-    return mean, std
+    if card is None:
+        return None
+    return torch.tensor(card.mean, dtype=torch.float32), torch.tensor(card.std, dtype=torch.float32)
 
 
 class TeacherInput(nn.Module):
@@ -135,32 +135,35 @@ class TeacherInput(nn.Module):
 
     The student's normalisation is undone on the very image the student sees (after random
     erasing and mixup), so the teacher judges the same pixels; then the image is resized and
-    normalised with the teacher's statistics. A model without a card counts as normalised with
-    mean 0 and std 1.
+    normalised with the teacher's statistics.
 
     Args:
-        student_mean, student_std / teacher_mean, teacher_std: per-channel statistics.
+        student_norm / teacher_norm: per-channel (mean, std); None on either side (a model
+            without a card) means both use the same normalisation and it is left as is.
         size: (H, W) the teacher sees; None keeps the student's.
+        channels: the teacher's channel count; a 1-channel student is repeated to it.
     """
 
-    def __init__(self, student_mean: Tensor, student_std: Tensor, teacher_mean: Tensor, teacher_std: Tensor,
-                 size: tuple[int, int] | None = None):
+    def __init__(self, student_norm: tuple[Tensor, Tensor] | None, teacher_norm: tuple[Tensor, Tensor] | None,
+                 size: tuple[int, int] | None = None, channels: int | None = None):
         super().__init__()
-        cs, ct = len(student_mean), len(teacher_mean)
-        if cs != ct and cs != 1:
+        renorm = student_norm is not None and teacher_norm is not None
+        cs = len(student_norm[0]) if student_norm is not None else None
+        self.channels = channels or (len(teacher_norm[0]) if teacher_norm is not None else cs)
+        if cs is not None and self.channels is not None and cs not in (1, self.channels):
             raise ConfigError(
-                f"the student sees {cs}-channel images but the teacher takes {ct} channels: only equal counts "
-                "or a 1-channel student (repeated for the teacher) can be distilled"
+                f"the student sees {cs}-channel images but the teacher takes {self.channels} channels: only equal "
+                "counts or a 1-channel student (repeated for the teacher) can be distilled"
             )
-        self.channels = ct
         self.size = tuple(size) if size is not None else None
-        for name, v in (("s_mean", student_mean), ("s_std", student_std), ("t_mean", teacher_mean),
-                        ("t_std", teacher_std)):
+        # x_teacher = (x_student * s_std + s_mean - t_mean) / t_std; identity when not renormalising.
+        stats = (*student_norm, *teacher_norm) if renorm else (torch.zeros(1), torch.ones(1)) * 2
+        for name, v in zip(("s_mean", "s_std", "t_mean", "t_std"), stats):
             self.register_buffer(name, v.float().view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        raw = x.float() * self.s_std + self.s_mean  # (B, Cs, H, W) in [0, 1] (erased pixels may leave it)
-        if raw.shape[1] != self.channels:
+        raw = x.float() * self.s_std + self.s_mean  # (B, Cs, H, W), [0, 1] when renormalising
+        if self.channels is not None and raw.shape[1] != self.channels:
             raw = raw.expand(-1, self.channels, -1, -1)  # grey -> the teacher's channels
         if self.size is not None and tuple(raw.shape[-2:]) != self.size:
             down = self.size[0] < raw.shape[-2] or self.size[1] < raw.shape[-1]
@@ -182,11 +185,9 @@ class Teacher(nn.Module):
                  img_size: int | None = None):
         super().__init__()
         card = getattr(model, "card", None)
-        t_chans = card.input_size[0] if card is not None else None
-        s_mean, s_std = _norm_stats(student, t_chans or 3)
-        t_mean, t_std = _norm_stats(model, len(s_mean))
         size = (img_size, img_size) if img_size else (tuple(card.input_size[1:]) if card is not None else None)
-        self.input = TeacherInput(s_mean, s_std, t_mean, t_std, size)
+        channels = card.input_size[0] if card is not None else None
+        self.input = TeacherInput(_norm_stats(student), _norm_stats(model), size, channels)
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.dtype = dtype
 
