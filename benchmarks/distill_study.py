@@ -17,8 +17,8 @@ accuracy, ``distilled_minus_alone`` in points per objective, steps, wall times, 
 versions, and a bar chart beside it (``.png``).
 
     python benchmarks/distill_study.py                       # the full study (hours on 2 CPU cores)
-    python benchmarks/distill_study.py --teacher-steps 300 --steps 150 --student-args depth=4 \\
-        --out distill.json                                   # the short run committed here
+    python benchmarks/distill_study.py --teacher-steps 120 --steps 80 --batch-size 64 \\
+        --student-args depth=4 --subset 12000,2000           # the short run committed here
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import yaml
 
 import vitkit
 from vitkit.config import load_config
+from vitkit.train import train
 
 from _common import RESULTS, machine, versions, write_json
 
@@ -48,6 +49,22 @@ def _args_overrides(spec: str) -> list[str]:
     return [f"model.args.{kv.strip()}" for kv in spec.split(",") if kv.strip()]
 
 
+def idx_subset(path: str, n_train: int, n_test: int, out: Path) -> str:
+    """The first ``n_train`` / ``n_test`` samples of an IDX dataset (MNIST layout), written under ``out``."""
+    from vitkit.data.formats import _find_idx, read_idx
+
+    files = _find_idx(path)
+    if files is None:
+        raise SystemExit(f"--subset works on IDX folders (MNIST layout); {path} is not one")
+    out.mkdir(parents=True, exist_ok=True)
+    for key, src in files.items():
+        arr = read_idx(src)[: n_train if key.startswith("train") else n_test]
+        name = Path(src).name.removesuffix(".gz")
+        header = b"\x00\x00\x08" + bytes([arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        (out / name).write_bytes(header + arr.tobytes())
+    return str(out)
+
+
 def run(name: str, work: Path, common: list[str], overrides: list[str]) -> dict:
     out = work / name
     steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("engine.max_steps="))
@@ -55,7 +72,7 @@ def run(name: str, work: Path, common: list[str], overrides: list[str]) -> dict:
     warmup = [f"schedule.warmup_steps={max(1, steps // 10)}"]
     cfg = load_config("cifar10_fast", [*common, *warmup, *overrides, f"engine.out_dir={out}"])
     t0 = time.perf_counter()
-    summary = vitkit.train(cfg, verbose=False, force=True)
+    summary = train(cfg, verbose=False, force=True)
     wall = time.perf_counter() - t0
     row = {
         "name": name, "model": summary["model"], "objective": summary["objective"], "acc": summary["val_acc"],
@@ -100,11 +117,16 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--objectives", nargs="*", default=["kd", "deit"], choices=["kd", "deit"])
+    ap.add_argument("--subset", default=None, help="short runs on IDX data: N_TRAIN,N_TEST first samples")
     ap.add_argument("--work", default=None, help="folder for the run dirs (default: a new temporary folder)")
     ap.add_argument("--out", default="distill.json")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="vitkit-distill-"))
-    common = [f"data.path={args.data}", f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}",
+    data = args.data
+    if args.subset:
+        n_train, n_test = (int(v) for v in args.subset.split(","))
+        data = idx_subset(args.data, n_train, n_test, work / f"{Path(args.data).name}-subset")
+    common = [f"data.path={data}", f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}",
               *QUIET]
     load_start = os.getloadavg()
     t_all = time.perf_counter()
@@ -124,6 +146,7 @@ def main() -> None:
     payload = {
         "benchmark": "the same student alone vs distilled from a trained teacher, same optimizer steps",
         "data": args.data,
+        "subset": args.subset,
         "teacher": teacher,
         "rows": rows,
         "distilled_minus_alone": diff,
@@ -131,7 +154,7 @@ def main() -> None:
         "steps": {"teacher": args.teacher_steps, "student": args.steps},
         "student_model_args": cfg["model"]["args"],
         "recipe": "cifar10_fast with engine.max_steps instead of its time budget",
-        "short_run": args.steps < 3000 or args.teacher_steps < 3000,
+        "short_run": args.steps < 3000 or args.teacher_steps < 3000 or bool(args.subset),
         "total_wall_s": time.perf_counter() - t_all,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
@@ -139,7 +162,8 @@ def main() -> None:
         "versions": versions(vitkit),
     }
     path = write_json(args.out, payload)
-    budget = f"{args.steps} steps" + (" (SHORT run)" if payload["short_run"] else "")
+    budget = f"{args.steps} steps" + (f", subset {args.subset}" if args.subset else "") + \
+        (" (SHORT run)" if payload["short_run"] else "")
     title = (f"{Path(args.data).name}: {args.student} alone vs distilled, {budget}\n"
              f"teacher {args.teacher} ({args.teacher_steps} steps)")
     chart(rows, teacher, RESULTS / Path(args.out).with_suffix(".png").name, title)
