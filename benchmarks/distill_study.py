@@ -17,13 +17,15 @@ accuracy, ``distilled_minus_alone`` in points per objective, steps, wall times, 
 versions, and a bar chart beside it (``.png``).
 
     python benchmarks/distill_study.py                       # the full study (hours on 2 CPU cores)
-    python benchmarks/distill_study.py --teacher-steps 120 --steps 80 --batch-size 64 \\
-        --student-args depth=4 --subset 12000,2000           # the short run committed here
+    OMP_NUM_THREADS=1 python benchmarks/distill_study.py --teacher-steps 60 --steps 40 --batch-size 32 \\
+        --student-args depth=2 --subset 6000,1000            # the short run committed here (a loaded machine)
+    python benchmarks/distill_study.py --teacher-run RUN     # students only, from a teacher trained before
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--teacher", default="vit_nano_convstem_patch8_64", help="registered teacher model")
     ap.add_argument("--teacher-args", default="stem_width=192", help="teacher model.args, comma-separated k=v")
     ap.add_argument("--teacher-steps", type=int, default=3000)
+    ap.add_argument("--teacher-run", default=None, help="reuse this finished teacher run dir instead of training one")
     ap.add_argument("--student", default="deit_tiny_distilled_patch16_224",
                     help="registered student with a distillation token")
     ap.add_argument("--student-args", default="", help="extra student model.args, comma-separated k=v")
@@ -131,8 +134,15 @@ def main() -> None:
     load_start = os.getloadavg()
     t_all = time.perf_counter()
 
-    teacher = run("teacher", work, common, [f"model.name={args.teacher}", f"engine.max_steps={args.teacher_steps}",
-                                             *_args_overrides(args.teacher_args)])
+    if args.teacher_run:  # a teacher trained before (by this script or by hand): its summary stands in
+        summary = json.loads((Path(args.teacher_run) / "summary.json").read_text())
+        teacher = {"name": "teacher", "model": summary["model"], "objective": summary["objective"],
+                   "acc": summary["val_acc"], "steps": summary["steps"], "epochs": summary["epochs"],
+                   "wall_s": summary["wall_s"], "train_img_per_s": summary["train_img_per_s"],
+                   "run_dir": args.teacher_run, "reused": True}
+    else:
+        teacher = run("teacher", work, common, [f"model.name={args.teacher}", f"engine.max_steps={args.teacher_steps}",
+                                                 *_args_overrides(args.teacher_args)])
     student = [f"model.name={args.student}", f"engine.max_steps={args.steps}",
                *_args_overrides(f"patch_size={args.patch_size},{args.student_args}")]
     alone = run("alone", work, common, [*student, "objective.name=supervised"])
@@ -151,10 +161,10 @@ def main() -> None:
         "rows": rows,
         "distilled_minus_alone": diff,
         "units": {"acc": "fraction of the test split", "distilled_minus_alone": "accuracy points"},
-        "steps": {"teacher": args.teacher_steps, "student": args.steps},
+        "steps": {"teacher": teacher["steps"], "student": args.steps},
         "student_model_args": cfg["model"]["args"],
         "recipe": "cifar10_fast with engine.max_steps instead of its time budget",
-        "short_run": args.steps < 3000 or args.teacher_steps < 3000 or bool(args.subset),
+        "short_run": args.steps < 3000 or teacher["steps"] < 3000 or bool(args.subset),
         "total_wall_s": time.perf_counter() - t_all,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg(),
@@ -165,7 +175,7 @@ def main() -> None:
     budget = f"{args.steps} steps" + (f", subset {args.subset}" if args.subset else "") + \
         (" (SHORT run)" if payload["short_run"] else "")
     title = (f"{Path(args.data).name}: {args.student} alone vs distilled, {budget}\n"
-             f"teacher {args.teacher} ({args.teacher_steps} steps)")
+             f"teacher {teacher['model']} ({teacher['steps']} steps)")
     chart(rows, teacher, RESULTS / Path(args.out).with_suffix(".png").name, title)
     print("wrote", path, "; distilled minus alone (points):", {k: round(v, 2) for k, v in diff.items()})
 
