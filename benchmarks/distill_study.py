@@ -46,9 +46,10 @@ QUIET = ["engine.tensorboard=false", "engine.plots=false", "engine.time_budget=n
          "engine.eval_every=1000"]
 
 
-def _args_overrides(spec: str) -> list[str]:
-    """``"patch_size=4,depth=6"`` -> ``model.args.*`` overrides."""
-    return [f"model.args.{kv.strip()}" for kv in spec.split(",") if kv.strip()]
+def _model_args(spec: str) -> dict:
+    """``"patch_size=4,depth=6"`` -> ``{"patch_size": 4, "depth": 6}`` (values parsed as YAML)."""
+    pairs = (kv.split("=", 1) for kv in spec.split(",") if kv.strip())
+    return {k.strip(): yaml.safe_load(v) for k, v in pairs}
 
 
 def idx_subset(path: str, n_train: int, n_test: int, out: Path) -> str:
@@ -67,12 +68,13 @@ def idx_subset(path: str, n_train: int, n_test: int, out: Path) -> str:
     return str(out)
 
 
-def run(name: str, work: Path, common: list[str], overrides: list[str]) -> dict:
+def run(name: str, work: Path, common: list[str], overrides: list[str], model_args: dict) -> dict:
     out = work / name
     steps = next(int(o.split("=")[1]) for o in overrides if o.startswith("engine.max_steps="))
     # Warm up over the first tenth of the run, whatever its length (the recipe's is in epochs).
     warmup = [f"schedule.warmup_steps={max(1, steps // 10)}"]
     cfg = load_config("cifar10_fast", [*common, *warmup, *overrides, f"engine.out_dir={out}"])
+    cfg.model.args = model_args  # exactly these: the recipe's model.args are the recipe model's
     t0 = time.perf_counter()
     summary = train(cfg, verbose=False, force=True)
     wall = time.perf_counter() - t0
@@ -141,16 +143,16 @@ def main() -> None:
                    "wall_s": summary["wall_s"], "train_img_per_s": summary["train_img_per_s"],
                    "run_dir": args.teacher_run, "reused": True}
     else:
-        teacher = run("teacher", work, common, [f"model.name={args.teacher}", f"engine.max_steps={args.teacher_steps}",
-                                                 *_args_overrides(args.teacher_args)])
-    student = [f"model.name={args.student}", f"engine.max_steps={args.steps}",
-               *_args_overrides(f"patch_size={args.patch_size},{args.student_args}")]
-    alone = run("alone", work, common, [*student, "objective.name=supervised"])
+        teacher = run("teacher", work, common, [f"model.name={args.teacher}", f"engine.max_steps={args.teacher_steps}"],
+                      _model_args(args.teacher_args))
+    student = [f"model.name={args.student}", f"engine.max_steps={args.steps}"]
+    student_args = _model_args(f"patch_size={args.patch_size},{args.student_args}")
+    alone = run("alone", work, common, [*student, "objective.name=supervised"], student_args)
     rows = [alone]
     extra = {"kd": [], "deit": ["objective.distill_type=hard"]}
     for name in args.objectives:
-        rows.append(run(f"{name}", work, common, [*student, f"objective.name={name}",
-                                                  f"objective.teacher={teacher['run_dir']}", *extra[name]]))
+        rows.append(run(name, work, common, [*student, f"objective.name={name}",
+                                             f"objective.teacher={teacher['run_dir']}", *extra[name]], student_args))
     diff = {r["name"]: 100 * (r["acc"] - alone["acc"]) for r in rows[1:]}
     cfg = yaml.safe_load((work / "alone" / "config.yaml").read_text())
     payload = {
