@@ -87,6 +87,8 @@ class Checkpointer:
         data = ckpt.load_checkpoint(path, map_location="cpu")
         st = data["trainer_state"]
         obj = tr.objective
+        if hasattr(obj, "check_references"):  # frozen modules loaded again must be the recorded ones
+            obj.check_references(st.get("references") or {})
         if tr.cfg.fsdp:
             fsdp_load_full_state(obj, tr.optimizer, data["objective"], st["optimizer"])
         else:

@@ -1,6 +1,10 @@
 """Training objectives: what a run optimises (see :class:`Objective`), registered by name."""
 
 from .base import Objective, StepContext
+from .deit import DeiT, DeiTConfig
+from .distill import DistillConfig, TeacherObjective, kd_term
+from .feature_kd import FeatureKD, FeatureKDConfig
+from .kd import KD, KDConfig
 from .registry import (
     build_objective,
     describe_objectives,
@@ -10,6 +14,7 @@ from .registry import (
     register_objective,
 )
 from .supervised import Supervised, SupervisedConfig, topk_correct
+from .teacher import Teacher, TeacherInput, load_teacher, weights_sha256
 
 # Self-supervised objectives (issue 11): registering them is importing them.
 from .mae import MAE, MAEConfig  # noqa: E402  isort: skip
@@ -27,6 +32,19 @@ __all__ = [
     "MAEConfig",
     "MoCoV3",
     "MoCoV3Config",
+    "KD",
+    "DeiT",
+    "DeiTConfig",
+    "DistillConfig",
+    "FeatureKD",
+    "FeatureKDConfig",
+    "KDConfig",
+    "Teacher",
+    "TeacherInput",
+    "TeacherObjective",
+    "kd_term",
+    "load_teacher",
+    "weights_sha256",
     "Objective",
     "SimCLR",
     "SimCLRConfig",

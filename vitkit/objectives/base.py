@@ -67,6 +67,20 @@ class Objective(nn.Module):
         """
         return {}
 
+    def check_references(self, recorded: dict[str, dict]) -> None:
+        """Called on resume with the checkpoint's :meth:`references`: a module loaded again from
+        its source must have the recorded sha256, else :class:`~vitkit.errors.WeightsError`."""
+        from ..errors import WeightsError
+
+        for name, now in self.references().items():
+            then = recorded.get(name) or {}
+            if then.get("sha256") and then["sha256"] != now.get("sha256"):
+                raise WeightsError(
+                    f"the {name} loaded from {now.get('source')} (sha256 {str(now.get('sha256'))[:12]}...) is not "
+                    f"the one this run was trained with ({then.get('source')}, sha256 {then['sha256'][:12]}...): "
+                    f"resume with the same {name} weights, or start a new run"
+                )
+
     def train(self, mode: bool = True):
         super().train(mode)
         for m in self.frozen_modules().values():

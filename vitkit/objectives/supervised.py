@@ -80,24 +80,30 @@ class Supervised(Objective):
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
-        logits = _logits(self.model(batch["image"])).float()  # (B, C)
+    def task_loss(self, logits: Tensor, batch: dict) -> Tensor:
+        """Cross-entropy of (B, C) ``logits`` against ``batch["target"]`` (mixup) or ``batch["label"]``."""
         target = batch.get("target")
-        label = batch.get("label")
         if target is not None:
-            loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        elif label is not None:
-            loss = F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
-        else:
-            raise KeyError("Supervised needs batch['label'] (B,) or batch['target'] (B, num_classes)")
-        out = {"loss": loss}
+            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        if batch.get("label") is not None:
+            return F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+        raise KeyError(f"{type(self).__name__} needs batch['label'] (B,) or batch['target'] (B, num_classes)")
+
+    def add_aux_loss(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Add the model's ``aux_loss()`` of this forward pass (MoE load balancing) to ``out["loss"]``."""
         aux_loss = getattr(self.model, "aux_loss", None)
         if callable(aux_loss) and self.aux_weight:
             # Mixture-of-Experts models expose a load-balancing loss from this forward pass.
             aux = aux_loss()
             if aux.requires_grad:
-                out["loss"] = loss + self.aux_weight * aux
+                out["loss"] = out["loss"] + self.aux_weight * aux
                 out["aux_loss"] = aux.detach()
+        return out
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        logits = _logits(self.model(batch["image"])).float()  # (B, C)
+        label = batch.get("label")
+        out = self.add_aux_loss({"loss": self.task_loss(logits, batch)})
         if label is not None:
             out["acc1"] = (logits.argmax(-1) == label).float().mean().detach()
         return out
