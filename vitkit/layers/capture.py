@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import AttentionCore
 
 
 @contextmanager
@@ -20,7 +20,7 @@ def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     >>> len(maps) == depth
     """
     maps: list[torch.Tensor] = []
-    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    modules = [m for m in model.modules() if isinstance(m, AttentionCore)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no vitkit Attention layers to capture")
     for m in modules:
