@@ -50,6 +50,14 @@ def take_indices(n: int, indices: int | list[int] | tuple[int, ...] | None, what
     return take
 
 
+def init_linear(m: nn.Module) -> None:
+    """Truncated-normal (std 0.02) weights and zero biases for a Linear; other modules untouched."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class HierarchicalBackbone(nn.Module):
     """Classification head, pooling, token path and multi-scale outputs over ``_stages``."""
 

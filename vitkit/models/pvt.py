@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import AttentionCore, DropPath, TokenContext
-from ._hier import HierarchicalBackbone
+from ._hier import HierarchicalBackbone, init_linear
 from ._registry import ModelCard, register_model
 
 _LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
@@ -182,11 +182,8 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
 
     def _init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
+            init_linear(m)
+            if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, std=(2.0 / fan_out) ** 0.5)
                 if m.bias is not None:

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import Attention, AttentionCore, DropPath, Mlp, PatchEmbed, TokenContext
 from ..layers.rel_pos import log_spaced_coords, relative_position_index, table_bias
 from ..layers.windows import window_and_shift, window_mask, window_partition, window_reverse
-from ._hier import HierarchicalBackbone
+from ._hier import HierarchicalBackbone, init_linear
 from ._registry import ModelCard, register_model
 
 
@@ -259,14 +259,8 @@ class SwinTransformer(HierarchicalBackbone):
         self.feature_info = [
             dict(num_chs=d, reduction=stride * 2**i, module=f"layers.{i}") for i, d in enumerate(dims)
         ]
-        self._init_weights()
+        self.apply(init_linear)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ backbone API
     def no_weight_decay(self) -> set[str]:
