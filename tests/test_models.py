@@ -41,12 +41,15 @@ def test_intermediates_agree_with_features(name):
     feats = m.forward_features(x)
     final, inter = m.forward_intermediates(x, indices=[0, -1], norm=True)
     torch.testing.assert_close(final, feats)
-    assert len(inter) == 2 and inter[-1].shape == (2, m.num_features, 4, 6)
+    # The last map's size follows its stated stride (ViT patch 8: 4x6; hierarchical models pad up).
+    stride = m.feature_info[-1]["reduction"]
+    h, w = -(-32 // stride), -(-48 // stride)
+    assert len(inter) == 2 and inter[-1].shape == (2, m.num_features, h, w)
     # The last block's patch tokens, normalised and laid out as a map, are the features' patch tokens.
-    patches = feats[:, m.num_prefix_tokens:].reshape(2, 4, 6, -1).permute(0, 3, 1, 2)
+    patches = feats[:, m.num_prefix_tokens:].reshape(2, h, w, -1).permute(0, 3, 1, 2)
     torch.testing.assert_close(inter[-1], patches)
     only = m.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NLC")
-    assert len(only) == 1 and only[0].shape == (2, 24, m.num_features)
+    assert len(only) == 1 and only[0].shape == (2, h * w, m.num_features)
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)

@@ -156,6 +156,18 @@ def _train_rate(calib: Calibration, cand: Candidate) -> float:
     return 1.0 / (model_s + calib.decode_s)
 
 
+def _first_stage_tokens(cand: Candidate) -> int:
+    """Tokens in the candidate's first feature map at its resolution, asked of the model itself."""
+    import torch
+
+    from .models import create_model
+
+    with torch.device("meta"):
+        model = create_model(cand.name, img_size=cand.img_size, **dict(cand.args))
+    stride = model.feature_info[0]["reduction"]
+    return math.ceil(cand.img_size / stride) ** 2
+
+
 def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) -> Plan:
     """The plan for ``info`` on the calibrated machine. ``user``: dotted keys the user set, with values.
 
@@ -190,7 +202,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
             if c is cands[-1] or (c.key in calib.img_per_s and expected_epochs(c) >= MIN_EPOCHS):
                 cand = c
                 break
-        tokens = (cand.img_size // (int(cand.name.split("patch")[1].split("_")[0]))) ** 2
+        tokens = _first_stage_tokens(cand)
         if finetune:
             why = f"{side} px photos: fine-tune pretrained {cand.pretrained} (weights cached or reachable)"
         elif side > MEDIUM_SIDE:

@@ -64,6 +64,14 @@ def run_info(args: argparse.Namespace) -> int:
         grid = "x".join(map(str, r["grid"]))
         print(f"  {r['resolution']:>5d} {grid:>7s} {r['tokens']:>7d} {r['gflops']:>9.2f} {r['gmacs']:>8.2f} "
               f"{r['attn_matrix_mib_fp32_per_layer']:>20.2f} {r['attn_matrix_mib_bf16_per_layer']:>8.2f}")
+    if len(info["resolutions"][0]["stages"]) > 1:
+        print(f"\n  {'res':>5s} {'stage':>5s} {'grid':>7s} {'tokens':>7s} {'keys/query':>10s} {'GFLOPs':>9s} "
+              f"{'attn MiB/layer fp32':>20s}")
+        for r in info["resolutions"]:
+            for st in r["stages"]:
+                grid = "x".join(map(str, st["grid"]))
+                print(f"  {r['resolution']:>5d} {st['stage']:>5d} {grid:>7s} {st['tokens']:>7d} "
+                      f"{st['keys_per_query']:>10d} {st['gflops']:>9.2f} {st['attn_matrix_mib_fp32_per_layer']:>20.2f}")
     print("\n  GMACs are multiply-adds (the 'FLOPs' of most papers); GFLOPs = 2 x GMACs.")
-    print("  Attention memory: one layer's softmax(QK^T) for batch 1, heads x tokens^2 values.")
+    print("  Attention memory: one layer's softmax(QK^T) for batch 1, heads x queries x keys (all windows) values.")
     return 0

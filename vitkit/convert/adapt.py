@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import resample_abs_pos_embed
+from ..layers.rel_pos import resample_rel_pos_table
 
 
 @dataclass
@@ -139,6 +140,20 @@ def _adapt_patch_embed(sd: dict, model: nn.Module, log: AdaptLog) -> None:
     sd["patch_embed.proj.weight"] = w
 
 
+def _adapt_rel_pos_tables(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> None:
+    """Resample learned relative-bias tables to the window each attention layer of the model has."""
+    for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
+        if k not in target or sd[k].shape == target[k].shape:
+            continue
+        new_window = tuple(model.get_submodule(k.rsplit(".", 1)[0]).window_size)
+        side = math.isqrt(sd[k].shape[0])
+        if side * side != sd[k].shape[0] or side % 2 == 0:
+            raise ValueError(f"{k} has {sd[k].shape[0]} rows, not a (2w-1)^2 table of a square window")
+        old_window = ((side + 1) // 2,) * 2
+        sd[k] = resample_rel_pos_table(sd[k], old_window, new_window)
+        log.resampled.append(f"{k}: window {old_window} -> {new_window}")
+
+
 def _adapt_heads(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> None:
     for head in ("head", "head_dist"):
         ck = {k for k in sd if k.startswith(head + ".")}
@@ -198,6 +213,7 @@ def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tup
     if hasattr(model, "patch_embed"):
         _adapt_pos_embed(sd, model, log)
         _adapt_patch_embed(sd, model, log)
+    _adapt_rel_pos_tables(sd, model, target, log)
     _adapt_heads(sd, model, target, log)
     _adapt_norms(sd, target, log)
     _adapt_mask_token(sd, target, log)

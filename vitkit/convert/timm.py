@@ -1,22 +1,45 @@
-"""timm ViT / DeiT checkpoints: vitkit's parameter names are timm's, so this is nearly identity."""
+"""timm checkpoints (ViT / DeiT, Swin v1/v2, PVT v2): vitkit's parameter names are timm's, so this
+is nearly identity."""
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+# Buffers that some checkpoints saved although they are recomputed from the config.
+_RECOMPUTED = ("relative_position_index", "attn_mask", "relative_coords_table")
 
 
 def is_timm(state_dict: dict[str, torch.Tensor]) -> bool:
-    """A timm-layout ViT: a conv patch projection and ``blocks.N.`` transformer blocks."""
-    return "patch_embed.proj.weight" in state_dict and any(k.startswith("blocks.") for k in state_dict)
+    """A timm-layout model: a conv patch projection and ``blocks.N.`` (ViT), ``layers.N.`` (Swin)
+    or ``stages.N.`` (PVT) stages."""
+    return "patch_embed.proj.weight" in state_dict and any(
+        k.startswith(("blocks.", "layers.", "stages.")) for k in state_dict
+    )
 
 
 def convert_timm(state_dict: dict[str, torch.Tensor], notes: list[str] | None = None) -> dict[str, torch.Tensor]:
     """timm state dict -> vitkit state dict.
 
-    Names are shared; the only layout difference left is the linear patch projection of
-    early ViT ports, ``patch_embed.proj.weight`` stored as (D, C*P*P). It is kept as is here and
-    reshaped to the model's conv kernel when the model is known (see ``adapt.adapt_to_model``).
-    Model-dependent fixes (``norm`` vs ``fc_norm``, a missing or mismatched head, resampling)
-    also live there because they apply to every source format.
+    Names are shared. Differences handled here: a classifier stored as ``head.fc`` (Swin) is
+    vitkit's ``head``; buffers recomputed from the config are dropped; Swin checkpoints in the
+    original layout (patch merging at the end of a stage) move it to the start of the next.
+    The linear patch projection of early ViT ports, ``patch_embed.proj.weight`` stored as
+    (D, C*P*P), is kept as is here and reshaped to the model's conv kernel when the model is
+    known (see ``adapt.adapt_to_model``), as are other model-dependent fixes (``norm`` vs
+    ``fc_norm``, a mismatched head, resampling) that apply to every source format.
     """
-    return dict(state_dict)
+    old_swin = "layers.0.downsample.reduction.weight" in state_dict
+    out = {}
+    for k, v in state_dict.items():
+        if k.rsplit(".", 1)[-1] in _RECOMPUTED:
+            continue
+        if old_swin:
+            k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+        if k.startswith("head.fc."):
+            k = "head." + k[len("head.fc."):]
+        out[k] = v
+    if old_swin and notes is not None:
+        notes.append("original Swin layout: patch merging moved from the end of stage N to the start of N+1")
+    return out

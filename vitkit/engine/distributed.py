@@ -206,7 +206,7 @@ def wrap_ddp(objective: nn.Module, device: torch.device, find_unused_parameters:
 def wrap_fsdp(objective: nn.Module, device: torch.device) -> nn.Module:
     """Shard the objective's model with FSDP2 ``fully_shard`` (per transformer block, then whole).
 
-    Sharding applies to ``objective.model``'s ``blocks`` (if any) and the objective itself, so the
+    Sharding applies to ``objective.model``'s ``block_modules()`` (if any) and the objective itself, so the
     engine's calls stay ``objective(batch)``. Requires an initialised process group.
     """
     if not is_dist():
@@ -219,10 +219,10 @@ def wrap_fsdp(objective: nn.Module, device: torch.device) -> nn.Module:
 
     mesh = init_device_mesh(device.type, (get_world_size(),))
     model = getattr(objective, "model", None)
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Sequential | nn.ModuleList):
-        for block in blocks:
-            fully_shard(block, mesh=mesh)
+    # The model names its repeated blocks (ViT: blocks; Swin, PVT: the blocks of every stage).
+    blocks = model.block_modules() if callable(getattr(model, "block_modules", None)) else ()
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
     # The model is its own unit because objective.evaluate calls it directly, not via forward.
     if isinstance(model, nn.Module):
         fully_shard(model, mesh=mesh)

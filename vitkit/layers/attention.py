@@ -9,17 +9,43 @@ from .capture import attend
 from .rope import apply_rope
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention.
+class AttentionCore(nn.Module):
+    """The softmax(QK^T + bias) V step shared by every vitkit attention layer.
 
     The default path is ``F.scaled_dot_product_attention`` (flash / memory-efficient
     kernels). When a capture sink is attached (see :mod:`vitkit.layers.capture`) the layer
     also forms the explicit softmax(QK^T) weights and hands them over; its output stays the
     fused kernel's. Detaching the sink switches back, so capture never slows normal inference.
-    ``attn_bias`` is added to the logits on both paths (broadcastable to (B, heads, N, N);
+    ``attn_bias`` is added to the logits on both paths (broadcastable to (B, heads, N, M);
     -inf removes a key). Pass None, not zeros, when there is none: a mask keeps GPU SDPA off
-    the flash kernel.
+    the flash kernel. Subclasses (window, spatial-reduction, cosine attention) compute q, k, v
+    their own way and call :meth:`attend`.
     """
+
+    def __init__(self, attn_drop: float = 0.0):
+        super().__init__()
+        self.attn_drop_p = attn_drop
+        self.captured: list[torch.Tensor] | None = None
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        scale: float | None = None,
+        layout=None,
+    ) -> torch.Tensor:
+        """q: (B, heads, N, hd), k, v: (B, heads, M, hd) -> (B, heads, N, hd). scale defaults to hd^-0.5;
+        ``layout`` (a :class:`~vitkit.layers.capture.WindowLayout`) places windowed maps in the image."""
+        dropout_p = self.attn_drop_p if self.training else 0.0
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)
+        return attend(q, k, v, self.captured, attn_bias, dropout_p, layout=layout, scale=scale)
+
+
+class Attention(AttentionCore):
+    """Multi-head self-attention with one qkv projection (the fused / capture paths: :class:`AttentionCore`)."""
 
     def __init__(
         self,
@@ -32,7 +58,7 @@ class Attention(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
         proj_bias: bool = True,
     ):
-        super().__init__()
+        super().__init__(attn_drop)
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -41,10 +67,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop_p = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.captured = None  # a capture sink while capturing (vitkit.layers.capture)
         # Token reduction (vitkit.efficient) reads the queries and keys each forward used.
         self.keep_qk = False
         self.last_qk: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -73,9 +97,6 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.project(x, rope, num_prefix_tokens)
-        dropout_p = self.attn_drop_p if self.training else 0.0
-        if attn_bias is not None:
-            attn_bias = attn_bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)
-        x = attend(q, k, v, self.captured, attn_bias, dropout_p)
+        x = self.attend(q, k, v, attn_bias)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * head_dim)
         return self.proj_drop(self.proj(x))

@@ -50,8 +50,10 @@ def attend(
     attn_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     layout: WindowLayout | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v for (B, heads, N, d) inputs, on the fused kernel.
+    """softmax(q k^T * scale + bias) v for (B, heads, N, d) queries and (B, heads, M, d) keys and
+    values, on the fused kernel; ``scale`` defaults to 1/sqrt(d).
 
     With a ``sink``, the weights (B, heads, N, N) are also formed and appended to it (detached
     unless ``sink.keep_graph``). The returned value is still the fused kernel's, so capture
@@ -60,8 +62,8 @@ def attend(
     is the manual path's), so d(output)/d(weights) exists for gradient-weighted rollout.
     """
     if sink is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p)
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, N)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=scale)
+    attn = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)  # (B, heads, N, M)
     if attn_bias is not None:
         attn = attn + attn_bias
     attn = attn.softmax(dim=-1)
@@ -70,7 +72,7 @@ def attend(
     if dropout_p > 0:
         # Dropout draws differ between the two paths: the output follows the captured weights.
         return F.dropout(attn, dropout_p) @ v
-    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
     if keep_graph:
         manual = attn @ v
         return fused.detach() + (manual - manual.detach())

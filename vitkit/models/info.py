@@ -1,6 +1,8 @@
-"""Model arithmetic: parameters per part, FLOPs, tokens and attention memory per resolution.
+"""Model arithmetic: parameters per part, FLOPs, tokens and attention memory per resolution and stage.
 
-Everything is computed on the meta device, so even ViT-H costs no memory or time.
+Everything is computed on the meta device, so even ViT-H costs no memory or time. The model
+describes its own stages (``attention_stats``), so this works for isotropic and hierarchical
+backbones alike.
 """
 
 from __future__ import annotations
@@ -19,60 +21,88 @@ def _count(module: torch.nn.Module | None) -> int:
 
 def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> int:
     """FLOPs (2 x multiply-adds) of one forward pass, counted op by op."""
+    return _flops(model, input_size, batch).get_total_flops()
+
+
+def _flops(model: torch.nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> FlopCounterMode:
     x = torch.empty(batch, *input_size, device="meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
-    return counter.get_total_flops()
+    return counter
+
+
+def _module_flops(counter: FlopCounterMode, model: torch.nn.Module, module: str) -> int:
+    """FLOPs counted inside submodule ``module`` (a dotted name) during the counted forward."""
+    counts = counter.get_flop_counts()
+    prefix = f"{type(model).__name__}.{module}"
+    inside = [k for k in counts if k == prefix or k.startswith(prefix + ".")]
+    # Outermost calls only: a stage may run its children directly, and a child's count includes its own.
+    outer = [k for k in inside if not any(k.startswith(o + ".") for o in inside if o != k)]
+    return int(sum(sum(counts[k].values()) for k in outer))
+
+
+def _param_parts(model: torch.nn.Module) -> OrderedDict:
+    parts = OrderedDict()
+    own = sum(p.numel() for p in model.parameters(recurse=False))
+    if own:
+        parts["tokens + pos_embed"] = own
+    for name, child in model.named_children():
+        if _count(child):
+            parts[name] = _count(child)
+    blocks = model.block_modules()
+    parts["blocks (all)"] = sum(_count(b) for b in blocks)
+    parts["per block"] = _count(blocks[0])
+    for part in ("attn", "mlp"):
+        if hasattr(blocks[0], part):
+            parts[f"per block: {'attention' if part == 'attn' else part}"] = _count(getattr(blocks[0], part))
+    return parts
 
 
 def model_info(name: str, resolutions: tuple[int, ...] | None = None, **overrides) -> dict:
-    """Config, parameters per part, and per-resolution tokens / FLOPs / attention memory.
+    """Config, parameters per part, and per-resolution (and per-stage) tokens / FLOPs / attention memory.
 
-    Attention memory is the size of one layer's (B=1, heads, N, N) weight matrix, which
-    is what the fused kernel avoids materialising and the capture path does materialise.
+    Attention memory is the size of one layer's (B=1, heads, queries, keys) weight matrix
+    (all windows together for windowed attention), which is what the fused kernel avoids
+    materialising and the capture path does materialise. Per resolution, ``tokens`` and
+    ``grid`` are the first stage's and the attention memory is the largest stage's.
     """
     with torch.device("meta"):
         model = create_model(name, **overrides).eval()
     card = model.card
     C, H, W = card.input_size
     resolutions = resolutions or tuple(sorted({H, 224, 384}))
-    parts = OrderedDict()
-    parts["patch_embed"] = _count(model.patch_embed)
-    tokens = [getattr(model, n, None) for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")]
-    parts["tokens + pos_embed"] = sum(t.numel() for t in tokens if t is not None)
-    parts["blocks"] = _count(model.blocks)
-    parts["per block"] = _count(model.blocks[0])
-    parts["per block: attention"] = _count(model.blocks[0].attn)
-    parts["per block: mlp"] = _count(model.blocks[0].mlp)
-    parts["norms"] = _count(model.norm) + _count(model.fc_norm) + _count(model.norm_pre)
-    parts["head"] = _count(model.head) + _count(model.head_dist)
-    total = _count(model)
-
-    heads = model.blocks[0].attn.num_heads
     per_res = []
     for r in resolutions:
-        grid = model.patch_embed.dynamic_grid(r, r)
-        n = grid[0] * grid[1] + model.num_prefix_tokens
-        flops = count_flops(model, (C, r, r))
-        attn_elems = heads * n * n
+        counter = _flops(model, (C, r, r))
+        stages = []
+        for i, st in enumerate(model.attention_stats(r, r)):
+            flops = _module_flops(counter, model, st["module"])
+            stages.append(dict(
+                st, stage=i, gflops=flops / 1e9, gmacs=flops / 2e9,
+                attn_matrix_mib_fp32_per_layer=st["attn_elems"] * 4 / 2**20,
+            ))
+        flops = counter.get_total_flops()
+        attn_elems = max(s["attn_elems"] for s in stages)
         per_res.append({
             "resolution": r,
-            "grid": list(grid),
-            "tokens": n,
+            "grid": stages[0]["grid"],
+            "tokens": stages[0]["tokens"],
             "gflops": flops / 1e9,
             "gmacs": flops / 2e9,
             "attn_matrix_mib_fp32_per_layer": attn_elems * 4 / 2**20,
             "attn_matrix_mib_bf16_per_layer": attn_elems * 2 / 2**20,
+            "stages": stages,
         })
+    stats = model.attention_stats(H, W)
     return {
         "name": name,
         "card": card.to_dict(),
         "config": dict(model.model_args),
-        "depth": len(model.feature_info),
-        "num_heads": heads,
+        "depth": len(model.block_modules()),
+        "num_heads": stats[0]["heads"] if len(stats) == 1 else [s["heads"] for s in stats],
         "embed_dim": model.embed_dim,
-        "params": total,
-        "params_per_part": dict(parts),
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_per_part": dict(_param_parts(model)),
         "resolutions": per_res,
     }

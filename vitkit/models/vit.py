@@ -29,8 +29,10 @@ from ..layers import (
     TokenContext,
     get_norm_layer,
     resample_abs_pos_embed,
+    simple_pyramid,
     sincos_2d_pos_embed,
 )
+from ._hier import check_image_batch, take_indices
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
 
 _POOLS = ("token", "avg", "")
@@ -224,6 +226,23 @@ class VisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def block_modules(self) -> list[nn.Module]:
+        """The repeated blocks (FSDP shards each one)."""
+        return list(self.blocks)
+
+    def attention_stats(self, h: int, w: int) -> list[dict]:
+        """What attention costs on an h x w image, per stage (one stage here): for ``vitkit info``."""
+        grid = self.patch_embed.dynamic_grid(h, w)
+        n = grid[0] * grid[1] + self.num_prefix_tokens
+        heads = self.blocks[0].attn.num_heads
+        return [dict(module="blocks", grid=list(grid), tokens=n, heads=heads, keys_per_query=n,
+                     attn_elems=heads * n * n, blocks=len(self.blocks))]
+
+    def pyramid_info(self) -> list[dict]:
+        """Channels and strides of the four maps ``forward_intermediates(pyramid=True)`` returns."""
+        p = self.patch_size[0]
+        return [dict(num_chs=self.embed_dim, reduction=p * s, module="blocks") for s in (0.25, 0.5, 1, 2)]
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head(s) with freshly initialised ones for ``num_classes`` (0: features)."""
         if global_pool is not None:
@@ -252,20 +271,7 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
-        if x.ndim != 4:
-            hint = " (add a batch dim with x.unsqueeze(0))" if x.ndim == 3 else ""
-            raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D shape {tuple(x.shape)}{hint}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"model expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                f"convert the images or build the model with in_chans={x.shape[1]}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(
-                f"expected a floating point image tensor, got {x.dtype}; convert with x.float() / 255 and normalise"
-            )
+        check_image_batch(x, self.in_chans)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Add position embeddings and prepend prefix tokens. x: (B, H'*W', C) -> (B, N, C).
@@ -400,6 +406,7 @@ class VisionTransformer(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         return_prefix_tokens: bool = False,
+        pyramid: bool = False,
     ):
         """Per-block features for dense heads.
 
@@ -408,22 +415,16 @@ class VisionTransformer(nn.Module):
         ``output_fmt="NCHW"`` or (B, H'*W', D) for "NLC". Returns ``(final_features,
         intermediates)`` where ``final_features`` equals ``forward_features(x)``, or only the
         list when ``intermediates_only``.
+
+        pyramid: instead, the simple feature pyramid (ViTDet) of the last block's map: four
+        maps at 4x, 2x, 1x and 0.5x its resolution (strides 4/8/16/32 for patch 16), as
+        :meth:`pyramid_info` lists; ``indices`` is then ignored.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            if not 1 <= indices <= depth:
-                raise ValueError(f"indices={indices} asks for the last {indices} of {depth} blocks")
-            take = list(range(depth - indices, depth))
-        else:
-            take = []
-            for i in indices:
-                if not -depth <= i < depth:
-                    raise ValueError(f"block index {i} is out of range for a model with {depth} blocks")
-                take.append(i % depth)
+        if pyramid and return_prefix_tokens:
+            raise ValueError("pyramid=True returns maps only; it cannot return prefix tokens")
+        take = [len(self.blocks) - 1] if pyramid else take_indices(len(self.blocks), indices)
         B = x.shape[0]
         x, ctx = self.embed(x)
         grid = ctx.grid
@@ -436,8 +437,12 @@ class VisionTransformer(nn.Module):
         npt = self.num_prefix_tokens
         prefixes = [f[:, :npt] for f in feats]
         feats = [f[:, npt:] for f in feats]
-        if output_fmt == "NCHW":
+        if output_fmt == "NCHW" or pyramid:
             feats = [f.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if pyramid:
+            feats = simple_pyramid(feats[0])
+            if output_fmt == "NLC":
+                feats = [f.flatten(2).transpose(1, 2) for f in feats]
         if return_prefix_tokens:
             feats = list(zip(feats, prefixes))
         if intermediates_only:
