@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import torch
 
+# The convolutional and all-MLP families keep their own layouts, each recognised by its stem:
+# ResNet (``conv1``, ``layer1``), ConvNeXt (``stem.0``, ``stages``) and MLP-Mixer (``stem.proj``).
+_OTHER_STEMS = ("conv1.weight", "stem.0.weight", "stem.proj.weight")
+
 
 def is_timm(state_dict: dict[str, torch.Tensor]) -> bool:
-    """A timm-layout ViT: a conv patch projection and ``blocks.N.`` transformer blocks."""
-    return "patch_embed.proj.weight" in state_dict and any(k.startswith("blocks.") for k in state_dict)
+    """A timm-layout model: a conv patch projection and ``blocks.N.`` blocks (ViT, DeiT, CaiT, ConViT,
+    hybrids), or the stem of one of the other families."""
+    vit = "patch_embed.proj.weight" in state_dict and any(k.startswith("blocks.") for k in state_dict)
+    return vit or any(k in state_dict for k in _OTHER_STEMS)
 
 
 def convert_timm(state_dict: dict[str, torch.Tensor], notes: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from .attention import Attention
 from .block import Block
 from .capture import capture_attention
 from .drop import DropPath
+from .grn import GlobalResponseNorm
 from .layer_scale import LayerScale
 from .mlp import Mlp, SwiGLU
 from .moe import MoEMlp
@@ -15,7 +16,7 @@ from .rope import RotaryEmbedding2D, apply_rope
 from .tokens import TokenContext
 
 __all__ = [
-    "Attention", "Block", "DropPath", "LayerNorm", "LayerNorm2d", "LayerScale", "Mlp", "MoEMlp",
+    "Attention", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale", "Mlp", "MoEMlp",
     "PatchEmbed", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "SwiGLU", "TokenContext", "apply_rope",
     "capture_attention", "get_norm_layer", "relative_position_index", "resample_abs_pos_embed",
     "sincos_2d_pos_embed",

@@ -1,6 +1,7 @@
 """Model families, registered by variant name."""
 
-from . import vit  # noqa: F401  (registers the ViT/DeiT variants)
+# Importing a family's module registers its variants.
+from . import convnext, resnet, vit  # noqa: F401
 from ._builder import create_model
 from ._registry import ModelCard, get_model_card, list_models, register_model
 from .vit import VisionTransformer

@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._builder import create_model
+from .vit import VisionTransformer
 
 
 def _count(module: torch.nn.Module | None) -> int:
@@ -37,6 +38,8 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
     card = model.card
     C, H, W = card.input_size
     resolutions = resolutions or tuple(sorted({H, 224, 384}))
+    if not isinstance(model, VisionTransformer):
+        return _backbone_info(name, model, resolutions, overrides)
     parts = OrderedDict()
     parts["patch_embed"] = _count(model.patch_embed)
     tokens = [getattr(model, n, None) for n in ("cls_token", "dist_token", "reg_token", "mask_token", "pos_embed")]
@@ -73,6 +76,36 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
         "num_heads": heads,
         "embed_dim": model.embed_dim,
         "params": total,
+        "params_per_part": dict(parts),
+        "resolutions": per_res,
+    }
+
+
+def _backbone_info(name: str, model: torch.nn.Module, resolutions: tuple[int, ...], overrides: dict) -> dict:
+    """What any backbone can say about itself: parameters per top-level part, stages, FLOPs per resolution.
+
+    Tokens and attention memory are ViT notions; they are left out here.
+    """
+    C = model.card.input_size[0]
+    parts = OrderedDict((n, _count(m)) for n, m in model.named_children() if _count(m))
+    per_res = []
+    for r in resolutions:
+        sized = model
+        if getattr(model, "fixed_input_size", False):
+            # Weights sized by the input (Mixer's token mixing): count a model built at that size.
+            with torch.device("meta"):
+                sized = create_model(name, **{**overrides, "img_size": r}).eval()
+        flops = count_flops(sized, (C, r, r))
+        per_res.append({"resolution": r, "gflops": flops / 1e9, "gmacs": flops / 2e9})
+    return {
+        "name": name,
+        "card": model.card.to_dict(),
+        "config": dict(model.model_args),
+        "depth": len(model.feature_info),
+        "num_heads": None,
+        "embed_dim": model.num_features,
+        "feature_info": [dict(f) for f in model.feature_info],
+        "params": _count(model),
         "params_per_part": dict(parts),
         "resolutions": per_res,
     }
