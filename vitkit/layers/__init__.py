@@ -13,11 +13,13 @@ from .patch_embed import PatchEmbed
 from .pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 from .rel_pos import RelativePositionBias, relative_position_index
 from .rope import RotaryEmbedding2D, apply_rope
+from .same_pad import MaxPool2dSame, pad_same
+from .std_conv import StdConv2dSame
 from .tokens import TokenContext
 
 __all__ = [
-    "Attention", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale", "Mlp", "MoEMlp",
-    "PatchEmbed", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "SwiGLU", "TokenContext", "apply_rope",
-    "capture_attention", "get_norm_layer", "relative_position_index", "resample_abs_pos_embed",
+    "Attention", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale", "MaxPool2dSame", "Mlp", "MoEMlp",
+    "PatchEmbed", "RMSNorm", "RelativePositionBias", "RotaryEmbedding2D", "StdConv2dSame", "SwiGLU", "TokenContext", "apply_rope",
+    "capture_attention", "get_norm_layer", "pad_same", "relative_position_index", "resample_abs_pos_embed",
     "sincos_2d_pos_embed",
 ]

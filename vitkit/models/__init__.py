@@ -1,7 +1,7 @@
 """Model families, registered by variant name."""
 
 # Importing a family's module registers its variants.
-from . import cait, convit, convnext, mixer, resnet, vit  # noqa: F401
+from . import cait, convit, convnext, mixer, resnet, vit, vit_hybrid  # noqa: F401
 from ._builder import create_model
 from ._registry import ModelCard, get_model_card, list_models, register_model
 from .vit import VisionTransformer
