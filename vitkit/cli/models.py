@@ -51,7 +51,10 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     card = info["card"]
     print(f"{info['name']}  ({card['paper']})")
-    print(f"  embed_dim {info['embed_dim']}, depth {info['depth']}, heads {info['num_heads']}, "
+    width = f"embed_dim {info['embed_dim']}, depth {info['depth']}, heads {info['num_heads']}"
+    if not info["num_heads"]:  # a backbone without ViT blocks
+        width = f"features {info['embed_dim']}, {info['depth']} feature stages"
+    print(f"  {width}, "
           f"input {'x'.join(map(str, card['input_size']))}, classes {card['num_classes']}")
     print(f"  mean {card['mean']}, std {card['std']}, crop_pct {card['crop_pct']}, weights: {card['hub_id'] or 'none'}")
     cfg = ", ".join(f"{k}={v}" for k, v in info["config"].items())
@@ -59,6 +62,12 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"\n  parameters: {info['params']:,} ({_fmt_params(info['params'])})")
     for part, n in info["params_per_part"].items():
         print(f"    {part:24s} {n:>14,}")
+    if "tokens" not in info["resolutions"][0]:
+        print(f"\n  {'res':>5s} {'GFLOPs':>9s} {'GMACs':>8s}")
+        for r in info["resolutions"]:
+            print(f"  {r['resolution']:>5d} {r['gflops']:>9.2f} {r['gmacs']:>8.2f}")
+        print("\n  GMACs are multiply-adds (the 'FLOPs' of most papers); GFLOPs = 2 x GMACs.")
+        return 0
     print(f"\n  {'res':>5s} {'grid':>7s} {'tokens':>7s} {'GFLOPs':>9s} {'GMACs':>8s} {'attn MiB/layer fp32':>20s} {'bf16':>8s}")
     for r in info["resolutions"]:
         grid = "x".join(map(str, r["grid"]))

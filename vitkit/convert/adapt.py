@@ -154,8 +154,15 @@ def _adapt_rel_pos_tables(sd: dict, model: nn.Module, target: dict, log: AdaptLo
         log.resampled.append(f"{k}: window {old_window} -> {new_window}")
 
 
+def _classifier_name(model: nn.Module) -> str:
+    """Where the model keeps its classifier: ``head`` (ViT), ``fc`` (ResNet), ``head.fc`` (ConvNeXt)."""
+    get = getattr(model, "get_classifier", None)
+    clf = get() if callable(get) else None
+    return next((n for n, m in model.named_modules() if clf is not None and m is clf), "head")
+
+
 def _adapt_heads(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> None:
-    for head in ("head", "head_dist"):
+    for head in (_classifier_name(model), "head_dist"):
         ck = {k for k in sd if k.startswith(head + ".")}
         mk = {k for k in target if k.startswith(head + ".")}
         ck_classes = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else 0

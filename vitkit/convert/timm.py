@@ -9,14 +9,19 @@ import torch
 
 # Buffers that some checkpoints saved although they are recomputed from the config.
 _RECOMPUTED = ("relative_position_index", "attn_mask", "relative_coords_table")
+# The convolutional and all-MLP families keep their own layouts, each recognised by its stem:
+# ResNet (``conv1``, ``layer1``), ConvNeXt (``stem.0``, ``stages``) and MLP-Mixer (``stem.proj``).
+_OTHER_STEMS = ("conv1.weight", "stem.0.weight", "stem.proj.weight")
 
 
 def is_timm(state_dict: dict[str, torch.Tensor]) -> bool:
-    """A timm-layout model: a conv patch projection and ``blocks.N.`` (ViT), ``layers.N.`` (Swin)
-    or ``stages.N.`` (PVT) stages."""
-    return "patch_embed.proj.weight" in state_dict and any(
+    """A timm-layout model: a conv patch projection and ``blocks.N.`` (ViT, DeiT, CaiT, ConViT,
+    hybrids), ``layers.N.`` (Swin) or ``stages.N.`` (PVT) stages, or the stem of one of the
+    convolutional and all-MLP families."""
+    tokens = "patch_embed.proj.weight" in state_dict and any(
         k.startswith(("blocks.", "layers.", "stages.")) for k in state_dict
     )
+    return tokens or any(k in state_dict for k in _OTHER_STEMS)
 
 
 def convert_timm(state_dict: dict[str, torch.Tensor], notes: list[str] | None = None) -> dict[str, torch.Tensor]:

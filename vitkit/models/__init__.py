@@ -1,6 +1,7 @@
 """Model families, registered by variant name."""
 
-from . import pvt, swin, vit  # noqa: F401  (register the PVT v2, Swin and ViT/DeiT variants)
+# Importing a family's module registers its variants.
+from . import cait, convit, convnext, mixer, pvt, resnet, swin, vit, vit_hybrid  # noqa: F401
 from ._builder import create_model
 from ._registry import ModelCard, get_model_card, list_models, register_model
 from .vit import VisionTransformer

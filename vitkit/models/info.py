@@ -72,6 +72,8 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
     card = model.card
     C, H, W = card.input_size
     resolutions = resolutions or tuple(sorted({H, 224, 384}))
+    if not hasattr(model, "attention_stats"):  # convolutional and all-MLP backbones: no tokens to count
+        return _backbone_info(name, model, resolutions, overrides)
     per_res = []
     for r in resolutions:
         counter = _flops(model, (C, r, r))
@@ -104,5 +106,35 @@ def model_info(name: str, resolutions: tuple[int, ...] | None = None, **override
         "embed_dim": model.embed_dim,
         "params": sum(p.numel() for p in model.parameters()),
         "params_per_part": dict(_param_parts(model)),
+        "resolutions": per_res,
+    }
+
+
+def _backbone_info(name: str, model: torch.nn.Module, resolutions: tuple[int, ...], overrides: dict) -> dict:
+    """What any backbone can say about itself: parameters per top-level part, stages, FLOPs per resolution.
+
+    Tokens and attention memory are ViT notions; they are left out here.
+    """
+    C = model.card.input_size[0]
+    parts = OrderedDict((n, _count(m)) for n, m in model.named_children() if _count(m))
+    per_res = []
+    for r in resolutions:
+        sized = model
+        if getattr(model, "fixed_input_size", False):
+            # Weights sized by the input (Mixer's token mixing): count a model built at that size.
+            with torch.device("meta"):
+                sized = create_model(name, **{**overrides, "img_size": r}).eval()
+        flops = count_flops(sized, (C, r, r))
+        per_res.append({"resolution": r, "gflops": flops / 1e9, "gmacs": flops / 2e9})
+    return {
+        "name": name,
+        "card": model.card.to_dict(),
+        "config": dict(model.model_args),
+        "depth": len(model.feature_info),
+        "num_heads": None,
+        "embed_dim": model.num_features,
+        "feature_info": [dict(f) for f in model.feature_info],
+        "params": _count(model),
+        "params_per_part": dict(parts),
         "resolutions": per_res,
     }
