@@ -3,6 +3,7 @@
 from . import vit  # noqa: F401  (registers the ViT/DeiT variants)
 from ._builder import create_model
 from ._registry import ModelCard, get_model_card, list_models, register_model
+from .vim import VisionMamba  # noqa: F401  (registers Vision Mamba)
 from .vit import VisionTransformer
 
 __all__ = ["ModelCard", "VisionTransformer", "create_model", "get_model_card", "list_models", "register_model"]
