@@ -145,6 +145,12 @@ def test_offset_bias_uses_the_stored_offsets_and_resamples_larger_grids():
     assert down.shape == (2, 6, 20)
     torch.testing.assert_close(down[:, 5, 0], ob.attention_biases[:, 2 * 5 + 4])  # query (2, 4) to key (0, 0)
     assert ob.offset_bias((6, 7)).shape == (2, 42, 42)
+    with torch.no_grad():  # inference reuses the gathered bias until the table changes
+        first = ob.offset_bias((3, 4))
+        assert ob.offset_bias((3, 4)) is first
+        ob.attention_biases.add_(1.0)
+        torch.testing.assert_close(ob.offset_bias((3, 4)), first + 1.0)
+    assert ob.offset_bias((3, 4)).requires_grad  # with autograd it is always rebuilt from the table
 
 
 def test_distilled_heads_train_vs_eval():

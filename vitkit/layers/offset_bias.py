@@ -20,6 +20,7 @@ class OffsetBias(nn.Module):
         self.resolution = resolution
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution[0] * resolution[1]))
         self._index_cache: dict = {}
+        self._bias_cache: tuple = (None, None)
 
     def _table(self, grid: tuple[int, int]) -> torch.Tensor:
         """(heads, H, W) table of offsets 0..H-1 x 0..W-1 for a (H, W) key grid."""
@@ -43,5 +44,14 @@ class OffsetBias(nn.Module):
 
     def offset_bias(self, grid: tuple[int, int], stride: int = 1) -> torch.Tensor:
         """(heads, Nq, Nk) bias for queries on every ``stride``-th token of the key grid."""
+        p = self.attention_biases
+        # Without autograd the gathered bias is reused until the table changes (its version
+        # counter moves on every in-place update: optimizer steps, load_state_dict).
+        key = (grid, stride, str(p.device), p._version)
+        if not torch.is_grad_enabled() and self._bias_cache[0] == key:
+            return self._bias_cache[1]
         table = self._table(grid).flatten(1)  # (heads, H*W)
-        return table[:, self._index(grid, stride, table.device)]
+        bias = table[:, self._index(grid, stride, table.device)]
+        if not torch.is_grad_enabled():
+            self._bias_cache = (key, bias)
+        return bias
