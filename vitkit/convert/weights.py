@@ -25,6 +25,7 @@ from .dinov2 import convert_dinov2, is_dinov2
 from .hf import convert_hf, is_hf
 from .mae import convert_mae, is_mae
 from .timm import convert_timm, is_timm
+from .vim import convert_vim, is_vim
 
 # Checked in order: the HF and MAE/DINOv2 layouts are more specific than plain timm keys.
 FORMATS: dict[str, tuple[Callable, Callable]] = {
@@ -32,6 +33,7 @@ FORMATS: dict[str, tuple[Callable, Callable]] = {
     "mae": (is_mae, convert_mae),
     "dinov2": (is_dinov2, convert_dinov2),
     "timm": (is_timm, convert_timm),
+    "vim": (is_vim, convert_vim),
 }
 # Training scripts nest the weights; the first key found wins (a DINO run's teacher is the model to use).
 _WRAPPERS = ("state_dict", "model", "teacher", "student", "module", "net")

@@ -1,0 +1,89 @@
+"""Pieces of the backbone API that every non-ViT family shares: input checks, index selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ._registry import ModelCard, register_model
+
+
+def check_image(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a clear error unless ``x`` is a floating (B, in_chans, H, W) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+    if x.ndim != 4:
+        hint = " (add a batch dim with x.unsqueeze(0))" if x.ndim == 3 else ""
+        raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D shape {tuple(x.shape)}{hint}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"model expects {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+            f"convert the images or build the model with in_chans={x.shape[1]}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating point image tensor, got {x.dtype}; convert with x.float() / 255 and normalise")
+
+
+def take_indices(count: int, indices: int | list[int] | tuple[int, ...] | None, what: str = "blocks") -> list[int]:
+    """``forward_intermediates`` indices -> sorted positions: an int n is the last n, None all, negatives count back."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 1 <= indices <= count:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {count} {what}")
+        return list(range(count - indices, count))
+    take = []
+    for i in indices:
+        if not -count <= i < count:
+            raise ValueError(f"index {i} is out of range for a model with {count} {what}")
+        take.append(i % count)
+    return sorted(set(take))
+
+
+def check_output_fmt(output_fmt: str) -> None:
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C), row-major."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid).contiguous()
+
+
+class BackboneMixin:
+    """Defaults of the backbone API that no family here needs to change."""
+
+    def aux_loss(self) -> torch.Tensor:
+        """No auxiliary losses (the MoE ViT has one); zero on the model's device."""
+        return torch.zeros((), device=next(self.parameters()).device)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+def distilled_logits(head: nn.Module, head_dist: nn.Module | None, x: torch.Tensor, training: bool):
+    """Logits of a classifier head, or of a classifier and a distillation head.
+
+    Training returns both so a distillation objective can supervise each; eval their mean.
+    """
+    if head_dist is None:
+        return head(x)
+    x, x_dist = head(x), head_dist(x)
+    return (x, x_dist) if training else (x + x_dist) / 2
+
+
+def register_variant(build: Callable[..., nn.Module], name: str, family: str, config: dict, img: int = 224,
+                     **card) -> None:
+    """Register ``name``: ``build(**config, img_size=img)`` with a card for ``img`` px inputs."""
+    card = ModelCard(name=name, family=family, input_size=(3, img, img), config=dict(config, img_size=img), **card)
+    register_model(card)(lambda **kwargs: build(**kwargs))
