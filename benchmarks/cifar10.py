@@ -53,7 +53,8 @@ def history(path: Path, new: dict) -> list[dict]:
     if not path.is_file():
         return []
     old = json.loads(path.read_text())
-    now, then = _flat(new["resolved_config"]), _flat(old.get("resolved_config", {}))
+    # Through JSON both sides, so that a tuple and the list it was saved as compare equal.
+    now, then = (_flat(json.loads(json.dumps(c))) for c in (new["resolved_config"], old.get("resolved_config", {})))
     skip = ("engine.out_dir", "data.path")
     changed = {k: then.get(k) for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k) and k not in skip}
     entry = {k: old.get(k) for k in ("recipe", "test_acc", "epochs", "train_img_per_s", "wall_s", "budget_s")}
