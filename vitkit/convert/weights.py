@@ -27,13 +27,14 @@ from .mae import convert_mae, is_mae
 from .timm import convert_timm, is_timm
 from .vim import convert_vim, is_vim
 
-# Checked in order: the HF and MAE/DINOv2 layouts are more specific than plain timm keys.
+# Checked in order: the HF, MAE/DINOv2 and Vim layouts are more specific than plain timm keys
+# (a Vim checkpoint's ``layers.N`` blocks would pass for Swin's).
 FORMATS: dict[str, tuple[Callable, Callable]] = {
     "hf": (is_hf, convert_hf),
     "mae": (is_mae, convert_mae),
     "dinov2": (is_dinov2, convert_dinov2),
-    "timm": (is_timm, convert_timm),
     "vim": (is_vim, convert_vim),
+    "timm": (is_timm, convert_timm),
 }
 # Training scripts nest the weights; the first key found wins (a DINO run's teacher is the model to use).
 _WRAPPERS = ("state_dict", "model", "teacher", "student", "module", "net")
