@@ -13,22 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import resample_abs_pos_embed
-
-
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a clear error for anything but a float (B, in_chans, H, W) batch."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
-    if x.ndim != 4:
-        hint = " (add a batch dim with x.unsqueeze(0))" if x.ndim == 3 else ""
-        raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D shape {tuple(x.shape)}{hint}")
-    if x.shape[1] != in_chans:
-        raise ValueError(
-            f"model expects {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-            f"convert the images or build the model with in_chans={x.shape[1]}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating point image tensor, got {x.dtype}; convert with x.float() / 255 and normalise")
+from ._common import check_image, check_output_fmt
 
 
 def take_indices(indices: int | Sequence[int] | None, n: int, what: str = "blocks") -> list[int]:
@@ -45,11 +30,6 @@ def take_indices(indices: int | Sequence[int] | None, n: int, what: str = "block
             raise ValueError(f"index {i} is out of range for a model with {n} {what}")
         take.append(i % n)
     return take
-
-
-def check_output_fmt(output_fmt: str) -> None:
-    if output_fmt not in ("NCHW", "NLC"):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
 
 
 def map_to_format(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
@@ -120,7 +100,7 @@ class StagedFeatures(Backbone):
         raise NotImplementedError
 
     def _forward_all(self, x: torch.Tensor, take: Sequence[int] = (), norm: bool = False, output_fmt: str = "NCHW"):
-        check_image_batch(x, self.in_chans)
+        check_image(x, self.in_chans)
         feats = []
         for i, step in enumerate(self._steps()):
             x = run_maybe_checkpointed(step, x, self.grad_checkpointing)
@@ -167,7 +147,7 @@ class TokenBackbone(Backbone):
 
     def _embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> (B, H'*W', D) patch tokens plus a patch-only ``pos_embed`` resampled to the grid."""
-        check_image_batch(x, self.in_chans)
+        check_image(x, self.in_chans)
         grid = self.patch_embed.dynamic_grid(x.shape[2], x.shape[3])
         pos = resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0)
         return self.pos_drop(self.patch_embed(x) + pos), grid

@@ -11,26 +11,9 @@ import torch
 from torch import nn
 
 from ..layers import TokenContext
+from ._common import check_image
 
 _POOLS = ("avg", "")
-
-
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    """Raise a clear error unless ``x`` is a (B, in_chans, H, W) floating point tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
-    if x.ndim != 4:
-        hint = " (add a batch dim with x.unsqueeze(0))" if x.ndim == 3 else ""
-        raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D shape {tuple(x.shape)}{hint}")
-    if x.shape[1] != in_chans:
-        raise ValueError(
-            f"model expects {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-            f"convert the images or build the model with in_chans={x.shape[1]}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"expected a floating point image tensor, got {x.dtype}; convert with x.float() / 255 and normalise"
-        )
 
 
 def take_indices(n: int, indices: int | list[int] | tuple[int, ...] | None, what: str = "blocks") -> list[int]:
@@ -122,7 +105,7 @@ class HierarchicalBackbone(nn.Module):
         return list(self.feature_info)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_batch(x, self.in_chans)
+        check_image(x, self.in_chans)
 
     # ------------------------------------------------------------------ forward
     def forward_tokens(

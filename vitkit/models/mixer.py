@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..layers import DropPath, Mlp, PatchEmbed
-from ._features import TokenBackbone, check_image_batch
+from ._common import check_image
+from ._features import TokenBackbone
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
 
 
@@ -96,7 +97,7 @@ class MlpMixer(TokenBackbone, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        check_image_batch(x, self.in_chans)
+        check_image(x, self.in_chans)
         grid = self.stem.dynamic_grid(x.shape[2], x.shape[3])
         if tuple(grid) != tuple(self.stem.grid_size):
             raise ValueError(

@@ -32,7 +32,8 @@ from ..layers import (
     simple_pyramid,
     sincos_2d_pos_embed,
 )
-from ._hier import check_image_batch, take_indices
+from ._common import check_image
+from ._hier import take_indices
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
 
 _POOLS = ("token", "avg", "")
@@ -271,7 +272,7 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_batch(x, self.in_chans)
+        check_image(x, self.in_chans)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Add position embeddings and prepend prefix tokens. x: (B, H'*W', C) -> (B, N, C).
