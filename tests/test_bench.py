@@ -66,6 +66,13 @@ def test_bench_vs_timm_side_by_side():
         bench("vit_nano_convstem_patch4_32", BenchConfig(batches=(1,), vs_timm=True, **FAST))
 
 
+def test_bench_vs_timm_loads_a_nested_timm_classifier():
+    pytest.importorskip("timm")  # timm's Swin keeps its classifier as head.fc
+    result = bench("swin_tiny_patch4_window7_224", BenchConfig(batches=(1,), vs_timm=True, **FAST))
+    ours, theirs = result["rows"]
+    assert ours["gflops_per_img"] == pytest.approx(theirs["gflops_per_img"], rel=0.02)
+
+
 def test_peak_memory_counts_weights_and_live_activations():
     model = torch.nn.Linear(1024, 256)
     x = torch.randn(512, 1024)

@@ -25,7 +25,7 @@ def vitkit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_deit_distilled"])
+@pytest.mark.parametrize("name", ["test_vit", "test_deit_distilled", "test_swin", "test_swinv2", "test_pvt_v2", "test_levit", "test_vim"])
 def test_onnx_round_trip_matches_torch(name, tmp_path):
     model = create_model(name, num_classes=7).eval()
     result = export_onnx(model, tmp_path / f"{name}.onnx", dynamic_batch=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import vitkit
 from vitkit.convert import load_weights
 from vitkit.layers import capture_attention
+from vitkit.layers.pyramid import pyramid_plan
 from vitkit.layers.rel_pos import resample_rel_pos_table
 from vitkit.layers.windows import window_and_shift, window_mask
 from vitkit.models.info import model_info
@@ -201,3 +202,70 @@ def test_models_listed():
         "swinv2_tiny_window8_256",
     ]
     assert vitkit.list_models("pvt*") == ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2"]
+
+
+def test_pyramid_plan_hand_cases():
+    assert pyramid_plan([4, 8, 16, 32]) == [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0)]
+    # the deepest map at each stride; stride 64 is not a level
+    assert pyramid_plan([2, 4, 8, 16, 16, 32, 64]) == [(1, 1.0), (2, 1.0), (4, 1.0), (5, 1.0)]
+    # isotropic: the last map, upsampled and pooled (the simple pyramid)
+    assert pyramid_plan([16, 16, 16]) == [(2, 4.0), (2, 2.0), (2, 1.0), (2, 0.5)]
+    # nothing coarse enough: the deepest finer map, pooled
+    assert pyramid_plan([2, 4, 8]) == [(1, 1.0), (2, 1.0), (2, 0.5), (2, 0.25)]
+    with pytest.raises(ValueError, match="at least one"):
+        pyramid_plan([])
+
+
+DENSE = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "pvt_v2_b0", "levit_128s", "mobilevit_xxs",
+         "efficientformer_l1", "vim_tiny", "vit_small_patch16_224"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_every_dense_backbone_gives_four_maps_at_strides_4_to_32(name):
+    m = vitkit.create_model(name).eval()
+    size = 64  # the real architectures at a small input: every stride divides it
+    x = torch.randn(1, 3, size, size)
+    info = m.pyramid_info()
+    assert [i["reduction"] for i in info] == [4, 8, 16, 32]
+    with torch.no_grad():
+        final, maps = m.forward_intermediates(x, pyramid=True)
+        tokens = m.forward_intermediates(x, pyramid=True, intermediates_only=True, output_fmt="NLC")
+        torch.testing.assert_close(final, m.forward_features(x))
+    assert [tuple(f.shape) for f in maps] == [(1, i["num_chs"], size // i["reduction"], size // i["reduction"])
+                                              for i in info]
+    for f, t in zip(maps, tokens):
+        torch.testing.assert_close(t, f.flatten(2).transpose(1, 2))
+
+
+def test_levit_pyramid_takes_the_stem_at_4_and_8_and_the_stages_at_16_and_32():
+    m = vitkit.create_model("levit_128s").eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        maps = m.forward_intermediates(x, pyramid=True, intermediates_only=True)
+        s = m.stem
+        s4 = s.act2(s.conv2(s.act1(s.conv1(x))))
+        s8 = s.act3(s.conv3(s4))
+        stages = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for got, want in zip(maps, [s4, s8, *stages]):
+        torch.testing.assert_close(got, want)
+    assert [i["module"] for i in m.pyramid_info()] == ["stem.act2", "stem.act3", "stages.0", "stages.1"]
+    assert [i["num_chs"] for i in m.pyramid_info()] == [32, 64, 128, 256]
+    m.fuse()  # BatchNorm folded: the same levels, within float error
+    with torch.no_grad():
+        fused = m.forward_intermediates(x, pyramid=True, intermediates_only=True)
+    for a, b in zip(fused, maps):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_vim_pyramid_is_the_simple_pyramid_of_its_last_layer():
+    m = vitkit.create_model("test_vim").eval()  # patch 8
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        maps = m.forward_intermediates(x, pyramid=True, intermediates_only=True)
+        last = m.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+    want = [F.interpolate(last, scale_factor=2.0, mode="bilinear", align_corners=False), last,
+            F.max_pool2d(last, 2), F.max_pool2d(last, 4)]
+    for got, w in zip(maps, want):
+        torch.testing.assert_close(got, w)
+    with pytest.raises(ValueError, match="prefix tokens"):
+        m.forward_intermediates(x, pyramid=True, return_prefix_tokens=True)

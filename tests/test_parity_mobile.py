@@ -130,7 +130,8 @@ def test_levit_fuse_folds_batchnorm_exactly(name):
         m.fuse()
         after = m(x)
     assert not any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in m.modules())
-    assert _max_diff(after, before) <= ATOL
+    # Folding reorders float32 arithmetic: equal up to rounding (relative, as logits grow with depth).
+    torch.testing.assert_close(after, before, atol=ATOL, rtol=1e-5)
 
 
 def test_offset_bias_uses_the_stored_offsets_and_resamples_larger_grids():

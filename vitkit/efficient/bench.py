@@ -105,6 +105,11 @@ def _load(model: str | nn.Module, img_size: int | None) -> nn.Module:
     return create_model(model, img_size=img_size)
 
 
+def _timm_key(key: str, theirs: set[str]) -> str:
+    nested = "head.fc." + key[len("head."):]
+    return nested if key not in theirs and key.startswith("head.") and nested in theirs else key
+
+
 def _timm_twin(model: nn.Module, img_size: tuple[int, int]) -> nn.Module:
     """The same architecture from timm, holding ``model``'s weights."""
     from .._peers import import_peer
@@ -117,7 +122,9 @@ def _timm_twin(model: nn.Module, img_size: tuple[int, int]) -> nn.Module:
         raise ConfigError(f"timm has no model named {name!r}; --vs timm compares models that both libraries register")
     try:
         peer = timm.create_model(name, pretrained=False, num_classes=model.num_classes, img_size=img_size)
-        peer.load_state_dict(model.state_dict(), strict=True)
+        theirs = set(peer.state_dict())
+        # Names are shared, except a classifier that timm nests as ``head.fc`` (Swin).
+        peer.load_state_dict({_timm_key(k, theirs): v for k, v in model.state_dict().items()}, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ConfigError(f"timm's {name} does not have this model's layout ({str(e)[:200]}); cannot compare") from None
     return peer

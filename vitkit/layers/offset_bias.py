@@ -33,14 +33,17 @@ class OffsetBias(nn.Module):
 
     def _index(self, grid: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
         key = (grid, stride, str(device))
-        if key not in self._index_cache:
+        index = self._index_cache.get(key)
+        if index is None:
             H, W = grid
             ky, kx = torch.meshgrid(torch.arange(H, device=device), torch.arange(W, device=device), indexing="ij")
             qy, qx = ky[::stride, ::stride].flatten(), kx[::stride, ::stride].flatten()
             dy = (qy[:, None] - ky.flatten()[None]).abs()
             dx = (qx[:, None] - kx.flatten()[None]).abs()
-            self._index_cache[key] = dy * W + dx  # (Nq, Nk) into the flattened (H, W) table
-        return self._index_cache[key]
+            index = dy * W + dx  # (Nq, Nk) into the flattened (H, W) table
+            if not torch.compiler.is_compiling():  # a traced tensor must not outlive its trace
+                self._index_cache[key] = index
+        return index
 
     def offset_bias(self, grid: tuple[int, int], stride: int = 1) -> torch.Tensor:
         """(heads, Nq, Nk) bias for queries on every ``stride``-th token of the key grid."""
@@ -48,10 +51,11 @@ class OffsetBias(nn.Module):
         # Without autograd the gathered bias is reused until the table changes (its version
         # counter moves on every in-place update: optimizer steps, load_state_dict).
         key = (grid, stride, str(p.device), p._version)
-        if not torch.is_grad_enabled() and self._bias_cache[0] == key:
+        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if reuse and self._bias_cache[0] == key:
             return self._bias_cache[1]
         table = self._table(grid).flatten(1)  # (heads, H*W)
         bias = table[:, self._index(grid, stride, table.device)]
-        if not torch.is_grad_enabled():
+        if reuse:
             self._bias_cache = (key, bias)
         return bias

@@ -40,7 +40,9 @@ def table_bias(
     lives on the model's device); other windows use a cached one.
     """
     if index is None or tuple(window_size) != tuple(table_window):
-        index = _cached_index(tuple(window_size), tuple(table_window)).to(table.device)
+        # Traced (torch.compile / torch.export): never cache a traced tensor.
+        make = relative_position_index if torch.compiler.is_compiling() else _cached_index
+        index = make(tuple(window_size), tuple(table_window)).to(table.device)
     n = window_size[0] * window_size[1]
     return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()  # (heads, N, N)
 

@@ -70,5 +70,8 @@ def window_mask(
     """(nW, N, N) additive mask (0 or -100) for windows of a map of ``size`` padded to whole
     windows and rolled by -shift; None when there is neither a shift nor padding."""
     padded = tuple(-(-s // w) * w for s, w in zip(size, window, strict=True))
-    mask = _window_mask(tuple(size), padded, tuple(window), tuple(shift))
+    args = (tuple(size), padded, tuple(window), tuple(shift))
+    # Under torch.compile / torch.export the tensors are traced ones: build the mask in the
+    # graph and never cache it (a cached traced tensor would break the next eager call).
+    mask = _window_mask.__wrapped__(*args) if torch.compiler.is_compiling() else _window_mask(*args)
     return None if mask is None else mask.to(device)

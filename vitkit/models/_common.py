@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..layers.pyramid import PYRAMID_STRIDES, build_pyramid, pyramid_plan
 from ._registry import ModelCard, register_model
 
 
@@ -69,6 +70,41 @@ class BackboneMixin:
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    # ------------------------------------------------------------------ pyramid
+    def _pyramid_sources(self) -> list[dict]:
+        """The maps a pyramid level may come from, in depth order (default: ``feature_info``)."""
+        return self.feature_info
+
+    def _pyramid_plan(self) -> list[tuple[int, float]]:
+        return pyramid_plan([f["reduction"] for f in self._pyramid_sources()])
+
+    def pyramid_info(self) -> list[dict]:
+        """Channels and strides of the four maps ``forward_intermediates(pyramid=True)`` returns.
+
+        Strides 4, 8, 16 and 32; each level is the deepest map at its stride, or the nearest
+        one resampled (:func:`vitkit.layers.pyramid.pyramid_plan`); ``module`` names its source.
+        """
+        src = self._pyramid_sources()
+        return [dict(num_chs=src[i]["num_chs"], reduction=s, module=src[i]["module"])
+                for (i, _), s in zip(self._pyramid_plan(), PYRAMID_STRIDES)]
+
+    def _pyramid_intermediates(self, x: torch.Tensor, norm: bool, output_fmt: str, intermediates_only: bool):
+        """``forward_intermediates(pyramid=True)`` for a family whose sources are ``feature_info``."""
+        check_output_fmt(output_fmt)
+        plan = self._pyramid_plan()
+        idx = sorted({i for i, _ in plan})
+        final, maps = self.forward_intermediates(x, indices=idx, norm=norm, output_fmt="NCHW")
+        return finish_pyramid(final, dict(zip(idx, maps)), plan, output_fmt, intermediates_only)
+
+
+def finish_pyramid(final: torch.Tensor, maps: dict[int, torch.Tensor], plan: list[tuple[int, float]],
+                   output_fmt: str, intermediates_only: bool):
+    """The pyramid levels of ``plan`` in ``output_fmt``, after ``final`` unless ``intermediates_only``."""
+    levels = build_pyramid(maps, plan)
+    if output_fmt == "NLC":
+        levels = [map_to_tokens(f) for f in levels]
+    return levels if intermediates_only else (final, levels)
 
 
 def distilled_logits(head: nn.Module, head_dist: nn.Module | None, x: torch.Tensor, training: bool):

@@ -319,13 +319,18 @@ class EfficientFormer(BackboneMixin, nn.Module):
         norm: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        pyramid: bool = False,
     ):
         """Per-stage features at strides 4/8/16/32 (``feature_info``).
 
         indices select stages (an int n: the last n). Maps are (B, C, H, W) for "NCHW" or
         (B, H*W, C) for "NLC"; ``norm`` applies the final LayerNorm to the last stage (the only
         one it was trained on). Returns ``(forward_features(x), maps)``, or only the maps.
+        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
+        4/8/16/32); ``indices`` is then ignored.
         """
+        if pyramid:
+            return self._pyramid_intermediates(x, norm, output_fmt, intermediates_only)
         check_output_fmt(output_fmt)
         last = len(self.stages) - 1
         take = take_indices(len(self.stages), indices, "stages")

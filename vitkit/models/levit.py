@@ -28,6 +28,7 @@ from ._common import (
     check_image,
     check_output_fmt,
     distilled_logits,
+    finish_pyramid,
     map_to_tokens,
     register_variant,
     take_indices,
@@ -276,6 +277,11 @@ class Stem(nn.Sequential):
             c = width
 
 
+def _out_chs(conv: nn.Module) -> int:
+    """Output channels of a ConvNorm, or of the Conv2d that ``fuse()`` turns it into."""
+    return conv.out_channels if isinstance(conv, nn.Conv2d) else conv.linear.out_channels
+
+
 _ACTS = {"hard_swish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
@@ -387,6 +393,32 @@ class Levit(BackboneMixin, nn.Module):
         x = self.stem(x)  # (B, C, H', W')
         return map_to_tokens(x), (x.shape[2], x.shape[3])
 
+    def _pyramid_sources(self) -> list[dict]:
+        """The stem's activations (strides 2, 4, ... below the stem's stride), then the stages."""
+        stem = [dict(num_chs=_out_chs(m), reduction=2 ** (k + 1), module=f"stem.act{k + 1}")
+                for k, m in enumerate(c for n, c in self.stem.named_children() if n.startswith("conv"))][:-1]
+        return stem + self.feature_info
+
+    def _pyramid_forward(self, x: torch.Tensor, output_fmt: str, intermediates_only: bool):
+        check_output_fmt(output_fmt)
+        check_image(x, self.in_chans)
+        plan = self._pyramid_plan()
+        want = {i for i, _ in plan}
+        maps, k = {}, 0
+        for name, layer in self.stem.named_children():
+            x = layer(x)
+            if name.startswith("act"):
+                if k in want:
+                    maps[k] = x
+                k += 1
+        x, grid = map_to_tokens(x), (x.shape[2], x.shape[3])
+        for stage in self.stages:
+            x, grid = stage(x, grid)
+            if k in want:
+                maps[k] = tokens_to_map(x, grid)
+            k += 1
+        return finish_pyramid(x, maps, plan, output_fmt, intermediates_only)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, C_last) tokens of the last stage (row-major grid)."""
         x, grid = self._stem(x)
@@ -411,13 +443,20 @@ class Levit(BackboneMixin, nn.Module):
         norm: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        pyramid: bool = False,
     ):
         """Per-stage features at the strides ``feature_info`` states.
 
         indices select stages (an int n: the last n). Each map is (B, C, H, W) for "NCHW" or
         (B, H*W, C) for "NLC". LeViT has no final norm, so ``norm`` changes nothing.
         Returns ``(forward_features(x), maps)``, or only the maps.
+
+        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
+        4/8/16/32): the stem's activations at strides 4 and 8 and the first two stages at 16
+        and 32 (the stages start at stride 16); ``indices`` is then ignored.
         """
+        if pyramid:
+            return self._pyramid_forward(x, output_fmt, intermediates_only)
         check_output_fmt(output_fmt)
         take = take_indices(len(self.stages), indices, "stages")
         x, grid = self._stem(x)

@@ -241,13 +241,18 @@ class MobileVit(BackboneMixin, nn.Module):
         norm: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        pyramid: bool = False,
     ):
         """Per-stage maps at the strides ``feature_info`` states (the last after ``final_conv``).
 
         indices select stages (an int n: the last n). Maps are (B, C, H, W) for "NCHW" or
         (B, H*W, C) for "NLC"; MobileViT has no final norm, so ``norm`` changes nothing.
         Returns ``(forward_features(x), maps)``, or only the maps.
+        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
+        4/8/16/32); ``indices`` is then ignored.
         """
+        if pyramid:
+            return self._pyramid_intermediates(x, norm, output_fmt, intermediates_only)
         check_output_fmt(output_fmt)
         take = take_indices(len(self.stages), indices, "stages")
         maps = self._maps(x)

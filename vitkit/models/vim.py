@@ -200,12 +200,19 @@ class VisionMamba(BackboneMixin, nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         return_prefix_tokens: bool = False,
+        pyramid: bool = False,
     ):
         """Per-block patch features, (B, D, H', W') for "NCHW" or (B, H'*W', D) for "NLC".
 
         indices: an int n takes the last n blocks, a list those blocks, None all. ``norm`` applies
         the final norm. Returns ``(forward_features(x), intermediates)`` or only the list.
+        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
+        4/8/16/32); ``indices`` is then ignored.
         """
+        if pyramid:
+            if return_prefix_tokens:
+                raise ValueError("pyramid=True returns maps only; it cannot return prefix tokens")
+            return self._pyramid_intermediates(x, norm, output_fmt, intermediates_only)
         check_output_fmt(output_fmt)
         take = take_indices(len(self.layers), indices)
         x, grid = self._embed(x)
