@@ -13,23 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import resample_abs_pos_embed
-from ._common import check_image, check_output_fmt
-
-
-def take_indices(indices: int | Sequence[int] | None, n: int, what: str = "blocks") -> list[int]:
-    """Which of ``n`` feature points to return: None all, an int the last ones, a list those (negative from the end)."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 1 <= indices <= n:
-            raise ValueError(f"indices={indices} asks for the last {indices} of {n} {what}")
-        return list(range(n - indices, n))
-    take = []
-    for i in indices:
-        if not -n <= i < n:
-            raise ValueError(f"index {i} is out of range for a model with {n} {what}")
-        take.append(i % n)
-    return take
+from ._common import check_image, check_output_fmt, take_indices
 
 
 def map_to_format(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
@@ -84,7 +68,7 @@ class Backbone:
         Returns ``(forward_features(x), intermediates)``, or only the list when ``intermediates_only``.
         """
         check_output_fmt(output_fmt)
-        take = take_indices(indices, len(self.feature_info), "feature points")
+        take = take_indices(len(self.feature_info), indices, "feature points")
         final, feats = self._forward_all(x, take, norm, output_fmt)
         return feats if intermediates_only else (final, feats)
 

@@ -11,26 +11,9 @@ import torch
 from torch import nn
 
 from ..layers import TokenContext
-from ._common import check_image
+from ._common import check_image, check_output_fmt, take_indices
 
 _POOLS = ("avg", "")
-
-
-def take_indices(n: int, indices: int | list[int] | tuple[int, ...] | None, what: str = "blocks") -> list[int]:
-    """Which of ``n`` layers to return: an int k takes the last k, a list those (negative from
-    the end), None all."""
-    if indices is None:
-        return list(range(n))
-    if isinstance(indices, int):
-        if not 1 <= indices <= n:
-            raise ValueError(f"indices={indices} asks for the last {indices} of {n} {what}")
-        return list(range(n - indices, n))
-    take = []
-    for i in indices:
-        if not -n <= i < n:
-            raise ValueError(f"{what[:-1]} index {i} is out of range for a model with {n} {what}")
-        take.append(i % n)
-    return take
 
 
 def init_linear(m: nn.Module) -> None:
@@ -165,8 +148,7 @@ class HierarchicalBackbone(nn.Module):
         list when ``intermediates_only``. ``pyramid`` is accepted for one call across
         backbones: the stages already are the pyramid.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         n = len(self.feature_info)
         take = take_indices(n, indices, "stages")
         feats = []

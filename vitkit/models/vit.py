@@ -32,8 +32,7 @@ from ..layers import (
     simple_pyramid,
     sincos_2d_pos_embed,
 )
-from ._common import check_image
-from ._hier import take_indices
+from ._common import check_image, take_indices
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
 
 _POOLS = ("token", "avg", "")
