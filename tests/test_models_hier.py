@@ -217,13 +217,14 @@ def test_pyramid_plan_hand_cases():
 
 
 DENSE = ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "pvt_v2_b0", "levit_128s", "mobilevit_xxs",
-         "efficientformer_l1", "vim_tiny", "vit_small_patch16_224"]
+         "efficientformer_l1", "vim_tiny", "vit_small_patch16_224", "convnext_atto", "resnet18", "cait_xxs24_224",
+         "convit_tiny", "mixer_s16_224"]
 
 
 @pytest.mark.parametrize("name", DENSE)
 def test_every_dense_backbone_gives_four_maps_at_strides_4_to_32(name):
-    m = vitkit.create_model(name).eval()
     size = 64  # the real architectures at a small input: every stride divides it
+    m = vitkit.create_model(name, img_size=size).eval()
     x = torch.randn(1, 3, size, size)
     info = m.pyramid_info()
     assert [i["reduction"] for i in info] == [4, 8, 16, 32]

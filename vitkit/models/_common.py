@@ -58,20 +58,9 @@ def tokens_to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid).contiguous()
 
 
-class BackboneMixin:
-    """Defaults of the backbone API that no family here needs to change."""
+class PyramidMixin:
+    """``pyramid_info`` and ``forward_intermediates(pyramid=True)`` from a family's feature maps."""
 
-    def aux_loss(self) -> torch.Tensor:
-        """No auxiliary losses (the MoE ViT has one); zero on the model's device."""
-        return torch.zeros((), device=next(self.parameters()).device)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    # ------------------------------------------------------------------ pyramid
     def _pyramid_sources(self) -> list[dict]:
         """The maps a pyramid level may come from, in depth order (default: ``feature_info``)."""
         return self.feature_info
@@ -96,6 +85,20 @@ class BackboneMixin:
         idx = sorted({i for i, _ in plan})
         final, maps = self.forward_intermediates(x, indices=idx, norm=norm, output_fmt="NCHW")
         return finish_pyramid(final, dict(zip(idx, maps)), plan, output_fmt, intermediates_only)
+
+
+class BackboneMixin(PyramidMixin):
+    """Defaults of the backbone API that no family here needs to change."""
+
+    def aux_loss(self) -> torch.Tensor:
+        """No auxiliary losses (the MoE ViT has one); zero on the model's device."""
+        return torch.zeros((), device=next(self.parameters()).device)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
 
 def finish_pyramid(final: torch.Tensor, maps: dict[int, torch.Tensor], plan: list[tuple[int, float]],

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import resample_abs_pos_embed
-from ._common import check_image, check_output_fmt, take_indices
+from ._common import PyramidMixin, check_image, check_output_fmt, take_indices
 
 
 def map_to_format(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
@@ -36,7 +36,7 @@ def run_maybe_checkpointed(fn: Callable, x: torch.Tensor, enabled: bool, *args) 
     return fn(x, *args)
 
 
-class Backbone:
+class Backbone(PyramidMixin):
     """The forward half of the backbone API, shared by the non-ViT families.
 
     A subclass defines ``_forward_all(x, take, norm, output_fmt) -> (features, intermediates)``
@@ -60,13 +60,17 @@ class Backbone:
         norm: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        pyramid: bool = False,
     ):
         """Features at the ``feature_info`` points (an int n: the last n; a list: those; None: all).
 
         Each is (B, C, H, W) for "NCHW" or (B, H*W, C) for "NLC"; token models drop their prefix
         tokens and, with ``norm``, pass them through the final norm (stage maps have none).
         Returns ``(forward_features(x), intermediates)``, or only the list when ``intermediates_only``.
+        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides 4/8/16/32).
         """
+        if pyramid:
+            return self._pyramid_intermediates(x, norm, output_fmt, intermediates_only)
         check_output_fmt(output_fmt)
         take = take_indices(len(self.feature_info), indices, "feature points")
         final, feats = self._forward_all(x, take, norm, output_fmt)
