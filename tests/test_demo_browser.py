@@ -70,7 +70,10 @@ def _wait_for_map(page, previous: str) -> str:
 
 
 def test_demo_upload_shows_prediction_and_map(tmp_path):
-    from playwright.sync_api import sync_playwright
+    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'vitkit[demo]'")
+    sync_playwright = pytest.importorskip(
+        "playwright.sync_api", reason="the browser test needs playwright: pip install playwright"
+    ).sync_playwright
 
     from vitkit.data import ShapesDataset
     from vitkit.interpret.demo import launch_demo
