@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from vitkit.objectives.dino import dino_loss, sharpen, update_center
-from vitkit.objectives.ibot import koleo_loss, masked_patch_loss, random_token_mask, sinkhorn_knopp
+from vitkit.objectives.ibot import (
+    block_token_mask,
+    koleo_loss,
+    masked_patch_loss,
+    random_token_mask,
+    sinkhorn_knopp,
+)
 from vitkit.objectives.mae import mae_loss, patchify, random_keep, unpatchify
 from vitkit.objectives.mocov3 import info_nce
 from vitkit.objectives.simclr import nt_xent
@@ -126,6 +132,30 @@ def test_masked_patch_loss_hand_case():
     mask = random_token_mask(100, 16, prob=0.5, ratio=(0.25, 0.25))
     counts = mask.sum(1)
     assert set(counts.tolist()) <= {0, 4} and 20 < int((counts > 0).sum()) < 80
+
+
+def test_block_mask_covers_the_share_in_rectangles():
+    torch.manual_seed(0)
+    mask = block_token_mask(200, (8, 8), prob=0.5, ratio=(0.25, 0.25))
+    assert mask.shape == (200, 64) and mask.dtype == torch.bool
+    counts = mask.sum(1)
+    masked = counts > 0
+    assert 60 < int(masked.sum()) < 140  # prob 0.5
+    assert int(counts.max()) <= 16 and float(counts[masked].float().mean()) >= 14  # 25% of 64, rarely short
+    # Blocks, not scattered patches: most masked patches have a masked 4-neighbour, far more than at random.
+    def neighbour_share(m):
+        g = m.view(-1, 8, 8).float()
+        pad = torch.nn.functional.pad(g, (1, 1, 1, 1))
+        nb = pad[:, :-2, 1:-1] + pad[:, 2:, 1:-1] + pad[:, 1:-1, :-2] + pad[:, 1:-1, 2:]
+        return float(((nb > 0) & (g > 0)).sum() / g.sum())
+    assert neighbour_share(mask) > 0.95
+    assert neighbour_share(random_token_mask(200, 64, prob=0.5, ratio=(0.25, 0.25))) < 0.8
+    # Drawn from torch's generator: the same seed gives the same masks (a resumed run).
+    torch.manual_seed(3)
+    a = block_token_mask(4, (6, 5), prob=1.0, ratio=(0.1, 0.5))
+    torch.manual_seed(3)
+    assert torch.equal(a, block_token_mask(4, (6, 5), prob=1.0, ratio=(0.1, 0.5)))
+    assert not block_token_mask(8, (4, 4), prob=0.0, ratio=(0.5, 0.5)).any()
 
 
 def test_dino_head_last_layer_is_weight_normed_and_freezable():

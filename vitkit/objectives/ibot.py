@@ -1,7 +1,8 @@
 """iBOT (Zhou et al., 2022) and DINOv2 (Oquab et al., 2023) pieces on top of DINO.
 
 - **Masked patch prediction** (iBOT): some of the student's global crops have a random share of
-  their patch tokens replaced by a mask token (``forward_tokens(token_mask=...)``); at those
+  their patch tokens replaced by a mask token (``forward_tokens(token_mask=...)``), in
+  rectangular blocks by default (``mask_shape=block``, as iBOT) or patch by patch; at those
   places the student's patch outputs are trained to match the teacher's outputs for the
   unmasked crop (centred and sharpened with their own centre).
 - **KoLeo** (DINOv2): ``-mean(log(distance to the nearest neighbour))`` of the student's
@@ -15,6 +16,8 @@ exports the teacher backbone.
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +31,7 @@ from .dino import DINO, DINOConfig, _views, dino_loss, sharpen, update_center
 from .registry import register_objective
 
 _CENTERINGS = ("center", "sinkhorn_knopp")
+_MASK_SHAPES = ("block", "random")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class IBOTConfig(DINOConfig):
 
     mask_prob: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_shape: str = "block"  # block (rectangles of patches) | random (patch by patch)
     patch_loss_weight: float = 1.0
     koleo_weight: float = 0.0
     centering: str = "center"  # center | sinkhorn_knopp
@@ -84,6 +89,43 @@ def random_token_mask(b: int, length: int, prob: float, ratio: tuple[float, floa
     return rank < count[:, None]
 
 
+def block_token_mask(b: int, grid: tuple[int, int], prob: float, ratio: tuple[float, float],
+                     min_block: int = 4, aspect: float = 0.3, device=None) -> Tensor:
+    """(B, H*W) bool, row-major: like :func:`random_token_mask`, but the masked patches form rectangles.
+
+    For each masked sample, rectangles of at least ``min_block`` patches and aspect ratio in
+    [aspect, 1/aspect] (log-uniform) are dropped at random places until the sample's share is
+    covered (a rectangle must add new patches without overshooting it; after 10 failed tries in
+    a row the sample keeps what it has, so a share can fall a few patches short). Randomness
+    comes from torch's generator, so a resumed run draws the same masks.
+    """
+    H, W = grid
+    rng = random.Random(int(torch.randint(0, 2**62, ())))
+    out = torch.zeros(b, H, W, dtype=torch.bool)
+    log_lo = math.log(aspect)
+    for i in range(b):
+        if rng.random() >= prob:
+            continue
+        target = round((ratio[0] + (ratio[1] - ratio[0]) * rng.random()) * H * W)
+        mask, count, misses = out[i], 0, 0
+        while count < target and misses < 10:
+            left = target - count
+            area = rng.uniform(min(min_block, left), left)
+            ar = math.exp(rng.uniform(log_lo, -log_lo))
+            h, w = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+            if not (1 <= h <= H and 1 <= w <= W):
+                misses += 1
+                continue
+            top, lft = rng.randint(0, H - h), rng.randint(0, W - w)
+            new = h * w - int(mask[top:top + h, lft:lft + w].sum())
+            if 0 < new <= left:
+                mask[top:top + h, lft:lft + w] = True
+                count, misses = count + new, 0
+            else:
+                misses += 1
+    return out.flatten(1).to(device)
+
+
 def masked_patch_loss(student: Tensor, teacher_probs: Tensor, weights: Tensor, n_images: int,
                       student_temp: float) -> Tensor:
     """iBOT's patch loss over the M masked tokens: ``sum_m w_m * CE(teacher_m, student_m) / n_images``.
@@ -103,6 +145,8 @@ class IBOT(DINO):
         cfg = cfg if cfg is not None else IBOTConfig()
         if cfg.centering not in _CENTERINGS:
             raise ConfigError(f"objective.centering must be one of {_CENTERINGS}, got {cfg.centering!r}")
+        if cfg.mask_shape not in _MASK_SHAPES:
+            raise ConfigError(f"objective.mask_shape must be one of {_MASK_SHAPES}, got {cfg.mask_shape!r}")
         if not 0 <= cfg.mask_ratio[0] <= cfg.mask_ratio[1] < 1:
             raise ConfigError(f"objective.mask_ratio must be (lo, hi) with 0 <= lo <= hi < 1, got {cfg.mask_ratio}")
         super().__init__(model, cfg, **ssl_kw)
@@ -132,7 +176,10 @@ class IBOT(DINO):
 
         # Student, global crops with masked patch tokens: (2B, prefix + L, D)
         tokens, ctx = self.model.embed(g)
-        mask = random_token_mask(n_img, ctx.num_patches, self.cfg.mask_prob, self.cfg.mask_ratio, g.device)
+        if self.cfg.mask_shape == "block" and ctx.num_patches == ctx.grid[0] * ctx.grid[1]:
+            mask = block_token_mask(n_img, ctx.grid, self.cfg.mask_prob, self.cfg.mask_ratio, device=g.device)
+        else:
+            mask = random_token_mask(n_img, ctx.num_patches, self.cfg.mask_prob, self.cfg.mask_ratio, g.device)
         s_out = self.model.forward_tokens(tokens, ctx, token_mask=mask, mask_token=self.mask_token)
         s_cls = self.model.forward_head(s_out, pre_logits=True)  # (2B, D)
         s_patch = s_out[:, ctx.num_prefix_tokens:][mask]  # (M, D) the masked tokens
