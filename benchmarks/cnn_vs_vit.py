@@ -62,9 +62,8 @@ MODELS = {
 }
 
 
-def infer_img_s(run_dir: Path, device: str, amp: str, batch: int = 256, reps: int = 10) -> float:
-    """Median img/s of the trained model's forward pass (eval mode, no grad, the run's autocast)."""
-    loaded = load_model(run_dir, device=device)
+def infer_img_s(loaded, amp: str, batch: int = 256, reps: int = 10) -> float:
+    """Median img/s of a loaded model's forward pass (eval mode, no grad, the run's autocast)."""
     model, dev = loaded.model, loaded.device
     h, w = loaded.transform.size
     x = torch.randn(batch, 3, h, w, device=dev)
@@ -92,12 +91,10 @@ def run(name: str, work: Path, common: list[str], extra: list[str] | None = None
     summary = train(cfg, verbose=False, force=True)
     wall = time.perf_counter() - t0
     loaded = load_model(out, device=cfg.engine.device if cfg.engine.device != "auto" else None)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    del loaded
     row = {
         "name": name, "model": model_name, "model_args": dict(model_args), "objective": summary["objective"],
-        "acc": summary["val_acc"], "params": params, "train_img_s": summary["train_img_per_s"],
-        "infer_img_s": infer_img_s(out, None if cfg.engine.device == "auto" else cfg.engine.device, summary["amp"]),
+        "acc": summary["val_acc"], "params": sum(p.numel() for p in loaded.model.parameters()),
+        "train_img_s": summary["train_img_per_s"], "infer_img_s": infer_img_s(loaded, summary["amp"]),
         "steps": summary["steps"], "epochs": summary["epochs"], "wall_s": wall, "run_dir": str(out),
     }
     print(f"{name}: acc {row['acc']:.4f}, {row['epochs']:.1f} epochs in {wall:.0f} s, "
