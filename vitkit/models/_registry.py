@@ -59,6 +59,24 @@ def register_model(card: ModelCard):
     return wrap
 
 
+def register_family(family: str, build: Callable, **card_defaults) -> Callable[..., None]:
+    """A function that registers variants of one family: ``register(name, config, img=224, **card)``.
+
+    Each variant builds as ``build(**config, img_size=img)`` (plus the caller's overrides) and
+    gets a card for ``img`` px inputs; ``card_defaults`` (e.g. ``paper``) apply where the
+    variant does not set them.
+    """
+
+    def register(name: str, config: dict, img: int = 224, **card) -> None:
+        card = {"family": family, **card_defaults, **card}
+        chans = config.get("in_chans", 3)
+        register_model(ModelCard(name=name, input_size=(chans, img, img), config=dict(config, img_size=img), **card))(
+            lambda **kwargs: build(**kwargs)
+        )
+
+    return register
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered variant names matching a shell-style pattern, sorted."""
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))

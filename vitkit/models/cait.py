@@ -11,15 +11,13 @@ after the softmax. Parameter names follow the common checkpoint layout (``blocks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath, Mlp, PatchEmbed
-from ._features import TokenBackbone
-from ._registry import ModelCard, register_model
+from ._base import Backbone, Point, trunc_normal_linear
+from ._registry import register_family
 
 
 class TalkingHeadAttention(nn.Module):
@@ -113,7 +111,7 @@ class ClassAttentionBlock(LayerScaleBlock):
         return x_cls + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x_cls)))
 
 
-class CaiT(TokenBackbone, nn.Module):
+class CaiT(Backbone):
     """CaiT backbone with a classification head.
 
     ``forward_features`` returns (B, 1 + N, D): the class token, then the patch tokens as the
@@ -123,6 +121,9 @@ class CaiT(TokenBackbone, nn.Module):
     """
 
     no_embed_class = True  # the position embedding has no class-token row
+    num_prefix_tokens = 1
+    no_weight_decay_keys = ("pos_embed", "cls_token")
+    classifier_init_std = None
 
     def __init__(
         self,
@@ -148,12 +149,9 @@ class CaiT(TokenBackbone, nn.Module):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.num_classes = num_classes
-        self.global_pool = self._check_pool(global_pool)
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -171,9 +169,12 @@ class CaiT(TokenBackbone, nn.Module):
             ClassAttentionBlock(embed_dim, num_heads, mlp_ratio_token_only, qkv_bias, init_values)
             for _ in range(depth_token_only)
         ])
-        self._init_head(num_classes, drop_rate, depth, self.patch_embed.patch_size[0])
-        self._init_vit_weights()
-
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_classifier(num_classes, drop_rate)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=self.patch_embed.patch_size[0], module=f"blocks.{i}") for i in range(depth)
+        ]
+        init_token_weights(self)
 
     # ------------------------------------------------------------------ backbone API
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -191,11 +192,19 @@ class CaiT(TokenBackbone, nn.Module):
             cls = blk(torch.cat([cls, x], dim=1))  # (B, 1 + N, D) -> (B, 1, D)
         return torch.cat([cls, x], dim=1)
 
-    def _forward_all(self, x: torch.Tensor, take: Sequence[int] = (), norm: bool = False, output_fmt: str = "NCHW"):
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
         """Features (B, 1 + N, D), and the patch tokens after the patch blocks in ``take``."""
         x, grid = self._embed_patches(x)  # (B, N, D)
-        x, feats = self._run_blocks(self.blocks, x, grid, take, norm, output_fmt)
+        x, feats = self._run_blocks(self.blocks, x, grid, take, norm)
         return self.norm(self._class_attention(x)), feats
+
+
+def init_token_weights(model: nn.Module) -> None:
+    """Truncated-normal tokens, position embedding and linears (std 0.02), zero biases."""
+    for name in ("pos_embed", "cls_token"):
+        nn.init.trunc_normal_(getattr(model, name), std=0.02)
+    for m in model.modules():
+        trunc_normal_linear(m)
 
 
 # ---------------------------------------------------------------------- variants
@@ -215,12 +224,7 @@ _VARIANTS = {
 }
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card = ModelCard(name=name, family="cait", input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> CaiT:
-        return CaiT(**kwargs)
+_register = register_family("cait", CaiT)
 
 
 for _name, (_dim, _depth, _heads, _init, _img) in _VARIANTS.items():

@@ -12,14 +12,13 @@ layout (``blocks.N.attn.qk``, ``.attn.pos_proj``, ``.attn.gating_param``, ``pos_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from ..layers import Block, DropPath, Mlp, PatchEmbed
-from ._features import TokenBackbone, run_maybe_checkpointed, tokens_to_format
-from ._registry import ModelCard, register_model
+from ._base import Backbone, Point
+from ._registry import register_family
+from .cait import init_token_weights
 
 
 def relative_offsets(grid: tuple[int, int], device=None, dtype=torch.float32) -> torch.Tensor:
@@ -104,7 +103,7 @@ class GPSABlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class ConViT(TokenBackbone, nn.Module):
+class ConViT(Backbone):
     """ConViT backbone with a classification head.
 
     ``forward_features`` returns (B, 1 + N, D), class token first, through the final norm.
@@ -113,6 +112,9 @@ class ConViT(TokenBackbone, nn.Module):
     """
 
     no_embed_class = True  # the position embedding has no class-token row
+    num_prefix_tokens = 1
+    no_weight_decay_keys = ("pos_embed", "cls_token")
+    classifier_init_std = None
 
     def __init__(
         self,
@@ -142,13 +144,10 @@ class ConViT(TokenBackbone, nn.Module):
                 f"local_up_to_layer {local_up_to_layer} must be in [0, depth={depth}): the class token joins "
                 "after the GPSA blocks, so at least one plain block must follow them"
             )
-        self.num_classes = num_classes
-        self.global_pool = self._check_pool(global_pool)
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
         self.local_up_to_layer = local_up_to_layer
-        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -166,11 +165,15 @@ class ConViT(TokenBackbone, nn.Module):
             )
             for i in range(depth)
         ])
-        self._init_head(num_classes, drop_rate, depth, self.patch_embed.patch_size[0])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_classifier(num_classes, drop_rate)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=self.patch_embed.patch_size[0], module=f"blocks.{i}") for i in range(depth)
+        ]
         self._init_weights()
 
     def _init_weights(self) -> None:
-        self._init_vit_weights()
+        init_token_weights(self)
         for m in self.modules():
             if isinstance(m, GPSA):
                 m.local_init()
@@ -183,7 +186,7 @@ class ConViT(TokenBackbone, nn.Module):
         }
 
     # ------------------------------------------------------------------ forward
-    def _forward_all(self, x: torch.Tensor, take: Sequence[int] = (), norm: bool = False, output_fmt: str = "NCHW"):
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
         """Embed, run every block (the class token joins after the GPSA ones), collect patch tokens at ``take``."""
         x, grid = self._embed_patches(x)  # (B, N, D)
         rel = relative_offsets(grid, x.device)
@@ -192,10 +195,9 @@ class ConViT(TokenBackbone, nn.Module):
             if i == self.local_up_to_layer:
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
             extra = (rel,) if i < self.local_up_to_layer else ()
-            x = run_maybe_checkpointed(blk, x, self.grad_checkpointing, *extra)
+            x = self.checkpointed(blk, x, *extra)
             if i in take:
-                y = self.norm(x) if norm else x
-                feats.append(tokens_to_format(y[:, 1:] if i >= self.local_up_to_layer else y, grid, output_fmt))
+                feats.append(Point(self.norm(x) if norm else x, grid, int(i >= self.local_up_to_layer)))
         return self.norm(x), feats
 
 
@@ -203,12 +205,7 @@ class ConViT(TokenBackbone, nn.Module):
 CONVIT_PAPER = "ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases (d'Ascoli et al., 2021)"
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card = ModelCard(name=name, family="convit", input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> ConViT:
-        return ConViT(**kwargs)
+_register = register_family("convit", ConViT)
 
 
 # 48 channels per head; the head count is a square so the local init tiles a k x k kernel.

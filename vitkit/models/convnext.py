@@ -11,14 +11,12 @@ Parameter names follow the common checkpoint layout (``stem.0``, ``stages.N.down
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..layers import DropPath, GlobalResponseNorm, LayerNorm2d
-from ._features import StagedFeatures
-from ._registry import ModelCard, register_model
+from ._base import Backbone, Point, check_image
+from ._registry import register_family
 
 _EPS = 1e-6
 
@@ -71,7 +69,6 @@ class ConvNeXtStage(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, depth: int, drop_paths: list[float], **block_kw):
         super().__init__()
-        self.grad_checkpointing = False
         if stride > 1 or in_chs != out_chs:
             self.downsample = nn.Sequential(LayerNorm2d(in_chs, eps=_EPS), nn.Conv2d(in_chs, out_chs, stride, stride))
         else:
@@ -82,22 +79,12 @@ class ConvNeXtStage(nn.Module):
         return self.blocks(self.downsample(x))
 
 
-class ConvNeXtHead(nn.Module):
-    """Global average pool -> LayerNorm -> dropout -> fc (pooling before the norm, as trained)."""
+class ConvNeXt(Backbone):
+    """ConvNeXt V1 (LayerScale) or V2 (``use_grn=True, ls_init_value=None``) with a classification head
+    (average pool -> LayerNorm -> dropout -> fc, pooling before the norm, as trained)."""
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=_EPS)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.norm(x.mean(dim=(2, 3))))  # (B, C)
-        return x if pre_logits else self.fc(x)
-
-
-class ConvNeXt(StagedFeatures, nn.Module):
-    """ConvNeXt V1 (LayerScale) or V2 (``use_grn=True, ls_init_value=None``) with a classification head."""
+    pools = ("avg",)
+    classifier_name = "head.fc"
 
     def __init__(
         self,
@@ -120,13 +107,9 @@ class ConvNeXt(StagedFeatures, nn.Module):
         super().__init__()
         if len(depths) != len(dims) or not depths:
             raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must have the same, non-zero length")
-        if global_pool != "avg":
-            raise ValueError(f"global_pool {global_pool!r} is not supported; ConvNeXt pools with 'avg'")
         self.in_chans = in_chans
-        self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         self.img_size = img_size  # recorded for the card; a CNN takes any input size
 
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, patch_size), LayerNorm2d(dims[0], eps=_EPS))
@@ -145,7 +128,7 @@ class ConvNeXt(StagedFeatures, nn.Module):
             in_chs, start = dim, start + depth
         self.stages = nn.Sequential(*stages)
         self.num_features = in_chs
-        self.head = ConvNeXtHead(in_chs, num_classes, drop_rate)
+        self.init_classifier(num_classes, drop_rate, head_norm=nn.LayerNorm(in_chs, eps=_EPS))
         self._init_weights(head_init_scale)
 
     def _init_weights(self, head_init_scale: float) -> None:
@@ -159,14 +142,17 @@ class ConvNeXt(StagedFeatures, nn.Module):
                 self.head.fc.weight.mul_(head_init_scale)
                 self.head.fc.bias.mul_(head_init_scale)
 
-    def _steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
+        check_image(x, self.in_chans)
         first, *rest = self.stages
-        return [lambda x: first(self.stem(x)), *rest]
+        feats = []
+        for i, step in enumerate([lambda x: first(self.stem(x)), *rest]):
+            x = self.checkpointed(step, x)
+            if i in take:
+                feats.append(Point(x))
+        return x, feats
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        return set()  # norms and biases are exempted by the optimizer's own rule
-
     def group_matcher(self, coarse: bool = False) -> dict:
         if coarse:
             return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
@@ -174,26 +160,6 @@ class ConvNeXt(StagedFeatures, nn.Module):
             "stem": r"^stem",
             "blocks": [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)],
         }
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New fc for ``num_classes`` (0: pooled, normalised features); the head's norm is kept."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool {global_pool!r} is not supported; ConvNeXt pools with 'avg'")
-        self.num_classes = num_classes
-        device = self.stem[0].weight.device
-        if num_classes > 0:
-            fc = nn.Linear(self.num_features, num_classes, device=device)
-            nn.init.trunc_normal_(fc.weight, std=0.02)
-            nn.init.zeros_(fc.bias)
-            self.head.fc = fc
-        else:
-            self.head.fc = nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits)
 
 
 # ---------------------------------------------------------------------- variants
@@ -218,12 +184,7 @@ _V1_HUB = {
 }
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card = ModelCard(name=name, family="convnext", input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> ConvNeXt:
-        return ConvNeXt(**kwargs)
+_register = register_family("convnext", ConvNeXt)
 
 
 for _size, (_depths, _dims) in _SIZES.items():

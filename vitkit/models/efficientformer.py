@@ -17,20 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath, LayerScale, Mlp
 from ..layers.offset_bias import OffsetBias
-from ._common import (
-    BackboneMixin,
-    check_image,
-    check_output_fmt,
-    distilled_logits,
-    map_to_tokens,
-    register_variant,
-    take_indices,
-    tokens_to_map,
-)
+from ._base import Backbone, Point, check_image, checkpoint_if, map_to_tokens
+from ._registry import register_family
 
 
 class Attention(OffsetBias):
@@ -167,14 +158,11 @@ class EfficientFormerStage(nn.Module):
         x = self.downsample(x)
         grid = (x.shape[2], x.shape[3])
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, grid, use_reentrant=False)
-            else:
-                x = blk(x, grid)
+            x = checkpoint_if(self.grad_checkpointing, blk, x, grid)
         return x
 
 
-class EfficientFormer(BackboneMixin, nn.Module):
+class EfficientFormer(Backbone):
     """EfficientFormer backbone: stride-4 stem, stages at strides 4/8/16/32, final LayerNorm on
     the last stage's tokens, average pooling and two linear heads (classifier and distillation:
     both logits in training, their mean in eval).
@@ -182,6 +170,9 @@ class EfficientFormer(BackboneMixin, nn.Module):
     num_vit: how many of the last stage's blocks are attention blocks.
     attn_key_dim / attn_heads: the attention's key width and head count.
     """
+
+    pools = ("avg", "")
+    no_weight_decay_keys = ("attention_biases",)
 
     def __init__(
         self,
@@ -204,19 +195,14 @@ class EfficientFormer(BackboneMixin, nn.Module):
         super().__init__()
         if len(depths) != len(embed_dims):
             raise ValueError(f"depths {depths} and embed_dims {embed_dims} need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if num_vit < 1:
             raise ValueError(f"num_vit must be >= 1 (the last stage ends in attention blocks), got {num_vit}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         n = len(depths)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = embed_dims[-1]
         self.distilled = distilled
-        self.num_prefix_tokens = 0
-        self.grad_checkpointing = False
 
         self.stem = nn.Sequential()
         self.stem.add_module("conv1", nn.Conv2d(in_chans, embed_dims[0] // 2, 3, stride=2, padding=1))
@@ -242,120 +228,44 @@ class EfficientFormer(BackboneMixin, nn.Module):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f"stages.{i}"))
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()) \
-            if distilled else None
+        self.init_classifier(num_classes, drop_rate, distilled)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if "attention_biases" in n}
-
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^stem", "blocks": [(r"^stages\.(\d+)", None), (r"^norm", (99999,))]}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        device = self.norm.weight.device
-
-        def new_head() -> nn.Module:
-            if num_classes <= 0:
-                return nn.Identity()
-            head = nn.Linear(self.num_features, num_classes, device=device)
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
-            return head
-
-        self.head = new_head()
-        if self.distilled:
-            self.head_dist = new_head()
-
     # ------------------------------------------------------------------ forward
-    def _stages(self, x: torch.Tensor, take: list[int]):
-        """Run everything; return the last stage's tokens and the taken stages' (output, grid)."""
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
+        """Normalised last-stage tokens (B, N, C_last) (stride 32), and the stages in ``take``:
+        maps, the last one as tokens (``norm`` applies the final LayerNorm to it, the only stage it
+        was trained on)."""
         check_image(x, self.in_chans)
         x = self.stem(x)
-        outs = []
+        last = len(self.stages) - 1
+        feats = []
         for i, stage in enumerate(self.stages):
             grid = (x.shape[2], x.shape[3]) if i == 0 else ((x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2)
             x = stage(x)
             if i in take:
-                outs.append((x, grid))
-        return x, outs
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, C_last) normalised tokens of the last stage (stride 32)."""
-        x, _ = self._stages(x, [])
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        if pre_logits:
-            return x
-        return distilled_logits(self.head, self.head_dist, x, self.training)
-
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        pyramid: bool = False,
-    ):
-        """Per-stage features at strides 4/8/16/32 (``feature_info``).
-
-        indices select stages (an int n: the last n). Maps are (B, C, H, W) for "NCHW" or
-        (B, H*W, C) for "NLC"; ``norm`` applies the final LayerNorm to the last stage (the only
-        one it was trained on). Returns ``(forward_features(x), maps)``, or only the maps.
-        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
-        4/8/16/32); ``indices`` is then ignored.
-        """
-        if pyramid:
-            return self._pyramid_intermediates(x, norm, output_fmt, intermediates_only)
-        check_output_fmt(output_fmt)
-        last = len(self.stages) - 1
-        take = take_indices(len(self.stages), indices, "stages")
-        x, outs = self._stages(x, take)
-        feats = []
-        for i, (f, grid) in zip(take, outs):
-            if i == last:
-                f = self.norm(f) if norm else f
-                feats.append(tokens_to_map(f, grid) if output_fmt == "NCHW" else f)
-            else:
-                feats.append(f if output_fmt == "NCHW" else map_to_tokens(f))
-        return feats if intermediates_only else (self.norm(x), feats)
+                feats.append(Point(self.norm(x) if norm else x, grid) if i == last else Point(x))
+        return self.norm(x), feats
 
 
 # ---------------------------------------------------------------------- variants
 EFFICIENTFORMER_PAPER = "EfficientFormer: Vision Transformers at MobileNet Speed (Li et al., 2022)"
 
-register_variant(
-    EfficientFormer, "efficientformer_l1", "efficientformer",
-    dict(depths=(3, 2, 6, 4), embed_dims=(48, 96, 224, 448), num_vit=1), crop_pct=0.95, paper=EFFICIENTFORMER_PAPER, hub_id="timm/efficientformer_l1.snap_dist_in1k", notes="distilled: two heads",
+_register = register_family("efficientformer", EfficientFormer)
+_register(
+    "efficientformer_l1", dict(depths=(3, 2, 6, 4), embed_dims=(48, 96, 224, 448), num_vit=1), crop_pct=0.95,
+    paper=EFFICIENTFORMER_PAPER, hub_id="timm/efficientformer_l1.snap_dist_in1k", notes="distilled: two heads",
 )
 # Two stages (strides 4, 8) so the last map is stride 8 on 32 px inputs.
-register_variant(
-    EfficientFormer, "test_efficientformer", "efficientformer",
-    dict(depths=(1, 2), embed_dims=(16, 32), num_vit=1, attn_key_dim=8, attn_heads=2),
+_register(
+    "test_efficientformer", dict(depths=(1, 2), embed_dims=(16, 32), num_vit=1, attn_key_dim=8, attn_heads=2),
     img=32, crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model",
 )
 

@@ -19,21 +19,11 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import DropPath
 from ..layers.offset_bias import OffsetBias
-from ._common import (
-    BackboneMixin,
-    check_image,
-    check_output_fmt,
-    distilled_logits,
-    finish_pyramid,
-    map_to_tokens,
-    register_variant,
-    take_indices,
-    tokens_to_map,
-)
+from ._base import Backbone, Point, check_image, checkpoint_if, map_to_tokens, tokens_to_map
+from ._registry import register_family
 
 
 # ---------------------------------------------------------------------- linear maps with BatchNorm
@@ -255,9 +245,7 @@ class LevitStage(nn.Module):
         return x, grid
 
     def _run(self, module: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(module, x, grid, use_reentrant=False)
-        return module(x, grid)
+        return checkpoint_if(self.grad_checkpointing, module, x, grid)
 
 
 class Stem(nn.Sequential):
@@ -285,11 +273,14 @@ def _out_chs(conv: nn.Module) -> int:
 _ACTS = {"hard_swish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
-class Levit(BackboneMixin, nn.Module):
+class Levit(Backbone):
     """LeViT backbone: conv stem, then stages of attention blocks (each stage after the first
     starts with shrink attention), average pooling and a BatchNorm + Linear head (two when
     ``distilled``: in training both logits are returned, in eval their mean).
     """
+
+    pools = ("avg", "")
+    no_weight_decay_keys = ("attention_biases",)
 
     def __init__(
         self,
@@ -312,21 +303,16 @@ class Levit(BackboneMixin, nn.Module):
         super().__init__()
         if not len(embed_dim) == len(depth) == len(num_heads):
             raise ValueError(f"embed_dim {embed_dim}, depth {depth} and num_heads {num_heads} need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if act_layer not in _ACTS:
             raise ValueError(f"act_layer must be one of {sorted(_ACTS)}, got {act_layer!r}")
         act = _ACTS[act_layer]
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = embed_dim[-1]
         self.embed_dim = embed_dim
         self.distilled = distilled
         self.drop_rate = drop_rate
-        self.num_prefix_tokens = 0
-        self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, embed_dim[0], stem_stride, act)
         resolution = (-(-img_size[0] // stem_stride), -(-img_size[1] // stem_stride))
@@ -342,39 +328,20 @@ class Levit(BackboneMixin, nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
             in_dim = dim
         self.stages = nn.ModuleList(stages)
-        self.head = NormLinear(self.num_features, num_classes, drop_rate) if num_classes > 0 else nn.Identity()
-        self.head_dist = (NormLinear(self.num_features, num_classes, drop_rate) if num_classes > 0 else nn.Identity()) \
-            if distilled else None
+        self.init_classifier(num_classes, 0.0, distilled)  # the dropout sits inside NormLinear
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if "attention_biases" in n}
+    def _new_classifier(self, num_classes: int, init: bool = True, device=None) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = NormLinear(self.num_features, num_classes, self.drop_rate)
+        return head if device is None else head.to(device)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {
             "stem": r"^stem",
             "blocks": [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)],
         }
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        device = next(self.parameters()).device
-
-        def new_head() -> nn.Module:
-            return NormLinear(self.num_features, num_classes, self.drop_rate).to(device) if num_classes > 0 else nn.Identity()
-
-        self.head = new_head()
-        if self.distilled:
-            self.head_dist = new_head()
 
     @torch.no_grad()
     def fuse(self) -> Levit:
@@ -388,84 +355,45 @@ class Levit(BackboneMixin, nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
+        """Last-stage tokens (B, N, C_last) in row-major grid order (LeViT has no final norm), and
+        the tokens of the stages in ``take``."""
         check_image(x, self.in_chans)
         x = self.stem(x)  # (B, C, H', W')
-        return map_to_tokens(x), (x.shape[2], x.shape[3])
+        x, grid = map_to_tokens(x), (x.shape[2], x.shape[3])
+        feats = []
+        for i, stage in enumerate(self.stages):
+            x, grid = stage(x, grid)
+            if i in take:
+                feats.append(Point(x, grid))
+        return x, feats
 
     def _pyramid_sources(self) -> list[dict]:
-        """The stem's activations (strides 2, 4, ... below the stem's stride), then the stages."""
+        """The stem's activations (strides 2, 4, ... below the stem's stride), then the stages.
+
+        The stages start at the stem's stride (16 for the real variants), so the stem's
+        activations give the pyramid its strides 4 and 8.
+        """
         stem = [dict(num_chs=_out_chs(m), reduction=2 ** (k + 1), module=f"stem.act{k + 1}")
                 for k, m in enumerate(c for n, c in self.stem.named_children() if n.startswith("conv"))][:-1]
         return stem + self.feature_info
 
-    def _pyramid_forward(self, x: torch.Tensor, output_fmt: str, intermediates_only: bool):
-        check_output_fmt(output_fmt)
+    def _pyramid_maps(self, x: torch.Tensor, idx: list[int], norm: bool):
         check_image(x, self.in_chans)
-        plan = self._pyramid_plan()
-        want = {i for i, _ in plan}
         maps, k = {}, 0
         for name, layer in self.stem.named_children():
             x = layer(x)
             if name.startswith("act"):
-                if k in want:
+                if k in idx:
                     maps[k] = x
                 k += 1
         x, grid = map_to_tokens(x), (x.shape[2], x.shape[3])
         for stage in self.stages:
             x, grid = stage(x, grid)
-            if k in want:
+            if k in idx:
                 maps[k] = tokens_to_map(x, grid)
             k += 1
-        return finish_pyramid(x, maps, plan, output_fmt, intermediates_only)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, N, C_last) tokens of the last stage (row-major grid)."""
-        x, grid = self._stem(x)
-        for stage in self.stages:
-            x, grid = stage(x, grid)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        if pre_logits:
-            return x
-        return distilled_logits(self.head, self.head_dist, x, self.training)
-
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        pyramid: bool = False,
-    ):
-        """Per-stage features at the strides ``feature_info`` states.
-
-        indices select stages (an int n: the last n). Each map is (B, C, H, W) for "NCHW" or
-        (B, H*W, C) for "NLC". LeViT has no final norm, so ``norm`` changes nothing.
-        Returns ``(forward_features(x), maps)``, or only the maps.
-
-        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
-        4/8/16/32): the stem's activations at strides 4 and 8 and the first two stages at 16
-        and 32 (the stages start at stride 16); ``indices`` is then ignored.
-        """
-        if pyramid:
-            return self._pyramid_forward(x, output_fmt, intermediates_only)
-        check_output_fmt(output_fmt)
-        take = take_indices(len(self.stages), indices, "stages")
-        x, grid = self._stem(x)
-        feats = []
-        for i, stage in enumerate(self.stages):
-            x, grid = stage(x, grid)
-            if i in take:
-                feats.append(tokens_to_map(x, grid) if output_fmt == "NCHW" else x)
-        return feats if intermediates_only else (x, feats)
+        return x, maps
 
 
 # ---------------------------------------------------------------------- variants
@@ -477,15 +405,17 @@ _CONFIGS = {
     "levit_192": dict(embed_dim=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depth=(4, 4, 4)),
     "levit_256": dict(embed_dim=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depth=(4, 4, 4)),
 }
+_register = register_family("levit", Levit, paper=LEVIT_PAPER)
 for _name, _cfg in _CONFIGS.items():
-    register_variant(
-        Levit, _name, "levit", _cfg, paper=LEVIT_PAPER, hub_id=f"timm/{_name}.fb_dist_in1k",
+    _register(
+        _name, _cfg, hub_id=f"timm/{_name}.fb_dist_in1k",
         notes="distilled: two heads; call model.fuse() after loading to fold BatchNorm for inference",
     )
 # Stem stride 2 so that three stages end at stride 8 on 32 px inputs.
-register_variant(
-    Levit, "test_levit", "levit",
-    dict(embed_dim=(16, 24, 32), key_dim=8, num_heads=(2, 3, 4), depth=(1, 1, 1), stem_stride=2), img=32, crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model",
+_register(
+    "test_levit",
+    dict(embed_dim=(16, 24, 32), key_dim=8, num_heads=(2, 3, 4), depth=(1, 1, 1), stem_stride=2), img=32,
+    crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model",
 )
 
 __all__ = ["Levit", "fuse_batchnorm"]

@@ -10,15 +10,12 @@ Parameter names follow the common checkpoint layout (``stem.proj``, ``blocks.N.m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 from ..layers import DropPath, Mlp, PatchEmbed
-from ._common import check_image
-from ._features import TokenBackbone
-from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
+from ._base import Backbone, Point, check_image
+from ._registry import INCEPTION_MEAN, INCEPTION_STD, register_family
 
 
 class MixerBlock(nn.Module):
@@ -41,13 +38,13 @@ class MixerBlock(nn.Module):
         return x + self.drop_path(self.mlp_channels(self.norm2(x)))
 
 
-class MlpMixer(TokenBackbone, nn.Module):
+class MlpMixer(Backbone):
     """MLP-Mixer backbone; ``forward_features`` returns (B, N, D) normalised patch tokens."""
 
     # The token-mixing weights are sized by the patch count: other input sizes need a rebuilt model.
     fixed_input_size = True
-    num_prefix_tokens = 0
     pools = ("avg", "")
+    classifier_init_std = None
 
     def __init__(
         self,
@@ -64,11 +61,9 @@ class MlpMixer(TokenBackbone, nn.Module):
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        self.num_classes = num_classes
-        self.global_pool = self._check_pool(global_pool)
+        self.global_pool = global_pool
         self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
-        self.grad_checkpointing = False
 
         self.stem = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]  # grows with depth
@@ -76,7 +71,11 @@ class MlpMixer(TokenBackbone, nn.Module):
             MixerBlock(embed_dim, self.stem.num_patches, tuple(mlp_ratio), proj_drop_rate, dpr[i])
             for i in range(num_blocks)
         ])
-        self._init_head(num_classes, drop_rate, num_blocks, self.stem.patch_size[0])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_classifier(num_classes, drop_rate)
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=self.stem.patch_size[0], module=f"blocks.{i}") for i in range(num_blocks)
+        ]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -108,9 +107,9 @@ class MlpMixer(TokenBackbone, nn.Module):
             )
         return self.stem(x), grid
 
-    def _forward_all(self, x: torch.Tensor, take: Sequence[int] = (), norm: bool = False, output_fmt: str = "NCHW"):
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
         x, grid = self._embed(x)
-        x, feats = self._run_blocks(self.blocks, x, grid, take, norm, output_fmt)
+        x, feats = self._run_blocks(self.blocks, x, grid, take, norm)
         return self.norm(x), feats
 
 
@@ -126,12 +125,7 @@ _VARIANTS = {
 }
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card = ModelCard(name=name, family="mixer", input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> MlpMixer:
-        return MlpMixer(**kwargs)
+_register = register_family("mixer", MlpMixer)
 
 
 for _name, (_patch, _blocks, _dim, _hub) in _VARIANTS.items():

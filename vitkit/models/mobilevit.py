@@ -18,17 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import Block, DropPath
-from ._common import (
-    BackboneMixin,
-    check_image,
-    check_output_fmt,
-    map_to_tokens,
-    register_variant,
-    take_indices,
-)
+from ._base import Backbone, Point, check_image, map_to_tokens
+from ._registry import register_family
 
 
 def make_divisible(v: float, divisor: int = 8) -> int:
@@ -104,7 +97,7 @@ class MobileVitBlock(nn.Module):
         return self.conv_fusion(torch.cat([shortcut, self.conv_proj(x)], dim=1))
 
 
-class MobileVit(BackboneMixin, nn.Module):
+class MobileVit(Backbone):
     """MobileViT backbone: a stride-2 conv stem, stages of inverted residuals (the first block
     of a stage carries its stride), a MobileViT block closing each stage that has a
     ``transformer_dims`` entry, a 1x1 ``final_conv`` to ``num_features`` and a linear head.
@@ -112,6 +105,9 @@ class MobileVit(BackboneMixin, nn.Module):
     Per-stage tuples: ``channels``, ``depths`` (inverted residuals), ``strides``,
     ``transformer_dims`` and ``transformer_depths`` (0: no MobileViT block).
     """
+
+    pools = ("avg", "")
+    classifier_name = "head.fc"
 
     def __init__(
         self,
@@ -137,14 +133,9 @@ class MobileVit(BackboneMixin, nn.Module):
         n = len(channels)
         if not all(len(t) == n for t in (depths, strides, transformer_dims, transformer_depths)):
             raise ValueError("channels, depths, strides, transformer_dims and transformer_depths need one entry per stage")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = num_features
-        self.num_prefix_tokens = 0
-        self.grad_checkpointing = False
 
         self.stem = ConvNormAct(in_chans, stem_chs, 3, stride=2)
         total = sum(depths) + sum(1 for d in transformer_dims if d)
@@ -168,7 +159,7 @@ class MobileVit(BackboneMixin, nn.Module):
             ))
         self.stages = nn.Sequential(*stages)
         self.final_conv = ConvNormAct(prev, num_features, 1)
-        self.head = _Head(num_features, num_classes, drop_rate)
+        self.init_classifier(num_classes, drop_rate)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -184,8 +175,14 @@ class MobileVit(BackboneMixin, nn.Module):
                     nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        return set()
+    def _new_classifier(self, num_classes: int, init: bool = True, device=None) -> nn.Module:
+        """The checkpoints' head init, std 0.01 (``init`` is ignored: the ctor draws it so too)."""
+        if num_classes <= 0:
+            return nn.Identity()
+        fc = nn.Linear(self.num_features, num_classes, device=device)
+        nn.init.normal_(fc.weight, std=0.01)
+        nn.init.zeros_(fc.bias)
+        return fc
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {
@@ -193,83 +190,22 @@ class MobileVit(BackboneMixin, nn.Module):
             "blocks": [(r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)", None), (r"^final_conv", (99999,))],
         }
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = _Head(self.num_features, num_classes, self.head.drop.p).to(next(self.parameters()).device)
-
     # ------------------------------------------------------------------ forward
-    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        for blk in stage:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
-
-    def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each stage's (B, C, H, W) output; the last one after ``final_conv``."""
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
+        """(B, H'*W', num_features) tokens of the last map (stride 32 for the real variants), and
+        the stage maps in ``take`` (the last after ``final_conv``; MobileViT has no final norm)."""
         check_image(x, self.in_chans)
         x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
-            maps.append(x)
-        maps[-1] = self.final_conv(maps[-1])
-        return maps
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H'*W', num_features) tokens of the last map (stride 32 for the real variants)."""
-        return map_to_tokens(self._maps(x)[-1])
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head.drop(x)
-        return x if pre_logits else self.head.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        pyramid: bool = False,
-    ):
-        """Per-stage maps at the strides ``feature_info`` states (the last after ``final_conv``).
-
-        indices select stages (an int n: the last n). Maps are (B, C, H, W) for "NCHW" or
-        (B, H*W, C) for "NLC"; MobileViT has no final norm, so ``norm`` changes nothing.
-        Returns ``(forward_features(x), maps)``, or only the maps.
-        ``pyramid=True`` instead returns the four maps :meth:`pyramid_info` lists (strides
-        4/8/16/32); ``indices`` is then ignored.
-        """
-        if pyramid:
-            return self._pyramid_intermediates(x, norm, output_fmt, intermediates_only)
-        check_output_fmt(output_fmt)
-        take = take_indices(len(self.stages), indices, "stages")
-        maps = self._maps(x)
-        feats = [maps[i] if output_fmt == "NCHW" else map_to_tokens(maps[i]) for i in take]
-        return feats if intermediates_only else (map_to_tokens(maps[-1]), feats)
-
-
-class _Head(nn.Module):
-    """Dropout + Linear over pooled features (``head.fc``); Identity fc when num_classes is 0."""
-
-    def __init__(self, in_features: int, num_classes: int, drop: float = 0.0):
-        super().__init__()
-        self.drop = nn.Dropout(drop)
-        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.normal_(self.fc.weight, std=0.01)
-            nn.init.zeros_(self.fc.bias)
+        last = len(self.stages) - 1
+        feats = []
+        for i, stage in enumerate(self.stages):
+            for blk in stage:
+                x = self.checkpointed(blk, x)
+            if i == last:
+                x = self.final_conv(x)
+            if i in take:
+                feats.append(Point(x))
+        return map_to_tokens(x), feats
 
 
 # ---------------------------------------------------------------------- variants
@@ -285,17 +221,17 @@ _CONFIGS = {
 }
 # The checkpoints were trained on [0, 1] inputs without mean/std normalisation.
 _NO_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+_register = register_family("mobilevit", MobileVit, paper=MOBILEVIT_PAPER, **_NO_NORM)
 for _name, _cfg in _CONFIGS.items():
-    register_variant(
-        MobileVit, _name, "mobilevit", _cfg, img=256, paper=MOBILEVIT_PAPER, hub_id=f"timm/{_name}.cvnets_in1k",
-        notes="inputs in [0, 1], no mean/std normalisation", **_NO_NORM,
+    _register(
+        _name, _cfg, img=256, hub_id=f"timm/{_name}.cvnets_in1k", notes="inputs in [0, 1], no mean/std normalisation",
     )
 # Three stages (strides 2, 4, 8) so the last map is stride 8 on 32 px inputs.
-register_variant(
-    MobileVit, "test_mobilevit", "mobilevit",
+_register(
+    "test_mobilevit",
     dict(stem_chs=8, channels=(8, 16, 24), depths=(1, 1, 1), strides=(1, 2, 2), transformer_dims=(0, 0, 32),
          transformer_depths=(0, 0, 1), expand_ratio=2.0, num_heads=2, num_features=48),
-    img=32, crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model", **_NO_NORM,
+    img=32, crop_pct=1.0, paper="tiny test variant", notes="for tests; not a real model",
 )
 
 __all__ = ["MobileVit", "MobileVitBlock"]

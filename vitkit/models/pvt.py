@@ -16,11 +16,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import AttentionCore, DropPath, TokenContext
-from ._hier import HierarchicalBackbone, init_linear
-from ._registry import ModelCard, register_model
+from ._base import StageBackbone, check_image, trunc_normal_linear
+from ._registry import register_family
 
 _LayerNormEps6 = partial(nn.LayerNorm, eps=1e-6)
 
@@ -130,7 +129,7 @@ class PvtStage(nn.Module):
         self.norm = _LayerNormEps6(out_dim)
 
 
-class PyramidVisionTransformerV2(HierarchicalBackbone):
+class PyramidVisionTransformerV2(StageBackbone):
     """PVT v2 backbone with a classification head (average pooling of the last stage)."""
 
     def __init__(
@@ -160,7 +159,9 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
                 f"{depths}, {embed_dims}, {num_heads}, {sr_ratios}, {mlp_ratios}"
             )
         self.img_size = img_size
-        self._init_head_state(num_classes, global_pool, in_chans, embed_dims[-1], drop_rate)
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.num_features = embed_dims[-1]
         self.embed_dim = embed_dims[0]
         self.patch_embed = OverlapPatchEmbed(patch_size, patch_stride, in_chans, embed_dims[0])
         total = sum(depths)
@@ -174,7 +175,7 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
             ))
             start += depth
         self.stages = nn.ModuleList(stages)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_classifier(num_classes, drop_rate)
         self.feature_info = [
             dict(num_chs=d, reduction=patch_stride * 2**i, module=f"stages.{i}") for i, d in enumerate(embed_dims)
         ]
@@ -182,7 +183,7 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
 
     def _init_weights(self) -> None:
         for m in self.modules():
-            init_linear(m)
+            trunc_normal_linear(m)
             if isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, std=(2.0 / fan_out) ** 0.5)
@@ -190,9 +191,6 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
                     nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
     def attention_stats(self, h: int, w: int) -> list[dict]:
         """What attention costs on an h x w image, per stage: for ``vitkit info``."""
         out = []
@@ -210,7 +208,7 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
     # ------------------------------------------------------------------ token path
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenContext]:
         """(B, C, H, W) -> (B, H/4 * W/4, C) normalised patch tokens and their context."""
-        self._check_input(x)
+        check_image(x, self.in_chans)
         x = self.patch_embed(x)  # (B, H', W', C)
         B, H, W, C = x.shape
         positions = torch.arange(H * W, device=x.device)[None]
@@ -226,10 +224,7 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
             B, H, W, C = x.shape
             x = x.reshape(B, H * W, C)
             for blk in stage.blocks:
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, (H, W), use_reentrant=False)
-                else:
-                    x = blk(x, (H, W))
+                x = self.checkpointed(blk, x, (H, W))
             x = stage.norm(x).reshape(B, H, W, C)
             yield x
 
@@ -237,14 +232,10 @@ class PyramidVisionTransformerV2(HierarchicalBackbone):
         return x  # each stage ends with its own norm
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card.setdefault("family", "pvt_v2")
-    card.setdefault("paper", "PVT v2: Improved Baselines with Pyramid Vision Transformer (Wang et al., 2022)")
-    card = ModelCard(name=name, input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> PyramidVisionTransformerV2:
-        return PyramidVisionTransformerV2(**kwargs)
+_register = register_family(
+    "pvt_v2", PyramidVisionTransformerV2,
+    paper="PVT v2: Improved Baselines with Pyramid Vision Transformer (Wang et al., 2022)",
+)
 
 
 _HEADS = (1, 2, 5, 8)

@@ -6,14 +6,12 @@ Parameter names are the common torchvision / timm layout (``conv1``, ``bn1``, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..layers import DropPath
-from ._features import StagedFeatures
-from ._registry import ModelCard, register_model
+from ._base import Backbone, Point, check_image
+from ._registry import register_family
 
 
 def _downsample(in_chs: int, out_chs: int, stride: int) -> nn.Module:
@@ -82,11 +80,15 @@ class Bottleneck(nn.Module):
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-class ResNet(StagedFeatures, nn.Module):
+class ResNet(Backbone):
     """ResNet: 7x7/2 conv stem, 3x3/2 max pool, residual stages (the first at stride 1), avg pool, fc.
 
     ``feature_info`` lists the stem (stride 2, before the pool) and every stage, as dense heads expect.
     """
+
+    pools = ("avg",)
+    classifier_name = "fc"
+    classifier_init_std = None
 
     def __init__(
         self,
@@ -107,14 +109,10 @@ class ResNet(StagedFeatures, nn.Module):
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(_BLOCKS)}")
         if len(layers) != len(channels) or not layers:
             raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} must have the same, non-zero length")
-        if global_pool != "avg":
-            raise ValueError(f"global_pool {global_pool!r} is not supported; ResNet pools with 'avg'")
         block_cls = _BLOCKS[block]
         self.in_chans = in_chans
-        self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         # img_size only records what the card says; a CNN takes any input size.
         self.img_size = img_size
 
@@ -138,7 +136,7 @@ class ResNet(StagedFeatures, nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{i + 1}"))
         self.num_features = in_chs
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_classifier(num_classes, drop_rate)
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:
@@ -160,31 +158,19 @@ class ResNet(StagedFeatures, nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.act1(self.bn1(self.conv1(x)))
 
-    def _steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
+        check_image(x, self.in_chans)
         first, *rest = self._layers()
-        return [self._stem, lambda x: first(self.maxpool(x)), *rest]
+        feats = []
+        for i, step in enumerate([self._stem, lambda x: first(self.maxpool(x)), *rest]):
+            x = self.checkpointed(step, x)
+            if i in take:
+                feats.append(Point(x))
+        return x, feats
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        return set()  # norms and biases are exempted by the optimizer's own rule
-
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool {global_pool!r} is not supported; ResNet pools with 'avg'")
-        self.num_classes = num_classes
-        device = self.conv1.weight.device
-        self.fc = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))  # (B, C)
-        x = nn.functional.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
 
 
 # ---------------------------------------------------------------------- variants
@@ -198,12 +184,7 @@ _VARIANTS = {
 }
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card = ModelCard(name=name, family="resnet", input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> ResNet:
-        return ResNet(**kwargs)
+_register = register_family("resnet", ResNet)
 
 
 for _name, (_layers, _block) in _VARIANTS.items():

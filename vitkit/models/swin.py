@@ -20,13 +20,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, AttentionCore, DropPath, Mlp, PatchEmbed, TokenContext
 from ..layers.rel_pos import log_spaced_coords, relative_position_index, table_bias
 from ..layers.windows import window_and_shift, window_mask, window_partition, window_reverse
-from ._hier import HierarchicalBackbone, init_linear
-from ._registry import ModelCard, register_model
+from ._base import StageBackbone, check_image, trunc_normal_linear
+from ._registry import register_family
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -194,7 +193,7 @@ class SwinStage(nn.Module):
         ])
 
 
-class SwinTransformer(HierarchicalBackbone):
+class SwinTransformer(StageBackbone):
     """Swin Transformer (v1 or v2) backbone with a classification head.
 
     ``forward_features`` returns the normalised last-stage tokens (B, H/32 * W/32, C) in
@@ -235,7 +234,9 @@ class SwinTransformer(HierarchicalBackbone):
                 raise ValueError(f"stage width {d} is not divisible by num_heads {h}")
         self.window_size = _pair(window_size)
         self.version = version
-        self._init_head_state(num_classes, global_pool, in_chans, dims[-1], drop_rate)
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.num_features = dims[-1]
         self.embed_dim = embed_dim
         # Dynamic padding: any image size tiles into 4x4 patches.
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
@@ -254,18 +255,16 @@ class SwinTransformer(HierarchicalBackbone):
             start += depth
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_classifier(num_classes, drop_rate)
         stride = self.patch_size[0]
         self.feature_info = [
             dict(num_chs=d, reduction=stride * 2**i, module=f"layers.{i}") for i, d in enumerate(dims)
         ]
-        self.apply(init_linear)
+        self.apply(trunc_normal_linear)
 
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        keys = ("relative_position_bias_table", "logit_scale", "cpb_mlp")
-        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+    no_weight_decay_keys = ("relative_position_bias_table", "logit_scale", "cpb_mlp")
 
     def attention_stats(self, h: int, w: int) -> list[dict]:
         """What attention costs on an h x w image, per stage: for ``vitkit info``."""
@@ -284,7 +283,7 @@ class SwinTransformer(HierarchicalBackbone):
     # ------------------------------------------------------------------ token path
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenContext]:
         """(B, C, H, W) -> (B, H/4 * W/4, C) patch tokens (normalised) and their context."""
-        self._check_input(x)
+        check_image(x, self.in_chans)
         grid = self.patch_embed.dynamic_grid(x.shape[2], x.shape[3])
         x = self.patch_embed(x)
         positions = torch.arange(x.shape[1], device=x.device)[None]
@@ -297,30 +296,16 @@ class SwinTransformer(HierarchicalBackbone):
         for stage in self.layers:
             x = stage.downsample(x)
             for blk in stage.blocks:
-                x = self._run(blk, x)
+                x = self.checkpointed(blk, x)
             yield x
-
-    def _run(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card.setdefault("family", "swin")
-    card.setdefault("paper", SWIN_PAPER if config.get("version", 1) == 1 else SWINV2_PAPER)
-    card = ModelCard(name=name, input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> SwinTransformer:
-        return SwinTransformer(**kwargs)
-
-
 SWIN_PAPER = "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al., 2021)"
 SWINV2_PAPER = "Swin Transformer V2: Scaling Up Capacity and Resolution (Liu et al., 2022)"
+_register = register_family("swin", SwinTransformer, paper=SWIN_PAPER)
 _T = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _S = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
@@ -328,7 +313,7 @@ for _size, _cfg in (("tiny", _T), ("small", _S), ("base", _B)):
     _register(f"swin_{_size}_patch4_window7_224", dict(_cfg, patch_size=4, window_size=7),
               hub_id=f"timm/swin_{_size}_patch4_window7_224.ms_in1k")
 _register("swinv2_tiny_window8_256", dict(_T, patch_size=4, window_size=8, version=2), img=256, crop_pct=0.9,
-          hub_id="timm/swinv2_tiny_window8_256.ms_in1k")
+          paper=SWINV2_PAPER, hub_id="timm/swinv2_tiny_window8_256.ms_in1k")
 
 # Tiny variants for fast tests: patch 2 keeps every stage at 2x2 tokens or more at 32 px, so the
 # last stage's attention (and its position bias) still learns in the registry tests.

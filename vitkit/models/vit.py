@@ -14,7 +14,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..layers import (
     Attention,
@@ -29,13 +28,11 @@ from ..layers import (
     TokenContext,
     get_norm_layer,
     resample_abs_pos_embed,
-    simple_pyramid,
     sincos_2d_pos_embed,
 )
-from ._common import check_image, take_indices
-from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
+from ._base import Backbone, Point, check_image
+from ._registry import INCEPTION_MEAN, INCEPTION_STD, register_family
 
-_POOLS = ("token", "avg", "")
 _POS_EMBEDS = ("learn", "sincos", "rope", "none")
 
 
@@ -63,7 +60,7 @@ def _attn_layer(name: str) -> type[nn.Module]:
     return _ATTN_TYPES[name]
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """ViT / DeiT backbone with a classification head.
 
     Token layout: ``[cls][dist][reg * R][patches]``; ``num_prefix_tokens`` counts the
@@ -115,8 +112,8 @@ class VisionTransformer(nn.Module):
         attn_type: str = "softmax",
     ):
         super().__init__()
-        if global_pool not in _POOLS:
-            raise ValueError(f"global_pool {global_pool!r} must be one of {_POOLS}")
+        if global_pool not in self.pools:
+            raise ValueError(f"global_pool {global_pool!r} must be one of {self.pools}")
         if pos_embed not in _POS_EMBEDS:
             raise ValueError(f"pos_embed {pos_embed!r} must be one of {_POS_EMBEDS}")
         if global_pool == "token" and not class_token:
@@ -137,17 +134,15 @@ class VisionTransformer(nn.Module):
         norm = get_norm_layer(norm_layer)
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
 
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
         self.in_chans = in_chans
         self.distilled = distilled
         self.num_reg_tokens = reg_tokens
         self.has_class_token = class_token
         self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
+        self.global_pool = global_pool
         self.no_embed_class = no_embed_class
         self.pos_embed_type = pos_embed
-        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
             img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_pad=dynamic_img_pad,
@@ -185,10 +180,9 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         ])
         self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
-        self.fc_norm = norm(embed_dim) if final_norm and use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
+        self.init_classifier(
+            num_classes, drop_rate, distilled, fc_norm=norm(embed_dim) if final_norm and use_fc_norm else None
+        )
         reduction = self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else self.patch_size
         self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"blocks.{i}") for i in range(depth)]
         self._init_weights()
@@ -210,21 +204,19 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.mask_token, std=0.02)
 
     # ------------------------------------------------------------------ backbone API
-    def no_weight_decay(self) -> set[str]:
-        names = {"pos_embed", "cls_token", "dist_token", "reg_token", "mask_token"}
-        return {n for n in names if getattr(self, n, None) is not None}
+    no_weight_decay_keys = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token")
+    distill_from_pooled = False  # DeiT's distillation head reads the distillation token
+
+    def _check_pool(self, global_pool: str) -> None:
+        super()._check_pool(global_pool)
+        if global_pool == "token" and not self.has_class_token:
+            raise ValueError(f"global_pool {global_pool!r} is not valid for a model without a class token")
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {
             "stem": r"^cls_token|^pos_embed|^patch_embed|^reg_token|^dist_token|^mask_token|^norm_pre",
             "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
     def block_modules(self) -> list[nn.Module]:
         """The repeated blocks (FSDP shards each one)."""
@@ -238,31 +230,14 @@ class VisionTransformer(nn.Module):
         return [dict(module="blocks", grid=list(grid), tokens=n, heads=heads, keys_per_query=n,
                      attn_elems=heads * n * n, blocks=len(self.blocks))]
 
+    def _pyramid_plan(self) -> list[tuple[int, float]]:
+        """The simple pyramid (ViTDet): the last block's map at 4x, 2x, 1x and 0.5x its resolution."""
+        last = len(self.blocks) - 1
+        return [(last, 4.0), (last, 2.0), (last, 1.0), (last, 0.5)]
+
     def pyramid_info(self) -> list[dict]:
-        """Channels and strides of the four maps ``forward_intermediates(pyramid=True)`` returns."""
         p = self.patch_size[0]
         return [dict(num_chs=self.embed_dim, reduction=p * s, module="blocks") for s in (0.25, 0.5, 1, 2)]
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head(s) with freshly initialised ones for ``num_classes`` (0: features)."""
-        if global_pool is not None:
-            if global_pool not in _POOLS or (global_pool == "token" and self.cls_token is None):
-                raise ValueError(f"global_pool {global_pool!r} is not valid for this model")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        device = self.patch_embed.proj.weight.device
-
-        def new_head() -> nn.Module:
-            if num_classes <= 0:
-                return nn.Identity()
-            head = nn.Linear(self.embed_dim, num_classes, device=device)
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
-            return head
-
-        self.head = new_head()
-        if self.distilled:
-            self.head_dist = new_head()
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE load-balancing losses from the last forward (0 without MoE)."""
@@ -344,9 +319,7 @@ class VisionTransformer(nn.Module):
         return rope, ctx.attention_bias()
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor, rope, attn_bias) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, rope, self.num_prefix_tokens, attn_bias, use_reentrant=False)
-        return blk(x, rope, self.num_prefix_tokens, attn_bias)
+        return self.checkpointed(blk, x, rope, self.num_prefix_tokens, attn_bias)
 
     def forward_tokens(
         self,
@@ -376,77 +349,15 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) -> (B, N, D) normalised tokens, prefix tokens first."""
         return self.forward_tokens(*self.embed(x))
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        if self.global_pool == "token":
-            return x[:, 0]
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        if self.distilled and self.global_pool == "token":
-            x, x_dist = x[:, 0], x[:, 1]
-            if pre_logits:
-                return (x + x_dist) / 2
-            x, x_dist = self.head(self.head_drop(self.fc_norm(x))), self.head_dist(self.head_drop(self.fc_norm(x_dist)))
-            # Training returns both logits so the objective can supervise each head.
-            return (x, x_dist) if self.training else (x + x_dist) / 2
-        x = self.fc_norm(self.pool(x))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        return_prefix_tokens: bool = False,
-        pyramid: bool = False,
-    ):
-        """Per-block features for dense heads.
-
-        indices: an int n takes the last n blocks; a list takes those blocks (negative
-        counts from the end); None takes all. Each intermediate is (B, D, H', W') for
-        ``output_fmt="NCHW"`` or (B, H'*W', D) for "NLC". Returns ``(final_features,
-        intermediates)`` where ``final_features`` equals ``forward_features(x)``, or only the
-        list when ``intermediates_only``.
-
-        pyramid: instead, the simple feature pyramid (ViTDet) of the last block's map: four
-        maps at 4x, 2x, 1x and 0.5x its resolution (strides 4/8/16/32 for patch 16), as
-        :meth:`pyramid_info` lists; ``indices`` is then ignored.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        if pyramid and return_prefix_tokens:
-            raise ValueError("pyramid=True returns maps only; it cannot return prefix tokens")
-        take = [len(self.blocks) - 1] if pyramid else take_indices(len(self.blocks), indices)
-        B = x.shape[0]
+    def _intermediates(self, x: torch.Tensor, take, norm: bool) -> tuple[torch.Tensor, list[Point]]:
+        """The token path of :meth:`forward_features`, keeping the tokens after the blocks in ``take``."""
         x, ctx = self.embed(x)
-        grid = ctx.grid
         rope, bias = self._block_inputs(ctx)
         feats = []
         for i, blk in enumerate(self.blocks):
             x = self._run_block(blk, x, rope, bias)
             if i in take:
-                feats.append(self.norm(x) if norm else x)
-        npt = self.num_prefix_tokens
-        prefixes = [f[:, :npt] for f in feats]
-        feats = [f[:, npt:] for f in feats]
-        if output_fmt == "NCHW" or pyramid:
-            feats = [f.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for f in feats]
-        if pyramid:
-            feats = simple_pyramid(feats[0])
-            if output_fmt == "NLC":
-                feats = [f.flatten(2).transpose(1, 2) for f in feats]
-        if return_prefix_tokens:
-            feats = list(zip(feats, prefixes))
-        if intermediates_only:
-            return feats
+                feats.append(Point(self.norm(x) if norm else x, ctx.grid, self.num_prefix_tokens))
         return self.norm(x), feats
 
 
@@ -466,13 +377,7 @@ DINOV2_PAPER = "DINOv2: Learning Robust Visual Features without Supervision (Oqu
 MAE_PAPER = "Masked Autoencoders Are Scalable Vision Learners (He et al., 2022)"
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card.setdefault("family", "vit")
-    card = ModelCard(name=name, input_size=(config.get("in_chans", 3), img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> VisionTransformer:
-        return VisionTransformer(**kwargs)
+_register = register_family("vit", VisionTransformer)
 
 
 # ViT paper sizes; the hub ids name checkpoints in the common single-file safetensors layout.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..layers import MaxPool2dSame, StdConv2dSame
-from ._registry import INCEPTION_MEAN, INCEPTION_STD, ModelCard, register_model
+from ._registry import INCEPTION_MEAN, INCEPTION_STD, register_family
 from .vit import VisionTransformer
 
 
@@ -161,12 +161,7 @@ _VARIANTS = {
 }
 
 
-def _register(name: str, config: dict, img: int = 224, **card) -> None:
-    card = ModelCard(name=name, family="vit_hybrid", input_size=(3, img, img), config=dict(config, img_size=img), **card)
-
-    @register_model(card)
-    def _fn(**kwargs) -> VisionTransformer:
-        return vit_hybrid(**kwargs)
+_register = register_family("vit_hybrid", vit_hybrid)
 
 
 for _name, (_layers, _vit, _img, _tag) in _VARIANTS.items():
