@@ -14,7 +14,6 @@ import vitkit
 from vitkit import VisionTransformer, create_model, load_weights, save_weights
 from vitkit._peers import import_peer
 from vitkit.convert import adapt_input_channels, resample_patch_kernel
-from vitkit.layers import resample_abs_pos_embed
 
 TINY = dict(embed_dim=64, depth=1, num_heads=2)
 
@@ -56,12 +55,22 @@ def test_model_from_file_without_metadata(tmp_path):
         vitkit.convert.model_from_file(tmp_path / "plain.safetensors")
 
 
+def _bicubic_rows(rows: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """(1, H*W, C) grid rows resized by hand: as a (1, C, H, W) image, bicubic with antialiasing (timm's
+    ``resample_abs_pos_embed`` default), back to rows."""
+    C = rows.shape[-1]
+    img = rows.reshape(1, *old, C).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=new, mode="bicubic", align_corners=False, antialias=True)
+    return img.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], C)
+
+
 def test_pos_embed_resampled_224_to_384(tmp_path):
     model = create_model("vit_tiny_patch32_224", depth=1, num_classes=5)
     path = save_weights(model, tmp_path / "w.safetensors")
     big = create_model(str(path), img_size=384)
     assert big.pos_embed.shape == (1, 1 + 12 * 12, 192)
-    expected = resample_abs_pos_embed(model.pos_embed.detach(), (12, 12), (7, 7), num_prefix_tokens=1)
+    pe = model.pos_embed.detach()
+    expected = torch.cat([pe[:, :1], _bicubic_rows(pe[:, 1:], (7, 7), (12, 12))], dim=1)  # class row kept as is
     torch.testing.assert_close(big.pos_embed.detach(), expected, rtol=0, atol=0)
     with torch.no_grad():
         assert big.eval()(torch.randn(1, 3, 384, 384)).shape == (1, 5)
@@ -72,7 +81,7 @@ def test_pos_embed_resampled_with_registers_and_no_embed_class():
     dst = _model(img_size=64, patch_size=8, reg_tokens=2, no_embed_class=True)
     report = load_weights(dst, src.state_dict(), verbose=False)
     assert report.resampled == ["pos_embed: grid (4, 4) -> (8, 8)"]
-    expected = resample_abs_pos_embed(src.pos_embed.detach(), (8, 8), (4, 4), num_prefix_tokens=0)
+    expected = _bicubic_rows(src.pos_embed.detach(), (4, 4), (8, 8))  # no prefix rows with no_embed_class
     torch.testing.assert_close(dst.pos_embed.detach(), expected, rtol=0, atol=0)
 
 

@@ -12,15 +12,16 @@ from vitkit.layers import (
     Mlp,
     MoEMlp,
     PatchEmbed,
-    RelativePositionBias,
     RMSNorm,
     RotaryEmbedding2D,
     SwiGLU,
     apply_rope,
     capture_attention,
+    record_attention,
     resample_abs_pos_embed,
     sincos_2d_pos_embed,
 )
+from vitkit.layers.rel_pos import table_bias
 
 
 @pytest.mark.parametrize("patch,chans", [(16, 3), (8, 1), (14, 5), (32, 3)])
@@ -99,8 +100,8 @@ def test_rope_on_a_subset_equals_the_full_table_rows():
 
 
 def test_relative_position_bias_symmetry():
-    rpb = RelativePositionBias((3, 3), num_heads=2)
-    bias = rpb()
+    table = torch.randn(5 * 5, 2)  # a (2w-1)^2 table for a 3x3 window, 2 heads
+    bias = table_bias(table, (3, 3), (3, 3))
     assert bias.shape == (2, 9, 9)
     # The same offset maps to the same table row: (0 -> 4) and (4 -> 8) are both (+1, +1).
     torch.testing.assert_close(bias[:, 0, 4], bias[:, 4, 8])
@@ -112,7 +113,7 @@ def test_attention_fused_equals_manual_and_capture(qk_norm):
     attn = Attention(32, num_heads=4, qk_norm=qk_norm).eval()
     x = torch.randn(2, 7, 32)
     fused = attn(x)
-    with capture_attention(attn) as maps:
+    with record_attention(attn) as maps:
         manual = attn(x)
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-5)
     assert len(maps) == 1 and maps[0].shape == (2, 4, 7, 7)
@@ -200,3 +201,10 @@ def test_attention_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: attn(t), (x,))
     rms = RMSNorm(8).double()
     assert torch.autograd.gradcheck(lambda t: rms(t), (x,))
+
+
+def test_layers_capture_attention_is_a_deprecated_alias():
+    attn = Attention(16, num_heads=2).eval()
+    with pytest.warns(DeprecationWarning, match="record_attention"), capture_attention(attn) as maps:
+        attn(torch.randn(1, 3, 16))
+    assert len(maps) == 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vitkit
-from vitkit.layers import capture_attention
+from vitkit.layers import record_attention
 
 TEST_MODELS = vitkit.list_models("test_*")
 
@@ -72,17 +72,28 @@ def test_other_input_sizes(name, size):
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)
-def test_grad_checkpointing_is_equivalent(name):
+def test_grad_checkpointing_is_equivalent_and_recomputes(name):
     torch.manual_seed(0)
     m = vitkit.create_model(name, num_classes=4).eval()  # eval: no dropout randomness
     x = torch.randn(2, 3, 32, 32)
-    y0 = _logits(m(x))
-    y0.sum().backward()
+    calls = []
+    hooks = [mod.register_forward_hook(lambda *_: calls.append(1)) for mod in m.modules()]
+
+    def forward_backward():
+        calls.clear()
+        y = _logits(m(x))
+        y.sum().backward()
+        return y, len(calls)
+
+    y0, plain_calls = forward_backward()
     g0 = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
     m.set_grad_checkpointing(True)
-    y1 = _logits(m(x))
-    y1.sum().backward()
+    y1, ckpt_calls = forward_backward()
+    for h in hooks:
+        h.remove()
+    # Checkpointed modules run their forward again during backward; without that nothing was checkpointed.
+    assert ckpt_calls > plain_calls, f"{name}: set_grad_checkpointing(True) recomputed nothing"
     torch.testing.assert_close(y1, y0)
     for n, p in m.named_parameters():
         if n in g0:
@@ -135,11 +146,11 @@ def test_reset_classifier_and_optimizer_hooks():
     assert rope.pos_embed is None and rope.no_weight_decay() == {"cls_token", "reg_token"}
 
 
-def test_capture_attention_does_not_change_outputs():
+def test_record_attention_does_not_change_outputs():
     m = vitkit.create_model("test_vit").eval()
     x = torch.randn(2, 3, 32, 32)
     y = m(x)
-    with capture_attention(m) as maps:
+    with record_attention(m) as maps:
         y_cap = m(x)
     torch.testing.assert_close(y_cap, y, atol=1e-5, rtol=1e-5)
     assert len(maps) == 2 and maps[0].shape == (2, 2, 17, 17)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import vitkit
 from vitkit.convert import load_weights
-from vitkit.layers import capture_attention
+from vitkit.layers import record_attention
 from vitkit.layers.pyramid import pyramid_plan
 from vitkit.layers.rel_pos import resample_rel_pos_table
 from vitkit.layers.windows import window_and_shift, window_mask
@@ -131,7 +131,7 @@ def test_token_path_and_capture(name):
     with pytest.raises(ValueError, match="whole token grid"):
         m.forward_tokens(tokens, ctx, keep=torch.zeros(2, 3, dtype=torch.long))
     y = m(x)
-    with capture_attention(m) as maps:
+    with record_attention(m) as maps:
         y_cap = m(x)
     torch.testing.assert_close(y_cap, y, atol=1e-5, rtol=1e-5)
     assert len(maps) == len(m.block_modules())

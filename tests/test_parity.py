@@ -203,23 +203,75 @@ def test_dinov2_official_layout(reg, chunked):
         assert _max_diff(ours.forward_features(x), peer.forward_features(x)) <= ATOL
 
 
-def test_dinov2_fused_swiglu_round_trip():
-    cfg = dict(TINY, img_size=28, patch_size=14, init_values=1e-5, num_classes=0, mlp_layer="swiglu")
-    src = _randomise(_vitkit(**cfg))
-    official = {}
-    for k, v in src.state_dict().items():
-        if ".mlp.fc1_x." in k:
-            continue
-        if ".mlp.fc1_g." in k:
-            official[k.replace("fc1_g", "w12")] = torch.cat([v, src.state_dict()[k.replace("fc1_g", "fc1_x")]])
+def _official_dinov2_from_hf(hf_sd: dict) -> dict:
+    """transformers' Dinov2 state dict rewritten in facebookresearch/dinov2's names (dinov2/models/
+    vision_transformer.py): fused ``attn.qkv``, ``ls1.gamma``, ``register_tokens``, a (1, D) ``mask_token``."""
+    out = {}
+    for k, v in hf_sd.items():
+        k = k.removeprefix("dinov2.").removeprefix("dinov2_with_registers.")
+        if k.startswith("embeddings."):
+            name = {"cls_token": "cls_token", "mask_token": "mask_token", "register_tokens": "register_tokens",
+                    "position_embeddings": "pos_embed"}.get(k.split(".", 1)[1])
+            out[name or k.replace("embeddings.patch_embeddings.projection", "patch_embed.proj")] = v
+        elif k.startswith("layernorm."):
+            out[k.replace("layernorm", "norm")] = v
+        elif k.startswith("encoder.layer."):
+            _, _, i, rest = k.split(".", 3)
+            if rest.startswith("attention.attention."):
+                part, kind = rest.split(".")[2:]
+                if part == "query":
+                    q, kk, vv = (hf_sd[k.replace(".query.", f".{n}.")] for n in ("query", "key", "value"))
+                    out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([q, kk, vv])
+                continue
+            rest = (rest.replace("attention.output.dense", "attn.proj").replace("layer_scale1.lambda1", "ls1.gamma")
+                    .replace("layer_scale2.lambda1", "ls2.gamma"))
+            out[f"blocks.{i}.{rest}"] = v
         else:
-            official[k.replace(".mlp.fc2.", ".mlp.w3.")] = v
-    official["mask_token"] = torch.zeros(1, 64)
-    ours = _vitkit(**cfg)
-    load_weights(ours, official, verbose=False)
+            raise AssertionError(f"unmapped HF key {k}")
+    return out
+
+
+@needs_hf
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_official_layout_against_transformers(registers):
+    """The official layout written from transformers' Dinov2 by an explicit key map: same features as the peer."""
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
+    if registers:
+        peer = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
+    else:
+        peer = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+    _randomise(peer)
+    official = _official_dinov2_from_hf(peer.state_dict())
+    assert "mask_token" in official and ("register_tokens" in official) == bool(registers)
+    ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, reg_tokens=registers,
+                   no_embed_class=bool(registers), **TINY)
+    report = load_weights(ours, official, verbose=False)
+    assert report.format == "dinov2"
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        assert _max_diff(ours.forward_features(x), src.forward_features(x)) == 0
+        assert _max_diff(ours.forward_features(x), peer(pixel_values=x).last_hidden_state) <= ATOL
+
+
+def test_dinov2_fused_swiglu_splits_gate_rows_first():
+    """Official SwiGLU: ``w12`` holds the gate rows, then the value rows; ``w3`` is the output."""
+    cfg = dict(TINY, img_size=28, patch_size=14, init_values=1e-5, num_classes=0, mlp_layer="swiglu")
+    ours = _vitkit(**cfg)
+    official = {k: torch.randn_like(v) for k, v in ours.state_dict().items() if ".mlp." not in k}
+    hidden = ours.blocks[0].mlp.fc2.in_features
+    for i in range(2):
+        official[f"blocks.{i}.mlp.w12.weight"] = torch.randn(2 * hidden, 64)
+        official[f"blocks.{i}.mlp.w12.bias"] = torch.randn(2 * hidden)
+        official[f"blocks.{i}.mlp.w3.weight"] = torch.randn(64, hidden)
+        official[f"blocks.{i}.mlp.w3.bias"] = torch.randn(64)
+    official["mask_token"] = torch.zeros(1, 64)
+    load_weights(ours, official, verbose=False)
+    for i in range(2):
+        mlp = ours.blocks[i].mlp
+        for kind in ("weight", "bias"):
+            w12 = official[f"blocks.{i}.mlp.w12.{kind}"]
+            assert torch.equal(getattr(mlp.fc1_g, kind), w12[:hidden])
+            assert torch.equal(getattr(mlp.fc1_x, kind), w12[hidden:])
+            assert torch.equal(getattr(mlp.fc2, kind), official[f"blocks.{i}.mlp.w3.{kind}"])
 
 
 def _mae_sincos(embed_dim: int, grid: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import vitkit
 from vitkit.engine import find_latest
-from vitkit.layers import Attention, TokenContext, capture_attention
+from vitkit.layers import Attention, TokenContext, record_attention, sincos_2d_pos_embed
 from vitkit.objectives import Objective
 
 VITS = [
@@ -50,16 +50,56 @@ def _by_hand(model, tokens: torch.Tensor, ctx: TokenContext, keep: torch.Tensor)
     return model.norm(x)
 
 
+def _vit_by_hand(model, x: torch.Tensor) -> torch.Tensor:
+    """forward_features written from the ViT algorithm, not through embed / forward_tokens: patchify
+    (a strided conv), position rows (resized as an image, bicubic, when the grid differs; sin-cos
+    rows recomputed), prefix tokens [cls][dist][reg], pre-norm, the blocks, the final norm."""
+    B, p = x.shape[0], model.patch_size[0]
+    gh, gw = x.shape[2] // p, x.shape[3] // p
+    if isinstance(model.patch_embed.stem, nn.Identity):
+        patches = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=p)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+    else:
+        patches = model.patch_embed(x)  # a conv stem: checked against its layers in test_layers
+    prefix = [t.expand(B, -1, -1) for t in (model.cls_token, model.dist_token, model.reg_token) if t is not None]
+    npt = sum(t.shape[1] for t in prefix)
+    pos = model.pos_embed
+    if pos is not None:
+        rows_prefix = 0 if model.no_embed_class else npt
+        rows = pos[:, rows_prefix:]
+        H0, W0 = model.patch_embed.grid_size
+        if (gh, gw) != (H0, W0):
+            if model.pos_embed_type == "sincos":
+                rows = sincos_2d_pos_embed(model.embed_dim, (gh, gw))[None]
+            else:
+                img = rows.reshape(1, H0, W0, -1).permute(0, 3, 1, 2)
+                img = F.interpolate(img, size=(gh, gw), mode="bicubic", align_corners=False, antialias=True)
+                rows = img.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        if model.no_embed_class:
+            x = torch.cat(prefix + [patches + rows], dim=1)
+        else:
+            x = torch.cat(prefix + [patches], dim=1) + torch.cat([pos[:, :rows_prefix], rows], dim=1)
+    else:
+        x = torch.cat(prefix + [patches], dim=1)
+    x = model.norm_pre(x)
+    rope = model.rope((gh, gw), torch.arange(gh * gw)[None]) if model.rope is not None else None
+    for blk in model.blocks:
+        x = blk(x, rope, npt)
+    return model.norm(x)
+
+
 @pytest.mark.parametrize("name", VITS)
 @pytest.mark.parametrize("size", [(32, 32), (48, 24)])
-def test_embed_then_forward_tokens_equals_forward_features(name, size):
+def test_token_path_equals_the_vit_algorithm_by_hand(name, size):
     m = _model(name)
     x = _image(2, *size)
     with torch.no_grad():
         tokens, ctx = m.embed(x)
         out = m.forward_tokens(tokens, ctx)
-        ref = m.forward_features(x)
-    assert torch.equal(out, ref)
+        ref = _vit_by_hand(m, x)
+        feats = m.forward_features(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
     grid = (size[0] // 8, size[1] // 8)
     assert ctx.grid == grid and ctx.num_prefix_tokens == m.num_prefix_tokens
     assert tokens.shape == (2, m.num_prefix_tokens + grid[0] * grid[1], m.embed_dim)
@@ -80,9 +120,9 @@ def test_zero_attention_bias_and_unit_sizes_are_bit_identical(name):
         zero = replace(ctx, attn_bias=torch.zeros(1, 1, n, n))
         assert torch.equal(m.forward_tokens(tokens, zero), ref)
         assert torch.equal(m.forward_tokens(tokens, replace(ctx, sizes=torch.ones(1, n))), ref)
-        with capture_attention(m):
+        with record_attention(m):
             manual = m.forward_tokens(tokens, ctx)
-        with capture_attention(m):
+        with record_attention(m):
             manual_zero = m.forward_tokens(tokens, zero)
     assert torch.equal(manual_zero, manual)
 
@@ -291,7 +331,7 @@ def test_keep_with_grad_checkpointing_and_capture(name):
     assert torch.equal(out, out_ckpt)
     for g, gc in zip(grads, grads_ckpt):
         assert (g is None and gc is None) or torch.allclose(g, gc, rtol=0, atol=1e-6)
-    with torch.no_grad(), capture_attention(m) as maps:
+    with torch.no_grad(), record_attention(m) as maps:
         m.forward_tokens(*m.embed(x), keep=keep)
     n = m.num_prefix_tokens + 4
     assert len(maps) == len(m.blocks) and all(a.shape == (2, 2, n, n) for a in maps)

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitkit
 from vitkit import load_weights, save_weights
@@ -136,20 +137,53 @@ def test_vim_class_token_sits_in_the_middle_and_comes_out_first():
     torch.testing.assert_close(m(x), m.head(feats[:, 1:].mean(1)))
 
 
+def _hustvl_vim_state_dict(dim: int, depth: int, patch: int, grid: int, d_state: int, classes: int) -> dict:
+    """A random state dict in the hustvl/Vim layout, from the upstream names and shapes (models_mamba.py,
+    bimamba v2, middle class token, RMSNorm): ``pos_embed`` has N + 1 rows, the class row at N // 2."""
+    g = torch.Generator().manual_seed(0)
+    inner, rank, n = 2 * dim, -(-dim // 16), grid * grid
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    sd = {"patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim),
+          "cls_token": r(1, 1, dim), "pos_embed": r(1, n + 1, dim), "norm_f.weight": 1 + r(dim),
+          "head.weight": r(classes, dim), "head.bias": r(classes)}
+    for i in range(depth):
+        p = f"layers.{i}.mixer."
+        sd[f"layers.{i}.norm.weight"] = 1 + r(dim)
+        sd[p + "in_proj.weight"] = r(2 * inner, dim)
+        sd[p + "out_proj.weight"] = r(dim, inner)
+        for b in ("", "_b"):
+            sd[p + f"conv1d{b}.weight"] = r(inner, 1, 4)
+            sd[p + f"conv1d{b}.bias"] = r(inner)
+            sd[p + f"x_proj{b}.weight"] = r(rank + 2 * d_state, inner)
+            sd[p + f"dt_proj{b}.weight"] = r(inner, rank)
+            sd[p + f"dt_proj{b}.bias"] = r(inner)
+            sd[p + ("A_log" if not b else "A_b_log")] = torch.log(torch.arange(1, d_state + 1.0)).repeat(inner, 1)
+            sd[p + f"D{b}"] = 1 + r(inner)
+    return sd
+
+
 def test_vim_original_checkpoint_layout_loads_exactly():
-    src = vitkit.create_model("test_vim", num_classes=5).eval()
-    sd = src.state_dict()
-    mid = sd["pos_embed"].shape[1] // 2
-    row = torch.randn(1, 1, 32)
-    # The original layout: a position row for the class token in the middle of pos_embed.
-    original = dict(sd)
-    original["pos_embed"] = torch.cat([sd["pos_embed"][:, :mid], row, sd["pos_embed"][:, mid:]], dim=1)
-    original["cls_token"] = sd["cls_token"] - row
-    dst = vitkit.create_model("test_vim", num_classes=5).eval()
-    report = load_weights(dst, {"model": original}, verbose=False)
+    upstream = _hustvl_vim_state_dict(dim=32, depth=2, patch=8, grid=4, d_state=4, classes=5)
+    m = vitkit.create_model("test_vim", num_classes=5).eval()
+    report = load_weights(m, {"model": upstream}, verbose=False)  # strict: every upstream key has a place
     assert report.format == "vim" and any("folded into cls_token" in n for n in report.notes)
+    mine = m.state_dict()
+    for k, v in upstream.items():
+        if k not in ("pos_embed", "cls_token"):
+            assert torch.equal(mine[k], v), k
+    # What upstream feeds the first layer: patches + their rows, the class token + the middle row, in the middle.
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(dst(x), src(x))
+    pe = upstream["pos_embed"]
+    patches = F.conv2d(x, upstream["patch_embed.proj.weight"], upstream["patch_embed.proj.bias"], stride=8)
+    patches = patches.flatten(2).transpose(1, 2) + torch.cat([pe[:, :8], pe[:, 9:]], dim=1)
+    cls = (upstream["cls_token"] + pe[:, 8:9]).expand(2, -1, -1)
+    expected = torch.cat([patches[:, :8], cls, patches[:, 8:]], dim=1)
+    with torch.no_grad():
+        tokens, _ = m._embed(x)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_vim_saved_weights_round_trip(tmp_path):

@@ -1,7 +1,8 @@
 """Fit a converted state dict to a concrete model: position and patch embeddings, heads, norms.
 
 Converters (``timm.py``, ``hf.py``, ...) only rename. What depends on the model being loaded,
-a different grid, patch size, channel count or class count, is resolved here, for every format.
+a different grid, patch size, channel count or class count, is resolved here, for every format;
+what one family needs is the model's own ``checkpoint_filter``, applied first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import resample_abs_pos_embed
-from ..layers.rel_pos import resample_rel_pos_table
 
 
 @dataclass
@@ -140,20 +140,6 @@ def _adapt_patch_embed(sd: dict, model: nn.Module, log: AdaptLog) -> None:
     sd["patch_embed.proj.weight"] = w
 
 
-def _adapt_rel_pos_tables(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> None:
-    """Resample learned relative-bias tables to the window each attention layer of the model has."""
-    for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
-        if k not in target or sd[k].shape == target[k].shape:
-            continue
-        new_window = tuple(model.get_submodule(k.rsplit(".", 1)[0]).window_size)
-        side = math.isqrt(sd[k].shape[0])
-        if side * side != sd[k].shape[0] or side % 2 == 0:
-            raise ValueError(f"{k} has {sd[k].shape[0]} rows, not a (2w-1)^2 table of a square window")
-        old_window = ((side + 1) // 2,) * 2
-        sd[k] = resample_rel_pos_table(sd[k], old_window, new_window)
-        log.resampled.append(f"{k}: window {old_window} -> {new_window}")
-
-
 def _classifier_name(model: nn.Module) -> str:
     """Where the model keeps its classifier: ``head`` (ViT), ``fc`` (ResNet), ``head.fc`` (ConvNeXt)."""
     get = getattr(model, "get_classifier", None)
@@ -162,14 +148,13 @@ def _classifier_name(model: nn.Module) -> str:
 
 
 def _adapt_heads(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> None:
-    for head in (_classifier_name(model), "head_dist"):
+    # A checkpoint's head the model lacks (a distillation head into a plain model) stays unexpected: the load fails.
+    names = model.classifier_names() if hasattr(model, "classifier_names") else [_classifier_name(model)]
+    for head in names:
         ck = {k for k in sd if k.startswith(head + ".")}
         mk = {k for k in target if k.startswith(head + ".")}
         ck_classes = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else 0
         m_classes = target[f"{head}.weight"].shape[0] if f"{head}.weight" in target else 0
-        if head == "head_dist" and not getattr(model, "distilled", False):
-            # A distilled checkpoint into a plain model: the dist_token stays unexpected and the load fails.
-            continue
         if ck == mk and all(sd[k].shape == target[k].shape for k in mk):
             continue
         if ck and not mk:
@@ -192,36 +177,15 @@ def _adapt_heads(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> Non
             )
 
 
-def _adapt_norms(sd: dict, target: dict, log: AdaptLog) -> None:
-    has = {n: any(k.startswith(n + ".") for k in sd) for n in ("norm", "fc_norm")}
-    wants = {n: any(k.startswith(n + ".") for k in target) for n in ("norm", "fc_norm")}
-    for src, dst in (("norm", "fc_norm"), ("fc_norm", "norm")):
-        if has[src] and not has[dst] and wants[dst] and not wants[src]:
-            for k in [k for k in sd if k.startswith(src + ".")]:
-                sd[dst + k[len(src):]] = sd.pop(k)
-            log.notes.append(
-                f"checkpoint's final '{src}' loaded as the model's '{dst}' (the norm is applied "
-                f"{'after' if dst == 'fc_norm' else 'before'} pooling): a starting point for fine-tuning, "
-                "not the checkpoint's exact features"
-            )
-
-
-def _adapt_mask_token(sd: dict, target: dict, log: AdaptLog) -> None:
-    if "mask_token" in target and "mask_token" not in sd:
-        sd["mask_token"] = target["mask_token"]
-        log.notes.append("checkpoint has no mask_token; the model's keeps its fresh initialisation and must be trained")
-
-
 def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], AdaptLog]:
     """Return a copy of a converted (timm-named) state dict that fits ``model``, and what changed."""
     sd = dict(state_dict)
     log = AdaptLog()
+    if hasattr(model, "checkpoint_filter"):
+        sd = dict(model.checkpoint_filter(sd, log))
     target = model.state_dict()
     if hasattr(model, "patch_embed"):
         _adapt_pos_embed(sd, model, log)
         _adapt_patch_embed(sd, model, log)
-    _adapt_rel_pos_tables(sd, model, target, log)
     _adapt_heads(sd, model, target, log)
-    _adapt_norms(sd, target, log)
-    _adapt_mask_token(sd, target, log)
     return sd, log

@@ -2,7 +2,7 @@
 
 from .attention import Attention, AttentionCore
 from .block import Block
-from .capture import capture_attention
+from .capture import capture_attention, record_attention
 from .drop import DropPath
 from .grn import GlobalResponseNorm
 from .layer_scale import LayerScale
@@ -14,7 +14,7 @@ from .patch_embed import PatchEmbed
 from .performer import PerformerAttention
 from .pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 from .pyramid import simple_pyramid
-from .rel_pos import RelativePositionBias, relative_position_index
+from .rel_pos import relative_position_index
 from .rope import RotaryEmbedding2D, apply_rope
 from .same_pad import MaxPool2dSame, pad_same
 from .std_conv import StdConv2dSame
@@ -23,7 +23,7 @@ from .tokens import TokenContext
 __all__ = [
     "Attention", "AttentionCore", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale",
     "LinearAttention", "MaxPool2dSame", "Mlp", "MoEMlp", "PatchEmbed", "PerformerAttention", "RMSNorm",
-    "RelativePositionBias", "RotaryEmbedding2D", "StdConv2dSame", "SwiGLU", "TokenContext", "apply_rope",
-    "capture_attention", "get_norm_layer", "pad_same", "relative_position_index", "resample_abs_pos_embed",
-    "simple_pyramid", "sincos_2d_pos_embed",
+    "RotaryEmbedding2D", "StdConv2dSame", "SwiGLU", "TokenContext", "apply_rope",
+    "capture_attention", "get_norm_layer", "pad_same", "record_attention", "relative_position_index",
+    "resample_abs_pos_embed", "simple_pyramid", "sincos_2d_pos_embed",
 ]

@@ -8,6 +8,9 @@ from torch import nn
 from .capture import attend
 from .rope import apply_rope
 
+# (sin, cos) RoPE tables for the patch tokens, or None.
+Rope = tuple[torch.Tensor, torch.Tensor] | None
+
 
 class AttentionCore(nn.Module):
     """The softmax(QK^T + bias) V step shared by every vitkit attention layer.
@@ -73,9 +76,7 @@ class Attention(AttentionCore):
         self.keep_qk = False
         self.last_qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def project(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, num_prefix_tokens: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, rope: Rope = None, num_prefix_tokens: int = 0) -> tuple[torch.Tensor, ...]:
         """(B, N, C) -> q, k, v, each (B, heads, N, head_dim), normed and rotated as attention uses them."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -88,15 +89,14 @@ class Attention(AttentionCore):
             self.last_qk = (q, k)
         return q, k, v
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        num_prefix_tokens: int = 0,
-        attn_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope = None, num_prefix_tokens: int = 0,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.project(x, rope, num_prefix_tokens)
-        x = self.attend(q, k, v, attn_bias)
+        x = self.mix(q, k, v, attn_bias)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * head_dim)
         return self.proj_drop(self.proj(x))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """(B, heads, N, head_dim) q, k, v -> the attended values; the one step other attention kinds replace."""
+        return self.attend(q, k, v, attn_bias)

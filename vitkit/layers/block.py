@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, Rope
 from .drop import DropPath
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -54,25 +54,15 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        num_prefix_tokens: int = 0,
-        attn_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope = None, num_prefix_tokens: int = 0,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, D). rope: (sin, cos) for the N - prefix patch tokens; attn_bias: additive,
         broadcastable to (B, heads, N, N)."""
         return self.forward_mlp(self.forward_attn(x, rope, num_prefix_tokens, attn_bias))
 
     # The two halves are public so that token reduction (vitkit.efficient) can act between them.
-    def forward_attn(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        num_prefix_tokens: int = 0,
-        attn_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward_attn(self, x: torch.Tensor, rope: Rope = None, num_prefix_tokens: int = 0,
+                     attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         """The attention residual (and norm1 when post-norm)."""
         if self.post_norm:
             return self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rope, num_prefix_tokens, attn_bias))))

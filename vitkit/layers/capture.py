@@ -12,6 +12,7 @@ layer joins capture, rollout and the explain tools by holding ``captured`` and c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,13 +90,13 @@ class _MapList(list):
 
 
 @contextmanager
-def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def record_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Within the block, each forward appends (B, heads, N, N) weights per attention layer.
 
     The low-level form; :func:`vitkit.interpret.capture_attention` chooses layers and heads,
     keeps the graph, and maps windows back to the image.
 
-    >>> with capture_attention(model) as maps:
+    >>> with record_attention(model) as maps:
     ...     model(x)
     >>> len(maps) == depth
     """
@@ -110,3 +111,14 @@ def capture_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     finally:
         for m in modules:
             m.captured = None
+
+
+def capture_attention(model: nn.Module):
+    """Deprecated name of :func:`record_attention` (it clashed with :func:`vitkit.interpret.capture_attention`)."""
+    warnings.warn(
+        "vitkit.layers.capture_attention is renamed vitkit.layers.record_attention; "
+        "vitkit.interpret.capture_attention is the documented capture tool",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return record_attention(model)

@@ -59,19 +59,10 @@ class LinearAttention(Attention):
         """(B, heads, N, head_dim) -> (B, heads, N, F) non-negative features."""
         return elu_feature_map(x)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        num_prefix_tokens: int = 0,
-        attn_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.project(x, rope, num_prefix_tokens)
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         if self.captured is not None:
             raise ConfigError("attention maps exist only for softmax attention; this model uses attn_type='linear'")
         weights = key_weights_from_bias(attn_bias)
         # Sums over N in low precision lose the normaliser: the kernel runs in float32.
         x = linear_attention(self.features(q.float(), True), self.features(k.float(), False), v.float(), weights)
-        x = x.to(v.dtype).transpose(1, 2).reshape(B, N, C)  # (B, N, heads * head_dim)
-        return self.proj_drop(self.proj(x))
+        return x.to(v.dtype)

@@ -8,7 +8,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def relative_position_index(
@@ -80,19 +79,3 @@ def log_spaced_coords(window_size: tuple[int, int], norm_window: tuple[int, int]
     ]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (2Wh-1, 2Ww-1, 2)
     return torch.sign(coords) * torch.log2(coords.abs() + 1.0) / math.log2(8)
-
-
-class RelativePositionBias(nn.Module):
-    """Returns an additive attention bias of shape (heads, N, N) for an N = Wh*Ww window."""
-
-    def __init__(self, window_size: tuple[int, int], num_heads: int):
-        super().__init__()
-        self.window_size = tuple(window_size)
-        wh, ww = self.window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
-
-    def forward(self) -> torch.Tensor:
-        return table_bias(self.relative_position_bias_table, self.window_size, self.window_size,
-                          self.relative_position_index)

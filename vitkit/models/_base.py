@@ -341,12 +341,21 @@ class Backbone(nn.Module):
         """Auxiliary losses of the last forward (the MoE ViT's load balancing); zero on the model's device."""
         return torch.zeros((), device=next(self.parameters()).device)
 
-    @staticmethod
-    def checkpoint_filter(state_dict: dict[str, torch.Tensor], model: nn.Module, log) -> dict[str, torch.Tensor]:
-        """Fit a timm-named state dict to this family (timm's ``checkpoint_filter_fn``); ``log`` has
-        ``notes``, ``resampled`` and ``dropped`` lists. The default keeps it as is."""
-        return state_dict
+    # ------------------------------------------------------------------ checkpoints
+    # Buffers some checkpoints saved although this family recomputes them from the config.
+    recomputed_keys: tuple[str, ...] = ()
 
+    def classifier_names(self) -> list[str]:
+        """Where this model's classifiers sit in its state dict (``head``, ``fc``, ``head.fc``, ``head_dist``)."""
+        return [self.classifier_name] + (["head_dist"] if self.head_dist is not None else [])
+
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor], log) -> dict[str, torch.Tensor]:
+        """Fit a timm-named state dict to this family (timm's ``checkpoint_filter_fn``, beside each
+        family); ``log`` collects what changed in its ``notes``, ``resampled`` and ``dropped`` lists.
+        The default drops ``recomputed_keys``."""
+        if not self.recomputed_keys:
+            return state_dict
+        return {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in self.recomputed_keys}
 
 class StageBackbone(Backbone):
     """Families whose stages run on the whole token grid (Swin, PVT): ``embed`` -> stages -> final norm.

@@ -173,6 +173,7 @@ class EfficientFormer(Backbone):
 
     pools = ("avg", "")
     no_weight_decay_keys = ("attention_biases",)
+    recomputed_keys = ("attention_bias_idxs",)  # timm saves the bias index; vitkit computes it per grid
 
     def __init__(
         self,

@@ -16,13 +16,14 @@ follow the common Swin checkpoint layout (``layers.N.blocks.M.attn.qkv``,
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Attention, AttentionCore, DropPath, Mlp, PatchEmbed, TokenContext
-from ..layers.rel_pos import log_spaced_coords, relative_position_index, table_bias
+from ..layers.rel_pos import log_spaced_coords, relative_position_index, resample_rel_pos_table, table_bias
 from ..layers.windows import window_and_shift, window_mask, window_partition, window_reverse
 from ._base import StageBackbone, check_image, trunc_normal_linear
 from ._registry import register_family
@@ -265,6 +266,38 @@ class SwinTransformer(StageBackbone):
 
     # ------------------------------------------------------------------ backbone API
     no_weight_decay_keys = ("relative_position_bias_table", "logit_scale", "cpb_mlp")
+    recomputed_keys = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor], log) -> dict[str, torch.Tensor]:
+        """timm's Swin checkpoints -> this model.
+
+        The classifier timm stores as ``head.fc`` is ``head`` here; checkpoints in the original
+        layout (patch merging at the end of a stage) move it to the start of the next; learned
+        bias tables are resampled to each layer's window (e.g. 7 -> 12 for 384 px fine-tuning).
+        """
+        sd = super().checkpoint_filter(state_dict, log)
+        old_layout = "layers.0.downsample.reduction.weight" in sd
+        out = {}
+        for k, v in sd.items():
+            if old_layout:
+                k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+            if k.startswith("head.fc."):
+                k = "head." + k[len("head.fc."):]
+            out[k] = v
+        if old_layout:
+            log.notes.append("original Swin layout: patch merging moved from the end of stage N to the start of N+1")
+        target = self.state_dict()
+        for k in [k for k in out if k.endswith("relative_position_bias_table")]:
+            if k not in target or out[k].shape == target[k].shape:
+                continue
+            new_window = tuple(self.get_submodule(k.rsplit(".", 1)[0]).window_size)
+            side = math.isqrt(out[k].shape[0])
+            if side * side != out[k].shape[0] or side % 2 == 0:
+                raise ValueError(f"{k} has {out[k].shape[0]} rows, not a (2w-1)^2 table of a square window")
+            old_window = ((side + 1) // 2,) * 2
+            out[k] = resample_rel_pos_table(out[k], old_window, new_window)
+            log.resampled.append(f"{k}: window {old_window} -> {new_window}")
+        return out
 
     def attention_stats(self, h: int, w: int) -> list[dict]:
         """What attention costs on an h x w image, per stage: for ``vitkit info``."""

@@ -207,6 +207,27 @@ class VisionTransformer(Backbone):
     no_weight_decay_keys = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token")
     distill_from_pooled = False  # DeiT's distillation head reads the distillation token
 
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor], log) -> dict[str, torch.Tensor]:
+        """A ViT checkpoint -> this ViT: a final ``norm`` where this model has ``fc_norm`` (or the
+        reverse) moves over, and a missing ``mask_token`` keeps the model's initialisation."""
+        sd = dict(state_dict)
+        target = self.state_dict()
+        has = {n: any(k.startswith(n + ".") for k in sd) for n in ("norm", "fc_norm")}
+        wants = {n: any(k.startswith(n + ".") for k in target) for n in ("norm", "fc_norm")}
+        for src, dst in (("norm", "fc_norm"), ("fc_norm", "norm")):
+            if has[src] and not has[dst] and wants[dst] and not wants[src]:
+                for k in [k for k in sd if k.startswith(src + ".")]:
+                    sd[dst + k[len(src):]] = sd.pop(k)
+                log.notes.append(
+                    f"checkpoint's final '{src}' loaded as the model's '{dst}' (the norm is applied "
+                    f"{'after' if dst == 'fc_norm' else 'before'} pooling): a starting point for fine-tuning, "
+                    "not the checkpoint's exact features"
+                )
+        if "mask_token" in target and "mask_token" not in sd:
+            sd["mask_token"] = target["mask_token"]
+            log.notes.append("checkpoint has no mask_token; the model's keeps its fresh initialisation and must be trained")
+        return sd
+
     def _check_pool(self, global_pool: str) -> None:
         super()._check_pool(global_pool)
         if global_pool == "token" and not self.has_class_token:
