@@ -149,17 +149,22 @@ def test_hf_deit_for_image_classification_class_token_head():
         assert _max_diff(ours.head(feats[:, 0]), out.logits) <= ATOL
 
 
-@needs_hf
-@pytest.mark.parametrize("registers", [0, 4])
-def test_hf_dinov2_model(registers):
+def _dinov2_pair(registers: int):
+    """A randomised transformers Dinov2 model (with registers when asked) and the matching vitkit ViT."""
     kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
     if registers:
         peer = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
-        ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, reg_tokens=4, no_embed_class=True, **TINY)
     else:
         peer = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
-        ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, **TINY)
-    _randomise(peer)
+    ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, reg_tokens=registers,
+                   no_embed_class=bool(registers), **TINY)
+    return _randomise(peer), ours
+
+
+@needs_hf
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_model(registers):
+    peer, ours = _dinov2_pair(registers)
     report = load_weights(ours, peer.state_dict(), verbose=False)
     assert report.format == "hf"
     x = torch.randn(2, 3, 28, 28)
@@ -235,16 +240,9 @@ def _official_dinov2_from_hf(hf_sd: dict) -> dict:
 @pytest.mark.parametrize("registers", [0, 4])
 def test_dinov2_official_layout_against_transformers(registers):
     """The official layout written from transformers' Dinov2 by an explicit key map: same features as the peer."""
-    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
-    if registers:
-        peer = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
-    else:
-        peer = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
-    _randomise(peer)
+    peer, ours = _dinov2_pair(registers)
     official = _official_dinov2_from_hf(peer.state_dict())
     assert "mask_token" in official and ("register_tokens" in official) == bool(registers)
-    ours = _vitkit(img_size=28, patch_size=14, init_values=1e-5, num_classes=0, reg_tokens=registers,
-                   no_embed_class=bool(registers), **TINY)
     report = load_weights(ours, official, verbose=False)
     assert report.format == "dinov2"
     x = torch.randn(2, 3, 28, 28)

@@ -1,13 +1,27 @@
-"""Model families, registered by variant name."""
+"""Model families, registered by variant name, each on the one :class:`Backbone` base."""
 
 # Importing a family's module registers its variants.
-from . import cait, convit, convnext, mixer, pvt, resnet, swin, vit, vit_hybrid  # noqa: F401
+from . import (  # noqa: F401
+    cait,
+    convit,
+    convnext,
+    efficientformer,
+    levit,
+    mixer,
+    mobilevit,
+    pvt,
+    resnet,
+    swin,
+    vim,
+    vit,
+    vit_hybrid,
+)
+from ._base import Backbone, ClassifierHead
 from ._builder import create_model
-from ._registry import ModelCard, get_model_card, list_models, register_model
-from .efficientformer import EfficientFormer  # noqa: F401  (registers EfficientFormer)
-from .levit import Levit  # noqa: F401  (registers LeViT)
-from .mobilevit import MobileVit  # noqa: F401  (registers MobileViT)
-from .vim import VisionMamba  # noqa: F401  (registers Vision Mamba)
+from ._registry import ModelCard, get_model_card, list_models, register_family, register_model
 from .vit import VisionTransformer
 
-__all__ = ["ModelCard", "VisionTransformer", "create_model", "get_model_card", "list_models", "register_model"]
+__all__ = [
+    "Backbone", "ClassifierHead", "ModelCard", "VisionTransformer", "create_model", "get_model_card", "list_models",
+    "register_family", "register_model",
+]
