@@ -222,14 +222,18 @@ def _official_dinov2_from_hf(hf_sd: dict) -> dict:
             out[k.replace("layernorm", "norm")] = v
         elif k.startswith("encoder.layer."):
             _, _, i, rest = k.split(".", 3)
-            if rest.startswith("attention.attention."):
-                part, kind = rest.split(".")[2:]
-                if part == "query":
-                    q, kk, vv = (hf_sd[k.replace(".query.", f".{n}.")] for n in ("query", "key", "value"))
-                    out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([q, kk, vv])
+            # transformers names q, k, v ``attention.attention.query`` (hub files) or ``attention.q_proj`` (newer).
+            for q_name, names in (("attention.attention.query.", ("query", "key", "value")),
+                                  ("attention.q_proj.", ("q_proj", "k_proj", "v_proj"))):
+                if rest.startswith(q_name):
+                    kind = rest.rsplit(".", 1)[1]
+                    parts = [hf_sd[k.replace(f".{names[0]}.", f".{n}.")] for n in names]
+                    out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat(parts)
+            if rest.startswith(("attention.attention.", "attention.q_proj.", "attention.k_proj.", "attention.v_proj.")):
                 continue
-            rest = (rest.replace("attention.output.dense", "attn.proj").replace("layer_scale1.lambda1", "ls1.gamma")
-                    .replace("layer_scale2.lambda1", "ls2.gamma"))
+            for hf, official in (("attention.output.dense", "attn.proj"), ("attention.o_proj", "attn.proj"),
+                                 ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma")):
+                rest = rest.replace(hf, official)
             out[f"blocks.{i}.{rest}"] = v
         else:
             raise AssertionError(f"unmapped HF key {k}")
