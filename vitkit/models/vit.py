@@ -30,7 +30,7 @@ from ..layers import (
     resample_abs_pos_embed,
     sincos_2d_pos_embed,
 )
-from ._base import Backbone, Point, check_image
+from ._base import Backbone, Point, check_image, checkpoint_if
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, register_family
 
 _POS_EMBEDS = ("learn", "sincos", "rope", "none")
@@ -340,7 +340,7 @@ class VisionTransformer(Backbone):
         return rope, ctx.attention_bias()
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor, rope, attn_bias) -> torch.Tensor:
-        return self.checkpointed(blk, x, rope, self.num_prefix_tokens, attn_bias)
+        return checkpoint_if(self.grad_checkpointing, blk, x, rope, self.num_prefix_tokens, attn_bias)
 
     def forward_tokens(
         self,
