@@ -1,4 +1,4 @@
-"""Fit a converted state dict to a concrete model: position and patch embeddings, heads, norms.
+"""Fit a converted state dict to a concrete model: the family's filter, position and patch embeddings, heads.
 
 Converters (``timm.py``, ``hf.py``, ...) only rename. What depends on the model being loaded,
 a different grid, patch size, channel count or class count, is resolved here, for every format;
@@ -140,16 +140,9 @@ def _adapt_patch_embed(sd: dict, model: nn.Module, log: AdaptLog) -> None:
     sd["patch_embed.proj.weight"] = w
 
 
-def _classifier_name(model: nn.Module) -> str:
-    """Where the model keeps its classifier: ``head`` (ViT), ``fc`` (ResNet), ``head.fc`` (ConvNeXt)."""
-    get = getattr(model, "get_classifier", None)
-    clf = get() if callable(get) else None
-    return next((n for n, m in model.named_modules() if clf is not None and m is clf), "head")
-
-
 def _adapt_heads(sd: dict, model: nn.Module, target: dict, log: AdaptLog) -> None:
     # A checkpoint's head the model lacks (a distillation head into a plain model) stays unexpected: the load fails.
-    names = model.classifier_names() if hasattr(model, "classifier_names") else [_classifier_name(model)]
+    names = model.classifier_names() if hasattr(model, "classifier_names") else ["head"]
     for head in names:
         ck = {k for k in sd if k.startswith(head + ".")}
         mk = {k for k in target if k.startswith(head + ".")}
