@@ -58,6 +58,13 @@ def _image(path, value: int = 0):
     return path
 
 
+def test_summary_is_written_once_with_what_train_adds(run):
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "test_vit" and summary["out_dir"] == str(run)
+    assert summary["bad_files"] == [] and summary["skipped_files"] == 0 and summary["steps"] == 2
+    assert not list(run.glob(".tmp_*"))  # written through a temporary file, renamed into place
+
+
 def test_eval_command_matches_a_direct_computation(run, capsys):
     assert main(["eval", str(run), "--data", "shapes:256", "--workers", "0"]) == 0
     out = capsys.readouterr().out

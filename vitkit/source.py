@@ -161,8 +161,6 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
             "vitkit.create_model(name) and vitkit.load_weights)",
             "is a weights file without vitkit metadata",
         )
-    if source in list_models():
-        return create_model(source, pretrained=pretrained, img_size=img_size), None, None
     if is_hub_id(source):
         name = model_name or _hub_card_name(source)
         if name is None:
@@ -172,10 +170,8 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
                 "is a hub id that no registered model publishes",
             )
         return _named(name, source, num_classes), None, None
-    raise PathNotFoundError(
-        f"no such file or folder: {source!r} (it is neither a run directory or weights file, a registered model "
-        "(see `vitkit models`) nor a hub id 'owner/name'); check the path"
-    )
+    # A registered name; anything else gets create_model's "no such file" or "unknown model (did you mean)".
+    return create_model(source, pretrained=pretrained, img_size=img_size), None, None
 
 
 def load_model(

@@ -60,7 +60,7 @@ def _build(source: str, model_name: str | None, num_classes: int | None) -> nn.M
         ) from None
     except ConfigError as e:
         if source not in list_models():
-            raise
+            raise ConfigError(f"objective.teacher={source}: {e}") from None
         raise ConfigError(
             f"objective.teacher={source}: {e}. Train a teacher first and pass its run directory "
             "(objective.teacher=runs/<teacher run>), or a weights file with objective.teacher_model"
