@@ -16,6 +16,7 @@ from vitkit.config import load_config
 from vitkit.data import DEFAULT_CLASSES, EvalTransform, Normalize, build_dataset, build_loader
 from vitkit.evaluate import class_mapping, evaluate
 from vitkit.predict import load_model, predict
+from vitkit.rundir import RunDir
 from vitkit.train import train
 
 
@@ -59,7 +60,7 @@ def _image(path, value: int = 0):
 
 
 def test_summary_is_written_once_with_what_train_adds(run):
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).read_summary()
     assert summary["model"] == "test_vit" and summary["out_dir"] == str(run)
     assert summary["bad_files"] == [] and summary["skipped_files"] == 0 and summary["steps"] == 2
     assert not list(run.glob(".tmp_*"))  # written through a temporary file, renamed into place

@@ -15,9 +15,10 @@
       latest               names the newest complete step directory
       best/                a copy of the checkpoint with the best validation metric
 
-Never mix two runs in one folder, never re-stretch a schedule by accident: an ``--out`` folder that already holds a run (``config.yaml`` or ``checkpoints/``) is either
-continued (``resume``) or started over (``force``: the previous run's files are deleted, so
-metrics of two runs never share one ``metrics.jsonl``). On resume, changing a key that shapes
+Never mix two runs in one folder, never re-stretch a schedule by accident: an ``--out``
+folder that already holds a run (``config.yaml`` or ``checkpoints/``) is either continued
+(``resume``) or started over (``force``: the previous run's files are deleted, so metrics of
+two runs never share one ``metrics.jsonl``). On resume, changing a key that shapes
 the learning-rate schedule would move the lr abruptly at the resumed step, so such changes
 need an explicit ``reschedule``: the schedule is then re-stretched from the current step.
 """
@@ -70,9 +71,6 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     config_file = property(lambda self: self.path / CONFIG)
     run_json = property(lambda self: self.path / RUN_INFO)
@@ -201,10 +199,6 @@ class RunDir:
         return self.checkpoint_weights(ckpt, ema)
 
 
-def holds_run(out: str | Path) -> bool:
-    return RunDir(out).holds_run()
-
-
 def prepare_out_dir(out: str | Path, *, resume: bool | str = False, force: bool = False,
                     is_main: bool = True) -> list[str]:
     """Check that ``out`` may receive this run (nothing is created yet); returns the names ``force`` removed.
@@ -215,7 +209,7 @@ def prepare_out_dir(out: str | Path, *, resume: bool | str = False, force: bool 
     """
     out = Path(out)
     removed: list[str] = []
-    if holds_run(out) and not resume:
+    if RunDir(out).holds_run() and not resume:
         if not force:
             raise RunDirError(
                 f"{out} already holds a run ({CONFIG} or {CHECKPOINTS}/): pass --resume to continue it, "
