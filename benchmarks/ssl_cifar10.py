@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.convert import save_weights
+from vitkit import save_weights
 from vitkit.data import build_dataset, build_loader
 from vitkit.engine.budget import parse_duration
 from vitkit.models import create_model

@@ -33,7 +33,7 @@ import vitkit
 from vitkit.config import load_config
 from vitkit.data import build_dataset, build_loader
 from vitkit.efficient import apply_token_pruning, apply_tome, quantize_int8, remove_reduction
-from vitkit.efficient.bench import count_forward_flops
+from vitkit.models.info import count_flops
 from vitkit.predict import load_model
 from vitkit.train import train
 
@@ -157,10 +157,10 @@ def main() -> None:
     base_acc = accuracy(model, x, y)
     rows = []
 
-    base_gflops = count_forward_flops(model, x[:1]) / 1e9
+    base_gflops = count_flops(model, x[:1]) / 1e9
 
     def add(method: str, setting, acc: float, img_s: float, base_img_s: float, net=None) -> None:
-        gflops = count_forward_flops(net if net is not None else model, x[:1]) / 1e9
+        gflops = count_flops(net if net is not None else model, x[:1]) / 1e9
         row = {"method": method, "r_or_keep": setting, "acc": round(acc, 4), "img_s": round(img_s, 1),
                "speedup": round(img_s / base_img_s, 3), "acc_change_points": round(100 * (acc - base_acc), 2),
                "gflops": round(gflops, 4), "flops_speedup": round(base_gflops / gflops, 3)}

@@ -11,7 +11,7 @@ import torch
 
 from vitkit import create_model
 from vitkit.cli.bench import _int_list
-from vitkit.efficient.bench import BenchConfig, bench, count_forward_flops, format_table
+from vitkit.efficient.bench import BenchConfig, bench, format_table
 from vitkit.efficient.memory import peak_forward_bytes
 from vitkit.errors import ConfigError
 from vitkit.models.info import count_flops
@@ -80,7 +80,7 @@ def test_peak_memory_counts_weights_and_live_activations():
     peak = peak_forward_bytes(model, x, lambda inp: model(inp))
     out_bytes = 512 * 256 * 4
     assert weights + out_bytes <= peak <= weights + 3 * out_bytes
-    assert count_forward_flops(model, x) == 2 * 512 * 1024 * 256
+    assert count_flops(model, x) == 2 * 512 * 1024 * 256
 
 
 def test_bench_command_json_and_errors():

@@ -288,8 +288,8 @@ def test_hub_http_error_is_a_weights_error(monkeypatch):
     """An HTTP failure from the hub names the id and what to check (huggingface_hub faked: no network here)."""
     import types
 
-    from vitkit.convert.weights import read_state_dict
     from vitkit.errors import WeightsError
+    from vitkit.weights_io import read_state_dict
 
     class HTTPError(OSError):
         pass
@@ -313,7 +313,7 @@ def test_hub_http_error_is_a_weights_error(monkeypatch):
 
 
 def test_which_names_go_to_the_hub():
-    from vitkit.convert.weights import is_hub_id
+    from vitkit.weights_io import is_hub_id
 
     assert is_hub_id("facebook/dinov2-small") and is_hub_id("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
     for local in ("./owner/name", "/owner/name", "owner/name.safetensors", "runs/model.pth", "a/b/c", "~/x/y"):

@@ -52,7 +52,7 @@ def test_save_weights_shared_tensors(tmp_path):
 def test_model_from_file_without_metadata(tmp_path):
     save_file({"a": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not written by save_weights"):
-        vitkit.convert.model_from_file(tmp_path / "plain.safetensors")
+        vitkit.create_model(str(tmp_path / "plain.safetensors"))
 
 
 def _bicubic_rows(rows: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:

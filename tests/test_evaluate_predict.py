@@ -16,6 +16,7 @@ from vitkit.config import load_config
 from vitkit.data import DEFAULT_CLASSES, EvalTransform, Normalize, build_dataset, build_loader
 from vitkit.evaluate import class_mapping, evaluate
 from vitkit.predict import load_model, predict
+from vitkit.rundir import RunDir
 from vitkit.train import train
 
 
@@ -56,6 +57,13 @@ def _image(path, value: int = 0):
     img = build_dataset("shapes:256", "val").load(value)[0]
     img.save(path)
     return path
+
+
+def test_summary_is_written_once_with_what_train_adds(run):
+    summary = RunDir(run).read_summary()
+    assert summary["model"] == "test_vit" and summary["out_dir"] == str(run)
+    assert summary["bad_files"] == [] and summary["skipped_files"] == 0 and summary["steps"] == 2
+    assert not list(run.glob(".tmp_*"))  # written through a temporary file, renamed into place
 
 
 def test_eval_command_matches_a_direct_computation(run, capsys):

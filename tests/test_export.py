@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from vitkit import create_model
-from vitkit.convert.weights import save_weights
 from vitkit.errors import ConfigError, PathNotFoundError
 from vitkit.export import export, export_onnx, export_program
+from vitkit.weights_io import save_weights
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

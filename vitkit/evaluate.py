@@ -1,6 +1,6 @@
 """`evaluate(source, data)`: accuracy, per-class accuracy and a confusion matrix on a dataset.
 
-The model comes from a run directory, checkpoint or weights file (see :mod:`vitkit.predict`)
+The model comes from a run directory, checkpoint or weights file (see :func:`vitkit.load_model`)
 and sees the images exactly as in training's validation: the same resize and centre crop,
 channel count and normalisation. For a run directory the split is drawn with the run's
 ``val_fraction`` and seed, so ``split="val"`` is the run's own validation set.
@@ -21,7 +21,7 @@ import torch
 
 from .errors import ConfigError, DataError
 from .objectives.supervised import TTA_MODES, topk_correct
-from .predict import LoadedModel, load_model
+from .source import LoadedModel, load_model
 
 _CELL_COUNTS_MAX = 20  # classes up to which the plot writes counts into cells
 _TICK_LABELS_MAX = 60  # classes up to which the plot names every class on the axes
@@ -135,13 +135,13 @@ def evaluate(
         "classes": classes,
         "confusion_matrix": cm.tolist(),
         "model": getattr(lm.model, "model_name", ""),
-        "weights": str(lm.weights),
+        "weights": str(lm.weights) if lm.weights is not None else None,
         "data": str(data),
         "split": split,
         "tta": tta,
         "classes_matched_by_name": mapping is not None,
     }
-    out = Path(out_dir) if out_dir is not None else (lm.run_dir or lm.weights.parent)
+    out = Path(out_dir) if out_dir is not None else lm.home
     out.mkdir(parents=True, exist_ok=True)
     result["eval_json"] = str(out / "eval.json")
     result["confusion_png"] = str(out / "confusion_matrix.png")

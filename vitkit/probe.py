@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .engine.evaluators import KNNEvaluator
 from .errors import ConfigError, DataError
-from .predict import LoadedModel, load_model
+from .source import LoadedModel, load_model
 
 PROBE_METHODS = ("knn", "linear")
 KNN_KS = (10, 20, 200)
@@ -153,7 +153,7 @@ def probe(
         result = {**linear_probe(train_f, train_y, val_f, val_y, num_classes, cfg), "linear_config": asdict(cfg)}
     result.update({"method": method, "n_train": len(train_y), "n_val": len(val_y), "feature_dim": train_f.shape[1],
                    "num_classes": num_classes, "weights": str(lm.weights), "data": str(data)})
-    out = Path(out_dir) if out_dir is not None else (lm.run_dir or lm.weights.parent)
+    out = Path(out_dir) if out_dir is not None else lm.home
     out.mkdir(parents=True, exist_ok=True)
     result["json"] = str(out / f"probe_{method}.json")
     (out / f"probe_{method}.json").write_text(json.dumps(result, indent=2) + "\n")

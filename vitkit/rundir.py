@@ -1,25 +1,57 @@
-"""Run directories: never mix two runs in one folder, never re-stretch a schedule by accident.
+"""Run directories: the one place that knows their layout, and the rules for reusing one.
 
-An ``--out`` folder that already holds a run (``config.yaml`` or ``checkpoints/``) is either
-continued (``resume``) or started over (``force``: the previous run's files are deleted, so
-metrics of two runs never share one ``metrics.jsonl``). On resume, changing a key that shapes
+:class:`RunDir` names every file a run writes and reads them back::
+
+    config.yaml            the resolved config (the base of --resume)
+    run.json               model, classes, preprocessing, split counts, references
+    summary.json           final and best metrics (written once, at the end)
+    metrics.jsonl          one record per log step and evaluation
+    model.safetensors      the final weights with their config (save_weights)
+    bad_files.txt          broken images left out, one per line
+    error.log              the traceback of a crash
+    tb/  plots/            TensorBoard events, PNG plots
+    checkpoints/
+      step_000123/         model.safetensors, objective.safetensors, ema.safetensors, trainer_state.pt
+      latest               names the newest complete step directory
+      best/                a copy of the checkpoint with the best validation metric
+
+Never mix two runs in one folder, never re-stretch a schedule by accident: an ``--out``
+folder that already holds a run (``config.yaml`` or ``checkpoints/``) is either continued
+(``resume``) or started over (``force``: the previous run's files are deleted, so metrics of
+two runs never share one ``metrics.jsonl``). On resume, changing a key that shapes
 the learning-rate schedule would move the lr abruptly at the resumed step, so such changes
 need an explicit ``reschedule``: the schedule is then re-stretched from the current step.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, PathNotFoundError, RunDirError
+
+CONFIG = "config.yaml"
+RUN_INFO = "run.json"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+BAD_FILES = "bad_files.txt"
+ERROR_LOG = "error.log"
+TENSORBOARD = "tb"
+PLOTS = "plots"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+BEST = "best"
+# Written last into a step directory: its presence marks the checkpoint complete.
+STATE_FILE = "trainer_state.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
 
 # Everything a vitkit run writes into its directory; --force removes exactly these.
-RUN_FILES = (
-    "config.yaml", "run.json", "summary.json", "metrics.jsonl", "model.safetensors", "bad_files.txt",
-    "error.log", "checkpoints", "tb", "plots",
-)
+RUN_FILES = (CONFIG, RUN_INFO, SUMMARY, METRICS, WEIGHTS, BAD_FILES, ERROR_LOG, CHECKPOINTS, TENSORBOARD, PLOTS)
 # Keys whose change alters the lr at a given step (the schedule's length or shape).
 SCHEDULE_KEYS = (
     "engine.epochs", "engine.max_steps", "engine.time_budget", "data.batch_size",
@@ -27,9 +59,144 @@ SCHEDULE_KEYS = (
 )
 
 
-def holds_run(out: str | Path) -> bool:
-    out = Path(out)
-    return (out / "config.yaml").is_file() or (out / "checkpoints").is_dir()
+class RunDir:
+    """The files of one run directory, by role; nothing is created until something is written.
+
+    >>> run = RunDir("runs/my-run")
+    >>> run.final_weights, run.checkpoint("best"), run.read_config()["engine"]["epochs"]
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config_file = property(lambda self: self.path / CONFIG)
+    run_json = property(lambda self: self.path / RUN_INFO)
+    summary_json = property(lambda self: self.path / SUMMARY)
+    metrics = property(lambda self: self.path / METRICS)
+    final_weights = property(lambda self: self.path / WEIGHTS)
+    bad_files = property(lambda self: self.path / BAD_FILES)
+    error_log = property(lambda self: self.path / ERROR_LOG)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
+    plots = property(lambda self: self.path / PLOTS)
+    checkpoints = property(lambda self: self.path / CHECKPOINTS)
+
+    @classmethod
+    def of_checkpoint(cls, path: str | os.PathLike) -> RunDir | None:
+        """The run a checkpoint directory or weights file belongs to (up to three levels up), or None."""
+        for cand in list(Path(path).expanduser().parents)[:3]:
+            if (cand / RUN_INFO).is_file():
+                return cls(cand)
+        return None
+
+    @staticmethod
+    def is_checkpoint(path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a complete checkpoint directory (``step_N/`` or ``best/``)."""
+        return (Path(path) / STATE_FILE).is_file()
+
+    def is_run(self) -> bool:
+        """A run was started here: ``run.json`` is written before the first step."""
+        return self.run_json.is_file()
+
+    def holds_run(self) -> bool:
+        """Something a new run would mix with is here: a config or checkpoints."""
+        return self.config_file.is_file() or self.checkpoints.is_dir()
+
+    def has_config(self) -> bool:
+        return self.config_file.is_file()
+
+    def read_config(self) -> dict:
+        """The run's resolved ``config.yaml`` as a plain dict (empty when there is none)."""
+        if not self.config_file.is_file():
+            return {}
+        import yaml
+
+        return yaml.safe_load(self.config_file.read_text()) or {}
+
+    def read_run_info(self) -> dict:
+        """``run.json``: the model, its arguments, classes and preprocessing."""
+        try:
+            return json.loads(self.run_json.read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path} is not a vitkit run directory: it has no {RUN_INFO}") from None
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.run_json} is not valid JSON ({e}); the run directory is damaged") from None
+
+    def read_summary(self) -> dict:
+        """``summary.json``, or {} while the run has not finished."""
+        return json.loads(self.summary_json.read_text()) if self.summary_json.is_file() else {}
+
+    def write_run_info(self, run_info: dict) -> None:
+        """Write ``run.json`` and, when the scan found broken images, ``bad_files.txt``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.run_json.write_text(json.dumps(run_info, indent=2) + "\n")
+        if run_info.get("bad_files"):
+            self.write_bad_files(run_info["bad_files"])
+
+    def write_bad_files(self, lines: list[str]) -> None:
+        self.bad_files.write_text("\n".join(lines) + "\n")
+
+    def list_checkpoints(self) -> list[Path]:
+        """Complete step checkpoints, oldest first."""
+        root = self.checkpoints
+        if not root.is_dir():
+            return []
+        found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and self.is_checkpoint(p)]
+        return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+    def checkpoint(self, which: str | int = LATEST) -> Path | None:
+        """A complete checkpoint directory: ``"latest"``, ``"best"`` or a step number; None if absent."""
+        if which == BEST:
+            best = self.checkpoints / BEST
+            return best if best.is_dir() else None
+        if which == LATEST:
+            pointer = self.checkpoints / LATEST
+            if pointer.is_file():
+                cand = self.checkpoints / pointer.read_text().strip()
+                if self.is_checkpoint(cand):
+                    return cand
+            found = self.list_checkpoints()
+            return found[-1] if found else None
+        if isinstance(which, int) or str(which).isdigit():
+            return next((p for p in self.list_checkpoints() if int(p.name[len("step_"):]) == int(which)), None)
+        raise ConfigError(f"checkpoint {which!r}: expected 'latest', 'best' or a step number")
+
+    @staticmethod
+    def checkpoint_weights(ckpt: str | os.PathLike, ema: bool = False) -> Path:
+        """The model (or EMA) weights file of a checkpoint directory.
+
+        Raises:
+            RunDirError: ``ema`` and the run kept no EMA weights.
+            PathNotFoundError: the checkpoint has no model weights.
+        """
+        ckpt = Path(ckpt)
+        name = EMA_WEIGHTS if ema else WEIGHTS
+        if not (ckpt / name).is_file():
+            if ema:
+                raise RunDirError(f"{ckpt} has no EMA weights: the run was trained without engine.ema_decay")
+            raise PathNotFoundError(f"checkpoint {ckpt} has no {name}")
+        return ckpt / name
+
+    def weights(self, ema: bool = False) -> Path:
+        """The weights a run stands for: its final ``model.safetensors``; for a run that did not
+        finish, its ``best/`` checkpoint's, else its latest checkpoint's. ``ema``: the EMA weights
+        of the latest checkpoint (of ``best/`` while the run is unfinished).
+
+        Raises:
+            RunDirError: the run has no weights yet, or no EMA weights.
+        """
+        finished = self.final_weights.is_file()
+        if finished and not ema:
+            return self.final_weights
+        # A finished run's final weights are its latest checkpoint's; an unfinished run's best are in best/.
+        ckpt = self.checkpoint(LATEST if finished else BEST) or self.checkpoint(LATEST)
+        if ckpt is None:
+            raise RunDirError(
+                f"run {self.path} has no {WEIGHTS} and no checkpoint yet: train it (vitkit train --resume --out {self.path})"
+            )
+        return self.checkpoint_weights(ckpt, ema)
 
 
 def prepare_out_dir(out: str | Path, *, resume: bool | str = False, force: bool = False,
@@ -42,10 +209,10 @@ def prepare_out_dir(out: str | Path, *, resume: bool | str = False, force: bool 
     """
     out = Path(out)
     removed: list[str] = []
-    if holds_run(out) and not resume:
+    if RunDir(out).holds_run() and not resume:
         if not force:
             raise RunDirError(
-                f"{out} already holds a run (config.yaml or checkpoints/): pass --resume to continue it, "
+                f"{out} already holds a run ({CONFIG} or {CHECKPOINTS}/): pass --resume to continue it, "
                 "--force to delete its files and start over, or another --out"
             )
         if is_main:
@@ -117,9 +284,9 @@ def saved_config(resume: bool | str, out: str | Path) -> Path | None:
     if not resume:
         return None
     base = Path(out) if resume is True else Path(resume)
-    if base.parent.name == "checkpoints":  # a checkpoint directory: its run is two levels up
+    if base.parent.name == CHECKPOINTS:  # a checkpoint directory: its run is two levels up
         base = base.parent.parent
-    path = base / "config.yaml"
+    path = RunDir(base).config_file
     return path if path.is_file() else None
 
 

@@ -9,7 +9,6 @@ The CLI's ``vitkit train`` is a thin wrapper over :func:`train`; a notebook call
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import time
@@ -40,7 +39,8 @@ from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
 from .objectives.registry import objective_entry
-from .rundir import check_resume_config, prepare_out_dir, saved_config
+from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
+from .weights_io import save_weights
 
 
 @dataclass
@@ -261,7 +261,7 @@ def train(
     """
     start = time.monotonic()
     torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
-    # --- run directory checks (issue 7) ---
+    # --- run directory checks ---
     is_main = init_distributed().is_main
     saved = saved_config(resume, cfg.engine.out_dir)
     if saved is not None:
@@ -274,28 +274,26 @@ def train(
             print(f"--force: deleted the previous run's {', '.join(removed)} in {cfg.engine.out_dir}")
     # --- end run directory checks ---
     trainer, run_info = build_run(cfg, verbose=verbose, start=start)
-    out = Path(trainer.out_dir)
+    run = RunDir(trainer.out_dir)
     if trainer.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        if run_info["bad_files"]:
-            (out / "bad_files.txt").write_text("\n".join(run_info["bad_files"]) + "\n")
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config_file)
+        run.write_run_info(run_info)
         if verbose:
-            print(f"run dir: {out}")
+            print(f"run dir: {run.path}")
+    # The engine writes summary.json once; these are the fields only this function knows.
+    trainer.summary_extra = lambda: _summary_extra(run_info, trainer)
     summary = trainer.fit(resume=resume)
     if trainer.is_main:
-        from .convert import save_weights
-
-        model = trainer.objective.export_model()
-        save_weights(model, out / "model.safetensors")
-        bad = _all_bad_files(run_info["bad_files"], trainer)
-        if len(bad) > len(run_info["bad_files"]):
-            (out / "bad_files.txt").write_text("\n".join(bad) + "\n")
-        summary = {**summary, "model": run_info["model"], "out_dir": str(out), "bad_files": bad,
-                   "skipped_files": len(bad)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_weights(trainer.objective.export_model(), run.final_weights)
+        if len(summary["bad_files"]) > len(run_info["bad_files"]):
+            run.write_bad_files(summary["bad_files"])
     return summary
+
+
+def _summary_extra(run_info: dict, trainer: Trainer) -> dict:
+    bad = _all_bad_files(run_info["bad_files"], trainer)
+    return {"model": run_info["model"], "out_dir": str(trainer.out_dir), "bad_files": bad, "skipped_files": len(bad)}
 
 
 def _all_bad_files(scanned: list[str], trainer: Trainer) -> list[str]:

@@ -3,8 +3,8 @@ teacher through DeiT hard distillation, and alone again (the run-to-run spread).
 
 import json
 
+from vitkit import save_weights
 from vitkit.config import load_config
-from vitkit.convert import save_weights
 from vitkit.models import create_model
 from vitkit.train import train
 

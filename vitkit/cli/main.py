@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import VitkitError
+from ..rundir import RunDir
 from . import bench as bench_cmd
 from . import demo as demo_cmd
 from . import eval as eval_cmd
@@ -94,7 +95,7 @@ def _write_traceback(args: argparse.Namespace) -> str:
     cfg = getattr(args, "cfg", None)
     out = cfg.engine.out_dir if cfg is not None else getattr(args, "out", None)
     if out and Path(out).is_dir():
-        candidates.append(Path(out) / "error.log")
+        candidates.append(RunDir(out).error_log)
     candidates.append(Path(tempfile.gettempdir()) / f"vitkit-{args.command}-{stamp}-{os.getpid()}.log")
     for path in candidates:
         try:

@@ -7,7 +7,8 @@ import os
 import shlex
 
 from ..errors import ConfigError
-from .train import _resume_plan
+from ..rundir import WEIGHTS
+from .resume import resume_plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,14 +42,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from ..pretrain import pretrain_config
     from ..train import train
 
-    base_run, resume, out = _resume_plan(args)
+    base_run, resume, out = resume_plan(args)
     flags = [f"{k}={v}" for k, v in (("model.name", args.model), ("engine.out_dir", out)) if v is not None]
     if base_run is not None:  # a resumed run keeps its config.yaml; overrides apply on top
         if args.data:
             raise ConfigError("--data cannot change on --resume: the run keeps its data (drop --data)")
-        cfg = load_config(str(base_run / "config.yaml"), flags + list(args.overrides))
+        cfg = load_config(str(base_run.config_file), flags + list(args.overrides))
         if cfg.objective.get("name") != args.method:
-            raise ConfigError(f"{base_run} was pretrained with {cfg.objective.get('name')!r}, not --method {args.method}")
+            raise ConfigError(f"{base_run.path} was pretrained with {cfg.objective.get('name')!r}, not --method {args.method}")
     else:
         cfg = pretrain_config(args.method, args.data, flags + list(args.overrides))
     args.cfg = cfg
@@ -78,9 +79,9 @@ def format_summary(summary: dict, data: str) -> str:
     return "\n".join([
         f"done ({summary['stopped']}): {summary['steps']} steps in {summary['wall_s']:.1f} s, "
         f"k-NN accuracy {'n/a (no labels)' if knn is None else f'{knn:.2%}'}",
-        f"run dir: {run} (model.safetensors: the pretrained backbone)",
+        f"run dir: {run} ({WEIGHTS}: the pretrained backbone)",
         "next:",
         f"  vitkit probe {run} --data {data} --method knn",
         f"  vitkit probe {run} --data {data} --method linear",
-        f"  vitkit train --init {run}/model.safetensors --data {data}   (fine-tune)",
+        f"  vitkit train --init {run}/{WEIGHTS} --data {data}   (fine-tune)",
     ])

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from pathlib import Path
 
-from ..errors import ConfigError, PathNotFoundError, RunDirError
+from ..errors import ConfigError
+from ..rundir import BAD_FILES
+from .resume import resume_plan
 
 _FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("out", "engine.out_dir"), ("init", "model.init"))
 
@@ -40,36 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def _resume_plan(args: argparse.Namespace) -> tuple[Path | None, bool | str, str | None]:
-    """(run dir whose config.yaml is the base, ``resume`` for train(), out dir override)."""
-    if args.resume is None:
-        return None, False, args.out
-    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
-        # argparse gives `--resume engine.epochs=2` the override as --resume's value.
-        args.overrides.insert(0, args.resume)
-        args.resume = True
-    if args.resume is True:
-        if not args.out:
-            raise ConfigError("--resume without a checkpoint continues the run in --out: pass --out RUN_DIR, "
-                             "or --resume CHECKPOINT_OR_RUN_DIR")
-        if not (Path(args.out) / "config.yaml").is_file():
-            # Nothing to continue yet: start the run, so one command line serves every restart of a job.
-            return None, True, args.out
-        return Path(args.out), True, args.out
-    path = Path(args.resume)
-    if not path.is_dir():
-        raise PathNotFoundError(f"--resume {path}: no such checkpoint or run directory")
-    if (path / "config.yaml").is_file():  # a run directory: continue from its latest checkpoint
-        if args.out and Path(args.out).resolve() != path.resolve():
-            return path, str(path), args.out
-        return path, True, str(path)
-    run = path.parent.parent if path.parent.name == "checkpoints" else None
-    if run is None or not (run / "config.yaml").is_file():
-        raise RunDirError(f"--resume {path}: expected a run directory (with config.yaml) or one of its "
-                         "checkpoints/step_N directories")
-    return run, str(path), args.out or str(run)
-
-
 def run_train(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -77,15 +48,15 @@ def run_train(args: argparse.Namespace) -> int:
     from ..engine.distributed import init_distributed, shutdown_distributed
     from ..train import train
 
-    base_run, resume, out = _resume_plan(args)
+    base_run, resume, out = resume_plan(args)
     recipe = args.recipe
     if base_run is not None:
         if recipe:
             raise ConfigError(
-                f"--recipe cannot be combined with resuming {base_run}: a resumed run keeps its config.yaml; "
+                f"--recipe cannot be combined with resuming {base_run.path}: a resumed run keeps its config.yaml; "
                 "change settings with key=value overrides"
             )
-        recipe = str(base_run / "config.yaml")
+        recipe = str(base_run.config_file)
     flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
@@ -119,7 +90,7 @@ def format_summary(summary: dict, data: str) -> str:
         f"done ({summary['stopped']}): val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}, "
         f"{summary['steps']} steps in {summary['wall_s']:.1f} s",
         f"run dir: {run}",
-        *([f"left out {summary['skipped_files']} broken image files, listed in {run}/bad_files.txt"]
+        *([f"left out {summary['skipped_files']} broken image files, listed in {run}/{BAD_FILES}"]
           if summary.get("skipped_files") else []),
         "next:",
         f"  vitkit eval {run} --data {data}",

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
+from ..models.info import count_flops
+from ..source import load_model
 from .compile import compile_for_inference
 from .memory import peak_forward_bytes
 from .precision import PRECISIONS, autocast
@@ -81,28 +81,12 @@ def matmul_peak_flops(precision: str, device: torch.device, n: int | None = None
     return 2 * n**3 / best
 
 
-def count_forward_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs (2 x multiply-adds) of ``model(x)`` as run, counted op by op."""
-    counter = FlopCounterMode(display=False)
-    # Not every fused attention kernel has a FLOP formula (the CPU flash kernel has none); the math
-    # path's matmuls are the same FLOPs, counted.
-    with counter, torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
-        model(x)
-    return counter.get_total_flops()
-
-
 def _load(model: str | nn.Module, img_size: int | None) -> nn.Module:
-    """A model object as is; a run directory or weights file with its weights (it runs at any input
-    size, the position embedding resampled); a registered name built with random weights."""
+    """A model object as is; any other source through ``load_model`` (a run directory or weights file
+    runs at any input size, the position embedding resampled; a registered name gets random weights)."""
     if isinstance(model, nn.Module):
         return model
-    if os.path.exists(model):
-        from ..predict import load_model
-
-        return load_model(model, device="cpu").model
-    from ..models import create_model
-
-    return create_model(model, img_size=img_size)
+    return load_model(model, device="cpu", pretrained=False, img_size=img_size).model
 
 
 def _timm_key(key: str, theirs: set[str]) -> str:
@@ -184,9 +168,9 @@ def bench(model: str | nn.Module, config: BenchConfig | None = None) -> dict:
         notes.append(f"vitkit with ToMe r={cfg.tome}; the timm model without" if peer is not None else f"ToMe r={cfg.tome}")
     net = net.to(device)
     x1 = torch.randn(1, c, h, w, device=device)
-    gflops = {"vitkit": count_forward_flops(net, x1) / 1e9}
+    gflops = {"vitkit": count_flops(net, x1) / 1e9}
     if peer is not None:
-        gflops["timm"] = count_forward_flops(peer, x1) / 1e9
+        gflops["timm"] = count_flops(peer, x1) / 1e9
     runner = net
     compiled = None
     if cfg.compile:

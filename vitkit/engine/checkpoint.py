@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..errors import PathNotFoundError, TrainingError
+from ..rundir import BEST, CHECKPOINTS, LATEST, STATE_FILE
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model", "objective", "ema")
-STATE_FILE = "trainer_state.pt"
 
 
 class NonFiniteWeightsError(TrainingError):
@@ -170,7 +170,7 @@ def save_checkpoint(
 
     final = root / name
     _replace_dir(tmp, final)
-    atomic_write_text(root / "latest", name + "\n")
+    atomic_write_text(root / LATEST, name + "\n")
 
     if keep_last > 0:
         for old in list_checkpoints(root)[:-keep_last]:
@@ -191,7 +191,7 @@ def save_best(ckpt_root: str | Path, src: str | Path) -> Path:
         except OSError:
             shutil.copy2(f, tmp / f.name)
     atomic_write_text(tmp / "source", src.name + "\n")
-    best = root / "best"
+    best = root / BEST
     _replace_dir(tmp, best)
     return best
 
@@ -203,7 +203,7 @@ def recover_best(ckpt_root: str | Path) -> None:
     ``.old_best`` beside a complete ``best/`` is a leftover and is removed.
     """
     root = Path(ckpt_root)
-    old, best = root / ".old_best", root / "best"
+    old, best = root / ".old_best", root / BEST
     if not old.is_dir():
         return
     if best.is_dir():
@@ -216,8 +216,8 @@ def recover_best(ckpt_root: str | Path) -> None:
 def find_latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (or of a ``checkpoints`` dir), or None."""
     run_dir = Path(run_dir)
-    root = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    pointer = root / "latest"
+    root = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
+    pointer = root / LATEST
     if pointer.exists():
         cand = root / pointer.read_text().strip()
         if (cand / STATE_FILE).exists():

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..rundir import RunDir
 from .checkpoint import atomic_write_text
 
 
@@ -37,7 +38,7 @@ class RunLogger:
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
-        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics_path = RunDir(self.out_dir).metrics
         self._file = None
         self._tb = None
         self._bar = None
@@ -49,7 +50,7 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+                self._tb = SummaryWriter(log_dir=str(RunDir(self.out_dir).tensorboard))
             except ImportError:
                 self.info("tensorboard is not installed: pip install tensorboard (continuing without it)")
 
@@ -123,6 +124,6 @@ def _fmt_s(s: float) -> str:
 
 
 def write_summary(out_dir: str | Path, summary: dict) -> Path:
-    path = Path(out_dir) / "summary.json"
+    path = RunDir(out_dir).summary_json
     atomic_write_text(path, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
     return path

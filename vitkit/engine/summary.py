@@ -8,7 +8,12 @@ from .distributed import all_reduce_sum
 
 
 def build_summary(tr, reason: str, wall_s: float) -> dict:
-    """Summary of trainer ``tr`` after ``fit``; collective (the skip counts are summed over processes)."""
+    """Summary of trainer ``tr`` after ``fit``; collective (the skip counts are summed over processes).
+
+    ``tr.summary_extra``, when set, is called last and its fields are added (and win): whoever
+    drives the trainer (``vitkit.train``) adds what the engine does not know, so that
+    ``summary.json`` has one writer.
+    """
     st = tr.state
     counts = all_reduce_sum(torch.tensor([st.skipped_files], dtype=torch.float64))
     val = {k: v for k, v in tr.last_val.items() if not k.startswith("_")}
@@ -37,4 +42,7 @@ def build_summary(tr, reason: str, wall_s: float) -> dict:
     if tr.ema is not None:
         summary["val_acc_ema"] = val.get("ema_acc1")
     summary.update({f"val_{k}": v for k, v in val.items() if f"val_{k}" not in summary and k != "acc1"})
+    extra = getattr(tr, "summary_extra", None)
+    if extra is not None:
+        summary.update(extra())
     return summary

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, VitkitError
+from ..models import create_model
+from ..source import load_model
+from ..weights_io import save_weights
 
 FORMATS = ("onnx", "safetensors", "pt2")
 TOLERANCE = 1e-4
@@ -119,9 +122,6 @@ def export_program(
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike) -> dict:
     """Write the weights with their model config (``create_model(path)`` rebuilds it) and check the rebuild."""
-    from ..convert.weights import save_weights
-    from ..models import create_model
-
     model = model.eval().cpu()
     path = save_weights(model, path)
     x = _example(model, 1, None)
@@ -134,23 +134,20 @@ def export(
     source: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None, *,
     dynamic_batch: bool = False, opset: int = DEFAULT_OPSET, img_size: int | None = None, use_ema: bool = False,
 ) -> dict:
-    """Export a run directory, checkpoint or weights file (see :func:`vitkit.predict.load_model`).
+    """Export a run directory, checkpoint, weights file or any source of :func:`vitkit.load_model`.
 
     out: the file to write; by default ``model.<suffix>`` beside the weights (in the run
     directory for a run).
     """
-    from ..predict import load_model
-
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} must be one of {FORMATS}")
     if opset < 14:
         raise ConfigError(f"opset {opset} is too old for attention's operators; use 14 or newer (default {DEFAULT_OPSET})")
     loaded = load_model(source, use_ema=use_ema, device="cpu")
     if out is None:
-        where = loaded.run_dir or loaded.weights.parent
-        out = where / f"model{_SUFFIX[fmt]}"
-        if fmt == "safetensors" and Path(out).resolve() == loaded.weights.resolve():
-            out = where / "model.export.safetensors"
+        out = loaded.home / f"model{_SUFFIX[fmt]}"
+        if fmt == "safetensors" and loaded.weights is not None and out.resolve() == loaded.weights.resolve():
+            out = loaded.home / "model.export.safetensors"
     out = Path(out)
     if out.suffix != _SUFFIX[fmt]:
         raise ConfigError(f"a {fmt} export is written to a *{_SUFFIX[fmt]} file, got {out.name}")
@@ -160,6 +157,6 @@ def export(
         result = export_program(loaded.model, out, dynamic_batch=dynamic_batch, img_size=img_size)
     else:
         result = export_safetensors(loaded.model, out)
-    result["source"] = str(loaded.weights)
+    result["source"] = str(loaded.weights or source)
     result["model"] = getattr(loaded.model, "model_name", type(loaded.model).__name__)
     return result

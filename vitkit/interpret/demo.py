@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import ConfigError, VitkitError
 from ..layers.capture import capturable_modules
-from ..predict import LoadedModel, load_model
+from ..source import LoadedModel, load_model
 from .explain import applicable, prepare, render, top_classes
 from .plots import to_array
 

@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..errors import ConfigError, PathNotFoundError
-from ..predict import LoadedModel, _read_image, load_model
+from ..predict import read_image
+from ..source import LoadedModel, load_model
 from .capture import capture_attention, patch_grid
 from .heads import head_maps, top_mass_mask
 from .plots import (
@@ -59,7 +60,7 @@ def applicable(lm: LoadedModel, method: str) -> str | None:
 
 def prepare(lm: LoadedModel, image: str | os.PathLike | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
     """An image file or PIL image -> (uint8 (C, H, W) as the model sees it, normalised (1, C, H, W))."""
-    pil = _read_image(image, lm.in_chans)
+    pil = read_image(image, lm.in_chans)
     if pil.mode not in ("RGB", "L"):
         pil = pil.convert("RGB" if lm.in_chans == 3 else "L")
     pixels = lm.transform(pil)  # (C, H, W) uint8

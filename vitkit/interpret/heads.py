@@ -7,6 +7,8 @@ that holds a fraction ``mass`` of a head's attention.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,6 +50,14 @@ def top_mass_mask(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
 
 
 def last_layer_head_maps(model: nn.Module, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """(B, heads, H', W') readout-to-patch attention of one layer (default the last) per head."""
+    """(B, heads, H', W') readout-to-patch attention of one layer (default the last) per head.
+
+    Deprecated: nothing in vitkit uses it; compose ``capture_attention`` and ``head_maps`` instead.
+    """
+    warnings.warn(
+        "vitkit.interpret.last_layer_head_maps is deprecated and will be removed in the next release: use "
+        "head_maps(capture_attention(model, images, layers=[layer])[0], ...) as vitkit.interpret.explain does",
+        DeprecationWarning, stacklevel=2,
+    )
     maps = capture_attention(model, images, layers=[layer])
     return head_maps(maps[0], maps.num_prefix_tokens, maps.grid, readout_rows(model))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
 from torch import nn
 
-from ..errors import ConfigError, PathNotFoundError
+from ..convert.weights import load_weights
+from ..errors import ConfigError, PathNotFoundError, WeightsError
+from ..weights_io import read_metadata
 from ._registry import get_model_card, get_model_fn
 
 
@@ -30,8 +33,6 @@ def create_model(
         overrides: any other constructor argument (``drop_path_rate=0.1``, ``global_pool="avg"``...).
     """
     if os.path.exists(name):
-        from ..convert.weights import model_from_file
-
         return model_from_file(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **overrides)
     if _looks_like_path(name):
         raise PathNotFoundError(
@@ -60,8 +61,6 @@ def create_model(
     model.model_name = name
     model.model_args = kwargs
     if pretrained:
-        from ..convert.weights import load_weights
-
         source = card.hub_id if pretrained is True else pretrained
         if source is None:
             raise ConfigError(f"model {name!r} has no published weights; pass pretrained=<path or hub id>")
@@ -72,3 +71,37 @@ def create_model(
 def _looks_like_path(name: str) -> bool:
     """Registered names are bare identifiers; a separator or a file suffix means a path was meant."""
     return any(c in name for c in "/\\") or os.path.splitext(name)[1] != ""
+
+
+def model_from_file(
+    path: str | os.PathLike,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    in_chans: int | None = None,
+    **overrides,
+) -> nn.Module:
+    """Rebuild the model saved by ``save_weights`` and load its weights.
+
+    Overrides change the architecture before loading; the weights adapt (a new ``img_size``
+    resamples the position embedding, a new ``num_classes`` starts a fresh head).
+    """
+    meta = read_metadata(path)
+    if not meta.get("model_name"):
+        raise WeightsError(
+            f"{path} has no vitkit metadata (it was not written by save_weights); build the model with "
+            "vitkit.create_model(name) and call vitkit.load_weights(model, path)"
+        )
+    args = json.loads(meta.get("model_args", "{}"))
+    args.update(overrides)
+    for key, value in (("num_classes", num_classes), ("img_size", img_size), ("in_chans", in_chans)):
+        if value is not None:
+            args[key] = value
+    model = create_model(meta["model_name"], **args)
+    load_weights(model, path, verbose=False)
+    saved_card = json.loads(meta.get("card", "{}"))
+    labels = tuple(saved_card.get("labels") or ())
+    if labels and len(labels) == model.num_classes:
+        # Class names and the normalisation the weights were trained with travel with them.
+        keep = {k: tuple(saved_card[k]) for k in ("mean", "std") if len(saved_card.get(k) or ()) == model.in_chans}
+        model.card = replace(model.card, labels=labels, **keep)
+    return model

@@ -7,9 +7,11 @@ backbones alike.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._builder import create_model
@@ -19,15 +21,22 @@ def _count(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> int:
-    """FLOPs (2 x multiply-adds) of one forward pass, counted op by op."""
+def count_flops(model: torch.nn.Module, input_size: tuple[int, int, int] | torch.Tensor, batch: int = 1) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass, counted op by op.
+
+    ``input_size`` (C, H, W) counts on the meta device (``model`` must be on it or movable);
+    a tensor counts ``model(x)`` as run on its device, so data-dependent paths (token merging) show.
+    """
     return _flops(model, input_size, batch).get_total_flops()
 
 
-def _flops(model: torch.nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> FlopCounterMode:
-    x = torch.empty(batch, *input_size, device="meta")
+def _flops(model: torch.nn.Module, input_size: tuple[int, int, int] | torch.Tensor, batch: int = 1) -> FlopCounterMode:
+    real = isinstance(input_size, torch.Tensor)
+    x = input_size if real else torch.empty(batch, *input_size, device="meta")
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    # Not every fused attention kernel has a FLOP formula (the CPU flash kernel has none); the math
+    # path's matmuls are the same FLOPs, counted.
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH) if real else contextlib.nullcontext():
         model(x)
     return counter
 

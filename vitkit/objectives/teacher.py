@@ -1,10 +1,10 @@
 """The frozen teacher of the distillation objectives: where it comes from, and what it sees.
 
 :func:`load_teacher` turns ``objective.teacher`` into a model and a reference (source and the
-sha256 of its weights). A source is
+sha256 of its weights). A source is anything :func:`vitkit.load_model` reads:
 
 - a run directory, a checkpoint directory or a ``.safetensors`` file written by vitkit (the
-  architecture and preprocessing travel with the weights, see :func:`vitkit.predict.load_model`);
+  architecture and preprocessing travel with the weights);
 - any other weights file or a hub id, with ``objective.teacher_model`` naming the architecture
   (a hub id published by a registered model needs no name);
 - a registered model name, with the weights its card publishes.
@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, PathNotFoundError
+from ..models import list_models
+from ..source import ArchitectureNeededError, load_model
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -44,66 +45,32 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _hub_card_name(repo_id: str) -> str | None:
-    """The registered model whose card publishes ``repo_id``, if any."""
-    from ..models import get_model_card, list_models
-
-    repo_id = repo_id.removeprefix("hf-hub:")
-    return next((n for n in list_models() if get_model_card(n).hub_id == repo_id), None)
-
-
-def _from_weights(source: str, model_name: str, num_classes: int | None) -> nn.Module:
-    from ..convert import load_weights
-    from ..models import create_model
-
-    model = create_model(model_name, num_classes=num_classes)
-    load_weights(model, source, verbose=False)
-    return model
-
-
 def _build(source: str, model_name: str | None, num_classes: int | None) -> nn.Module:
-    from ..convert.weights import is_hub_id, read_metadata
-    from ..models import create_model, list_models
-
-    path = Path(source).expanduser()
-    if path.exists():
-        described = path.is_dir() or (path.suffix == ".safetensors" and read_metadata(path).get("model_name"))
-        if described:
-            from ..predict import load_model
-
-            model = load_model(path, device="cpu").model
-            if model_name and model_name != getattr(model, "model_name", model_name):
-                raise ConfigError(
-                    f"objective.teacher={source} holds a {model.model_name}, but objective.teacher_model={model_name}:"
-                    " drop teacher_model (the weights carry their architecture)"
-                )
-            return model
-        if not model_name:
-            raise ConfigError(
-                f"objective.teacher={source} is a weights file without vitkit metadata: name its architecture "
-                "with objective.teacher_model=<registered name>"
-            )
-        return _from_weights(str(path), model_name, num_classes)
-    if source in list_models():
-        try:
-            return create_model(source, pretrained=True)
-        except ConfigError as e:
-            raise ConfigError(
-                f"objective.teacher={source}: {e}. Train a teacher first and pass its run directory "
-                "(objective.teacher=runs/<teacher run>), or a weights file with objective.teacher_model"
-            ) from None
-    if is_hub_id(source):
-        name = model_name or _hub_card_name(source)
-        if name is None:
-            raise ConfigError(
-                f"objective.teacher={source} is a hub id that no registered model publishes: name its "
-                "architecture with objective.teacher_model=<registered name>"
-            )
-        return _from_weights(source, name, num_classes)
-    raise PathNotFoundError(
-        f"objective.teacher={source!r} is not an existing run directory or weights file, a registered model "
-        "(see `vitkit models`) or a hub id 'owner/name'"
-    )
+    """``load_model`` with the messages phrased in the objective's keys."""
+    try:
+        model = load_model(source, device="cpu", model_name=model_name, num_classes=num_classes).model
+    except ArchitectureNeededError as e:
+        raise ConfigError(
+            f"objective.teacher={source} {e.what}: name its architecture with objective.teacher_model=<registered name>"
+        ) from None
+    except PathNotFoundError:
+        raise PathNotFoundError(
+            f"objective.teacher={source!r} is not an existing run directory or weights file, a registered model "
+            "(see `vitkit models`) or a hub id 'owner/name'"
+        ) from None
+    except ConfigError as e:
+        if source not in list_models():
+            raise ConfigError(f"objective.teacher={source}: {e}") from None
+        raise ConfigError(
+            f"objective.teacher={source}: {e}. Train a teacher first and pass its run directory "
+            "(objective.teacher=runs/<teacher run>), or a weights file with objective.teacher_model"
+        ) from None
+    if model_name and model_name != getattr(model, "model_name", model_name):
+        raise ConfigError(
+            f"objective.teacher={source} holds a {model.model_name}, but objective.teacher_model={model_name}:"
+            " drop teacher_model (the weights carry their architecture)"
+        )
+    return model
 
 
 def load_teacher(source: str | os.PathLike, model_name: str | None = None,

@@ -1,0 +1,220 @@
+"""`load_model(source)`: the one answer to "where does this model come from".
+
+Every command that reads a model (eval, predict, explain, export, bench, probe, demo) and the
+distillation teacher go through :func:`load_model`. A source is
+
+- a run directory (``run.json`` inside): its final weights; for a run that did not finish, its
+  ``checkpoints/best/`` weights, else its latest checkpoint's (see :meth:`RunDir.weights`);
+- a checkpoint directory of a run (``<run>/checkpoints/step_N/`` or ``best/``);
+- a ``.safetensors`` file written by ``save_weights`` (it carries the model config and class
+  names), or a folder holding one as ``model.safetensors``;
+- any other weights file or folder (timm, Hugging Face, official layouts), or a hub repo id,
+  with ``model_name`` naming the architecture (a hub id that a registered model's card
+  publishes needs no name);
+- a registered model name: its published weights (``pretrained=False``: random weights).
+
+>>> from vitkit import load_model
+>>> lm = load_model("runs/my-run")
+>>> lm.model, lm.labels, lm.transform
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert.weights import load_weights
+from .data import EvalTransform, Normalize
+from .errors import ConfigError, PathNotFoundError, RunDirError, WeightsError
+from .models import create_model, get_model_card, list_models
+from .rundir import STATE_FILE, WEIGHTS, RunDir
+from .weights_io import is_hub_id, read_metadata
+
+
+class ArchitectureNeededError(WeightsError):
+    """The weights do not carry their architecture and no ``model_name`` names it.
+
+    ``what`` says what the source is ("a weights file without vitkit metadata", ...), so a
+    caller with its own option for the architecture (``objective.teacher_model``) can say which.
+    """
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the preprocessing it was trained with.
+
+    ``config`` is the run's resolved config (empty without a run directory); ``settings`` holds
+    its data settings that decide which images form a split (``val_fraction``, ``seed``,
+    ``max_bad_fraction``).
+    """
+
+    model: nn.Module
+    transform: EvalTransform
+    normalize: Normalize
+    labels: tuple[str, ...]
+    weights: Path | None
+    run_dir: Path | None
+    device: torch.device
+    settings: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.transform.in_chans
+
+    @property
+    def home(self) -> Path:
+        """Where outputs about this model go by default: its run, else its weights' folder, else here."""
+        if self.run_dir is not None:
+            return self.run_dir
+        return self.weights.parent if self.weights is not None else Path.cwd()
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) from ``transform`` -> float32 logits (B, num_classes)."""
+        return self.model(self.normalize(images.to(self.device))).float()
+
+
+def resolve_weights(source: str | os.PathLike, use_ema: bool = False) -> tuple[Path, RunDir | None]:
+    """An existing file or folder -> (the weights file or folder to read, the run it belongs to).
+
+    Raises:
+        PathNotFoundError: ``source`` does not exist.
+        ConfigError: ``use_ema`` with a single weights file.
+        RunDirError: a run without weights yet, a folder that is none of the above.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise PathNotFoundError(
+            f"no such file or folder: {source}: pass a vitkit run directory or a .safetensors weights file"
+        )
+    if path.is_file():
+        if use_ema:
+            raise ConfigError(f"EMA weights live in a run's checkpoints; {path} is a single weights file")
+        return path, RunDir.of_checkpoint(path)
+    run = RunDir(path)
+    if run.is_run():
+        return run.weights(ema=use_ema), run
+    if RunDir.is_checkpoint(path):
+        return RunDir.checkpoint_weights(path, use_ema), RunDir.of_checkpoint(path)
+    if (path / WEIGHTS).is_file() and not use_ema:
+        return path / WEIGHTS, None
+    raise RunDirError(
+        f"{path} is not a vitkit run directory (no run.json), a checkpoint directory (no {STATE_FILE}) "
+        f"or a folder with {WEIGHTS}"
+    )
+
+
+def _self_described(weights: Path) -> bool:
+    return weights.is_file() and weights.suffix == ".safetensors" and bool(read_metadata(weights).get("model_name"))
+
+
+def _from_run(weights: Path, run: RunDir, cfg: dict) -> nn.Module:
+    """The model of run.json with ``weights`` loaded and the run's classes and normalisation."""
+    info = run.read_run_info()
+    model = create_model(
+        info["model"], num_classes=info["num_classes"], img_size=info["img_size"], in_chans=info["in_chans"],
+        **dict(cfg.get("model", {}).get("args") or {}),
+    )
+    load_weights(model, weights, verbose=False)
+    model.card = replace(model.card, labels=tuple(info["classes"]), mean=tuple(info["mean"]), std=tuple(info["std"]))
+    return model
+
+
+def _named(model_name: str, weights, num_classes: int | None) -> nn.Module:
+    model = create_model(model_name, num_classes=num_classes)
+    load_weights(model, weights, verbose=False)
+    return model
+
+
+def _hub_card_name(repo_id: str) -> str | None:
+    """The registered model whose card publishes ``repo_id``, if any."""
+    repo_id = repo_id.removeprefix("hf-hub:")
+    return next((n for n in list_models() if get_model_card(n).hub_id == repo_id), None)
+
+
+def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int | None, pretrained: bool,
+           img_size: int | None) -> tuple[nn.Module, Path | None, RunDir | None]:
+    if Path(source).expanduser().exists():
+        weights, run = resolve_weights(source, use_ema)
+        if _self_described(weights):
+            return create_model(str(weights)), weights, run
+        if run is not None:
+            return _from_run(weights, run, run.read_config()), weights, run
+        if model_name:
+            return _named(model_name, weights, num_classes), weights, None
+        raise ArchitectureNeededError(
+            f"{weights} holds no model config (it was not written by save_weights) and no run.json sits above it: "
+            "pass the run directory, or name the architecture (load_model(path, model_name=...), or "
+            "vitkit.create_model(name) and vitkit.load_weights)",
+            "is a weights file without vitkit metadata",
+        )
+    if is_hub_id(source):
+        name = model_name or _hub_card_name(source)
+        if name is None:
+            raise ArchitectureNeededError(
+                f"no such file or folder: {source!r}; read as a hub id, no registered model publishes it, so its "
+                "architecture is unknown: check the path, or name the architecture (model_name=...)",
+                "is a hub id that no registered model publishes",
+            )
+        return _named(name, source, num_classes), None, None
+    # A registered name; anything else gets create_model's "no such file" or "unknown model (did you mean)".
+    return create_model(source, pretrained=pretrained, img_size=img_size), None, None
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    use_ema: bool = False,
+    device: str | torch.device | None = None,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = True,
+    img_size: int | None = None,
+) -> LoadedModel:
+    """Build the model a source names (see the module notes), in eval mode, with its preprocessing.
+
+    Args:
+        source: a run or checkpoint directory, a weights file or folder, a registered name or a hub id.
+        use_ema: the EMA weights of the run's checkpoint (needs a run trained with engine.ema_decay).
+        device: defaults to CUDA when available, else the CPU.
+        model_name: the architecture of weights that do not carry it (ignored for those that do).
+        num_classes: the head of an architecture built from ``model_name`` (default: its card's).
+        pretrained / img_size: for a registered name: load its published weights (else random
+            ones), and the input size to build it at.
+    """
+    source = str(source)
+    model, weights, run = _build(source, use_ema, model_name, num_classes, pretrained, img_size)
+    cfg = run.read_config() if run is not None else {}
+    card = model.card
+    data_cfg = cfg.get("data", {})
+    crop_pct = data_cfg.get("crop_pct") or card.crop_pct
+    in_chans, height, width = card.input_size
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    labels = tuple(card.labels) if len(card.labels) == model.num_classes else ()
+    settings = {k: data_cfg[k] for k in ("val_fraction", "max_bad_fraction") if k in data_cfg}
+    if "seed" in cfg.get("engine", {}):
+        settings["seed"] = cfg["engine"]["seed"]
+    return LoadedModel(
+        model=model.to(dev).eval(),
+        transform=EvalTransform((height, width), in_chans, crop_pct=crop_pct, interpolation=card.interpolation),
+        normalize=Normalize(card.mean, card.std),
+        labels=labels,
+        weights=weights,
+        run_dir=run.path if run is not None else None,
+        device=dev,
+        settings=settings,
+        config=cfg,
+    )
