@@ -10,7 +10,7 @@ from torch import nn
 
 from vitkit.engine import LRSchedule, ModelEma, OptimConfig, ScheduleConfig, build_optimizer, param_groups
 from vitkit.engine.schedule import lr_at
-from vitkit.engine.trainer import resolve_amp
+from vitkit.engine.runtime import resolve_amp
 from vitkit.objectives import Supervised
 
 

@@ -185,8 +185,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.re_mode must be pixel or const, got {d.re_mode!r}")
     if e.epochs < 1:
         raise ConfigError(f"engine.epochs must be >= 1, got {e.epochs}")
-    if e.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ConfigError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+    if e.amp not in ("auto", "bf16", "fp16", "fp32", "none"):
+        raise ConfigError(f"engine.amp must be auto, bf16, fp16 or fp32 (none), got {e.amp!r}")
     parse_duration(e.time_budget)  # a bad duration fails here, before any data is read
     from .objectives import objective_config
 

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from ..data.views import MultiCrop, ViewAugment, dino_styles
 from ..engine.distributed import all_reduce_sum, get_world_size
+from ..engine.ema import ema_update
+from ..engine.protocol import StepContext
 from .registry import register_objective
-from .ssl import SelfSupervised, backbone_features, context_kwargs, cosine_ramp, ema_update, frozen_copy
+from .ssl import SelfSupervised, backbone_features, context_kwargs, cosine_ramp, frozen_copy
 from .ssl_heads import DINOHead
 
 
@@ -140,7 +142,7 @@ class DINO(SelfSupervised):
             return False
         return int(self.freeze_steps) < 0 or int(self.step) < int(self.freeze_steps)
 
-    def on_step_end(self, ctx) -> None:
+    def on_step_end(self, ctx: StepContext) -> None:
         momentum = cosine_ramp(self.cfg.momentum_teacher, 1.0, float(self.progress))
         ema_update(self.teacher, self.model, momentum)
         ema_update(self.teacher_head, self.head, momentum)
