@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from vitkit.engine import LRSchedule, ModelEma, OptimConfig, ScheduleConfig, build_optimizer, param_groups
-from vitkit.engine.schedule import lr_at
 from vitkit.engine.runtime import resolve_amp
+from vitkit.engine.schedule import lr_at
 from vitkit.objectives import Supervised
 
 
