@@ -27,6 +27,7 @@ from torch import nn
 
 from .data import BadImageError, EvalTransform, Normalize, decode_image
 from .engine.checkpoint import STATE_FILE, find_latest
+from .engine.runtime import resolve_device
 from .errors import ConfigError, DataError, PathNotFoundError, RunDirError, WeightsError
 
 _WEIGHTS = "model.safetensors"
@@ -164,7 +165,7 @@ def load_model(
     data_cfg = cfg.get("data", {})
     crop_pct = data_cfg.get("crop_pct") or card.crop_pct
     in_chans, height, width = card.input_size
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     labels = tuple(card.labels) if len(card.labels) == model.num_classes else ()
     settings = {k: data_cfg[k] for k in ("val_fraction", "max_bad_fraction") if k in data_cfg}
     if "seed" in cfg.get("engine", {}):

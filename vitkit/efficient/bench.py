@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..engine.runtime import resolve_device
 from ..errors import ConfigError
 from .compile import compile_for_inference
 from .memory import peak_forward_bytes
@@ -170,7 +171,7 @@ def bench(model: str | nn.Module, config: BenchConfig | None = None) -> dict:
         raise ConfigError(f"reps must be >= 1 and warmup >= 0, got {cfg.reps} and {cfg.warmup}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     net = _load(model, cfg.img_size).eval()
     c, h, w = net.card.input_size if hasattr(net, "card") else (3, cfg.img_size or 224, cfg.img_size or 224)
     if cfg.img_size:
