@@ -1,4 +1,5 @@
-"""Detecting a dataset's format from its path and reading it into an :class:`ImageDataset`.
+"""Detecting a dataset's format from its path and opening it with that format's reader
+(:mod:`.trees`, :mod:`.arrays`, :mod:`.webdataset`, :mod:`.shapes`).
 
 Supported (``build_dataset`` picks by looking at the path):
 
