@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from .config import TrainConfig, save_config, to_dict, user_keys, uses_plan
+from .convert import load_weights
 from .data import (
     BatchAugment,
     EvalTransform,
@@ -112,8 +113,6 @@ def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> 
             f"cannot build {choice.name} at {choice.img_size} px with model.args={dict(cfg.model.args)}: {e}"
         ) from e
     if cfg.model.init:
-        from .convert import load_weights
-
         report = load_weights(model, cfg.model.init, verbose=verbose)
         if verbose and report is not None:
             print(f"initialised from {cfg.model.init}")

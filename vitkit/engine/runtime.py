@@ -33,19 +33,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# The one precision vocabulary: name -> autocast dtype (None: full precision). The engine's
+# config also says "none" for fp32, and "auto" for bf16 where the hardware runs it natively.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for precision ``amp`` on ``device`` (None = full precision).
 
-    The one precision vocabulary: ``bf16``, ``fp16``, ``fp32`` (or ``none``: full precision) and
-    ``auto`` (bf16 where the hardware runs it natively, else full precision).
+    ``amp`` is a name of :data:`PRECISIONS`, ``none`` (= ``fp32``) or ``auto`` (bf16 where the
+    hardware runs it natively, else full precision).
     """
-    amp = amp.lower()
-    if amp in ("none", "fp32"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
+    amp = "fp32" if amp.lower() == "none" else amp.lower()
+    if amp in PRECISIONS:
+        return PRECISIONS[amp]
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
