@@ -54,9 +54,9 @@ def _model_args(spec: str) -> dict:
 
 def idx_subset(path: str, n_train: int, n_test: int, out: Path) -> str:
     """The first ``n_train`` / ``n_test`` samples of an IDX dataset (MNIST layout), written under ``out``."""
-    from vitkit.data.formats import _find_idx, read_idx
+    from vitkit.data.arrays import find_idx, read_idx
 
-    files = _find_idx(path)
+    files = find_idx(path)
     if files is None:
         raise SystemExit(f"--subset works on IDX folders (MNIST layout); {path} is not one")
     out.mkdir(parents=True, exist_ok=True)

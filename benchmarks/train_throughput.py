@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import vitkit
 from vitkit._peers import import_peer
 from vitkit.config import load_config
-from vitkit.engine.trainer import resolve_amp
+from vitkit.engine.runtime import resolve_amp
 from vitkit.train import build_run
 
 from _common import machine, versions, write_json
@@ -63,7 +63,7 @@ class _StepClock:
     def __init__(self):
         self.times: list[float] = []
 
-    def on_step_end(self, trainer, step, metrics) -> None:
+    def on_step_end(self, ctx) -> None:
         self.times.append(time.perf_counter())
 
 

@@ -324,10 +324,10 @@ class BadLoaderData(ToyDataset):
 class NaNOnSave:
     """Hook: makes rank 0's weights NaN after the last step, so its checkpoint write fails."""
 
-    def on_step_end(self, trainer, step, metrics):
-        if step == trainer.total_steps and get_rank() == 0:
+    def on_step_end(self, ctx):
+        if ctx.step == ctx.total_steps and get_rank() == 0:
             with torch.no_grad():
-                next(trainer.objective.parameters()).fill_(float("nan"))
+                next(ctx.trainer.objective.parameters()).fill_(float("nan"))
 
 
 def _failing_worker(rank: int, world: int, port: int, out: str, case: str) -> None:

@@ -498,3 +498,31 @@ def test_cifar_batches_of_any_pickle_protocol_load(tmp_path, protocol):
     ds = build_dataset(str(tmp_path), "train")
     assert ds.targets == [3, 1]
     np.testing.assert_array_equal(np.asarray(ds[1][0])[..., 0].ravel(), data[1, :1024])
+
+
+def test_data_stage_reports_the_split_it_uses(tmp_path):
+    """val_fraction=0.3 on a class folder: DatasetInfo and run.json count the split the run uses
+    (30% per class, broken files left out), not a default 10% split."""
+    from vitkit.config import load_config
+    from vitkit.data import prepare_data
+    from vitkit.train import build_run
+
+    root = _write_tree(tmp_path / "ds", per_class=20, splits=(None,))
+    (root / CLASSES[0] / "zz_broken.jpg").write_bytes(b"not a picture")
+    stage = prepare_data(str(root), val_fraction=0.3, seed=0, max_bad_fraction=0.2)
+    assert len(stage.scan.bad) == 1 and stage.in_chans == 3
+    n_train, n_val = stage.info.n_train, stage.info.n_val
+    assert (n_train, n_val) == (len(stage.train), len(stage.val)) and n_train + n_val == 60
+    assert n_val in (17, 18)  # 6 of each class's 20-21 files (a 10% split would hold 6 in all)
+    assert sum(stage.info.class_counts) == n_train and np.bincount(stage.train.targets).tolist() == list(
+        stage.info.class_counts)
+
+    cfg = load_config(overrides=[
+        "model.name=test_vit", f"data.path={root}", "data.img_size=32", "data.batch_size=8", "data.num_workers=0",
+        "data.val_fraction=0.3", "data.max_bad_fraction=0.2", "engine.epochs=1", f"engine.out_dir={tmp_path / 'run'}",
+    ])
+    trainer, run_info = build_run(cfg, verbose=False)
+    assert (run_info["n_train"], run_info["n_val"]) == (n_train, n_val) == (
+        len(trainer.train_loader.dataset), len(trainer.val_loader.dataset))
+    assert list(run_info["class_counts"].values()) == list(stage.info.class_counts)
+    assert len(run_info["bad_files"]) == 1

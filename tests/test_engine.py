@@ -258,3 +258,20 @@ def test_device_cuda_without_cuda_is_a_training_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(TrainingError, match="device=cuda but CUDA is not available"):
         make_trainer(tmp_path, device="cuda")
+
+
+def test_engine_never_imports_objectives():
+    """The engine defines the protocol objectives build on; importing them back would be a layering loop."""
+    import ast
+    from pathlib import Path
+
+    import vitkit.engine
+
+    found = []
+    for path in Path(vitkit.engine.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and "objectives" in (node.module or ""):
+                found.append(f"{path.name}:{node.lineno}")
+            elif isinstance(node, ast.Import) and any("objectives" in a.name for a in node.names):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"vitkit.engine imports vitkit.objectives at {found}"

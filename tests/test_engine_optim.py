@@ -8,9 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from vitkit.engine import LRSchedule, ModelEma, OptimConfig, ScheduleConfig, build_optimizer, param_groups
+from vitkit.engine import (
+    LRSchedule,
+    ModelEma,
+    OptimConfig,
+    ScheduleConfig,
+    build_optimizer,
+    ema_update,
+    param_groups,
+)
+from vitkit.engine.runtime import resolve_amp
 from vitkit.engine.schedule import lr_at
-from vitkit.engine.trainer import resolve_amp
 from vitkit.objectives import Supervised
 
 
@@ -131,9 +139,23 @@ def test_ema_update_values():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_update_of_parameters_only_leaves_buffers():
+    """The teachers' form (DINO, MoCo v3): parameters move, buffers are not touched."""
+    target, source = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    with torch.no_grad():
+        source.weight.fill_(3.0)
+        source.running_mean.fill_(5.0)
+        source.num_batches_tracked.fill_(4)
+    ema_update(target, source, 0.75)
+    assert target.weight.tolist() == pytest.approx([1.5, 1.5])  # 0.75 * 1 + 0.25 * 3
+    assert target.running_mean.tolist() == [0.0, 0.0] and int(target.num_batches_tracked) == 0
+    ema_update(target, source, 0.5, buffers=True)
+    assert target.running_mean.tolist() == [2.5, 2.5] and int(target.num_batches_tracked) == 4
+
+
 def test_resolve_amp():
     cpu = torch.device("cpu")
-    assert resolve_amp("none", cpu) is None
+    assert resolve_amp("none", cpu) is None and resolve_amp("fp32", cpu) is None
     assert resolve_amp("bf16", cpu) is torch.bfloat16 and resolve_amp("fp16", cpu) is torch.float16
     assert resolve_amp("auto", cpu) in (None, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown amp"):

@@ -69,8 +69,8 @@ class TinyDino(Objective):
             self.center.lerp_(batch_center, 1 - self.center_momentum)
         return {"loss": loss / n, "teacher_entropy": -(t_prob[0] * t_prob[0].clamp_min(1e-12).log()).sum(-1).mean()}
 
-    def on_step_end(self, step, total_steps):
-        m = 1 - (1 - self.base_momentum) * (math.cos(math.pi * step / total_steps) + 1) / 2
+    def on_step_end(self, ctx):
+        m = 1 - (1 - self.base_momentum) * (math.cos(math.pi * ctx.step / ctx.total_steps) + 1) / 2
         self.momentum.fill_(m)
         with torch.no_grad():
             t, s = list(self.teacher.parameters()), list(self.model.parameters())

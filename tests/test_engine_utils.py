@@ -138,9 +138,9 @@ class CrashAt:
     def __init__(self, step: int):
         self.step = step
 
-    def on_step_end(self, trainer, step, metrics):
-        if step == self.step:
-            raise Crash(step)
+    def on_step_end(self, ctx):
+        if ctx.step == self.step:
+            raise Crash(ctx.step)
 
 
 def free_port() -> int:

@@ -137,8 +137,8 @@ def test_dino_schedules_centre_and_last_layer_freeze(tmp_path):
         def __init__(self):
             self.v = []
 
-        def on_step_end(self, trainer, step, metrics):
-            self.v.append(trainer.objective.head.last_layer.weight_v.detach().clone())
+        def on_step_end(self, ctx):
+            self.v.append(ctx.trainer.objective.head.last_layer.weight_v.detach().clone())
 
     rec = Record()
     tr = ssl_trainer(tmp_path, dino, hooks=[rec], optim={"lr": 1e-3, "weight_decay": 0.04})

@@ -16,9 +16,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.rand_augment import parse_rand_augment
 from .engine.budget import parse_duration
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
 from .errors import ConfigError, PathNotFoundError
+from .objectives import objective_config
 
 
 @dataclass
@@ -185,11 +187,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.re_mode must be pixel or const, got {d.re_mode!r}")
     if e.epochs < 1:
         raise ConfigError(f"engine.epochs must be >= 1, got {e.epochs}")
-    if e.amp not in ("auto", "bf16", "fp16", "none"):
-        raise ConfigError(f"engine.amp must be auto, bf16, fp16 or none, got {e.amp!r}")
+    if e.amp not in ("auto", "bf16", "fp16", "fp32", "none"):
+        raise ConfigError(f"engine.amp must be auto, bf16, fp16 or fp32 (none), got {e.amp!r}")
     parse_duration(e.time_budget)  # a bad duration fails here, before any data is read
-    from .objectives import objective_config
-
     objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys
 
 
@@ -208,8 +208,6 @@ def _get(cfg: TrainConfig, key: str):
 
 def _validate_choices(cfg: TrainConfig) -> None:
     """Ranges and choices the engine and the data pipeline would otherwise reject mid-setup."""
-    from .data.rand_augment import parse_rand_augment
-
     for key, allowed in _CHOICES:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")

@@ -1,8 +1,8 @@
 """The data-aware plan: what ``vitkit train --data DIR`` trains when no recipe is named.
 
 From the dataset scan (:class:`~vitkit.data.inspect.DatasetInfo`) and a short timed calibration
-on this machine (:func:`calibrate`: a few training steps of each candidate model, and the cost
-of decoding and cropping real images), :func:`make_plan` chooses the model, resolution, batch,
+on this machine (:func:`calibrate`, with the timers of :mod:`vitkit.plan_calibrate`: a few
+training steps of each candidate model, and the cost of decoding and cropping real images), :func:`make_plan` chooses the model, resolution, batch,
 lr, schedule, augmentation, regularisation and length, each with a one-line reason.
 :func:`make_plan` is a pure function of those numbers, so tests can check it on synthetic scans.
 
@@ -24,11 +24,16 @@ Rules, all derived from the scan and the measured speed (no dataset is special-c
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 
+import torch
+
 from .data.inspect import DatasetInfo
+from .engine.budget import parse_duration
+from .engine.runtime import resolve_amp
+from .models import create_model
+from .plan_calibrate import PRETRAINED_MODEL, find_pretrained, time_decode, time_model
 
 SMALL_SIDE, MEDIUM_SIDE = 48, 128
 MIN_EPOCHS = 15  # passes the larger candidate must still get to be chosen
@@ -42,7 +47,6 @@ MIN_CLASS_IMAGES = 10
 # AdamW lr at a batch of 128 (from the tuned small-image recipe, 6e-3 per 512; fine-tuning 1e-3
 # per 512), square-root scaled to the planned batch: linear scaling starves small batches.
 SCRATCH_LR_128, FINETUNE_LR_128 = 1.5e-3, 2.5e-4
-PRETRAINED_MODEL = "deit_tiny_patch16_224"
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,6 @@ def cpu_budget_s(n_train: int) -> float:
 
 def planned_budget_s(n_train: int, user: dict[str, object], device: str) -> float | None:
     """The run's time budget: the user's, else :func:`cpu_budget_s` on a CPU unless epochs were set."""
-    from .engine.budget import parse_duration
-
     if "engine.time_budget" in user:
         return parse_duration(user["engine.time_budget"])
     if "engine.epochs" in user or device == "cuda":
@@ -158,10 +160,6 @@ def _train_rate(calib: Calibration, cand: Candidate) -> float:
 
 def _first_stage_tokens(cand: Candidate) -> int:
     """Tokens in the candidate's first feature map at its resolution, asked of the model itself."""
-    import torch
-
-    from .models import create_model
-
     with torch.device("meta"):
         model = create_model(cand.name, img_size=cand.img_size, **dict(cand.args))
     stride = model.feature_info[0]["reduction"]
@@ -298,104 +296,12 @@ def _class_notes(info: DatasetInfo, plan: Plan) -> None:
                           "their accuracy will be unreliable, add images if you can")
 
 
-# ---------------------------------------------------------------------- measuring this machine
-
-
-def find_pretrained(model_name: str = PRETRAINED_MODEL, timeout_s: float = 3.0) -> str | None:
-    """The hub id of ``model_name``'s weights if they are in the local HF cache or the hub answers in time."""
-    from .models import get_model_card
-
-    hub_id = get_model_card(model_name).hub_id
-    if not hub_id:
-        return None
-    try:
-        from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(hub_id, name), str):
-            return hub_id
-    if constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        HfApi().model_info(hub_id, timeout=timeout_s)
-    except Exception:  # any failure (no network, DNS, timeout, HTTP error) means: not reachable
-        return None
-    return hub_id
-
-
-def _time_model(cand: Candidate, in_chans: int, num_classes: int, batch: int, device, amp_dtype,
-                min_s: float = 1.0, max_steps: int = 8) -> float:
-    """(training, evaluation) img/s of ``cand``: two untimed steps, then timed forward+backward+update
-    steps for at least ``min_s`` seconds (at least 2, at most ``max_steps`` steps); then forward-only
-    passes at twice the batch, as the evaluation runs, for a third of that."""
-    import torch
-    from torch.nn import functional as F
-
-    from .models import create_model
-
-    model = create_model(cand.name, num_classes=num_classes, img_size=cand.img_size, in_chans=in_chans,
-                         **dict(cand.args)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, in_chans, cand.img_size, cand.img_size, device=device)
-    y = torch.randint(0, num_classes, (batch,), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step()
-    step()  # the first steps pay for kernel selection and allocation
-    t0 = time.perf_counter()
-    n = 0
-    while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s):
-        step()
-        n += 1
-    train_rate = batch * n / (time.perf_counter() - t0)
-
-    model.eval()
-    x2 = torch.cat([x, x])
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        model(x2)
-        t0 = time.perf_counter()
-        n = 0
-        while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s / 3):
-            model(x2)
-            n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return train_rate, 2 * batch * n / (time.perf_counter() - t0)
-
-
-def _time_decode(dataset, img_size: int, in_chans: int, n: int = 32) -> float:
-    """Seconds to read, decode and random-crop one image of ``dataset`` (median-free mean over ``n``)."""
-    import numpy as np
-
-    from .data import TrainTransform
-
-    if not hasattr(dataset, "__len__") or len(dataset) == 0:
-        return 0.0
-    tf = TrainTransform(img_size, in_chans, scale=(0.35, 1.0))
-    idx = np.random.default_rng(0).permutation(len(dataset))[:n]
-    t0 = time.perf_counter()
-    for i in idx:
-        tf(dataset[int(i)][0])
-    return (time.perf_counter() - t0) / len(idx)
-
-
 def calibrate(info: DatasetInfo, dataset, cfg, user: dict[str, object], device) -> Calibration:
     """Time the candidate models and the image pipeline here (a few seconds).
 
     The fastest candidate is timed first; a more capable one only when the budget would give the
     fast one at least ``MIN_EPOCHS`` passes (else the slower one cannot qualify).
     """
-    from .engine.trainer import resolve_amp
-
     pretrained = find_pretrained() if max(info.typical_size) > MEDIUM_SIDE else None
     cands = candidates(info, pretrained)
     if "model.name" in user:
@@ -405,11 +311,11 @@ def calibrate(info: DatasetInfo, dataset, cfg, user: dict[str, object], device) 
     batch = int(user.get("data.batch_size") or planned_batch(info.n_train, device.type, finetune))
     amp_dtype = resolve_amp(cfg.engine.amp, device)
     in_chans = cfg.data.in_chans or info.in_chans
-    calib = Calibration(device.type, {}, _time_decode(dataset, cands[0].img_size, in_chans), pretrained)
+    calib = Calibration(device.type, {}, time_decode(dataset, cands[0].img_size, in_chans), pretrained)
     budget_s = planned_budget_s(info.n_train, user, device.type)
     for c in reversed(cands):
-        calib.img_per_s[c.key], calib.eval_img_per_s[c.key] = _time_model(
-            c, in_chans, info.num_classes, batch, device, amp_dtype
+        calib.img_per_s[c.key], calib.eval_img_per_s[c.key] = time_model(
+            c.name, c.img_size, dict(c.args), in_chans, info.num_classes, batch, device, amp_dtype
         )
         if budget_s is not None and _train_rate(calib, c) * 0.9 * budget_s / max(1, info.n_train) < MIN_EPOCHS:
             break
@@ -439,8 +345,6 @@ def apply_plan(cfg, plan: Plan) -> None:
 
 def plan_run(cfg, info: DatasetInfo, dataset, user_keys, device, verbose: bool = True) -> Plan:
     """Calibrate, plan and apply the plan to ``cfg``; prints the plan. Returns it."""
-    import torch
-
     user = user_values(cfg, user_keys)
     with torch.random.fork_rng(devices=[]):  # timing must not shift the run's model init
         calib = calibrate(info, dataset, cfg, user, device)

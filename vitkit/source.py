@@ -29,6 +29,7 @@ from torch import nn
 
 from .convert.weights import load_weights
 from .data import EvalTransform, Normalize
+from .engine.runtime import resolve_device
 from .errors import ConfigError, PathNotFoundError, RunDirError, WeightsError
 from .models import create_model, get_model_card, list_models
 from .rundir import STATE_FILE, WEIGHTS, RunDir
@@ -202,7 +203,7 @@ def load_model(
     data_cfg = cfg.get("data", {})
     crop_pct = data_cfg.get("crop_pct") or card.crop_pct
     in_chans, height, width = card.input_size
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     labels = tuple(card.labels) if len(card.labels) == model.num_classes else ()
     settings = {k: data_cfg[k] for k in ("val_fraction", "max_bad_fraction") if k in data_cfg}
     if "seed" in cfg.get("engine", {}):

@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from .config import TrainConfig, save_config, to_dict, user_keys, uses_plan
+from .convert import load_weights
 from .data import (
     BatchAugment,
     EvalTransform,
@@ -27,18 +28,18 @@ from .data import (
     Normalize,
     RepeatAugSampler,
     TrainTransform,
-    build_dataset,
     build_loader,
-    inspect_dataset,
-    scan_path,
+    prepare_data,
 )
 from .engine import Trainer
 from .engine.budget import Budget, parse_duration
 from .engine.distributed import all_gather_object, init_distributed
+from .engine.runtime import resolve_device
 from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
 from .objectives.registry import objective_entry
+from .plan import apply_plan, plan_run
 from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
 from .weights_io import save_weights
 
@@ -112,8 +113,6 @@ def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> 
             f"cannot build {choice.name} at {choice.img_size} px with model.args={dict(cfg.model.args)}: {e}"
         ) from e
     if cfg.model.init:
-        from .convert import load_weights
-
         report = load_weights(model, cfg.model.init, verbose=verbose)
         if verbose and report is not None:
             print(f"initialised from {cfg.model.init}")
@@ -122,10 +121,7 @@ def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> 
 
 def _make_plan(cfg: TrainConfig, info, train_ds, dist, verbose: bool):
     """The data-aware plan, applied to ``cfg``; under torchrun every process takes rank 0's."""
-    from .plan import apply_plan, plan_run
-
-    want = cfg.engine.device
-    device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(cfg.engine.device, dist.local_rank)
     plan = plan_run(cfg, info, train_ds, user_keys(cfg), device, verbose=verbose)
     if dist.enabled:
         plan.values, plan.reasons = all_gather_object((plan.values, plan.reasons))[0]
@@ -140,26 +136,12 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     """
     dist = init_distributed()
     d = cfg.data
-    # --- broken files: found and judged before training, then left out (issue 7) ---
-    t0 = time.perf_counter()
-    scan = scan_path(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, max_bad_fraction=d.max_bad_fraction)
-    if verbose and dist.is_main and scan is not None:
-        found = f"{len(scan.bad)} broken, left out (listed in bad_files.txt)" if scan.bad else "none broken"
-        print(f"checked {scan.scanned} image files in {time.perf_counter() - t0:.1f} s: {found}")
-    # --- end broken files ---
-    info = inspect_dataset(d.path, seed=cfg.engine.seed)
-    in_chans = d.in_chans or info.in_chans
-    train_ds = build_dataset(
-        d.path, "train", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=in_chans,
-        max_bad_fraction=d.max_bad_fraction,
-    )
-    val_ds = build_dataset(
-        d.path, "val", val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=in_chans,
-        max_bad_fraction=d.max_bad_fraction,
-    )
-    if scan is not None and scan.bad:  # --- broken files (issue 7) ---
-        for ds in (train_ds, val_ds):
-            ds.exclude(scan.bad_files)
+    # Broken files are found and judged before training, then left out.
+    data = prepare_data(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans,
+                        max_bad_fraction=d.max_bad_fraction)
+    if verbose and dist.is_main and data.scan is not None:
+        print(data.scan_line())
+    info, scan, train_ds, val_ds = data.info, data.scan, data.train, data.val
     plan = _make_plan(cfg, info, train_ds, dist, verbose and dist.is_main) if uses_plan(cfg) else None
     choice = choose_model(cfg, info)
     if verbose and dist.is_main and plan is None:
@@ -173,14 +155,13 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     workers = d.num_workers if d.num_workers is not None else min(4, os.cpu_count() or 1)
     train_tf = TrainTransform(choice.img_size, choice.in_chans, scale=(d.scale_min, 1.0), hflip=d.hflip,
                               auto_augment=d.auto_augment, mean=card.mean)
-    # --- objectives that need their own data (multi-crop views, issue 11) ---
+    # Objectives that need their own data (multi-crop views) bring their pipeline.
     objective_name, objective_cfg = objective_config(cfg.objective)
     pipeline_fn = getattr(objective_entry(objective_name).cls, "train_pipeline", None)
     pipeline = pipeline_fn(objective_cfg, model, choice.img_size, choice.in_chans, card.mean, card.std) \
         if pipeline_fn is not None else None
     if pipeline is not None:
         train_tf = pipeline[0]
-    # --- end ---
     eval_tf = EvalTransform(choice.img_size, choice.in_chans, crop_pct=crop_pct)
     sampler = None
     if d.repeated_aug > 1 and hasattr(train_ds, "__len__"):
@@ -193,7 +174,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         val_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
         seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
     )
-    if len(train_loader) < cfg.engine.accum_steps:  # a user error; found here, it is a ConfigError (issue 7)
+    if len(train_loader) < cfg.engine.accum_steps:  # a user error; found here, it is a ConfigError
         raise ConfigError(
             f"{len(train_ds)} training images make {len(train_loader)} full batches of data.batch_size={d.batch_size}"
             f" per process, fewer than one optimizer step of engine.accum_steps={cfg.engine.accum_steps}: lower "
@@ -203,7 +184,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(d.mixup, d.cutmix, prob=d.mix_prob, label_smoothing=d.label_smoothing,
                       num_classes=choice.num_classes)
-    # The labelled train split seen as at evaluation: the feature bank of k-NN evaluators (issue 11).
+    # The labelled train split seen as at evaluation: the feature bank of k-NN evaluators.
     bank_loader = build_loader(
         train_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
         seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
@@ -261,7 +242,6 @@ def train(
     """
     start = time.monotonic()
     torch.manual_seed(cfg.engine.seed)  # the same model init for every process and every run
-    # --- run directory checks ---
     is_main = init_distributed().is_main
     saved = saved_config(resume, cfg.engine.out_dir)
     if saved is not None:
@@ -272,7 +252,6 @@ def train(
         removed = prepare_out_dir(cfg.engine.out_dir, resume=resume, force=force, is_main=is_main)
         if removed and verbose:
             print(f"--force: deleted the previous run's {', '.join(removed)} in {cfg.engine.out_dir}")
-    # --- end run directory checks ---
     trainer, run_info = build_run(cfg, verbose=verbose, start=start)
     run = RunDir(trainer.out_dir)
     if trainer.is_main:

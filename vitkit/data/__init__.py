@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from .arrays import read_idx
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, Normalize, random_erase
 from .dataset import ImageDataset
-from .formats import SUPPORTED, build_dataset, read_idx, stratified_split
+from .formats import SUPPORTED, build_dataset
 from .images import MAX_IMAGE_PIXELS, BadImageError, decode_image, to_channels
-from .inspect import DatasetInfo, inspect_dataset
+from .inspect import DatasetInfo, describe_datasets, inspect_dataset
 from .loader import ImageLoader, build_loader, collate, sample_rng
 from .mix import Mixup, cutmix_box, smooth_one_hot
+from .paths import is_system_path
 from .rand_augment import RandAugment, parse_rand_augment
 from .samplers import RepeatAugSampler, ResumableSampler
-from .scan import ScanReport, is_system_path, scan_files, scan_path
+from .scan import ScanReport, scan_files
 from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
 from .skips import SkipCounter
+from .splits import stratified_split
+from .stage import DataStage, prepare_data
 from .transforms import EvalTransform, TrainTransform, pil_to_uint8
 from .webdataset import WebDatasetShards, expand_shards
 
@@ -21,6 +25,7 @@ __all__ = [
     "BadImageError",
     "BatchAugment",
     "DEFAULT_CLASSES",
+    "DataStage",
     "DatasetInfo",
     "EXTRA_CLASSES",
     "EvalTransform",
@@ -46,16 +51,17 @@ __all__ = [
     "cutmix_box",
     "decode_image",
     "expand_shards",
+    "describe_datasets",
     "inspect_dataset",
     "is_system_path",
     "parse_rand_augment",
     "pil_to_uint8",
+    "prepare_data",
     "random_erase",
     "read_idx",
     "render_shape",
     "sample_rng",
     "scan_files",
-    "scan_path",
     "smooth_one_hot",
     "stratified_split",
     "to_channels",

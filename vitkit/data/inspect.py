@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import DataError
+from .formats import build_dataset
 from .images import BadImageError
 
 # A colour JPEG of a gray picture keeps small chroma noise; within this many levels it is gray.
@@ -15,7 +16,7 @@ _GRAY_TOLERANCE = 3
 
 @dataclass
 class DatasetInfo:
-    """What :func:`inspect_dataset` found. ``typical_size`` is the median (H, W) of the sampled images;
+    """What :func:`describe_datasets` found. ``typical_size`` is the median (H, W) of the sampled images;
     ``class_counts`` are training images per class (empty when the format does not list labels)."""
 
     num_classes: int
@@ -43,15 +44,12 @@ def _sampled_images(ds, max_samples: int, seed: int):
             continue
 
 
-def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0) -> DatasetInfo:
-    """Sample up to ``max_samples`` training images of ``path`` and report sizes, channels and counts.
+def describe_datasets(train, val, max_samples: int = 200, seed: int = 0, where: str = "the dataset") -> DatasetInfo:
+    """Sample up to ``max_samples`` images of the built ``train`` split; report sizes, channels and
+    the counts of ``train`` and ``val`` as they are (the split the run uses).
 
     ``in_chans`` is 1 when every sampled image is gray (R = G = B), else 3.
     """
-    from .formats import build_dataset
-
-    train = build_dataset(path, "train", seed=seed)
-    val = build_dataset(path, "val", seed=seed)
     if getattr(train, "format", "") == "shapes":
         h = w = train.img_size
         gray = False
@@ -64,18 +62,24 @@ def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0) -> Dataset
                 a = np.asarray(img, dtype=np.int16)
                 gray = bool(np.abs(a - a.mean(axis=2, keepdims=True)).max() <= _GRAY_TOLERANCE)
         if not hs:
-            raise DataError(f"{path}: none of the sampled images could be read; check that the folder holds images "
+            raise DataError(f"{where}: none of the sampled images could be read; check that the folder holds images "
                             "(vitkit.data.scan_files lists the broken ones)")
         h, w = int(np.median(hs)), int(np.median(ws))
+    info = DatasetInfo(
+        num_classes=train.num_classes, in_chans=1 if gray else 3, typical_size=(h, w), n_train=0, n_val=0,
+        format=train.format, classes=tuple(getattr(train, "classes", ()) or ()),
+    )
+    return with_counts(info, train, val)
+
+
+def with_counts(info: DatasetInfo, train, val) -> DatasetInfo:
+    """``info`` with the image counts of ``train`` and ``val`` (after broken files are left out, say)."""
     targets = getattr(train, "targets", None)
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=train.num_classes) if targets else []
-    return DatasetInfo(
-        num_classes=train.num_classes,
-        in_chans=1 if gray else 3,
-        typical_size=(h, w),
-        n_train=len(train),
-        n_val=len(val),
-        format=train.format,
-        classes=tuple(getattr(train, "classes", ()) or ()),
-        class_counts=tuple(int(c) for c in counts),
-    )
+    return replace(info, n_train=len(train), n_val=len(val), class_counts=tuple(int(c) for c in counts))
+
+
+def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0, val_fraction: float = 0.1) -> DatasetInfo:
+    """:func:`describe_datasets` of the dataset at ``path``, split as ``build_dataset`` splits it."""
+    train, val = (build_dataset(path, s, val_fraction=val_fraction, seed=seed) for s in ("train", "val"))
+    return describe_datasets(train, val, max_samples, seed, where=path)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from ..errors import ConfigError
 from .samplers import ResumableSampler
 from .skips import SkipCounter
+from .webdataset import _world
 
 
 def sample_rng(seed: int, epoch: int, index: int | str) -> random.Random:
@@ -131,8 +132,6 @@ class ImageLoader(DataLoader):
 
     def __iter__(self):
         if self._stream is not None and self._stream.world is None:
-            from .webdataset import _world
-
             self._stream.world = _world()  # workers may not see the process group: pass it on
         for batch in super().__iter__():
             bad = batch.pop("bad_files")

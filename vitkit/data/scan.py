@@ -1,14 +1,10 @@
-"""Finding broken image files before training, and telling system clutter from data.
+"""Finding broken image files before training.
 
 Training should never meet a broken file: :func:`scan_files` decodes every image of a dataset
 once, in parallel threads (Pillow releases the GIL while decoding), judges the bad fraction on
 the whole dataset, and returns the broken names so the datasets can leave them out. Above
 :data:`MAX_SCAN_FILES` files, and for streaming formats, files are counted as they are read
 instead (:class:`~vitkit.data.skips.SkipCounter`).
-
-System files (macOS ``._x`` twins and ``__MACOSX/``, ``.DS_Store``, ``Thumbs.db``,
-``desktop.ini``, ``.ipynb_checkpoints/`` and every other hidden name) are never data:
-:func:`is_system_path` filters them out of folders, tars, listings and shards.
 """
 
 from __future__ import annotations
@@ -23,13 +19,6 @@ from .images import BadImageError
 # Decoding 100k small images takes a minute or two on a few cores; above that the scan would
 # delay the first step too long, so files are counted as training reads them.
 MAX_SCAN_FILES = 100_000
-_SYSTEM_NAMES = {"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db"}
-
-
-def is_system_path(relpath: str) -> bool:
-    """True if any component of a ``/``-separated path is hidden (``.x``, ``._x``) or OS clutter."""
-    return any(p.startswith(".") and p not in (".", "..") or p.lower() in _SYSTEM_NAMES
-               for p in relpath.replace(os.sep, "/").split("/") if p)
 
 
 @dataclass
@@ -95,12 +84,3 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
             "without them."
         )
     return report
-
-
-def scan_path(path: str, *, val_fraction: float = 0.1, seed: int = 0, max_bad_fraction: float = 1.0,
-              workers: int | None = None) -> ScanReport | None:
-    """:func:`scan_files` over both splits of the dataset at ``path`` (see ``build_dataset``)."""
-    from .formats import build_dataset
-
-    splits = [build_dataset(path, s, val_fraction=val_fraction, seed=seed) for s in ("train", "val")]
-    return scan_files(splits, max_bad_fraction=max_bad_fraction, workers=workers)

@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import DataError, PathNotFoundError
 from .dataset import corrupt_archive
 from .images import BadImageError, decode_image
-from .scan import is_system_path
+from .paths import is_system_path
 from .skips import SkipCounter
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")

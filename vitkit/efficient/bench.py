@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..engine.runtime import resolve_device
 from ..errors import ConfigError
 from ..models.info import count_flops
 from ..source import load_model
@@ -154,7 +155,7 @@ def bench(model: str | nn.Module, config: BenchConfig | None = None) -> dict:
         raise ConfigError(f"reps must be >= 1 and warmup >= 0, got {cfg.reps} and {cfg.warmup}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     net = _load(model, cfg.img_size).eval()
     c, h, w = net.card.input_size if hasattr(net, "card") else (3, cfg.img_size or 224, cfg.img_size or 224)
     if cfg.img_size:

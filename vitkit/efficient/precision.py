@@ -6,9 +6,9 @@ import contextlib
 
 import torch
 
+from ..engine.runtime import PRECISIONS
+from ..engine.runtime import autocast as _autocast
 from ..errors import ConfigError
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
@@ -19,13 +19,10 @@ def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.A
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} must be one of {sorted(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    device_type = torch.device(device).type
-    if dtype is None:
-        return contextlib.nullcontext()
-    if dtype is torch.float16 and device_type == "cpu":
+    device = torch.device(device)
+    if PRECISIONS[precision] is torch.float16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for GPUs; on a CPU use bf16 (same speed-up, fp32's range)")
-    return torch.autocast(device_type=device_type, dtype=dtype)
+    return _autocast(PRECISIONS[precision], device)
 
 
 @torch.inference_mode()

@@ -10,10 +10,11 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import EngineConfig, OptimConfig, ScheduleConfig
-from .distributed import all_gather_with_grad, init_distributed, is_main_process
-from .ema import ModelEma, ema_decay_at
+from .distributed import all_gather_with_grad, init_distributed
+from .ema import ModelEma, ema_decay_at, ema_update
 from .evaluators import AccuracyEvaluator, Evaluator, KNNEvaluator, MeanEvaluator, MIoUEvaluator
 from .optim import build_optimizer, param_groups
+from .protocol import Objective, StepContext
 from .runtime import seed_everything
 from .schedule import LRSchedule, lr_at
 from .state import TrainState
@@ -29,18 +30,20 @@ __all__ = [
     "TrainState",
     "all_gather_with_grad",
     "ema_decay_at",
+    "ema_update",
     "LRSchedule",
     "ModelEma",
     "NonFiniteLossError",
     "NonFiniteWeightsError",
+    "Objective",
     "OptimConfig",
     "ScheduleConfig",
+    "StepContext",
     "Trainer",
     "build_optimizer",
     "find_latest",
     "get_rng_state",
     "init_distributed",
-    "is_main_process",
     "load_checkpoint",
     "lr_at",
     "param_groups",

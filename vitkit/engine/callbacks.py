@@ -1,4 +1,8 @@
-"""Callbacks of the loop: EMA of the weights, train-metric logging with progress, checkpoint cadence."""
+"""Callbacks of the loop: EMA of the weights, train-metric logging with progress, checkpoint cadence.
+
+Like the objective and the user's hooks, each takes ``on_step_end(ctx)`` with a
+:class:`~vitkit.engine.protocol.StepContext`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .ema import ModelEma
+from .protocol import StepContext
 
 
 class EmaCallback:
@@ -16,8 +21,19 @@ class EmaCallback:
     def __init__(self, model: nn.Module, decay: float, warmup: bool):
         self.ema = ModelEma(model, decay, warmup=warmup)
 
-    def on_step_end(self, model: nn.Module) -> None:
-        self.ema.update(model)
+    def on_step_end(self, ctx: StepContext) -> None:
+        if ctx.applied:
+            self.ema.update(ctx.trainer.objective.model)
+
+
+def _eta(tr) -> tuple[float, int | None]:
+    """Seconds left, and under a time budget the step count it will reach at the current rate
+    (shown instead of ``total_steps``: the budget ends the run before the epoch cap)."""
+    st = tr.state
+    if tr.budget is None:
+        return (tr.total_steps - st.step) * st.train_time_s / max(1, st.step - tr.fit_start_step), None
+    eta = tr.budget.remaining()
+    return eta, min(tr.total_steps, st.step + round(eta * st.step / max(st.train_time_s, 1e-9)))
 
 
 class TrainLogger:
@@ -41,24 +57,23 @@ class TrainLogger:
             self.n += 1
         self.samples += n_samples
 
-    def on_step_end(self, state, total_steps: int, lr: float, grad_norm: Tensor | None, eta_s: float,
-                    shown_total: int | None = None) -> None:
-        """``shown_total``: an estimate of the run's length in steps to display instead of ``total_steps``
-        (a time budget ends the run before the epoch cap)."""
+    def on_step_end(self, ctx: StepContext) -> None:
+        state, total_steps = ctx.trainer.state, ctx.total_steps
         if state.step % self.log_every and state.step != total_steps:
             return
+        eta, shown = _eta(ctx.trainer)
         now = time.perf_counter()
-        record = {"kind": "train", "step": state.step, "epoch": state.epoch, "lr": lr}
+        record = {"kind": "train", "step": state.step, "epoch": state.epoch, "lr": ctx.lr}
         if self.n:
             # One host sync for the whole window's metrics.
             keys = list(self.sums)
             vals = (torch.stack([self.sums[k] for k in keys]) / self.n).tolist()
             record.update(zip(keys, vals))
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm.item()
+        if ctx.grad_norm is not None:
+            record["grad_norm"] = ctx.grad_norm.item()
         record["img_per_s"] = self.samples * self.world_size / max(now - self.t, 1e-9)
         self.logger.log(record)
-        self.logger.progress(state.step, shown_total or total_steps, record, eta_s, approx=shown_total is not None)
+        self.logger.progress(state.step, shown or total_steps, record, eta, approx=shown is not None)
         self.reset()
 
 

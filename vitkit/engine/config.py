@@ -60,7 +60,7 @@ class EngineConfig:
     max_steps: int | None = None
     time_budget: str | None = None
     accum_steps: int = 1
-    amp: str = "auto"  # bf16 | fp16 | none | auto
+    amp: str = "auto"  # bf16 | fp16 | fp32 (= none) | auto
     ema_decay: float | None = None
     ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) at update t
     compile: bool = False

@@ -1,4 +1,5 @@
-"""Exponential moving average of a model's weights and buffers, with a warm-up of its decay."""
+"""Exponential moving averages of weights: the run's EMA copy (with a decay warm-up) and the
+EMA teachers / momentum encoders of self-supervised objectives share one update."""
 
 from __future__ import annotations
 
@@ -21,11 +22,31 @@ def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, decay: float, buffers: bool = False) -> None:
+    """``target = decay * target + (1 - decay) * source`` over parameters (same structure).
+
+    With ``buffers``, floating-point buffers (BatchNorm running stats) are averaged the same way
+    and integer buffers (``num_batches_tracked``) copied; without, buffers are left alone.
+    """
+    w = 1.0 - decay
+    t = list(target.parameters())
+    s = [p.detach().to(e.dtype) for p, e in zip(source.parameters(), t)]
+    torch._foreach_lerp_(t, s, w)
+    if not buffers:
+        return
+    for e, b in zip(target.buffers(), source.buffers()):
+        if e.is_floating_point():
+            e.lerp_(b.detach().to(e.dtype), w)
+        else:
+            e.copy_(b)
+
+
 class ModelEma(nn.Module):
     """A float32 copy of ``model`` updated as ``ema = d * ema + (1 - d) * model``.
 
-    ``d`` is :func:`ema_decay_at` of the update count ``updates``. Floating-point buffers (BatchNorm running stats) are averaged like the
-    weights; integer buffers (``num_batches_tracked``) are copied. Call :meth:`update` after
+    ``d`` is :func:`ema_decay_at` of the update count ``updates``. Floating-point buffers
+    (BatchNorm running stats) are averaged like the weights; integer buffers (``num_batches_tracked``) are copied. Call :meth:`update` after
     each optimizer step.
     """
 
@@ -42,17 +63,8 @@ class ModelEma(nn.Module):
     def current_decay(self) -> float:
         return ema_decay_at(self.decay, self.updates, self.warmup)
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        w = 1.0 - self.current_decay()
-        ema_p = list(self.module.parameters())
-        src_p = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p)]
-        torch._foreach_lerp_(ema_p, src_p, w)
-        for e, b in zip(self.module.buffers(), model.buffers()):
-            if e.is_floating_point():
-                e.lerp_(b.detach().to(e.dtype), w)
-            else:
-                e.copy_(b)
+        ema_update(self.module, model, self.current_decay(), buffers=True)
         self.updates += 1
 
     def forward(self, *args, **kwargs):

@@ -152,3 +152,18 @@ def build_optimizer(objective: nn.Module, cfg: OptimConfig, global_batch: int) -
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     raise ValueError(f"unknown optimizer {cfg.name!r}: use 'adamw' or 'sgd'")
+
+
+def optimizer_step(optimizer, scaler, params, clip_grad: float | None):
+    """Unscale and clip (when ``clip_grad``), step, update the loss scale, zero the gradients.
+
+    Returns the gradients' norm before clipping, or None without clipping.
+    """
+    grad_norm = None
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

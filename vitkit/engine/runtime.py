@@ -33,20 +33,25 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# The one precision vocabulary: name -> autocast dtype (None: full precision). The engine's
+# config also says "none" for fp32, and "auto" for bf16 where the hardware runs it natively.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (None = full precision)."""
-    amp = amp.lower()
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
+    """The autocast dtype for precision ``amp`` on ``device`` (None = full precision).
+
+    ``amp`` is a name of :data:`PRECISIONS`, ``none`` (= ``fp32``) or ``auto`` (bf16 where the
+    hardware runs it natively, else full precision).
+    """
+    amp = "fp32" if amp.lower() == "none" else amp.lower()
+    if amp in PRECISIONS:
+        return PRECISIONS[amp]
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-    raise ValueError(f"unknown amp {amp!r}: use 'bf16', 'fp16', 'none' or 'auto'")
+    raise ValueError(f"unknown amp {amp!r}: use 'bf16', 'fp16', 'fp32' (or 'none') or 'auto'")
 
 
 def to_device(batch, device: torch.device):
@@ -71,6 +76,14 @@ def channels_last(batch):
     return batch
 
 
+def prepare_batch(batch, device: torch.device, transform=None, to_channels_last: bool = False):
+    """``batch`` on ``device``, through ``transform`` (``batch -> batch``), 4-D tensors channels-last if asked."""
+    batch = to_device(batch, device)
+    if transform is not None:
+        batch = transform(batch)
+    return channels_last(batch) if to_channels_last else batch
+
+
 def batch_size(batch) -> int:
     """Samples in a batch: the leading dim of its first tensor (first view for multi-view)."""
     if isinstance(batch, Tensor):
@@ -92,9 +105,10 @@ def loader_batch_size(loader) -> int | None:
     return bs
 
 
-def resolve_device(want: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without CUDA raises TrainingError."""
-    if want == "auto":
+def resolve_device(want: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """The one device rule: ``auto`` (or None) -> CUDA when available else CPU; ``cuda`` without
+    CUDA raises TrainingError; anything else (``cpu``, ``cuda:1``, a torch.device) as given."""
+    if want is None or want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
         if not torch.cuda.is_available():
@@ -103,6 +117,8 @@ def resolve_device(want: str, local_rank: int = 0) -> torch.device:
     return torch.device(want)
 
 
-def autocast(dtype: torch.dtype | None, device: torch.device):
-    """Autocast to ``dtype`` on ``device``; a null context for full precision."""
+def autocast(precision: torch.dtype | str | None, device: torch.device):
+    """Autocast to ``precision`` (a dtype from :func:`resolve_amp`, or its name) on ``device``;
+    a null context for full precision."""
+    dtype = resolve_amp(precision, device) if isinstance(precision, str) else precision
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -42,7 +42,7 @@ def build_summary(tr, reason: str, wall_s: float) -> dict:
     if tr.ema is not None:
         summary["val_acc_ema"] = val.get("ema_acc1")
     summary.update({f"val_{k}": v for k, v in val.items() if f"val_{k}" not in summary and k != "acc1"})
-    extra = getattr(tr, "summary_extra", None)
+    extra = tr.summary_extra
     if extra is not None:
         summary.update(extra())
     return summary

@@ -2,84 +2,39 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
-from ..errors import TrainingError
-from ..objectives.base import StepContext
 from . import checkpoint as ckpt
-from .budget import Budget, loader_samples, parse_duration
-from .callbacks import CheckpointCadence, EmaCallback, TrainLogger
-from .checkpointer import Checkpointer
+from .budget import Budget, loader_samples
+from .callbacks import CheckpointCadence, TrainLogger
 from .config import EngineConfig, OptimConfig, ScheduleConfig
-from .distributed import (
-    agree_on_failure,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    is_dist,
-    no_sync,
-    wrap_ddp,
-    wrap_fsdp,
-)
-from .evaluation import run_evaluation
-from .logging import RunLogger, write_summary
-from .optim import build_optimizer, scaled_lr
+from .distributed import agree_on_failure, barrier, no_sync
+from .evaluation import log_val, record_best, run_evaluation
+from .failures import AgreedFailure, NonFiniteLossError, agree, agree_if_distributed, finite_everywhere
+from .feed import epoch_iterator, sampler_position
+from .logging import write_summary
+from .optim import optimizer_step
 from .plots import write_plots
-from .runtime import (
-    autocast,
-    batch_size,
-    channels_last,
-    loader_batch_size,
-    resolve_amp,
-    resolve_device,
-    seed_everything,
-    to_device,
-)
-from .schedule import LRSchedule
+from .protocol import StepContext
+from .runtime import autocast, batch_size, prepare_batch
+from .setup import restore, setup_training
 from .state import TrainState
 from .summary import build_summary
 
-__all__ = ["NonFiniteLossError", "Trainer", "resolve_amp", "seed_everything"]
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or inf; training stopped before applying that step."""
-
-    def __init__(self, step: int, value: float):
-        self.step = step
-        self.value = value
-        super().__init__(
-            f"non-finite loss {value} at optimizer step {step}; no update was applied and no checkpoint "
-            "with these values was written. Lower optim.lr, set optim.clip_grad, use amp=bf16 rather than "
-            "fp16, or set engine.nonfinite=skip to drop such steps."
-        )
-
-
-class _AgreedFailure(Exception):
-    """Marks an error that every process learned of at the same point (all may checkpoint together)."""
-
-
-def _takes_context(fn) -> bool:
-    """Whether an ``on_step_end`` takes one StepContext rather than the older ``(step, total_steps)``."""
-    try:
-        params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-    except (TypeError, ValueError):
-        return True
-    return len(params) == 1
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 
 class Trainer:
-    """Trains an :class:`~vitkit.objectives.Objective`: amp, accumulation, clipping, schedule, EMA,
+    """Trains an :class:`~vitkit.engine.protocol.Objective`: amp, accumulation, clipping, schedule, EMA,
     checkpoints with exact resume, DDP/FSDP, logs.
 
-    The loop lives here; the pieces it uses each live in their own file: counters in
+    The loop lives here; the pieces it uses each live in their own file: setup (device,
+    wrapping, optimizer, schedule, EMA, checkpointer) in :mod:`~vitkit.engine.setup`, counters in
     :class:`~vitkit.engine.state.TrainState` (``trainer.state``), checkpoint contents in
     :class:`~vitkit.engine.checkpointer.Checkpointer`, evaluation in
     :func:`~vitkit.engine.evaluation.run_evaluation` with the objective's evaluator, EMA,
@@ -99,9 +54,10 @@ class Trainer:
             consumed in the epoch). Defaults to ``train_loader.sampler`` when that has them.
             Without one, a mid-epoch resume skips the consumed batches instead, and a loader
             with ``set_epoch`` (streaming shards) is told each epoch.
-        hooks: objects with optional ``on_step_end(trainer, step, metrics)`` (metrics: detached
-            tensors of the last micro-batch plus ``lr``) and ``on_epoch_end(trainer, epoch, val)``.
-            Setting ``trainer.should_stop = True`` ends the run cleanly after the current step.
+        hooks: objects with optional ``on_step_end(ctx)`` (a :class:`~vitkit.engine.protocol.StepContext`,
+            as the objective gets: ``ctx.trainer``, ``ctx.step``, ``ctx.lr``, ``ctx.metrics`` ...)
+            and ``on_epoch_end(trainer, epoch, val)``. Setting ``trainer.should_stop = True`` ends
+            the run cleanly after the current step.
         config_to_save: the run's full config (primitives), stored in each checkpoint.
         budget: the run's clock when ``cfg.time_budget`` is set (``vitkit.train`` starts it before
             the data scan); by default one starts here.
@@ -132,98 +88,27 @@ class Trainer:
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.hooks = list(hooks)
         self.config_to_save = config_to_save or {}
-        self.objective_name = getattr(objective, "registered_name", None) or type(objective).__name__
-        if cfg.accum_steps < 1:
-            raise ValueError(f"accum_steps must be >= 1, got {cfg.accum_steps}")
-        if cfg.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
-
-        self.dist = init_distributed()
-        self.is_main = self.dist.is_main
-        self.device = resolve_device(cfg.device, self.dist.local_rank)
-        # Each process draws its own dropout/augmentation stream; model init happened before.
-        seed_everything(cfg.seed + self.dist.rank)
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-
-        if sampler is None:
-            cand = getattr(train_loader, "sampler", None)
-            if hasattr(cand, "set_epoch") and hasattr(cand, "load_state_dict"):
-                sampler = cand
-        self.sampler = sampler
-
-        model = objective.model
-        if cfg.grad_checkpointing:
-            if not callable(getattr(model, "set_grad_checkpointing", None)):
-                raise ValueError(f"grad_checkpointing=True but {type(model).__name__} has no set_grad_checkpointing()")
-            model.set_grad_checkpointing(True)
-        if hasattr(objective, "freeze"):
-            objective.freeze()  # frozen modules never reach the optimizer
-        objective.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.objective = objective
-        self.amp_dtype = resolve_amp(cfg.amp, self.device)
-
-        n_batches = len(train_loader)
-        self.steps_per_epoch = n_batches // cfg.accum_steps
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"the train loader has {n_batches} batches per epoch, fewer than accum_steps={cfg.accum_steps}: "
-                "use a smaller batch or accum_steps"
-            )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.batch_size = loader_batch_size(train_loader)
-        if self.batch_size is None and self.optim_cfg.scale_lr:
-            raise ValueError("optim.scale_lr needs train_loader.batch_size; set it or use scale_lr=False")
-        self.global_batch = (self.batch_size or 1) * self.dist.world_size * cfg.accum_steps
-
-        self.ema_callback = None
-        if cfg.ema_decay is not None:
-            if cfg.fsdp:
-                raise ValueError("ema_decay is not supported with fsdp=True (the EMA copy would be unsharded)")
-            self.ema_callback = EmaCallback(model, cfg.ema_decay, cfg.ema_warmup)
-
-        self.module: nn.Module = objective
-        if cfg.fsdp:
-            self.module = wrap_fsdp(objective, self.device)
-        elif self.dist.enabled:
-            self.module = wrap_ddp(objective, self.device, cfg.find_unused_parameters)
-        # The clock that drives the schedule and the stop under engine.time_budget.
-        budget_s = parse_duration(cfg.time_budget)
-        self.budget = (budget or Budget(budget_s)) if budget_s else None
-        if self.budget is not None:
-            self.budget.total_s = budget_s
-        self.optimizer = build_optimizer(objective, self.optim_cfg, self.global_batch)
-        self.base_lr = scaled_lr(self.optim_cfg, self.global_batch)
-        self.scheduler = LRSchedule(
-            self.optimizer, self.sched_cfg, self.base_lr, self.total_steps, self.steps_per_epoch,
-            budget=self.budget,
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self._train_fn = torch.compile(self.module) if cfg.compile else self.module
-        self._params = [p for p in objective.parameters() if p.requires_grad]
-        hook = getattr(objective, "on_step_end", None)
-        self._objective_hook_ctx = hook is not None and _takes_context(hook)
-
-        self.logger = RunLogger(self.out_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
+        self.objective_name = getattr(objective, "registered_name", None) or type(objective).__name__
+        setup = setup_training(objective, train_loader, cfg, self.optim_cfg, self.sched_cfg, self.out_dir,
+                               self.ckpt_dir, sampler=sampler, budget=budget)
+        for name, value in setup.items():
+            setattr(self, name, value)
+        self.is_main = self.dist.is_main
         self.state = TrainState()
-        self.checkpointer = Checkpointer(self.ckpt_dir, cfg.keep_last, cfg.save_best, self.is_main)
         self.cadence = CheckpointCadence(cfg.ckpt_every_steps)
         self.train_log = TrainLogger(self.logger, cfg.log_every, self.dist.world_size)
         self.should_stop = False
+        # Fields the caller adds to summary.json (called once, when the engine writes it).
+        self.summary_extra: Callable[[], dict] | None = None
         self.last_val: dict[str, float] = {}
         self.resume_sampler_state: dict | None = None
+        self.last_evaluator = None
         self._last_saved_step = -1
         self._last_eval_step = -1
-        self._fit_start_step = 0
+        self.fit_start_step = 0
         self._t_fit = 0.0
         self._rng_at_step: tuple | None = None
-        self.last_evaluator = None
 
     # ------------------------------------------------------------------ counters (in self.state)
 
@@ -252,36 +137,14 @@ class Trainer:
         """The :class:`~vitkit.engine.ema.ModelEma` when ``engine.ema_decay`` is set, else None."""
         return self.ema_callback.ema if self.ema_callback is not None else None
 
-    # ------------------------------------------------------------------ plumbing
-
-    def _autocast(self):
-        return autocast(self.amp_dtype, self.device)
-
     def _prepare(self, batch, transform):
-        batch = to_device(batch, self.device)
-        if transform is not None:
-            batch = transform(batch)
-        if self.cfg.channels_last:
-            batch = channels_last(batch)
-        return batch
-
-    def _agree(self, error: BaseException | None) -> None:
-        """A point where all processes learn whether any failed (see ``agree_on_failure``)."""
-        try:
-            agree_on_failure(error)
-        except BaseException as e:
-            raise _AgreedFailure() from e
+        return prepare_batch(batch, self.device, transform, self.cfg.channels_last)
 
     # ------------------------------------------------------------------ checkpoints
 
     def sampler_state(self) -> dict:
         """The train sampler's position, from the steps taken (what ``trainer_state.pt`` stores)."""
-        # Computed from the steps rather than read from the sampler: a DataLoader prefetches, so
-        # the sampler has handed out more indices than were trained on.
-        state = dict(self.sampler.state_dict()) if hasattr(self.sampler, "state_dict") else {}
-        state["epoch"] = self.state.epoch
-        state["position"] = self.state.epoch_step * self.cfg.accum_steps * (self.batch_size or 1)
-        return state
+        return sampler_position(self.sampler, self.state, self.cfg.accum_steps, self.batch_size)
 
     def save_checkpoint(self, is_best: bool = False, rng: dict | None = None) -> Path | None:
         """Write a checkpoint of the current step (main process); all processes must call it.
@@ -340,7 +203,7 @@ class Trainer:
 
         return run_evaluation(
             self.objective, model, evaluator, self.val_loader,
-            lambda b: self._prepare(b, self.eval_transform), self._autocast, count_skipped,
+            lambda b: self._prepare(b, self.eval_transform), lambda: autocast(self.amp_dtype, self.device), count_skipped,
         )
 
     def _run_eval(self) -> dict[str, float]:
@@ -352,74 +215,19 @@ class Trainer:
                 val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
         except Exception as e:
             error = e
-        self._agree(error)
+        agree(error)
         if self.budget is not None:  # a measured eval sizes the reserve for the final one
             self.budget.note_eval(time.perf_counter() - t_eval)
         self._last_eval_step = self.step
         self.last_val = val
         if not val:
             return val
-        st = self.state
-        if "acc1" in val:
-            st.best_val_acc = max(val["acc1"], st.best_val_acc or 0.0)
-        improved = False
-        evaluator = self.last_evaluator
-        if evaluator.primary in val:
-            improved = st.improves(val[evaluator.primary], evaluator.higher_is_better)
-            if improved:
-                st.best_metric, st.best_metric_name = val[evaluator.primary], evaluator.primary
+        improved = record_best(self.state, val, self.last_evaluator)
         val["_improved"] = improved
-        self.logger.log({"kind": "val", "step": self.step, "epoch": self.epoch, **val})
-        parts = " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float) and not k.startswith("_"))
-        self.logger.info(f"eval step {self.step} epoch {self.epoch}: {parts}")
+        log_val(self.logger, self.step, self.epoch, val)
         return val
 
     # ------------------------------------------------------------------ training
-
-    def _step_checks(self, loss: Tensor | None, error: BaseException | None) -> bool:
-        """Whether ``loss`` is finite on every process; also the agreed-error point of a micro-step."""
-        if not is_dist():
-            if error is not None:
-                raise _AgreedFailure() from error
-            return bool(torch.isfinite(loss.detach()))
-        # One all-reduce carries both: every rank must take the same branch, or DDP's gradient
-        # sync would hang.
-        flags = torch.zeros(2, device=loss.device if loss is not None else self.device)
-        flags[0] = 1.0 if error is not None else 0.0
-        if loss is not None:
-            flags[1] = torch.isfinite(loss.detach()).float()
-        flags = all_reduce_sum(flags)
-        if flags[0] > 0:
-            self._agree(error)
-        return bool(flags[1] == self.dist.world_size)
-
-    def _optimizer_step(self) -> Tensor | None:
-        grad_norm = None
-        if self.optim_cfg.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.optim_cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    def _epoch_iterator(self):
-        st = self.state
-        if self.sampler is not None:
-            self.sampler.set_epoch(st.epoch)
-            if st.epoch_step:
-                self.sampler.load_state_dict(self.resume_sampler_state or self.sampler_state())
-        elif hasattr(self.train_loader, "set_epoch"):
-            self.train_loader.set_epoch(st.epoch)  # streaming shards reshuffle per epoch
-        self.resume_sampler_state = None
-        # Creating the iterator draws from the global RNG (worker seeds); keep that out of the
-        # training stream so a resumed run, which creates it at a different point, stays in step.
-        with torch.random.fork_rng(devices=[]):
-            it = iter(self.train_loader)
-        if self.sampler is None and st.epoch_step:
-            for _ in range(st.epoch_step * self.cfg.accum_steps):
-                next(it)
-        return it
 
     def _next_batch(self, it):
         """The next prepared batch, or None at the loader's end; data errors are agreed on."""
@@ -430,44 +238,31 @@ class Trainer:
                 batch = self._prepare(batch, self.train_transform)
         except Exception as e:
             error = e
-        if is_dist():
-            self._agree(error)
-        elif error is not None:
-            raise _AgreedFailure() from error
+        agree_if_distributed(error)
         return batch
 
     def _on_step_end(self, lr: float, grad_norm: Tensor | None, applied: bool, out: dict) -> None:
-        st = self.state
+        ctx = StepContext(self.state.step, self.total_steps, self.optimizer, self, lr=lr, grad_norm=grad_norm,
+                          metrics={k: v.detach() for k, v in out.items()}, applied=applied)
         if applied:
             if self.ema_callback is not None:
-                self.ema_callback.on_step_end(self.objective.model)
-            if self._objective_hook_ctx:
-                self.objective.on_step_end(StepContext(st.step, self.total_steps, self.optimizer, self))
-            else:
-                self.objective.on_step_end(st.step, self.total_steps)
+                self.ema_callback.on_step_end(ctx)
+            self.objective.on_step_end(ctx)
         self._rng_at_step = ckpt.capture_rng_state()
-        step_metrics = {k: v.detach() for k, v in out.items()}
-        step_metrics["lr"] = lr
-        if grad_norm is not None:
-            step_metrics["grad_norm"] = grad_norm.detach()
         for h in self.hooks:
             if hasattr(h, "on_step_end"):
-                h.on_step_end(self, st.step, step_metrics)
+                h.on_step_end(ctx)
+        st = self.state
         if self.budget is not None:  # size the end reserve from the measured train rate
             self.budget.on_step(st.step, st.train_samples, st.train_time_s, loader_samples(self.val_loader))
-            eta = self.budget.remaining()
-            # The step count the budget will reach at the current rate, for the progress display.
-            shown = min(self.total_steps, st.step + round(eta * st.step / max(st.train_time_s, 1e-9)))
-        else:
-            eta = (self.total_steps - st.step) * st.train_time_s / max(1, st.step - self._fit_start_step)
-            shown = None
-        self.train_log.on_step_end(st, self.total_steps, lr, grad_norm, eta, shown_total=shown)
+        self.train_log.on_step_end(ctx)
 
     def _train_epoch(self) -> str | None:
         """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end."""
         cfg, st = self.cfg, self.state
         accum = cfg.accum_steps
-        it = self._epoch_iterator()
+        it = epoch_iterator(self.train_loader, self.sampler, st, accum, self.batch_size, self.resume_sampler_state)
+        self.resume_sampler_state = None
         self.train_log.reset()
         micro = 0
         bad = False
@@ -483,12 +278,12 @@ class Trainer:
             last_micro = micro == accum
             loss, error = None, None
             try:
-                with no_sync(self.module, self.dist.enabled and not last_micro), self._autocast():
-                    out = self._train_fn(batch)
+                with no_sync(self.module, self.dist.enabled and not last_micro), autocast(self.amp_dtype, self.device):
+                    out = self.train_fn(batch)
                 loss = out["loss"]
             except Exception as e:
                 error = e
-            if not self._step_checks(loss, error):
+            if not finite_everywhere(loss, error, self.device, self.dist.world_size):
                 if cfg.nonfinite == "stop":
                     raise NonFiniteLossError(st.step + 1, float(loss.detach().float()))
                 bad = True
@@ -507,7 +302,7 @@ class Trainer:
                 st.nonfinite_skipped += 1
                 self.logger.info(f"step {st.step + 1}: non-finite loss, step skipped ({st.nonfinite_skipped})")
             else:
-                grad_norm = self._optimizer_step()
+                grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.optim_cfg.clip_grad)
             st.step += 1
             st.epoch_step += 1
             self.scheduler.step()
@@ -563,15 +358,9 @@ class Trainer:
         checkpoint of the last completed step (when its weights are finite), then is raised;
         other processes raise ``TrainingError("rank R failed: ...")``.
         """
-        if resume:
-            path = ckpt.find_latest(self.out_dir) if resume is True else Path(resume)
-            if path is not None:
-                self.load_checkpoint(path)
-                self.logger.truncate_after(self.step)
-            else:
-                self.logger.info(f"no checkpoint under {self.out_dir}: starting from scratch")
+        restore(self, resume)
         self._t_fit = time.time()
-        self._fit_start_step = self.step
+        self.fit_start_step = self.step
         self._rng_at_step = None
         self.objective.train()
         self.logger.start_progress(self.total_steps, self.step)
@@ -601,7 +390,7 @@ class Trainer:
                     write_plots(self.out_dir)
             barrier()
             return summary
-        except _AgreedFailure as failure:
+        except AgreedFailure as failure:
             self._save_after_failure()
             raise failure.__cause__ from None
         finally:

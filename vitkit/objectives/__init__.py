@@ -16,7 +16,7 @@ from .registry import (
 from .supervised import Supervised, SupervisedConfig, topk_correct
 from .teacher import Teacher, TeacherInput, load_teacher, weights_sha256
 
-# Self-supervised objectives (issue 11): registering them is importing them.
+# Self-supervised objectives: registering them is importing them.
 from .mae import MAE, MAEConfig  # noqa: E402  isort: skip
 from .dino import DINO, DINOConfig  # noqa: E402  isort: skip
 from .ibot import IBOT, IBOTConfig  # noqa: E402  isort: skip

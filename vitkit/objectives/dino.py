@@ -19,8 +19,11 @@ from torch import Tensor, nn
 
 from ..data.views import MultiCrop, ViewAugment, dino_styles
 from ..engine.distributed import all_reduce_sum, get_world_size
+from ..engine.ema import ema_update
+from ..engine.protocol import StepContext
+from ..errors import ConfigError
 from .registry import register_objective
-from .ssl import SelfSupervised, backbone_features, context_kwargs, cosine_ramp, ema_update, frozen_copy
+from .ssl import SelfSupervised, backbone_features, context_kwargs, cosine_ramp, frozen_copy
 from .ssl_heads import DINOHead
 
 
@@ -140,7 +143,7 @@ class DINO(SelfSupervised):
             return False
         return int(self.freeze_steps) < 0 or int(self.step) < int(self.freeze_steps)
 
-    def on_step_end(self, ctx) -> None:
+    def on_step_end(self, ctx: StepContext) -> None:
         momentum = cosine_ramp(self.cfg.momentum_teacher, 1.0, float(self.progress))
         ema_update(self.teacher, self.model, momentum)
         ema_update(self.teacher_head, self.head, momentum)
@@ -186,8 +189,6 @@ class DINO(SelfSupervised):
 def _views(batch: dict, objective: nn.Module) -> list[Tensor]:
     views = batch.get("views")
     if not views or len(views) < 2:
-        from ..errors import ConfigError
-
         raise ConfigError(
             f"{type(objective).__name__} needs batch['views'] with at least 2 crops per image (got "
             f"{0 if not views else len(views)}): train it through vitkit pretrain, whose loader makes them"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..data.augment import Normalize
 from ..data.transforms import TrainTransform
+from ..engine.runtime import to_device
 from ..layers import Block, sincos_2d_pos_embed
 from .registry import register_objective
 from .ssl import SelfSupervised, context_kwargs
@@ -174,8 +175,6 @@ class MAE(SelfSupervised):
         """Write ``reconstruction.png`` (original / masked / reconstruction) from the first validation images."""
         if trainer.val_loader is None:
             return None
-        from ..engine.runtime import to_device
-
         batch = to_device(next(iter(trainer.val_loader)), trainer.device)
         if trainer.eval_transform is not None:
             batch = trainer.eval_transform(batch)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from ..data.views import MultiCrop, ViewAugment, dino_styles
 from ..engine.distributed import all_gather_with_grad, get_rank
+from ..engine.ema import ema_update
+from ..engine.protocol import StepContext
 from .dino import _views
 from .registry import register_objective
 from .ssl import (
@@ -25,7 +27,6 @@ from .ssl import (
     batch_statistics,
     context_kwargs,
     cosine_ramp,
-    ema_update,
     frozen_copy,
 )
 from .ssl_heads import mlp
@@ -83,7 +84,7 @@ class MoCoV3(SelfSupervised):
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"momentum_encoder": self.momentum_encoder, "momentum_projector": self.momentum_projector}
 
-    def on_step_end(self, ctx) -> None:
+    def on_step_end(self, ctx: StepContext) -> None:
         m = cosine_ramp(self.cfg.momentum, 1.0, float(self.progress))
         ema_update(self.momentum_encoder, self.model, m)
         ema_update(self.momentum_projector, self.projector, m)

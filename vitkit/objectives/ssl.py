@@ -1,4 +1,4 @@
-"""What every self-supervised objective shares: the k-NN evaluator, the run's progress, EMA copies.
+"""What every self-supervised objective shares: the k-NN evaluator, the run's progress, frozen copies.
 
 Each method (``mae``, ``dino``, ``ibot``, ``simclr``, ``mocov3``) subclasses
 :class:`SelfSupervised`, reaches the backbone through its public API only (``embed``,
@@ -30,14 +30,6 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     twin = copy.deepcopy(module)
     twin.requires_grad_(False)
     return twin
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """``target = momentum * target + (1 - momentum) * source`` over parameters (same structure)."""
-    t = [p for p in target.parameters()]
-    s = [p.detach() for p in source.parameters()]
-    torch._foreach_lerp_(t, s, 1.0 - momentum)
 
 
 def cosine_ramp(start: float, end: float, progress: float) -> float:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..engine.evaluators import AccuracyEvaluator
 from ..errors import ConfigError
 from .base import Objective
 from .registry import register_objective
@@ -115,8 +116,6 @@ class Supervised(Objective):
         return cls(model, num_classes, label_smoothing=smoothing, aux_weight=cfg.aux_weight, tta=cfg.tta)
 
     def evaluator(self):
-        from ..engine.evaluators import AccuracyEvaluator
-
         return AccuracyEvaluator(self.num_classes)
 
     @torch.no_grad()
