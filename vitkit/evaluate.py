@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine.evaluators import AccuracyEvaluator
 from .errors import ConfigError, DataError
-from .objectives.supervised import TTA_MODES, topk_correct
+from .objectives.supervised import TTA_MODES
 from .source import LoadedModel, load_model
 
 _CELL_COUNTS_MAX = 20  # classes up to which the plot writes counts into cells
@@ -109,8 +110,7 @@ def evaluate(
         max_bad_fraction=s.get("max_bad_fraction", 0.05),
     )
     remap = torch.tensor(mapping) if mapping is not None else None
-    confusion = torch.zeros(k, k, dtype=torch.int64)
-    top5_hits = 0
+    acc = AccuracyEvaluator(k)
     for batch in loader:
         labels = batch["label"] if remap is None else remap[batch["label"]]  # (B,) in the model's classes
         if int(labels.max()) >= k:
@@ -118,19 +118,18 @@ def evaluate(
         logits = lm.logits(batch["image"]).cpu()  # (B, k)
         if tta == "hflip":
             logits = 0.5 * (logits + lm.logits(batch["image"].flip(-1)).cpu())
-        top5_hits += int(topk_correct(logits, labels, 5).sum())
-        confusion += torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).view(k, k)
-    n = int(confusion.sum())
-    if n == 0:
+        acc.update({"label": labels}, {"logits": logits})
+    m = acc.compute()
+    if not m:
         raise DataError(f"split {split!r} of {data} has no images to evaluate")
-    cm = confusion.numpy()
-    per_true = cm.sum(1)
-    per_class = {classes[i]: float(cm[i, i] / per_true[i]) for i in range(k) if per_true[i] > 0}
+    cm = acc.total_confusion.numpy()
+    per_class = {classes[i]: correct / count for i, (count, correct)
+                 in enumerate(zip(m["per_class_count"], m["per_class_correct"])) if count > 0}
     result = {
-        "top1": float(np.trace(cm) / n),
-        "top5": top5_hits / n,
-        "balanced_acc": float(np.mean(list(per_class.values()))),
-        "n": n,
+        "top1": m["acc1"],
+        "top5": m["acc5"],
+        "balanced_acc": m["balanced_acc"],
+        "n": int(cm.sum()),
         "per_class": per_class,
         "classes": classes,
         "confusion_matrix": cm.tolist(),

@@ -14,21 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import BadImageError, decode_image
-from .errors import ConfigError, DataError, PathNotFoundError
+from .data.images import read_image
+from .errors import ConfigError, PathNotFoundError
 from .source import LoadedModel, load_model
 
 __all__ = ["LoadedModel", "load_model", "predict", "read_image"]
-
-
-def read_image(image: str | os.PathLike | Image.Image, in_chans: int) -> Image.Image:
-    """A file path or PIL image -> a PIL image with ``in_chans`` channels; DataError if it cannot be read."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        return decode_image(str(image), in_chans, name=str(image))
-    except BadImageError as e:
-        raise DataError(f"cannot read image {e}") from None
 
 
 def predict(

@@ -17,12 +17,13 @@ one place:
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 # 8192 x 8192: above anything a ViT pipeline resizes from in practice, and about 200 MB as
 # RGB, which a DataLoader worker can survive.
@@ -95,3 +96,13 @@ def _to_8bit(img: Image.Image) -> Image.Image:
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8), "L")
     return img
+
+
+def read_image(image: str | os.PathLike | Image.Image, in_chans: int) -> Image.Image:
+    """A file path or PIL image -> a PIL image with ``in_chans`` channels; DataError if it cannot be read."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        return decode_image(str(image), in_chans, name=str(image))
+    except BadImageError as e:
+        raise DataError(f"cannot read image {e}") from None

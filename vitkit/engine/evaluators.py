@@ -86,7 +86,9 @@ class AccuracyEvaluator(Evaluator):
 
     ``outputs["logits"]`` (B, C) against ``batch["label"]`` (B,). ``balanced_acc`` is the mean
     over classes with at least one sample of that class's recall; ``per_class_count`` and
-    ``per_class_correct`` (lists) come with it. Primary metric: ``acc1``.
+    ``per_class_correct`` (lists) come with it. After ``compute()``, ``total_confusion`` (C, C;
+    rows: true class, columns: predicted) holds the reduced counts all of them are read from.
+    Primary metric: ``acc1``.
     """
 
     primary = "acc1"
@@ -97,45 +99,45 @@ class AccuracyEvaluator(Evaluator):
         self.reset()
 
     def reset(self) -> None:
-        self.stats: Tensor | None = None  # (3,): loss sum, top-1 hits, top-5 hits
-        self.count = self.correct = None  # (C,) per class
+        self.stats: Tensor | None = None  # (2,): loss sum, top-5 hits
+        self.confusion: Tensor | None = None  # (C, C), this process's counts
+        self.total_confusion: Tensor | None = None  # (C, C), reduced by compute()
 
     def update(self, batch: dict, outputs: dict) -> None:
         logits = outputs["logits"].detach().float()  # (B, C)
         label = batch["label"]
+        c = self.num_classes
         k = min(5, logits.shape[-1])
         top = logits.topk(k, dim=-1).indices  # (B, k)
-        hit1 = top[:, 0] == label
         stats = torch.stack([
             F.cross_entropy(logits, label, reduction="sum").double(),
-            hit1.sum().double(),
             (top == label[:, None]).any(-1).sum().double(),
         ])
-        count = torch.bincount(label, minlength=self.num_classes).double()
-        correct = torch.bincount(label[hit1], minlength=self.num_classes).double()
+        confusion = torch.bincount(label * c + top[:, 0], minlength=c * c).view(c, c).double()
         if self.stats is None:
-            self.stats, self.count, self.correct = stats, count, correct
+            self.stats, self.confusion = stats, confusion
         else:
             self.stats += stats
-            self.count += count
-            self.correct += correct
+            self.confusion += confusion
 
-    def compute(self) -> dict[str, float]:
-        if self.stats is None:
-            packed = torch.zeros(3 + 2 * self.num_classes, dtype=torch.float64)
-        else:
-            packed = torch.cat([self.stats, self.count, self.correct])
-        packed = all_reduce_sum(packed).cpu()
+    def compute(self) -> dict:
         c = self.num_classes
-        count, correct = packed[3 : 3 + c], packed[3 + c :]
+        if self.stats is None:
+            packed = torch.zeros(2 + c * c, dtype=torch.float64)
+        else:
+            packed = torch.cat([self.stats, self.confusion.flatten()])
+        packed = all_reduce_sum(packed).cpu()
+        confusion = packed[2:].view(c, c)
+        self.total_confusion = confusion.long()
+        count, correct = confusion.sum(1), confusion.diagonal()
         n = count.sum().item()
         if n == 0:
             return {}
         present = count > 0
         return {
             "loss": packed[0].item() / n,
-            "acc1": packed[1].item() / n,
-            "acc5": packed[2].item() / n,
+            "acc1": correct.sum().item() / n,
+            "acc5": packed[1].item() / n,
             "balanced_acc": (correct[present] / count[present]).mean().item(),
             "per_class_count": [int(x) for x in count.tolist()],
             "per_class_correct": [int(x) for x in correct.tolist()],

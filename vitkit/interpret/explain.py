@@ -19,8 +19,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..data.images import read_image
 from ..errors import ConfigError, PathNotFoundError
-from ..predict import read_image
 from ..source import LoadedModel, load_model
 from .capture import capture_attention, patch_grid
 from .heads import head_maps, top_mass_mask
