@@ -1,12 +1,26 @@
-"""Shared helpers for the engine tests: tiny data, a resumable sampler, tiny models."""
+"""Helpers shared by the test modules (which never import each other).
+
+Tiny data, a resumable sampler and tiny models for the engine; crash-then-resume; peers that a
+test needs (a failure in CI, a skip with the real reason elsewhere); the `vitkit` command in a
+subprocess; parity perturbation.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vitkit.engine import EngineConfig, OptimConfig, ScheduleConfig, Trainer
+from vitkit._peers import import_peer
+from vitkit.engine import EngineConfig, OptimConfig, ScheduleConfig, Trainer, find_latest
 from vitkit.objectives import Supervised
 
 
@@ -144,8 +158,6 @@ class CrashAt:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -153,8 +165,6 @@ def free_port() -> int:
 
 def ddp_worker(rank: int, world: int, port: int, out_dir: str, engine: dict) -> None:
     """One process of a gloo run: trains, and rank 0 saves the final objective state."""
-    import os
-
     from vitkit.engine.distributed import shutdown_distributed
 
     os.environ.update(
@@ -172,3 +182,128 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, engine: dict) -> 
         shutdown_distributed(wait=False)
         raise
     shutdown_distributed()
+
+
+def crash_and_resume(make, out, crash_step: int, *, latest: int | None = None, **kw) -> Trainer:
+    """Train ``make(out, hooks=[CrashAt(crash_step)], **kw)`` until the simulated kill after step
+    ``crash_step``, then resume a fresh ``make(out, **kw)`` to the end; returns that trainer.
+
+    ``latest`` is the step of the checkpoint the resume must start from.
+    """
+    with pytest.raises(Crash):
+        make(out, hooks=[CrashAt(crash_step)], **kw).fit()
+    if latest is not None:
+        assert find_latest(out).name == f"step_{latest:06d}"
+    resumed = make(out, **kw)
+    resumed.fit(resume=True)
+    return resumed
+
+
+def assert_same_run(full: Trainer, resumed: Trainer, *, optimizer: bool = True, ema: bool = False) -> None:
+    """A resumed run ends bitwise where the uninterrupted one did."""
+    assert resumed.step == full.step
+    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
+    if optimizer:
+        assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    if ema:
+        assert_same_state(full.ema.module.state_dict(), resumed.ema.module.state_dict(), "ema")
+
+
+# ---- peers -----------------------------------------------------------------------------------------
+
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_peer(name: str):
+    """The peer module ``name`` for the test that needs it.
+
+    In CI every peer must import: a missing or broken one fails the test with the real error.
+    Elsewhere the test skips, giving that error as the reason.
+    """
+    try:
+        module = import_peer(name)
+    except ImportError as e:
+        cause = e.__cause__ or e
+        where = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)[-3:])
+        reason = f"{e}\n{where}"
+    else:
+        if module is not None:
+            return module
+        reason = f"{name} is not installed (pip install -e '.[dev]')"
+    if IN_CI:
+        pytest.fail(f"CI needs every peer: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class lazy_peer:  # noqa: N801  (stands in for a module name)
+    """A module-level stand-in for ``require_peer(name)``: imports on first attribute access, inside a test."""
+
+    def __init__(self, name: str):
+        object.__setattr__(self, "_name", name)
+
+    def __getattr__(self, attr: str):
+        return getattr(require_peer(self._name), attr)
+
+    # monkeypatch.setattr(proxy, ...) must patch the module itself.
+    def __setattr__(self, attr: str, value) -> None:
+        setattr(require_peer(self._name), attr, value)
+
+    def __delattr__(self, attr: str) -> None:
+        delattr(require_peer(self._name), attr)
+
+
+# ---- the `vitkit` command --------------------------------------------------------------------------
+
+
+def run_vitkit(*args, env: dict | None = None, cwd=None, check: bool = False, timeout: float = 300):
+    """Run the installed ``vitkit`` command (this checkout's, through PYTHONPATH) offline, 1 thread.
+
+    Returns the completed process (text stdout and stderr); ``check`` asserts exit code 0.
+    """
+    exe = shutil.which("vitkit")
+    cmd = [exe] if exe else [sys.executable, "-m", "vitkit.cli.main"]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    r = subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
+    )
+    if check:
+        assert r.returncode == 0, f"vitkit {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-4000:]}"
+    return r
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, a `vitkit <cmd>: error:` line containing every needle, and no traceback."""
+    err = r.stderr
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], err[-3000:])
+    assert "Traceback" not in err and "Traceback" not in r.stdout, err
+    line = next((ln for ln in err.splitlines() if ": error: " in ln), "")
+    assert line.startswith("vitkit "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+# ---- parity ----------------------------------------------------------------------------------------
+
+
+def perturb(module: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:
+    """Perturb every parameter and BatchNorm statistic deterministically, so that each one changes
+    the output and parity is never checked on zero or identity initialisation; returns it in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * scale)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return module.eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of two same-shaped tensors (printed, for the failure report)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = (a - b).abs().max().item()
+    print(f"max |diff| = {diff:.3g}")
+    return diff
