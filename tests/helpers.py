@@ -283,6 +283,21 @@ def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return err
 
 
+def write_class_folder(root, classes=("a", "b", "c"), per_class: int = 20, size: int = 24, seed: int = 0) -> None:
+    """A small, separable class folder of PNGs: each class a colour and a stripe direction, with noise."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = torch.rand(size, size, 3, generator=g) * 60
+            img[..., k % 3] += 120
+            stripes = (torch.arange(size) // 3 % 2).float() * 60
+            img += stripes[:, None, None] if k % 2 else stripes[None, :, None]
+            Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(root / name / f"{i}.png")
+
+
 # ---- parity ----------------------------------------------------------------------------------------
 
 
