@@ -242,6 +242,8 @@ class lazy_peer:  # noqa: N801  (stands in for a module name)
         object.__setattr__(self, "_name", name)
 
     def __getattr__(self, attr: str):
+        if attr.startswith("__"):  # collection asks objects for __test__ and the like: not the peer's business
+            raise AttributeError(attr)
         return getattr(require_peer(self._name), attr)
 
     # monkeypatch.setattr(proxy, ...) must patch the module itself.

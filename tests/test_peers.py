@@ -72,6 +72,7 @@ def test_a_broken_timm_fails_a_parity_test_in_ci(tmp_path, ci):
     out = r.stdout + r.stderr
     assert "libtorchvision.so: undefined symbol" in out, out[-3000:]
     if ci:
-        assert r.returncode == 1 and "1 failed" in out, out[-3000:]
+        # The peer mark fails the test at setup: pytest counts an error, and exits 1.
+        assert r.returncode == 1 and ("1 failed" in out or "1 error" in out), out[-3000:]
     else:
         assert r.returncode == 0 and "1 skipped" in out, out[-3000:]
