@@ -246,12 +246,9 @@ class lazy_peer:  # noqa: N801  (stands in for a module name)
             raise AttributeError(attr)
         return getattr(require_peer(self._name), attr)
 
-    # monkeypatch.setattr(proxy, ...) must patch the module itself.
     def __setattr__(self, attr: str, value) -> None:
-        setattr(require_peer(self._name), attr, value)
-
-    def __delattr__(self, attr: str) -> None:
-        delattr(require_peer(self._name), attr)
+        # monkeypatch restores through the target's __dict__, which the stand-in does not share.
+        raise TypeError(f"patch the module itself: monkeypatch.setattr(require_peer({self._name!r}), {attr!r}, ...)")
 
 
 # ---- the `vitkit` command --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_run, crash_and_resume, lazy_peer
+from helpers import assert_same_run, crash_and_resume, lazy_peer, require_peer
 from PIL import Image
 
 from vitkit._peers import import_peer
@@ -81,6 +81,7 @@ _OP_CASES = _op_cases()
 @pytest.mark.parametrize("timm_name, increasing", _OP_CASES)
 def test_each_op_equals_timm(monkeypatch, timm_name, increasing, mode):
     """Pixel-exact for every op (inc1, and the inc0 level mappings), magnitude and sign."""
+    ops = require_peer("timm.data.auto_augment")
     name = _vitkit_name(timm_name)
     img = _test_image(mode)
     fill = FILL if mode == "RGB" else round(sum(FILL) / 3)
@@ -88,7 +89,7 @@ def test_each_op_equals_timm(monkeypatch, timm_name, increasing, mode):
     changed = False
     for magnitude in (0, 3, 5.5, 9, 10):
         for negate in (False, True):
-            monkeypatch.setattr(aa, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
+            monkeypatch.setattr(ops, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
             arg = op_argument(name, magnitude, negate, increasing=increasing)
             got = apply_op(img, name, arg, fill, Image.Resampling.BICUBIC)
             if name == "Posterize" and arg == 0:
