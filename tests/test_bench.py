@@ -1,13 +1,10 @@
 """`vitkit bench` and its library function: sane numbers on a tiny model, side by side with timm."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import run_vitkit as vitkit
 
 from vitkit import create_model
 from vitkit.cli.bench import _int_list
@@ -17,13 +14,6 @@ from vitkit.errors import ConfigError
 from vitkit.models.info import count_flops
 
 FAST = dict(warmup=1, reps=3, threads=2)
-
-
-def vitkit(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("vitkit")
-    cmd = [exe] if exe else [sys.executable, "-m", "vitkit.cli.main"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_bench_rows_are_sane():
@@ -55,8 +45,8 @@ def test_bench_tome_lowers_flops():
     assert merged["tome_r"] == 16
 
 
+@pytest.mark.peer("timm")
 def test_bench_vs_timm_side_by_side():
-    pytest.importorskip("timm")
     result = bench("vit_tiny_patch16_224", BenchConfig(batches=(2,), img_size=32, vs_timm=True, **FAST))
     ours, theirs = result["rows"]
     assert (ours["impl"], theirs["impl"]) == ("vitkit", "timm")
@@ -66,8 +56,8 @@ def test_bench_vs_timm_side_by_side():
         bench("vit_nano_convstem_patch4_32", BenchConfig(batches=(1,), vs_timm=True, **FAST))
 
 
+@pytest.mark.peer("timm")  # timm's Swin keeps its classifier as head.fc
 def test_bench_vs_timm_loads_a_nested_timm_classifier():
-    pytest.importorskip("timm")  # timm's Swin keeps its classifier as head.fc
     result = bench("swin_tiny_patch4_window7_224", BenchConfig(batches=(1,), vs_timm=True, **FAST))
     ours, theirs = result["rows"]
     assert ours["gflops_per_img"] == pytest.approx(theirs["gflops_per_img"], rel=0.02)

@@ -10,13 +10,13 @@ import io
 import json
 import os
 import pickle
-import shutil
-import subprocess
 import sys
 import tarfile
 
 import pytest
 import torch
+from helpers import assert_user_error
+from helpers import run_vitkit as vitkit
 from PIL import Image
 
 # One tiny epoch on the CPU; broken-file thresholds are the only thing the tests vary.
@@ -24,27 +24,6 @@ TINY = [
     "--model", "test_vit", "data.img_size=32", "engine.epochs=1", "data.batch_size=8", "engine.tensorboard=false",
     "engine.plots=false", "engine.amp=none", "data.num_workers=0", "data.auto_augment=null", "engine.device=cpu",
 ]
-
-
-def vitkit(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    exe = shutil.which("vitkit")
-    cmd = [exe] if exe else [sys.executable, "-m", "vitkit.cli.main"]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [*cmd, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=300
-    )
-
-
-def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, a `vitkit <cmd>: error:` line containing every needle, and no traceback."""
-    err = r.stderr
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], err[-3000:])
-    assert "Traceback" not in err and "Traceback" not in r.stdout, err
-    line = next((ln for ln in err.splitlines() if ": error: " in ln), "")
-    assert line.startswith("vitkit "), err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def _jpeg(k: int) -> bytes:

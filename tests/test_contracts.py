@@ -12,7 +12,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_engine_utils import Crash, CrashAt, TinyNet, ToyDataset, assert_same_state, free_port, make_trainer
+from helpers import (
+    TinyNet,
+    ToyDataset,
+    assert_same_run,
+    assert_same_state,
+    crash_and_resume,
+    free_port,
+    make_trainer,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -74,12 +82,8 @@ def test_frozen_teacher_stays_eval_is_not_optimised_nor_saved(tmp_path):
     assert ck["trainer_state"]["references"]["teacher"]["source"] == "teacher.safetensors"
     assert obj.contexts[-1] == (16, 16, True)  # on_step_end(ctx) sees step, total and the optimizer
 
-    with pytest.raises(Crash):
-        distill_trainer(tmp_path / "run", epochs=2, ckpt_every_steps=4, hooks=[CrashAt(6)]).fit()
-    resumed = distill_trainer(tmp_path / "run", epochs=2, ckpt_every_steps=4)
-    resumed.fit(resume=True)
-    assert_same_state(tr.objective.state_dict(), resumed.objective.state_dict(), "objective")
-    assert_same_state(tr.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    resumed = crash_and_resume(distill_trainer, tmp_path / "run", 6, epochs=2, ckpt_every_steps=4)
+    assert_same_run(tr, resumed)
 
 
 # ---------------------------------------------------------------- two-view contrastive
@@ -185,11 +189,8 @@ def test_contrastive_gather_with_grad_matches_one_process(tmp_path):
 def test_contrastive_resumes_bitwise(tmp_path):
     full = contrastive_trainer(tmp_path / "full")
     full.fit()
-    with pytest.raises(Crash):
-        contrastive_trainer(tmp_path / "run", ckpt_every_steps=3, hooks=[CrashAt(5)]).fit()
-    resumed = contrastive_trainer(tmp_path / "run", ckpt_every_steps=3)
-    resumed.fit(resume=True)
-    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
+    resumed = crash_and_resume(contrastive_trainer, tmp_path / "run", 5, ckpt_every_steps=3)
+    assert_same_run(full, resumed, optimizer=False)
 
 
 # ---------------------------------------------------------------- a metric that is not a per-sample mean
@@ -242,12 +243,8 @@ def test_miou_objective_trains_and_resumes_bitwise(tmp_path):
     assert s["val_miou"] > before and 0 < s["val_pixel_acc"] <= 1
     assert s["best_metric"] == "miou" and s["best_metric_value"] >= s["val_miou"]
     assert "val_ema_miou" in s  # the EMA copy is evaluated by passing it, not by swapping objective.model
-    with pytest.raises(Crash):
-        segment_trainer(tmp_path / "run", ema_decay=0.9, ckpt_every_steps=4, hooks=[CrashAt(10)]).fit()
-    resumed = segment_trainer(tmp_path / "run", ema_decay=0.9, ckpt_every_steps=4)
-    resumed.fit(resume=True)
-    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
-    assert_same_state(full.ema.module.state_dict(), resumed.ema.module.state_dict(), "ema")
+    resumed = crash_and_resume(segment_trainer, tmp_path / "run", 10, ema_decay=0.9, ckpt_every_steps=4)
+    assert_same_run(full, resumed, optimizer=False, ema=True)
 
 
 class Scripted(Evaluator):

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import require_peer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import vitkit
 from vitkit import VisionTransformer, create_model, load_weights, save_weights
-from vitkit._peers import import_peer
 from vitkit.convert import adapt_input_channels, resample_patch_kernel
 
 TINY = dict(embed_dim=64, depth=1, num_heads=2)
@@ -212,35 +212,8 @@ def test_missing_source():
 
 
 # ---------------------------------------------------------------------- hub cache (offline)
-_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty hub cache in tmp_path, offline; returns a function that adds a repo snapshot."""
-    constants = pytest.importorskip("huggingface_hub.constants")
-    cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the environment at import; the module constants are what it uses.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-    def add(repo_id: str):
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(_COMMIT)
-        snapshot = repo / "snapshots" / _COMMIT
-        snapshot.mkdir(parents=True)
-        return snapshot
-
-    return add
-
-
 def test_create_model_pretrained_from_hub_cache(hub_cache):
-    timm = import_peer("timm")
-    if timm is None:
-        pytest.skip("timm is not installed (pip install -e .[dev])")
+    timm = require_peer("timm")
     peer = timm.create_model("vit_tiny_patch16_224", depth=1, pretrained=False).eval()
     snapshot = hub_cache(vitkit.get_model_card("vit_tiny_patch16_224").hub_id)
     save_file({k: v.contiguous() for k, v in peer.state_dict().items()}, snapshot / "model.safetensors")

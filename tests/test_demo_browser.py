@@ -2,7 +2,8 @@
 and check the top-5 and the map appear.
 
 Chromium is Debian's package (``apt-get install chromium``; ``.ci/run`` installs it), driven by
-Playwright through its executable. Without a Chromium on the machine the test skips and says so.
+Playwright through its executable. Without a Chromium, playwright or gradio the test skips and
+says so; in CI (``CI=true``) it fails instead.
 ``VITKIT_CHROMIUM`` names another executable. ``VITKIT_DEMO_SOURCE`` serves that run or weights
 file instead of a tiny random model, and ``VITKIT_DEMO_SCREENSHOT`` copies the screenshot there
 (how docs/demo.png is made).
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import IN_CI, require_peer
 from PIL import Image
 
 import vitkit
@@ -30,10 +32,9 @@ def _chromium() -> str | None:
 
 
 CHROMIUM = _chromium()
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
-           ".ci/run installs it where apt-get can",
+_NO_CHROMIUM = (
+    "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
+    ".ci/run installs it where apt-get can"
 )
 
 
@@ -70,10 +71,12 @@ def _wait_for_map(page, previous: str) -> str:
 
 
 def test_demo_upload_shows_prediction_and_map(tmp_path):
-    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'vitkit[demo]'")
-    sync_playwright = pytest.importorskip(
-        "playwright.sync_api", reason="the browser test needs playwright: pip install playwright"
-    ).sync_playwright
+    if CHROMIUM is None and IN_CI:
+        pytest.fail(_NO_CHROMIUM, pytrace=False)
+    if CHROMIUM is None:
+        pytest.skip(_NO_CHROMIUM)
+    require_peer("gradio")
+    sync_playwright = require_peer("playwright.sync_api").sync_playwright
 
     from vitkit.data import ShapesDataset
     from vitkit.interpret.demo import launch_demo

@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Crash, CrashAt, assert_same_state
 from safetensors.torch import load_file
-from test_engine_utils import Crash, CrashAt, assert_same_state
 from torch import nn
 
 import vitkit

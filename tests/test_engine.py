@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from test_engine_utils import Crash, CrashAt, TinyNet, assert_same_state, make_trainer
+from helpers import (
+    Crash,
+    CrashAt,
+    TinyNet,
+    assert_same_run,
+    assert_same_state,
+    crash_and_resume,
+    make_trainer,
+)
 
 from vitkit.engine import NonFiniteLossError, find_latest, load_checkpoint
 from vitkit.engine import checkpoint as ckpt_mod
@@ -59,16 +67,12 @@ def test_resume_is_bitwise_identical(tmp_path, crash_step, resume_from):
 
     run = tmp_path / "run"
     # 8 steps per epoch, a checkpoint every 4 steps: step 4 is mid-epoch, step 8 an epoch end.
-    with pytest.raises(Crash):
-        make_trainer(run, epochs=2, ema_decay=0.9, ckpt_every_steps=4, hooks=[CrashAt(crash_step)]).fit()
-    assert find_latest(run).name == f"step_{resume_from:06d}"
-    resumed = make_trainer(run, epochs=2, ema_decay=0.9, ckpt_every_steps=4)
-    resumed.fit(resume=True)
+    resumed = crash_and_resume(
+        make_trainer, run, crash_step, latest=resume_from, epochs=2, ema_decay=0.9, ckpt_every_steps=4
+    )
 
-    assert resumed.step == full.step == 16
-    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
-    assert_same_state(full.ema.module.state_dict(), resumed.ema.module.state_dict(), "ema")
-    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    assert full.step == 16
+    assert_same_run(full, resumed, ema=True)
     assert full.scheduler.get_lr() == resumed.scheduler.get_lr()
     # The resumed run's log has no duplicate steps from the interrupted attempt.
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
@@ -178,7 +182,7 @@ def test_time_budget_stops_cleanly(tmp_path):
 
 def test_resume_with_vitkit_data_sampler(tmp_path):
     """The data package's ResumableSampler (advance/state_dict with seed) resumes bitwise too."""
-    from test_engine_utils import ToyDataset
+    from helpers import ToyDataset
     from torch.utils.data import DataLoader
 
     from vitkit.data.samplers import ResumableSampler
@@ -223,7 +227,7 @@ def test_best_is_recovered_after_a_crash_between_renames(tmp_path):
 
 
 def test_streaming_loader_without_sampler_gets_set_epoch(tmp_path):
-    from test_engine_utils import ToyDataset
+    from helpers import ToyDataset
 
     class Streaming:
         """An iterable loader with set_epoch and no index sampler (WebDataset-like)."""

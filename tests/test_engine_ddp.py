@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.multiprocessing as mp
-from test_engine_utils import ddp_worker, free_port, make_trainer
+from helpers import ddp_worker, free_port, make_trainer
 
 from vitkit.engine import find_latest, load_checkpoint
 

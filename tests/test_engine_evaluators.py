@@ -101,7 +101,7 @@ def test_ema_decay_warmup_values_by_hand():
 
 
 def test_summary_reports_balanced_accuracy_and_best_metric(tmp_path):
-    from test_engine_utils import make_trainer
+    from helpers import make_trainer
 
     tr = make_trainer(tmp_path, epochs=2)
     s = tr.fit()

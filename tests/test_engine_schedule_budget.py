@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from test_engine_utils import Crash, CrashAt, assert_same_state, make_trainer, noise_transform
+from helpers import Crash, CrashAt, assert_same_state, make_trainer, noise_transform
 
 from vitkit.engine import trainer as trainer_mod
 from vitkit.engine.budget import Budget, end_reserve, parse_duration

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine_utils import Crash, CrashAt, assert_same_state, make_trainer
+from helpers import assert_same_run, crash_and_resume, make_trainer
 from torch import nn
 from torch.utils.data import Dataset
 
-from vitkit.engine import find_latest
 from vitkit.engine.distributed import all_reduce_sum, get_world_size
 from vitkit.objectives import Objective
 
@@ -121,10 +120,5 @@ def test_ssl_objective_trains_and_schedules_teacher(tmp_path):
 def test_ssl_objective_resumes_bitwise(tmp_path):
     full = ssl_trainer(tmp_path / "full")
     full.fit()
-    with pytest.raises(Crash):
-        ssl_trainer(tmp_path / "run", ckpt_every_steps=4, hooks=[CrashAt(5)]).fit()
-    assert find_latest(tmp_path / "run").name == "step_000004"
-    resumed = ssl_trainer(tmp_path / "run", ckpt_every_steps=4)
-    resumed.fit(resume=True)
-    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
-    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    resumed = crash_and_resume(ssl_trainer, tmp_path / "run", 5, latest=4, ckpt_every_steps=4)
+    assert_same_run(full, resumed)

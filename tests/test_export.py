@@ -1,30 +1,18 @@
 """Export: ONNX checked with onnxruntime, torch.export, safetensors; the `vitkit export` command."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import run_vitkit as vitkit
 
 from vitkit import create_model
 from vitkit.errors import ConfigError, PathNotFoundError
 from vitkit.export import export, export_onnx, export_program
 from vitkit.weights_io import save_weights
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
 
-
-def vitkit(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("vitkit")
-    cmd = [exe] if exe else [sys.executable, "-m", "vitkit.cli.main"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
-
-
+@pytest.mark.peer("onnx", "onnxscript", "onnxruntime")
 @pytest.mark.parametrize("name", ["test_vit", "test_deit_distilled", "test_swin", "test_swinv2", "test_pvt_v2", "test_levit", "test_vim"])
 def test_onnx_round_trip_matches_torch(name, tmp_path):
     model = create_model(name, num_classes=7).eval()
@@ -66,6 +54,7 @@ def test_safetensors_reexport_rebuilds_the_same_model(tmp_path):
         export(tmp_path / "missing.safetensors", "onnx")
 
 
+@pytest.mark.peer("onnx", "onnxscript", "onnxruntime")
 def test_export_command_writes_and_checks_onnx(tmp_path):
     weights = save_weights(create_model("test_vit", num_classes=3).eval(), tmp_path / "model.safetensors")
     r = vitkit("export", weights, "--format", "onnx", "--json")

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import run_vitkit as _vitkit
 from PIL import Image
 from torch import nn
 
@@ -278,11 +279,6 @@ def weights(tmp_path_factory):
         images.append(root / f"img{i}.png")
         img.save(images[-1])
     return path, images
-
-
-def _vitkit(*args):
-    return subprocess.run([sys.executable, "-m", "vitkit.cli.main", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
 
 
 def test_explain_cli_writes_pngs_and_a_report(weights, tmp_path):

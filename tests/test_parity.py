@@ -10,32 +10,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import lazy_peer
+from helpers import max_diff as _max_diff
+from helpers import perturb as _randomise
 
 from vitkit import VisionTransformer, load_weights
-from vitkit._peers import import_peer
 
-timm = import_peer("timm")
-transformers = import_peer("transformers")
-needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (pip install -e .[dev])")
-needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install -e .[dev])")
+timm = lazy_peer("timm")
+transformers = lazy_peer("transformers")
+needs_timm = pytest.mark.peer("timm")
+needs_hf = pytest.mark.peer("transformers")
 
 ATOL = 1e-5
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
-
-
-def _randomise(module: torch.nn.Module) -> torch.nn.Module:
-    """Perturb every parameter so each one matters to the output; keeps norms near 1."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return module.eval()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = (a - b).abs().max().item()
-    print(f"max |diff| = {diff:.3g}")
-    return diff
 
 
 def _vitkit(**kwargs) -> VisionTransformer:

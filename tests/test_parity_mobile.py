@@ -10,38 +10,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import lazy_peer
+from helpers import max_diff as _max_diff
+from helpers import perturb as _randomise
 
 import vitkit
 from vitkit import load_weights
-from vitkit._peers import import_peer
 from vitkit.layers.offset_bias import OffsetBias
 from vitkit.models.efficientformer import EfficientFormer
 from vitkit.models.levit import Levit
 
-timm = import_peer("timm")
-needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (pip install -e .[dev])")
+timm = lazy_peer("timm")
+needs_timm = pytest.mark.peer("timm")
 
 ATOL = 1e-5
-
-
-def _randomise(module: torch.nn.Module) -> torch.nn.Module:
-    """Perturb every parameter and every BatchNorm's running statistics."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        for m in module.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return module.eval()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = (a - b).abs().max().item()
-    print(f"max |diff| = {diff:.3g}")
-    return diff
 
 
 def _parity(peer: torch.nn.Module, ours: torch.nn.Module, size: int) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import lazy_peer
+from helpers import max_diff as _max_diff
+from helpers import perturb as _randomise
 
 import vitkit
 from vitkit import load_weights
-from vitkit._peers import import_peer
 
-timm = import_peer("timm")
-pytestmark = pytest.mark.skipif(timm is None, reason="timm is not installed (pip install -e .[dev])")
+timm = lazy_peer("timm")
+pytestmark = pytest.mark.peer("timm")
 
 ATOL = 1e-5
 
@@ -40,26 +42,6 @@ CASES = {
     "mixer_b16_224": _AT_64,
     "vit_small_r26_s32_224": _AT_64,
 }
-
-
-def _randomise(module: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
-    """Perturb every parameter, and BatchNorm running statistics, so each one changes the output."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * scale)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, scale)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-    return module.eval()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    diff = (a - b).abs().max().item()
-    print(f"max |diff| = {diff:.3g} (output scale {b.abs().max().item():.3g})")
-    return diff
 
 
 @pytest.mark.parametrize("name", list(CASES))

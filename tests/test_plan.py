@@ -7,7 +7,6 @@ import random
 
 import pytest
 from PIL import Image, ImageDraw
-from test_convert import hub_cache  # noqa: F401  (the offline hub-cache fixture)
 
 from vitkit import plan as plan_mod
 from vitkit.config import load_config, user_keys, uses_plan
@@ -157,7 +156,7 @@ def test_load_config_tracks_user_keys_and_plan_is_applied_around_them():
 
 # ---------------------------------------------------------------------- pretrained weights in the hub cache
 
-def test_find_pretrained_uses_the_local_cache_offline(hub_cache):  # noqa: F811
+def test_find_pretrained_uses_the_local_cache_offline(hub_cache):
     import vitkit
 
     assert find_pretrained() is None  # offline and nothing cached: train from scratch

@@ -7,7 +7,8 @@ import io
 import json
 
 import pytest
-from test_cli_errors import assert_user_error, vitkit
+from helpers import assert_user_error
+from helpers import run_vitkit as vitkit
 
 from vitkit.cli.main import main
 from vitkit.pretrain import pretrain_overrides

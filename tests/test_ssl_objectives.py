@@ -8,10 +8,15 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_engine_utils import Crash, CrashAt, assert_same_state, free_port, make_trainer
+from helpers import (
+    assert_same_run,
+    crash_and_resume,
+    free_port,
+    make_trainer,
+)
 from torch.utils.data import DataLoader, Dataset
 
-from vitkit.engine import find_latest, load_checkpoint
+from vitkit.engine import load_checkpoint
 from vitkit.models import create_model
 from vitkit.objectives import (
     DINO,
@@ -165,13 +170,8 @@ def test_dino_schedules_centre_and_last_layer_freeze(tmp_path):
 def test_dino_resume_reproduces_the_uninterrupted_run(tmp_path, make):
     full = ssl_trainer(tmp_path / "full", make)
     full.fit()
-    with pytest.raises(Crash):
-        ssl_trainer(tmp_path / "run", make, ckpt_every_steps=4, hooks=[CrashAt(5)]).fit()
-    assert find_latest(tmp_path / "run").name == "step_000004"
-    resumed = ssl_trainer(tmp_path / "run", make, ckpt_every_steps=4)
-    resumed.fit(resume=True)
-    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
-    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    resumed = crash_and_resume(lambda out, **kw: ssl_trainer(out, make, **kw), tmp_path / "run", 5, latest=4, ckpt_every_steps=4)
+    assert_same_run(full, resumed)
 
 
 def test_knn_evaluator_runs_in_training_and_picks_best(tmp_path):

@@ -8,12 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine_utils import Crash, CrashAt, assert_same_state, make_trainer, noise_transform
+from helpers import (
+    assert_same_run,
+    assert_same_state,
+    crash_and_resume,
+    make_trainer,
+    noise_transform,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
 import vitkit
-from vitkit.engine import find_latest
 from vitkit.layers import Attention, TokenContext, record_attention, sincos_2d_pos_embed
 from vitkit.objectives import Objective
 
@@ -426,10 +431,5 @@ def test_masked_token_objective_trains_on_kept_tokens_only(tmp_path):
 def test_masked_token_objective_resumes_bitwise(tmp_path):
     full = _mae_trainer(tmp_path / "full")
     full.fit()
-    with pytest.raises(Crash):
-        _mae_trainer(tmp_path / "run", ckpt_every_steps=4, hooks=[CrashAt(6)]).fit()
-    assert find_latest(tmp_path / "run").name == "step_000004"
-    resumed = _mae_trainer(tmp_path / "run", ckpt_every_steps=4)
-    resumed.fit(resume=True)
-    assert_same_state(full.objective.state_dict(), resumed.objective.state_dict(), "objective")
-    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    resumed = crash_and_resume(_mae_trainer, tmp_path / "run", 6, latest=4, ckpt_every_steps=4)
+    assert_same_run(full, resumed)

@@ -1,4 +1,4 @@
-"""Importing peer libraries (timm, transformers) for parity tests and benchmarks.
+"""Importing peer libraries (timm, transformers, onnxruntime) for parity tests and benchmarks.
 
 vitkit itself never needs torchvision. The peers do, and the PyPI torchvision wheel
 is a CUDA build whose C extension cannot load against a CPU-only torch; the import
@@ -39,9 +39,21 @@ def ensure_torchvision_importable() -> bool:
 
 
 def import_peer(name: str):
-    """Import ``timm`` or ``transformers``; return None when it is not installed."""
-    ensure_torchvision_importable()
+    """Import a peer library (``timm``, ``transformers``, ``onnxruntime``, or one of their modules).
+
+    Returns None only when the peer is not installed: its top-level package is missing. A peer
+    that is installed but fails to import (a broken install, a missing dependency of its own, an
+    API that moved) raises ImportError carrying the original error, so nobody mistakes a broken
+    environment for an absent optional package.
+    """
+    top = name.split(".")[0]
     try:
+        if top in ("timm", "transformers"):
+            ensure_torchvision_importable()
         return importlib.import_module(name)
-    except ImportError:
-        return None
+    except ModuleNotFoundError as e:
+        if e.name == top:
+            return None
+        raise ImportError(f"{name} is installed but cannot be imported: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        raise ImportError(f"{name} is installed but cannot be imported: {type(e).__name__}: {e}") from e
