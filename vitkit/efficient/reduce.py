@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..layers.tokens import proportional_bias
 
 # reducer(x, sizes, q, k, num_prefix_tokens, attn_bias) -> (x, sizes); x (B, N, D), sizes (B, N),
 # q and k (B, heads, N, head_dim) as attention used them.
@@ -41,7 +42,7 @@ class ReductionState:
     def attention_bias(self) -> torch.Tensor | None:
         if not self.proportional or self.sizes is None:
             return None
-        return self.sizes.log()[:, None, None, :]  # (B, 1, 1, N): one weight per key
+        return proportional_bias(self.sizes)
 
 
 @dataclass

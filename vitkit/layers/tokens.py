@@ -7,6 +7,12 @@ from dataclasses import dataclass, replace
 import torch
 
 
+def proportional_bias(sizes: torch.Tensor) -> torch.Tensor:
+    """(B, N) token sizes -> (B, 1, 1, N) additive attention bias log(size): attention weighs key j
+    as if it were sizes[j] copies of one token (ToMe's proportional attention)."""
+    return sizes.log()[:, None, None, :]
+
+
 @dataclass
 class TokenContext:
     """Side information for a ``(B, prefix + L, D)`` token sequence.
@@ -45,7 +51,7 @@ class TokenContext:
         """
         bias = self.attn_bias
         if self.sizes is not None:
-            log_sizes = self.sizes.log()[:, None, None, :]  # (B, 1, 1, N): one weight per key
+            log_sizes = proportional_bias(self.sizes)
             bias = log_sizes if bias is None else bias + log_sizes
         return bias if bias is None or dtype is None else bias.to(dtype)
 
