@@ -157,6 +157,8 @@ def test_tome_schedule_and_errors():
         tome_schedule(-1, 3)
     with pytest.raises(ConfigError):
         tome_schedule(2, 3, "sideways")
+    with pytest.raises(ConfigError, match="inflection"):
+        tome_schedule(2, 3, 1.5)
     with pytest.raises(ConfigError, match="RoPE"):
         apply_tome(_model("test_vit_modern"), r=2)
     model = _model()
