@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections import Counter
@@ -27,6 +28,7 @@ from vitkit.data.rand_augment import OPS, apply_op, op_argument
 
 aa = lazy_peer("timm.data.auto_augment")
 timm_erasing = lazy_peer("timm.data.random_erasing")
+timm_transforms = lazy_peer("timm.data.transforms")
 
 SPEC = "rand-m9-mstd0.5-inc1"
 FILL = (124, 116, 104)  # round(255 * ImageNet mean), what DeiT's pipeline fills geometric ops with
@@ -130,6 +132,35 @@ def test_grayscale_and_rgb_pipelines():
             out = ra(img, random.Random(seed))
             assert out.mode == mode and out.size == img.size
             assert tf(img, random.Random(seed)).shape == (len(mode), 24, 24)
+
+
+# ---- random-resized crop -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size, image", [(32, (57, 45)), (24, (30, 40)), (64, (48, 40))])
+def test_random_resized_crop_equals_timm(size, image, interpolation):
+    """Same box from a generator in the same state, and the same pixels: the crop is cut out and then
+    resized, so its border pixels are not blended with the image around it."""
+    img = _test_image(size=image)
+    tf = TrainTransform(size, hflip=0.0, interpolation=interpolation)
+    theirs = timm_transforms.RandomResizedCropAndInterpolation(size, interpolation=interpolation)
+    for seed in range(12):
+        random.seed(seed)
+        want = np.asarray(theirs(img)).transpose(2, 0, 1)
+        got = tf(img, random.Random(seed)).numpy()
+        assert np.array_equal(got, want), (seed, np.abs(got.astype(int) - want).max(), (got != want).mean())
+
+
+@pytest.mark.parametrize("scale, image", [((0.08, 1.0), (40, 36)), ((0.9, 1.0), (120, 20)), ((0.9, 1.0), (20, 120))])
+def test_crop_box_draws_as_timm(scale, image):
+    """The same draws in the same order as timm's get_params (the fallback too: extreme aspect ratios)."""
+    img = _test_image(size=image)
+    tf = TrainTransform(16, scale=scale)
+    for seed in range(40):
+        random.seed(seed)
+        i, j, h, w = timm_transforms.RandomResizedCropAndInterpolation.get_params(img, scale, (3 / 4, 4 / 3))
+        assert tf.crop_box(*image, random.Random(seed)) == (j, i, j + w, i + h), seed
 
 
 # ---- RandAugment: op frequencies and magnitudes over many images -----------------------------
@@ -274,6 +305,15 @@ def _timm_erase(b, h, w, prob):
     random.seed(0)
     x = torch.ones(b, 3, h, w)
     return _erased(timm_erasing.RandomErasing(prob, mode="const", device="cpu")(x), 1.0)
+
+
+def test_erasing_defaults_are_timms():
+    """Random Erasing's area (2% to 1/3) and aspect ratio (0.3 to 1/0.3, log-uniform) as timm's."""
+    theirs = timm_erasing.RandomErasing(0.25, mode="pixel", device="cpu")
+    defaults = inspect.signature(random_erase).parameters
+    assert defaults["area"].default == (theirs.min_area, theirs.max_area)
+    lo, hi = defaults["ratio"].default
+    assert (math.log(lo), math.log(hi)) == pytest.approx(theirs.log_aspect_ratio, abs=1e-12)
 
 
 def test_erasing_boxes_match_timm_distribution():

@@ -110,8 +110,13 @@ def test_soft_distillation_uses_the_softened_teacher():
     obj = DeiT(Fixed(cls, dist), Fixed(t), num_classes=3, distill_type="soft", alpha=0.25, temperature=T,
                label_smoothing=0.0)
     out = obj({"image": IMG, "label": torch.tensor([y])})
-    want = 0.75 * -math.log(_softmax(cls)[y]) + 0.25 * T * T * _kl(_softmax(t, T), _softmax(dist, T))
+    # DeiT's released reduction: the KL summed over the batch and classes, divided by B·C (C = 3).
+    kl = T * T * _kl(_softmax(t, T), _softmax(dist, T))
+    want = 0.75 * -math.log(_softmax(cls)[y]) + 0.25 * kl / 3
     assert out["loss"].item() == pytest.approx(want, rel=1e-5)
+    per_sample = DeiT(Fixed(cls, dist), Fixed(t), num_classes=3, distill_type="soft", alpha=0.25, temperature=T,
+                      label_smoothing=0.0, soft_reduction="batchmean")
+    assert per_sample({"image": IMG, "label": torch.tensor([y])})["dist"].item() == pytest.approx(kl, rel=1e-5)
 
 
 def test_deit_needs_a_distillation_head():

@@ -86,10 +86,13 @@ def random_erase(
     prob: float = 0.25,
     mode: str = "pixel",
     area: tuple[float, float] = (0.02, 1 / 3),
-    ratio: tuple[float, float] = (0.3, 3.3),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
     inplace: bool = False,
 ) -> torch.Tensor:
     """Randomly erase one box per sample of a normalised float (B, C, H, W) batch.
+
+    The defaults are Random Erasing's (Zhong et al.) as timm's ``RandomErasing`` has them: an
+    area of 2% to 1/3 of the image, an aspect ratio h/w from 0.3 to 1/0.3.
 
     ``mode="pixel"`` fills the box with per-pixel, per-channel N(0, 1) noise (random values in
     the normalised space); ``"const"`` fills it with 0 (the dataset mean).

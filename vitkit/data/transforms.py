@@ -53,7 +53,12 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Random-resized crop + horizontal flip (+ RandAugment) → uint8 (C, H, W).
+    """Random-resized crop + horizontal flip (+ RandAugment) → uint8 (C, H, W), as timm's train transform.
+
+    With the normalisation and random erasing that follow on the device
+    (:class:`~vitkit.data.augment.BatchAugment`), DeiT's settings give the pixels of timm's
+    ``create_transform(..., is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+    interpolation="bicubic")`` for the same drawn crop, flip and ops.
 
     Args:
         img_size: output side, or (H, W).
@@ -99,7 +104,12 @@ class TrainTransform:
         )
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of a random crop; falls back to the largest centred crop within ``ratio``."""
+        """(x0, y0, x1, y1) of a random crop; falls back to the largest centred crop within ``ratio``.
+
+        The draws are timm's and torchvision's ``RandomResizedCrop.get_params`` in the same order
+        (the top before the left), so a generator in the same state gives the same box. Unlike
+        theirs, a box that rounds to zero pixels (images of a few pixels) is redrawn, not cropped.
+        """
         area = width * height
         log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -108,8 +118,8 @@ class TrainTransform:
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                x0 = rng.randint(0, width - w)
                 y0 = rng.randint(0, height - h)
+                x0 = rng.randint(0, width - w)
                 return x0, y0, x0 + w, y0 + h
         in_ratio = width / height
         if in_ratio < self.ratio[0]:
@@ -121,11 +131,20 @@ class TrainTransform:
         x0, y0 = (width - w) // 2, (height - h) // 2
         return x0, y0, x0 + w, y0 + h
 
+    def crop_resize(self, img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        """Crop ``box`` out of the image, then resize the crop to the output size.
+
+        As timm's ``RandomResizedCropAndInterpolation`` (torchvision's ``resized_crop``): the
+        filter sees only the crop, its edge pixels repeated beyond it. A resize with PIL's
+        ``box=`` instead reads the image's pixels around the box into the crop's border pixels
+        (at 32 px, a tenth of the output pixels, by tens of levels on a textured image).
+        """
+        return img.crop(box).resize((self.size[1], self.size[0]), self.interpolation)
+
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         rng = rng if rng is not None else random.Random()
         img = to_channels(img, self.in_chans)
-        box = self.crop_box(img.width, img.height, rng)
-        out = img.resize((self.size[1], self.size[0]), self.interpolation, box=box)
+        out = self.crop_resize(img, self.crop_box(img.width, img.height, rng))
         if rng.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.rand_augment is not None:

@@ -54,15 +54,26 @@ def check_temperature(temperature: float) -> None:
         raise ConfigError(f"objective.temperature must be > 0, got {temperature}")
 
 
-def kd_term(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T² · KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
+KD_REDUCTIONS = ("batchmean", "deit")
 
-    The T² keeps the gradient's scale independent of T (Hinton et al., 2015), so ``alpha``
-    means the same at every temperature.
+
+def kd_term(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """``T² · KL(softmax(t/T) || softmax(s/T))`` summed over classes and samples, then divided.
+
+    ``reduction="batchmean"`` divides by the batch size B: the per-sample KL of Hinton et al.
+    (2015), averaged. ``"deit"`` divides by B·C, the number of logits, as DeiT's released
+    ``DistillationLoss`` does (``reduction='sum'`` then ``/ outputs_kd.numel()``); DeiT's
+    published ``alpha`` and ``tau`` were tuned with that, so it is C times lighter than batchmean.
+    The T² keeps the gradient's scale independent of T, so ``alpha`` means the same at every
+    temperature.
     """
+    if reduction not in KD_REDUCTIONS:
+        raise ConfigError(f"the KD reduction must be one of {', '.join(KD_REDUCTIONS)}, got {reduction!r}")
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
-    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+    if reduction == "batchmean":
+        return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+    return F.kl_div(s, t, reduction="sum", log_target=True) * temperature**2 / s.numel()
 
 
 class TeacherObjective(Supervised):
