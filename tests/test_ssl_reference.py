@@ -135,7 +135,7 @@ def teacher_patch_logits(obj, b) -> torch.Tensor:
 def test_ibot_patch_centre_equals_the_reference(patch_center):
     """iBOT's code: centre2 = m * centre2 + (1 - m) * mean over the images of each image's mean
     over ALL its patch tokens (the default); DINOv2/lightly: the mean over the masked tokens."""
-    obj = ibot(mask_prob=0.5, patch_center=patch_center).train()
+    obj = ibot(mask_prob=0.5, **({} if patch_center == "all" else {"patch_center": patch_center})).train()
     seen = record_mask(obj)
     b = batch(8)
     expected_all = teacher_patch_logits(obj, b)  # the teacher has not moved yet
@@ -165,11 +165,11 @@ def test_ibot_batch_without_masked_tokens_stays_finite(kw):
 @pytest.mark.parametrize("method", ["mae", "ibot"])
 def test_masked_objective_refuses_a_stem_that_mixes_patches(method, name):
     model = create_model(name, num_classes=4)
-    build = (lambda allow: MAE(model, 8, allow_mixing_stem=allow)) if method == "mae" else (
-        lambda allow: IBOT(model, IBOTConfig(**TINY_HEAD, allow_mixing_stem=allow)))
+    build = (lambda **kw: MAE(model, 8, **kw)) if method == "mae" else (
+        lambda **kw: IBOT(model, IBOTConfig(**TINY_HEAD, **kw)))
     with pytest.raises(ConfigError, match=rf"(?s){name}.*conv_stem=false.*allow_mixing_stem=true"):
-        build(False)
-    build(True)  # the explicit override
+        build()
+    build(allow_mixing_stem=True)  # the explicit override
 
 
 def test_masked_objective_accepts_a_patch_local_stem_and_pretrain_picks_one():
@@ -276,11 +276,10 @@ def test_mocov3_patch_projection_is_random_and_frozen(tmp_path, name, frozen):
                       batch_size=8, optim={"lr": 1e-3}, epochs=1)
     tr.fit()
     in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
-    assert obj.patch_embed_frozen is frozen
     if frozen:  # the paper's trick: not trained, still its random initialisation
         assert not any(id(p) in in_opt for p in proj.parameters())
         assert all(torch.equal(p, b) for p, b in zip(proj.parameters(), before))
         assert all(torch.equal(p, b) for p, b in zip(obj.momentum_encoder.patch_embed.proj.parameters(), before))
     else:  # a conv stem has no patch projection on the pixels: documented no-op
         assert all(id(p) in in_opt for p in proj.parameters())
-    assert MoCoV3Config().freeze_patch_embed is True
+    assert obj.patch_embed_frozen is frozen and MoCoV3Config().freeze_patch_embed is True
