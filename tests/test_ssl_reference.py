@@ -283,3 +283,61 @@ def test_mocov3_patch_projection_is_random_and_frozen(tmp_path, name, frozen):
     else:  # a conv stem has no patch projection on the pixels: documented no-op
         assert all(id(p) in in_opt for p in proj.parameters())
     assert obj.patch_embed_frozen is frozen and MoCoV3Config().freeze_patch_embed is True
+
+
+# ---------------------------------------------------------------- 2-process gloo: global counts, DDP
+
+
+def _patch_logits():
+    """Teacher patch logits (4 images, 6 tokens, 5 prototypes) and a mask with no token on rank 1."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(4, 6, 5, generator=g)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0, :4] = True
+    mask[1, 2] = True  # rank 0 holds images 0-1 (5 masked tokens), rank 1 images 2-3 (none)
+    return t, mask
+
+
+def _centre_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from vitkit.engine.distributed import init_distributed, shutdown_distributed, wrap_ddp
+    from vitkit.objectives.dino import update_center
+    from vitkit.objectives.ibot import sinkhorn_knopp, update_masked_center
+
+    init_distributed("gloo")
+    t, mask = _patch_logits()
+    rows = slice(rank * 2, rank * 2 + 2)
+    c_all, c_masked = torch.zeros(1, 5), torch.zeros(1, 5)
+    update_center(c_all, t[rows].mean(1), 0.9)
+    update_masked_center(c_masked, t[rows][mask[rows]], 0.9)
+    sk = sinkhorn_knopp(t[rows][mask[rows]], 0.1)  # rank 1 has no row: no crash, an empty result
+    torch.manual_seed(0)
+    obj = DINO(create_model("test_vit", num_classes=4), DINOConfig(**TINY_HEAD))
+    obj.freeze()
+    ddp = wrap_ddp(obj.train(), torch.device("cpu"), find_unused_parameters=True)
+    grads = []
+    for _ in range(2):  # the frozen last layer gets no gradient under DDP either, step after step
+        ddp(batch(4, seed=rank))["loss"].backward()
+        grads.append(obj.head.last_layer.weight_v.grad is None and obj.head.mlp[0].weight.grad is not None)
+        obj.zero_grad(set_to_none=True)
+    torch.save({"all": c_all, "masked": c_masked, "sk": sk, "grads": torch.tensor(grads)}, f"{out}/rank{rank}.pt")
+    shutdown_distributed()
+
+
+def test_patch_centres_use_global_counts_under_two_process_gloo(tmp_path):
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    t, mask = _patch_logits()
+    mp.spawn(_centre_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    for x in r:  # the same centre on every rank: the whole batch's, with its global counts
+        torch.testing.assert_close(x["all"], 0.1 * t.mean((0, 1))[None])
+        torch.testing.assert_close(x["masked"], 0.1 * t[mask].mean(0)[None])
+        assert x["grads"].all()
+    assert r[0]["sk"].shape == (5, 5) and r[1]["sk"].shape == (0, 5)
+    torch.testing.assert_close(r[0]["sk"].sum(1), torch.ones(5))
