@@ -341,3 +341,8 @@ def test_patch_centres_use_global_counts_under_two_process_gloo(tmp_path):
         assert x["grads"].all()
     assert r[0]["sk"].shape == (5, 5) and r[1]["sk"].shape == (0, 5)
     torch.testing.assert_close(r[0]["sk"].sum(1), torch.ones(5))
+
+
+def test_masked_objective_on_a_backbone_without_token_path_is_a_clear_error():
+    with pytest.raises(TypeError, match="embed"):
+        IBOT(create_model("test_resnet", num_classes=4), IBOTConfig(**TINY_HEAD))

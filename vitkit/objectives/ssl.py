@@ -103,6 +103,9 @@ def stem_mixes_patches(model: nn.Module) -> bool:
 
 def check_patch_local_stem(model: nn.Module, method: str, allow: bool) -> None:
     """A masked objective must not see what it hides: raise unless the stem is patch-local or ``allow``."""
+    if not (callable(getattr(model, "embed", None)) and callable(getattr(model, "forward_tokens", None))):
+        raise TypeError(f"{method} masks patch tokens, so it needs a backbone with embed() and forward_tokens(); "
+                        f"{type(model).__name__} has none: pick a ViT-family model")
     if allow or not stem_mixes_patches(model):
         return
     card = getattr(model, "card", None)
