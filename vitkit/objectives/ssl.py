@@ -223,7 +223,7 @@ class SelfSupervised(Objective):
                 g.setdefault("initial_weight_decay", wd)
         p = float(self.progress)
         for g, wd in zip(groups, self._wd_start):
-            if wd > 0:  # groups without decay (norms, biases, tokens) keep none
+            if wd > 0:  # groups without decay (norms, biases) keep none
                 g["weight_decay"] = cosine_ramp(wd, self.weight_decay_end, p)
 
     # ------------------------------------------------------------------ evaluation
