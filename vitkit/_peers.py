@@ -1,4 +1,4 @@
-"""Importing peer libraries (timm, transformers, onnxruntime) for parity tests and benchmarks.
+"""Importing peer libraries (timm, transformers, lightly, onnxruntime) for parity tests and benchmarks.
 
 vitkit itself never needs torchvision. The peers do, and the PyPI torchvision wheel
 is a CUDA build whose C extension cannot load against a CPU-only torch; the import
@@ -39,7 +39,7 @@ def ensure_torchvision_importable() -> bool:
 
 
 def import_peer(name: str):
-    """Import a peer library (``timm``, ``transformers``, ``onnxruntime``, or one of their modules).
+    """Import a peer library (``timm``, ``transformers``, ``lightly``, ``onnxruntime``, or one of their modules).
 
     Returns None only when the peer is not installed: its top-level package is missing. A peer
     that is installed but fails to import (a broken install, a missing dependency of its own, an
@@ -48,7 +48,7 @@ def import_peer(name: str):
     """
     top = name.split(".")[0]
     try:
-        if top in ("timm", "transformers"):
+        if top in ("timm", "transformers", "lightly"):  # each imports torchvision
             ensure_torchvision_importable()
         return importlib.import_module(name)
     except ModuleNotFoundError as e:

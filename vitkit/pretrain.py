@@ -40,8 +40,12 @@ _METHOD = {
     # MAE's loss never reaches the backbone's pooling head (fc_norm): DDP must allow unused parameters.
     "mae": {"optim.lr": 3.0e-4, "optim.weight_decay": 0.05, "optim.betas": [0.9, 0.95],
             "engine.find_unused_parameters": True},
-    "dino": {"optim.lr": 1.0e-3, "optim.weight_decay": 0.04, "optim.clip_grad": 3.0},
-    "ibot": {"optim.lr": 1.0e-3, "optim.weight_decay": 0.04, "optim.clip_grad": 3.0},
+    # DINO and iBOT clip each parameter's gradient norm to 3 on its own (their clip_gradients); the
+    # head's last layer gets no gradient while frozen, which DDP must allow.
+    "dino": {"optim.lr": 1.0e-3, "optim.weight_decay": 0.04, "optim.clip_grad": 3.0, "optim.clip_mode": "per_param",
+             "engine.find_unused_parameters": True},
+    "ibot": {"optim.lr": 1.0e-3, "optim.weight_decay": 0.04, "optim.clip_grad": 3.0, "optim.clip_mode": "per_param",
+             "engine.find_unused_parameters": True},
     "simclr": {"optim.lr": 2.0e-3, "optim.weight_decay": 0.05},
     "mocov3": {"optim.lr": 3.0e-4, "optim.weight_decay": 0.1},
 }
@@ -68,7 +72,7 @@ def pretrain_overrides(method: str, overrides: Sequence[str] = ()) -> list[str]:
     if any(k.startswith("objective.name") for k in given):
         raise ConfigError("vitkit pretrain sets objective.name from --method; drop objective.name=...")
     defaults = {**_COMMON, **_METHOD[method]}
-    if method == "mae" and "model.name" not in given:
+    if method in ("mae", "ibot") and "model.name" not in given:
         # A conv stem sees across patch borders, so visible tokens would carry masked pixels.
         defaults["model.args.conv_stem"] = False
     base = [f"{k}={_value(v)}" for k, v in defaults.items() if k not in given]

@@ -26,6 +26,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     layer_decay: float | None = None
     clip_grad: float | None = None
+    # global: one norm over all gradients (timm, DeiT); per_param: each parameter's gradient norm
+    # clipped to clip_grad on its own (DINO's and iBOT's clip_gradients, a much weaker constraint).
+    clip_mode: str = "global"
 
 
 @dataclass

@@ -132,6 +132,8 @@ def build_optimizer(objective: nn.Module, cfg: OptimConfig, global_batch: int) -
 
     Each group's ``lr`` is set to ``base_lr * lr_scale``; the schedule rewrites it every step.
     """
+    if cfg.clip_mode not in CLIP_MODES:
+        raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {cfg.clip_mode!r}")
     groups = param_groups(objective, cfg.weight_decay, cfg.layer_decay)
     if not groups:
         raise ValueError(f"{type(objective).__name__} has no parameters with requires_grad=True to train")
@@ -154,15 +156,39 @@ def build_optimizer(objective: nn.Module, cfg: OptimConfig, global_batch: int) -
     raise ValueError(f"unknown optimizer {cfg.name!r}: use 'adamw' or 'sgd'")
 
 
-def optimizer_step(optimizer, scaler, params, clip_grad: float | None):
-    """Unscale and clip (when ``clip_grad``), step, update the loss scale, zero the gradients.
+CLIP_MODES = ("global", "per_param")
+
+
+def clip_per_param_(params, max_norm: float) -> torch.Tensor:
+    """Scale each parameter's gradient so that its own norm is at most ``max_norm`` (DINO's ``clip_gradients``).
+
+    A gradient of norm n is multiplied by ``max_norm / (n + 1e-6)`` when that is below 1. Returns
+    the norm of all gradients before clipping (what ``clip_grad_norm_`` reports), for the logs.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    for g, n in zip(grads, norms):
+        coef = max_norm / (n + 1e-6)
+        g.mul_(torch.where(coef < 1, coef, torch.ones_like(coef)))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def optimizer_step(optimizer, scaler, params, clip_grad: float | None, clip_mode: str = "global"):
+    """Unscale and clip (when ``clip_grad``, by ``clip_mode``), step, update the loss scale, zero the gradients.
 
     Returns the gradients' norm before clipping, or None without clipping.
     """
     grad_norm = None
     if clip_grad is not None:
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        if clip_mode == "per_param":
+            grad_norm = clip_per_param_(params, clip_grad)
+        elif clip_mode == "global":
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -302,7 +302,7 @@ class Trainer:
                 st.nonfinite_skipped += 1
                 self.logger.info(f"step {st.step + 1}: non-finite loss, step skipped ({st.nonfinite_skipped})")
             else:
-                grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.optim_cfg.clip_grad)
+                grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
             st.step += 1
             st.epoch_step += 1
             self.scheduler.step()

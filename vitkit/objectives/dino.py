@@ -7,6 +7,13 @@ teacher's outputs are centred (a running mean, momentum 0.9) and sharpened (a lo
 warmed up from 0.04); the loss is the cross-entropy of the paper's pseudocode, over every pair
 of (teacher global crop, student crop of another view). The head's last layer is frozen for the
 first epoch and the weight decay follows a cosine. The run exports the teacher backbone.
+
+As in the reference code, the teacher's BatchNorms (a conv stem's) run in train mode during
+training steps (batch statistics; their running statistics follow the teacher's own forward
+passes), every parameter with more than one dimension is weight-decayed, and the frozen last
+layer gets no gradient at all, so AdamW neither moves nor decays it nor counts its steps.
+``vitkit pretrain`` clips each parameter's gradient norm separately (``optim.clip_mode=per_param``)
+as DINO's ``clip_gradients`` does.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from ..engine.ema import ema_update
 from ..engine.protocol import StepContext
 from ..errors import ConfigError
 from .registry import register_objective
-from .ssl import SelfSupervised, backbone_features, context_kwargs, cosine_ramp, frozen_copy
+from .ssl import SelfSupervised, backbone_features, batch_statistics, context_kwargs, cosine_ramp, frozen_copy
 from .ssl_heads import DINOHead
 
 
@@ -123,10 +130,11 @@ class DINO(SelfSupervised):
         return {"teacher": self.teacher, "teacher_head": self.teacher_head}
 
     def no_weight_decay(self) -> set[str]:
-        # The weight-normed last layer's output ignores the scale of its direction weights, so
-        # decay would only change their effective step size; left undecayed, they also stay
-        # exactly still while frozen (zero gradients, zero Adam moments).
-        return super().no_weight_decay() | {"head.last_layer.weight_v"}
+        """Nothing by name: DINO's and iBOT's ``get_params_groups`` decay every parameter with more
+        than one dimension (the class token, position embedding and the last layer's ``weight_v``
+        included) and leave only biases and norms (ndim 1) undecayed, which the optimizer's
+        grouping already does."""
+        return set()
 
     def export_model(self) -> nn.Module:
         return self.teacher
@@ -168,7 +176,9 @@ class DINO(SelfSupervised):
     @torch.no_grad()
     def teacher_logits(self, global_views: list[Tensor]) -> Tensor:
         """(n_global * B, K) teacher outputs of the global crops."""
-        return self.teacher_head(backbone_features(self.teacher, torch.cat(global_views))).float()
+        with batch_statistics(self.teacher, self.training):
+            feats = backbone_features(self.teacher, torch.cat(global_views))
+        return self.teacher_head(feats).float()
 
     def teacher_targets(self, t_logits: Tensor, n: int) -> list[Tensor]:
         """Centred, sharpened targets (one (B, K) per global crop); updates the centre afterwards."""

@@ -4,7 +4,8 @@ The encoder (the backbone) runs on the visible patches only, through its token p
 ``tokens, ctx = model.embed(x)`` then ``model.forward_tokens(tokens, ctx, keep=visible)``. A light
 decoder with its own width, depth, fixed 2D sin-cos position embeddings and a learned mask token
 sees every position and predicts each patch's pixels; the loss is the mean squared error over
-the masked patches only. The run exports the encoder.
+the masked patches only. The run exports the encoder. A backbone whose stem mixes neighbouring
+patches is refused (visible tokens would carry masked pixels) unless ``allow_mixing_stem``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..data.transforms import TrainTransform
 from ..engine.runtime import to_device
 from ..layers import Block, sincos_2d_pos_embed
 from .registry import register_objective
-from .ssl import SelfSupervised, context_kwargs
+from .ssl import SelfSupervised, check_patch_local_stem, context_kwargs
 
 
 @dataclass
@@ -33,6 +34,7 @@ class MAEConfig:
     decoder_heads: int = 4
     norm_pix_loss: bool = True
     crop_scale_min: float = 0.2
+    allow_mixing_stem: bool = False  # train on a stem that mixes patches anyway (it sees what is masked)
     knn_k: int = 20
     knn: bool = True  # k-NN of the features at each evaluation (needs labels)
 
@@ -123,16 +125,19 @@ class MAE(SelfSupervised):
             ``patch_size**2 * in_chans`` values per patch).
         mask_ratio: fraction of the patches hidden from the encoder.
         norm_pix_loss: reconstruct each patch normalised by its own mean and variance.
+        allow_mixing_stem: accept a stem that mixes neighbouring patches (conv stem, hybrid,
+            overlapping embedding); refused by default, since the encoder would see masked pixels.
     """
 
     def __init__(self, model: nn.Module, patch_size: int, in_chans: int = 3, mask_ratio: float = 0.75,
                  decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True,
-                 **ssl_kw):
+                 allow_mixing_stem: bool = False, **ssl_kw):
         super().__init__(model, **ssl_kw)
         if not 0 < mask_ratio < 1:
             raise ValueError(f"objective.mask_ratio must be in (0, 1), got {mask_ratio}")
         if not (callable(getattr(model, "embed", None)) and callable(getattr(model, "forward_tokens", None))):
             raise TypeError(f"MAE needs a backbone with embed() and forward_tokens(); {type(model).__name__} has none")
+        check_patch_local_stem(model, "mae", allow_mixing_stem)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         self.patch_size, self.in_chans = patch_size, in_chans
         self.decoder = MAEDecoder(self.embed_dim, patch_size * patch_size * in_chans, decoder_dim, decoder_depth,
@@ -143,7 +148,7 @@ class MAE(SelfSupervised):
         in_chans, h, w = model.card.input_size if hasattr(model, "card") else (3, 0, 0)
         patch = _patch_side(model, in_chans, h or 32)
         return cls(model, patch, in_chans, cfg.mask_ratio, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-                   cfg.norm_pix_loss, knn_k=cfg.knn_k, **context_kwargs(context, cfg.knn))
+                   cfg.norm_pix_loss, cfg.allow_mixing_stem, knn_k=cfg.knn_k, **context_kwargs(context, cfg.knn))
 
     @classmethod
     def train_pipeline(cls, cfg: MAEConfig, model: nn.Module, img_size: int, in_chans: int, mean, std):

@@ -3,8 +3,10 @@
 The online network (backbone + 3-layer projector + 2-layer predictor) predicts, for each view,
 the momentum encoder's projection of the other view; the negatives are the other images of the
 global batch (gathered from every process). The momentum encoder (backbone + projector) follows
-the online one with a momentum ramped from 0.99 to 1 on a cosine. The run exports the online
-backbone, as MoCo v3 does.
+the online one with a momentum ramped from 0.99 to 1 on a cosine; its BatchNorms (a conv
+stem's, the projector's) run in train mode during training steps, as in the reference code.
+The patch projection of a ViT is random and frozen (``freeze_patch_embed``), the paper's
+stability trick. The run exports the online backbone, as MoCo v3 does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .ssl import (
     batch_statistics,
     context_kwargs,
     cosine_ramp,
+    freeze_patch_projection,
     frozen_copy,
 )
 from .ssl_heads import mlp
@@ -42,6 +45,11 @@ class MoCoV3Config:
     proj_dim: int = 256
     pred_hidden_dim: int = 2048
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    # The paper's stability trick for ViT (its code's stop_grad_conv1): the patch projection keeps
+    # its random initialisation. Applied when the backbone's first layer is a patch projection
+    # (patch_embed.proj with kernel = stride on the pixels); a no-op with a conv stem, a hybrid
+    # ResNet or an overlapping embedding, which have no such layer.
+    freeze_patch_embed: bool = True
     knn_k: int = 20
     knn: bool = True  # k-NN of the features at each evaluation (needs labels)
 
@@ -67,6 +75,8 @@ class MoCoV3(SelfSupervised):
         cfg = cfg if cfg is not None else MoCoV3Config()
         super().__init__(model, knn_k=cfg.knn_k, **ssl_kw)
         self.cfg = cfg
+        # Whether the patch projection was frozen (False: the option is off or the model has none).
+        self.patch_embed_frozen = cfg.freeze_patch_embed and freeze_patch_projection(self.model)
         self.projector = mlp(self.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim, nlayers=3, last_bn=True)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, nlayers=2, last_bn=True)
         self.momentum_encoder = frozen_copy(self.model)
@@ -95,6 +105,8 @@ class MoCoV3(SelfSupervised):
         x = torch.cat([v1, v2])
         q1, q2 = self.predictor(self.projector(backbone_features(self.model, x))).chunk(2)
         with torch.no_grad(), batch_statistics(self.momentum_projector) as proj:
-            k1, k2 = proj(backbone_features(self.momentum_encoder, x)).chunk(2)
+            with batch_statistics(self.momentum_encoder, self.training):
+                feats = backbone_features(self.momentum_encoder, x)
+            k1, k2 = proj(feats).chunk(2)
         T = self.cfg.temperature
         return {"loss": info_nce(q1, k2, T) + info_nce(q2, k1, T)}

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.evaluators import Evaluator, KNNEvaluator
+from ..errors import ConfigError
 from .base import Objective, StepContext
 
 
@@ -39,15 +40,103 @@ def cosine_ramp(start: float, end: float, progress: float) -> float:
 
 
 @contextmanager
-def batch_statistics(module: nn.Module):
-    """Run ``module`` (a frozen momentum encoder) in train mode, so its BatchNorms normalise with
-    the batch's statistics as the online network's do; its mode is restored afterwards."""
-    was = module.training
-    module.train()
+def batch_statistics(module: nn.Module, active: bool = True):
+    """Run ``module`` (an EMA teacher, a momentum encoder or projector) with its BatchNorms in train mode.
+
+    The reference implementations (DINO, iBOT, MoCo v3) never put the teacher or momentum
+    encoder in eval mode while training: its BatchNorms normalise with the batch's statistics and
+    their running statistics follow its own forward passes (the EMA averages parameters only).
+    The running statistics are what the exported teacher normalises with at evaluation, so a
+    frozen copy kept in eval mode would carry its initial 0 / 1 forever. Only the BatchNorms
+    switch: dropout and drop-path stay off, as in the reference teachers (built without drop
+    path). Their modes are restored afterwards; ``active=False`` (an objective in eval mode)
+    changes nothing.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training]
+    if not active:
+        norms = []
+    for m in norms:
+        m.train()
     try:
         yield module
     finally:
-        module.train(was)
+        for m in norms:
+            m.eval()
+
+
+@torch.no_grad()
+def stem_mixes_patches(model: nn.Module) -> bool:
+    """True when a patch token of ``model.embed`` depends on pixels outside its own patch.
+
+    Found through the public token path, whatever the family: the pixels of one patch in the
+    middle of the grid are changed and every other patch token is compared (conv stems, hybrid
+    ResNet stems and overlapping patch embeddings all change their neighbours). Eval mode, a
+    private generator and no state change: the run's random stream and BatchNorm statistics are
+    untouched.
+    """
+    card = getattr(model, "card", None)
+    in_chans, h, w = card.input_size if card is not None else (getattr(model, "in_chans", 3), 32, 32)
+    param = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, in_chans, h, w, generator=g)
+    was = model.training
+    model.eval()
+    try:
+        _, ctx = model.embed(x[:1].to(param.device, param.dtype))
+        gh, gw = ctx.grid
+        if gh * gw < 2:
+            return False
+        ph, pw = h // gh, w // gw
+        i, j = gh // 2, gw // 2
+        y = x[:1].clone()
+        y[..., i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = x[1:, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw]
+        a, _ = model.embed(x[:1].to(param.device, param.dtype))
+        b, _ = model.embed(y.to(param.device, param.dtype))
+    finally:
+        model.train(was)
+    p = ctx.num_prefix_tokens
+    others = torch.ones(gh * gw, dtype=torch.bool)
+    others[i * gw + j] = False
+    a, b = a[0, p:][others].float(), b[0, p:][others].float()
+    return bool((a - b).abs().max() > 1e-5 * (1 + a.abs().max()))
+
+
+def check_patch_local_stem(model: nn.Module, method: str, allow: bool) -> None:
+    """A masked objective must not see what it hides: raise unless the stem is patch-local or ``allow``."""
+    if not (callable(getattr(model, "embed", None)) and callable(getattr(model, "forward_tokens", None))):
+        raise TypeError(f"{method} masks patch tokens, so it needs a backbone with embed() and forward_tokens(); "
+                        f"{type(model).__name__} has none: pick a ViT-family model")
+    if allow or not stem_mixes_patches(model):
+        return
+    card = getattr(model, "card", None)
+    name = getattr(card, "name", None) or type(model).__name__
+    raise ConfigError(
+        f"{method} masks patches, but the stem of {name} mixes neighbouring patches (a conv stem, a hybrid "
+        f"ResNet stem or an overlapping patch embedding), so visible tokens carry pixels of the masked ones "
+        f"and the task leaks its answer. Use a patch-local stem (e.g. model.args.conv_stem=false, or a plain "
+        f"ViT), or set objective.allow_mixing_stem=true to train anyway"
+    )
+
+
+def freeze_patch_projection(model: nn.Module) -> bool:
+    """Freeze the backbone's patch projection (MoCo v3's random patch projection); False when it has none.
+
+    The projection is ``patch_embed.proj`` (timm's key) when it is the layer that sees the pixels:
+    a convolution whose kernel equals its stride, on the image's channels, with no stem before it.
+    A conv stem, a hybrid ResNet or an overlapping embedding has no such layer.
+    """
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    stem = getattr(embed, "stem", None)
+    in_chans = getattr(model, "in_chans", None)
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride:
+        return False
+    if (stem is not None and not isinstance(stem, nn.Identity)) or hasattr(embed, "backbone"):
+        return False
+    if in_chans is not None and proj.in_channels != in_chans:
+        return False
+    proj.requires_grad_(False)
+    return True
 
 
 class _NoLabels(Evaluator):
@@ -134,7 +223,7 @@ class SelfSupervised(Objective):
                 g.setdefault("initial_weight_decay", wd)
         p = float(self.progress)
         for g, wd in zip(groups, self._wd_start):
-            if wd > 0:  # groups without decay (norms, biases, tokens) keep none
+            if wd > 0:  # groups without decay (norms, biases) keep none
                 g["weight_decay"] = cosine_ramp(wd, self.weight_decay_end, p)
 
     # ------------------------------------------------------------------ evaluation

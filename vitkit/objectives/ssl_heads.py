@@ -24,12 +24,13 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fix_norm)
 
     def forward(self, x: Tensor, frozen: bool = False) -> Tensor:
-        v = self.weight_v
+        v, g = self.weight_v, self.weight_g
         if frozen:
-            # A zero gradient rather than none: every process must give each trained parameter
-            # a gradient under DDP. Adam's moments stay zero, so the weights do not move.
-            v = v.detach() + 0 * v
-        return F.linear(x, self.weight_g * F.normalize(v, dim=1))
+            # No gradient at all (DINO sets the last layer's grads to None): AdamW then skips the
+            # layer, so its moments, step count and weight decay do not advance while frozen. Under
+            # DDP this needs engine.find_unused_parameters=true (vitkit pretrain sets it).
+            v, g = v.detach(), g.detach()
+        return F.linear(x, g * F.normalize(v, dim=1))
 
 
 class DINOHead(nn.Module):
