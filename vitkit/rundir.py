@@ -59,6 +59,27 @@ SCHEDULE_KEYS = (
 )
 
 
+def step_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete ``step_N`` checkpoints under a ``checkpoints`` directory, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points to under a ``checkpoints`` directory, else the newest complete one."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / STATE_FILE).is_file():
+            return cand
+    found = step_checkpoints(root)
+    return found[-1] if found else None
+
+
 class RunDir:
     """The files of one run directory, by role; nothing is created until something is written.
 
@@ -140,11 +161,7 @@ class RunDir:
 
     def list_checkpoints(self) -> list[Path]:
         """Complete step checkpoints, oldest first."""
-        root = self.checkpoints
-        if not root.is_dir():
-            return []
-        found = [p for p in root.iterdir() if _STEP_RE.match(p.name) and self.is_checkpoint(p)]
-        return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+        return step_checkpoints(self.checkpoints)
 
     def checkpoint(self, which: str | int = LATEST) -> Path | None:
         """A complete checkpoint directory: ``"latest"``, ``"best"`` or a step number; None if absent."""
@@ -152,13 +169,7 @@ class RunDir:
             best = self.checkpoints / BEST
             return best if best.is_dir() else None
         if which == LATEST:
-            pointer = self.checkpoints / LATEST
-            if pointer.is_file():
-                cand = self.checkpoints / pointer.read_text().strip()
-                if self.is_checkpoint(cand):
-                    return cand
-            found = self.list_checkpoints()
-            return found[-1] if found else None
+            return latest_checkpoint(self.checkpoints)
         if isinstance(which, int) or str(which).isdigit():
             return next((p for p in self.list_checkpoints() if int(p.name[len("step_"):]) == int(which)), None)
         raise ConfigError(f"checkpoint {which!r}: expected 'latest', 'best' or a step number")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..errors import PathNotFoundError, TrainingError
-from ..rundir import BEST, CHECKPOINTS, LATEST, STATE_FILE
+from ..rundir import BEST, CHECKPOINTS, LATEST, STATE_FILE, latest_checkpoint, step_checkpoints
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = ("model", "objective", "ema")
 
 
@@ -122,15 +120,6 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
-    """Complete step checkpoints under ``ckpt_root``, oldest first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
-
-
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -173,7 +162,7 @@ def save_checkpoint(
     atomic_write_text(root / LATEST, name + "\n")
 
     if keep_last > 0:
-        for old in list_checkpoints(root)[:-keep_last]:
+        for old in step_checkpoints(root)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
@@ -216,14 +205,7 @@ def recover_best(ckpt_root: str | Path) -> None:
 def find_latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run (or of a ``checkpoints`` dir), or None."""
     run_dir = Path(run_dir)
-    root = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
-    pointer = root / LATEST
-    if pointer.exists():
-        cand = root / pointer.read_text().strip()
-        if (cand / STATE_FILE).exists():
-            return cand
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    return latest_checkpoint(run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
