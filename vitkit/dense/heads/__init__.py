@@ -1,0 +1,1 @@
+"""The built-in dense heads; each module registers its heads with :func:`vitkit.dense.register_head`."""
