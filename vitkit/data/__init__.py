@@ -1,13 +1,15 @@
-"""Datasets, built-in shapes data, transforms, batch augmentation, mixup/cutmix, samplers, loaders."""
+"""Datasets (classification, segmentation, depth), the task rule, built-in shapes data, transforms, batch augmentation, mixup/cutmix, samplers, loaders."""
 
 from __future__ import annotations
 
 from .arrays import read_idx
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, Normalize, random_erase
 from .dataset import ImageDataset
+from .dense import DenseDataset, build_dense_dataset
 from .formats import SUPPORTED, build_dataset
 from .images import MAX_IMAGE_PIXELS, BadImageError, decode_image, to_channels
-from .inspect import DatasetInfo, describe_datasets, inspect_dataset
+from .inspect import DatasetInfo, describe_datasets, describe_dense, inspect_dataset
+from .joint import JointEvalTransform, JointTrainTransform
 from .loader import ImageLoader, build_loader, collate, sample_rng
 from .mix import Mixup, cutmix_box, smooth_one_hot
 from .paths import is_system_path
@@ -18,10 +20,19 @@ from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
 from .skips import SkipCounter
 from .splits import stratified_split
 from .stage import DataStage, prepare_data
+from .task import TASKS, TaskChoice, detect_task
 from .transforms import EvalTransform, TrainTransform, pil_to_uint8
 from .webdataset import WebDatasetShards, expand_shards
 
 __all__ = [
+    "detect_task",
+    "describe_dense",
+    "build_dense_dataset",
+    "TaskChoice",
+    "TASKS",
+    "JointTrainTransform",
+    "JointEvalTransform",
+    "DenseDataset",
     "BadImageError",
     "BatchAugment",
     "DEFAULT_CLASSES",

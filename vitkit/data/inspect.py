@@ -17,7 +17,9 @@ _GRAY_TOLERANCE = 3
 @dataclass
 class DatasetInfo:
     """What :func:`describe_datasets` found. ``typical_size`` is the median (H, W) of the sampled images;
-    ``class_counts`` are training images per class (empty when the format does not list labels)."""
+    ``class_counts`` are training images per class (empty when the format does not list labels),
+    or for segmentation pixels per class over the sampled masks. ``ignore_index`` is the mask
+    value of void pixels (segmentation) and ``notes`` what the plan should say about the data."""
 
     num_classes: int
     in_chans: int
@@ -27,6 +29,9 @@ class DatasetInfo:
     format: str
     classes: tuple[str, ...] = ()
     class_counts: tuple[int, ...] = ()
+    task: str = "classify"
+    ignore_index: int | None = None
+    notes: tuple[str, ...] = ()
 
 
 def _sampled_images(ds, max_samples: int, seed: int):
@@ -75,8 +80,37 @@ def describe_datasets(train, val, max_samples: int = 200, seed: int = 0, where: 
 def with_counts(info: DatasetInfo, train, val) -> DatasetInfo:
     """``info`` with the image counts of ``train`` and ``val`` (after broken files are left out, say)."""
     targets = getattr(train, "targets", None)
+    if targets is None and getattr(train, "task", "classify") != "classify":
+        return replace(info, n_train=len(train), n_val=len(val))  # dense: pixel counts from describe_dense
     counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=train.num_classes) if targets else []
     return replace(info, n_train=len(train), n_val=len(val), class_counts=tuple(int(c) for c in counts))
+
+
+def describe_dense(train, val, max_samples: int = 200, seed: int = 0, where: str = "the dataset") -> DatasetInfo:
+    """:func:`describe_datasets` for segmentation and depth data: sizes and channels of up to
+    ``max_samples`` sampled images and, for segmentation, pixels per class over their masks."""
+    hs, ws, gray = [], [], True
+    counts = np.zeros(max(train.num_classes, 1), dtype=np.int64)
+    for i in np.random.default_rng(seed).permutation(len(train))[:max_samples]:
+        img, target, _ = train.load(int(i))
+        hs.append(img.height)
+        ws.append(img.width)
+        if gray and img.mode != "L":
+            a = np.asarray(img, dtype=np.int16)
+            gray = bool(np.abs(a - a.mean(axis=2, keepdims=True)).max() <= _GRAY_TOLERANCE)
+        if "mask" in target:
+            m = np.asarray(target["mask"], dtype=np.int64).ravel()
+            counts += np.bincount(m[m < len(counts)], minlength=len(counts))[: len(counts)]
+    if not hs:
+        raise DataError(f"{where}: no image pairs to describe")
+    segment = train.task == "segment"
+    info = DatasetInfo(
+        num_classes=train.num_classes, in_chans=1 if gray else 3, typical_size=(int(np.median(hs)), int(np.median(ws))),
+        n_train=len(train), n_val=len(val), format=train.format, classes=tuple(train.classes),
+        class_counts=tuple(int(c) for c in counts) if segment else (), task=train.task,
+        ignore_index=int(train.ignore_index) if segment else None, notes=tuple(getattr(train, "notes", ())),
+    )
+    return info
 
 
 def inspect_dataset(path: str, max_samples: int = 200, seed: int = 0, val_fraction: float = 0.1) -> DatasetInfo:

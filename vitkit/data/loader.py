@@ -50,6 +50,16 @@ class _EpochTagged(Sampler):
         return getattr(self.inner, name)
 
 
+def _sample(transform, img, target, rng, index, bad, dataset) -> dict:
+    """A classification sample (int label) or a dense one (dict target: the transform's fields)."""
+    if not isinstance(target, dict):
+        return {"image": transform(img, rng), "label": target, "index": index, "bad_files": bad}
+    out = transform(img, target, rng)
+    if "mask" in out and hasattr(dataset, "ignore_index"):
+        out["ignore_index"] = int(dataset.ignore_index)
+    return {**out, "index": index, "bad_files": bad}
+
+
 class _Transformed(Dataset):
     def __init__(self, dataset, transform, seed: int):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -59,11 +69,8 @@ class _Transformed(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, i = key
-        img, label, bad = self.dataset.load(i)
-        return {
-            "image": self.transform(img, sample_rng(self.seed, epoch, i)),
-            "label": label, "index": i, "bad_files": bad,
-        }
+        img, target, bad = self.dataset.load(i)
+        return _sample(self.transform, img, target, sample_rng(self.seed, epoch, i), i, bad, self.dataset)
 
 
 class _TransformedStream(IterableDataset):
@@ -71,11 +78,45 @@ class _TransformedStream(IterableDataset):
         self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __iter__(self):
-        for n, (key, img, label, bad) in enumerate(self.dataset.samples()):
-            yield {
-                "image": self.transform(img, sample_rng(self.seed, self.dataset.epoch, key)),
-                "label": label, "index": n, "bad_files": bad,
-            }
+        for n, (key, img, target, bad) in enumerate(self.dataset.samples()):
+            rng = sample_rng(self.seed, self.dataset.epoch, key)
+            yield _sample(self.transform, img, target, rng, n, bad, self.dataset)
+
+
+# Padding of each dense field where the samples of a batch differ in size (evaluation at full
+# resolution): images black, depth invalid, masks the sample's ignore index.
+_DENSE_FIELDS = ("image", "mask", "depth")
+
+
+def _pad_stack(tensors: list[torch.Tensor], values: list[float]) -> torch.Tensor:
+    h = max(t.shape[-2] for t in tensors)
+    w = max(t.shape[-1] for t in tensors)
+    out = []
+    for t, v in zip(tensors, values):
+        ph, pw = h - t.shape[-2], w - t.shape[-1]
+        out.append(t if not (ph or pw) else torch.nn.functional.pad(t, (0, pw, 0, ph), value=v))
+    return torch.stack(out)
+
+
+def _collate_dense(samples: list[dict]) -> dict:
+    batch: dict = {}
+    sizes = [tuple(s["image"].shape[-2:]) for s in samples]
+    for key in samples[0]:
+        if key in ("bad_files", "index", "ignore_index"):
+            continue
+        vals = [s[key] for s in samples]
+        if key in _DENSE_FIELDS:
+            pad = [s.get("ignore_index", 255) for s in samples] if key == "mask" else [0] * len(samples)
+            batch[key] = _pad_stack(vals, pad)
+        elif isinstance(vals[0], torch.Tensor) and all(v.shape == vals[0].shape for v in vals):
+            batch[key] = torch.stack(vals)
+        else:
+            batch[key] = vals  # per-sample lists (boxes, captions, ...) stay lists
+    if "ignore_index" in samples[0]:
+        batch["ignore_index"] = int(samples[0]["ignore_index"])
+    if len(set(sizes)) > 1:
+        batch["size"] = torch.tensor(sizes, dtype=torch.long)
+    return batch
 
 
 def collate(samples: list[dict]) -> dict:
@@ -83,7 +124,19 @@ def collate(samples: list[dict]) -> dict:
 
     A transform that returns a list of views (:class:`vitkit.data.views.MultiCrop`) gives
     ``"views"``: one stacked (B, C, H_v, W_v) tensor per view, instead of ``"image"``.
+
+    Dense samples (no ``"label"``; ``"mask"`` or ``"depth"``) are padded bottom/right to the
+    largest size in the batch (image 0, mask the sample's ``"ignore_index"``, depth 0), and then
+    ``"size"`` (B, 2) holds each sample's true (h, w). ``"ignore_index"`` becomes one int; other
+    tensor fields of equal shape are stacked, the rest kept as per-sample lists.
     """
+    common = {
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "skipped": torch.tensor([len(s["bad_files"]) for s in samples], dtype=torch.long),
+        "bad_files": [name for s in samples for name in s["bad_files"]],
+    }
+    if "label" not in samples[0]:
+        return {**_collate_dense(samples), **common}
     first = samples[0]["image"]
     if isinstance(first, (list, tuple)):
         images = {"views": [torch.stack([s["image"][v] for s in samples]) for v in range(len(first))]}
@@ -92,9 +145,7 @@ def collate(samples: list[dict]) -> dict:
     return {
         **images,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
-        "skipped": torch.tensor([len(s["bad_files"]) for s in samples], dtype=torch.long),
-        "bad_files": [name for s in samples for name in s["bad_files"]],
+        **common,
     }
 
 
@@ -135,7 +186,7 @@ class ImageLoader(DataLoader):
             self._stream.world = _world()  # workers may not see the process group: pass it on
         for batch in super().__iter__():
             bad = batch.pop("bad_files")
-            self.skips.add(len(batch["label"]), bad)
+            self.skips.add(len(batch["index"]), bad)
             yield batch
         self.skips.check(final=True)
 

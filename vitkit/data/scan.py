@@ -49,6 +49,9 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
                max_files: int = MAX_SCAN_FILES) -> ScanReport | None:
     """Decode every image of ``datasets`` (e.g. the train and val split) once; return the broken ones.
 
+    Dense datasets are checked by pairs (image with its mask or depth map: both readable, the
+    same size, mask values within the classes); their message counts pairs.
+
     Each file is counted once even if several datasets share it. Datasets without a file
     source (arrays, built-in or streaming data) need no scan and are passed over. Returns None
     when there are more than ``max_files`` files (they are counted during training instead).
@@ -57,10 +60,12 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
         DataError: more than ``max_bad_fraction`` of the files are broken, or all of them.
     """
     items: dict[str, tuple] = {}
+    what = "image files"
     for ds in datasets:
         source = getattr(ds, "source", None)
         if source is None or not getattr(source, "scannable", False):
             continue
+        what = getattr(source, "what", what)
         for j in ds.indices:
             items.setdefault(source.name(j), (source, j))
     if not items or len(items) > max_files:
@@ -73,12 +78,12 @@ def scan_files(datasets, *, max_bad_fraction: float = 1.0, workers: int | None =
     shown = "\n  ".join(report.lines()[:5]) + (f"\n  ... and {n_bad - 5} more" if n_bad > 5 else "")
     if n_bad and n_bad == report.scanned:
         raise DataError(
-            f"none of the {n_bad} image files can be read:\n  {shown}\nCheck that the path holds the images "
+            f"none of the {n_bad} {what} can be read:\n  {shown}\nCheck that the path holds the images "
             "you meant (re-copy or re-download them)"
         )
     if n_bad / report.scanned > max_bad_fraction:
         raise DataError(
-            f"{n_bad} of {report.scanned} image files ({n_bad / report.scanned:.1%}) cannot be read, more than "
+            f"{n_bad} of {report.scanned} {what} ({n_bad / report.scanned:.1%}) cannot be read, more than "
             f"data.max_bad_fraction={max_bad_fraction}:\n  {shown}\n"
             "Delete or fix these files, or raise the threshold (e.g. data.max_bad_fraction=0.2) to train "
             "without them."

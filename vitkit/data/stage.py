@@ -6,22 +6,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+from .dense import build_dense_dataset
 from .formats import build_dataset
-from .inspect import DatasetInfo, describe_datasets, with_counts
+from .inspect import DatasetInfo, describe_datasets, describe_dense, with_counts
 from .scan import ScanReport, scan_files
+from .task import detect_task
 
 
 @dataclass
 class DataStage:
     """What :func:`prepare_data` built: the ``train`` and ``val`` datasets (broken files left
-    out), their :class:`DatasetInfo`, the scan's report (None when nothing was scanned) and how
-    long the scan took."""
+    out), their :class:`DatasetInfo`, the scan's report (None when nothing was scanned), how
+    long the scan took, the ``task`` they serve and the sentence saying why (``reason``)."""
 
     train: object
     val: object
     info: DatasetInfo
     scan: ScanReport | None
     scan_s: float = 0.0
+    task: str = "classify"
+    reason: str = ""
 
     @property
     def in_chans(self) -> int:
@@ -32,19 +37,30 @@ class DataStage:
         if self.scan is None:
             return None
         found = f"{len(self.scan.bad)} broken, left out (listed in bad_files.txt)" if self.scan.bad else "none broken"
-        return f"checked {self.scan.scanned} image files in {self.scan_s:.1f} s: {found}"
+        what = "image files" if self.task == "classify" else "image pairs"
+        return f"checked {self.scan.scanned} {what} in {self.scan_s:.1f} s: {found}"
 
 
 def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chans: int | None = None,
-                 max_bad_fraction: float = 0.05) -> DataStage:
+                 max_bad_fraction: float = 0.05, task: str | None = None,
+                 ignore_index: int | None = None) -> DataStage:
     """Open the dataset at ``path`` once: both splits, the broken-file scan and the description.
 
+    ``task`` None detects the task from the data (:func:`~vitkit.data.task.detect_task`).
     ``in_chans`` None takes the channels the images have (1 when all are gray); the split is
-    ``build_dataset``'s with ``val_fraction`` and ``seed``.
+    ``build_dataset``'s (``build_dense_dataset``'s for segment/depth, with ``ignore_index``)
+    with ``val_fraction`` and ``seed``. Dense data is scanned by image/target pairs.
 
     Raises:
         PathNotFoundError, DataError: see ``build_dataset`` and ``scan_files``.
+        ConfigError: see ``detect_task``; or a task whose data vitkit cannot read yet.
     """
+    choice = detect_task(path, task)
+    if choice.task in ("segment", "depth"):
+        return _prepare_dense(path, choice, val_fraction, seed, in_chans, max_bad_fraction, ignore_index)
+    if choice.task != "classify":
+        raise ConfigError(f"{path}: task {choice.task!r} ({choice.reason}) has no data reader in this version "
+                          "of vitkit; pass --task classify|segment|depth")
     # Built with RGB decoding: the description judges gray from colour images; the channels the
     # run wants are set once they are known.
     train, val = (
@@ -59,4 +75,22 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
         ds.in_chans = in_chans or info.in_chans
         if scan is not None and scan.bad:
             ds.exclude(scan.bad_files)
-    return DataStage(train, val, with_counts(info, train, val), scan, scan_s)
+    return DataStage(train, val, with_counts(info, train, val), scan, scan_s, choice.task, choice.reason)
+
+
+def _prepare_dense(path, choice, val_fraction, seed, in_chans, max_bad_fraction, ignore_index) -> DataStage:
+    train, val = (
+        build_dense_dataset(path, choice.task, split, val_fraction=val_fraction, seed=seed,
+                            ignore_index=ignore_index, max_bad_fraction=max_bad_fraction)
+        for split in ("train", "val")
+    )
+    t0 = time.perf_counter()
+    scan = scan_files([train, val], max_bad_fraction=max_bad_fraction)
+    scan_s = time.perf_counter() - t0
+    for ds in (train, val):
+        if scan is not None and scan.bad:
+            ds.exclude(scan.bad_files)
+    info = describe_dense(train, val, seed=seed, where=path)
+    for ds in (train, val):
+        ds.in_chans = in_chans or info.in_chans
+    return DataStage(train, val, info, scan, scan_s, choice.task, choice.reason)

@@ -1,0 +1,184 @@
+"""Which task a dataset serves: the one rule every command uses.
+
+:func:`detect_task` looks at names only (folder and file names, the header of a listing, the
+keys of a COCO JSON), never at every file, so it is cheap on any dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .dense_formats import (
+    DENSE_LAYOUTS,
+    DEPTH_LAYOUTS,
+    _descend,
+    _listdir,
+    _subdirs,
+    find_depth_layout,
+    find_segment_layout,
+)
+
+TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
+_CAPTION_FIELDS = ("caption", "text", "captions")
+_BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
+             "depth-scenes": ("depth",)}
+_DETECT_LAYOUTS = "a COCO JSON with boxes (annotations with 'bbox') or Pascal VOC Annotations/*.xml"
+_CAPTION_LAYOUTS = "a .jsonl or .csv whose rows have a 'caption' or 'text' field"
+
+
+@dataclass
+class TaskChoice:
+    """The task a run trains (``task``, one of :data:`TASKS`) and why, in one sentence (``reason``)."""
+
+    task: str
+    reason: str
+
+
+def _coco(path: str) -> dict | None:
+    """Which annotation kinds a COCO-style JSON holds, found by its key names (streamed, not parsed:
+    a COCO file can be hundreds of megabytes)."""
+    keys = {b'"annotations"': False, b'"bbox"': False, b'"segmentation"': False}
+    tail = b""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                block = tail + chunk
+                for k in keys:
+                    keys[k] = keys[k] or k in block
+                if all(keys.values()):
+                    break
+                tail = block[-16:]
+    except OSError:
+        return None
+    if not keys[b'"annotations"']:
+        return None
+    return {"boxes": keys[b'"bbox"'], "masks": keys[b'"segmentation"']}
+
+
+def _caption_listing(path: str) -> bool:
+    """True when the first row of a .jsonl / .csv has a caption or text field (and so is not path,label)."""
+    low = path.lower()
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if low.endswith(".jsonl"):
+                line = next((ln for ln in f if ln.strip()), "")
+                row = json.loads(line) if line else {}
+                keys = row.keys() if isinstance(row, dict) else ()
+            elif low.endswith(".csv"):
+                keys = next(csv.reader(f), [])
+            else:
+                return False
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return any(str(k).strip().lower() in _CAPTION_FIELDS for k in keys)
+
+
+def _detect_signal(root: str) -> str | None:
+    dirs = _subdirs(root)
+    if "annotations" in dirs:
+        ann = os.path.join(root, dirs["annotations"])
+        if any(n.lower().endswith(".xml") for n in _listdir(ann)[:50]):
+            return "Pascal VOC boxes in Annotations/*.xml"
+        for n in _listdir(ann):
+            if n.lower().endswith(".json") and (c := _coco(os.path.join(ann, n))) and c["boxes"]:
+                return f"COCO boxes in annotations/{n}"
+    for n in _listdir(root):
+        if n.lower().endswith(".json") and (c := _coco(os.path.join(root, n))) and c["boxes"]:
+            return f"COCO boxes in {n}"
+    return None
+
+
+def _coco_masks(root: str) -> bool:
+    files = [os.path.join(root, n) for n in _listdir(root) if n.lower().endswith(".json")]
+    ann = _subdirs(root).get("annotations")
+    if ann:
+        files += [os.path.join(root, ann, n) for n in _listdir(os.path.join(root, ann)) if n.lower().endswith(".json")]
+    return any((c := _coco(f)) and c["masks"] for f in files)
+
+
+def _caption_signal(root: str) -> str | None:
+    for n in _listdir(root):
+        if n.lower().endswith((".jsonl", ".csv")) and _caption_listing(os.path.join(root, n)):
+            return f"captions in {n}"
+    return None
+
+
+def _found(path: str) -> dict[str, str]:
+    """Every task the data at ``path`` can serve -> the sentence that says why."""
+    if os.path.isfile(path):
+        low = path.lower()
+        if low.endswith(".json"):
+            c = _coco(path) or {}
+            return {**({"detect": "COCO boxes in the JSON: detection"} if c.get("boxes") else {}),
+                    **({"promptable": "COCO masks in the JSON"} if c.get("masks") else {})}
+        if _caption_listing(path):
+            return {"caption": f"rows with a caption field in {os.path.basename(path)}: captioning"}
+        return {"classify": "a listing or archive of labelled images: classification"}
+    root = _descend(path)
+    found = {}
+    if sig := _detect_signal(root):
+        found["detect"] = f"{sig}: detection"
+        if _coco_masks(root):
+            found["promptable"] = "COCO masks beside the boxes"
+    if seg := find_segment_layout(path):
+        found["segment"] = f"{seg.where}: segmentation ({seg.format} layout)"
+    if dep := find_depth_layout(path):
+        found["depth"] = f"{dep.where}: depth estimation"
+    if sig := _caption_signal(root):
+        found["caption"] = f"{sig}: captioning"
+    return found
+
+
+def detect_task(path: str, task: str | None = None) -> TaskChoice:
+    """The task to train on the data at ``path``: ``task`` when given, else detected.
+
+    Precedence without ``task``: detection data (a COCO JSON with boxes, or VOC
+    ``Annotations/*.xml``) -> ``detect``; mask folders -> ``segment``; depth folders -> ``depth``;
+    a caption listing (JSONL/CSV rows with a caption/text field) -> ``caption``; anything else
+    (class folders and every format :func:`~vitkit.data.build_dataset` reads) -> ``classify``.
+    COCO masks with prompts serve ``promptable`` only when asked. Built-ins: ``shapes`` ->
+    classify, ``scenes`` -> segment (also detect, caption, promptable when asked),
+    ``depth-scenes`` -> depth.
+
+    Raises:
+        ConfigError: ``task`` is not one of :data:`TASKS`, or the data cannot serve it, or the
+            layout serves two tasks equally (a VOC root with both ``SegmentationClass/`` and
+            ``Annotations/``): pass ``--task``.
+    """
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    path = str(path)
+    name = path.partition(":")[0]
+    if name in _BUILTINS and not os.path.exists(path):
+        serves = _BUILTINS[name]
+        if task is None:
+            return TaskChoice(serves[0], f"the built-in {name} data: {serves[0]}")
+        if task not in serves:
+            raise ConfigError(f"the built-in {name} data serves {', '.join(serves)}, not task {task!r}")
+        return TaskChoice(task, f"--task {task} on the built-in {name} data")
+    if not os.path.exists(path):
+        # Shard patterns and missing paths: classification's reader explains what it expected.
+        if task not in (None, "classify"):
+            raise ConfigError(f"no such file or folder: {path!r} for task {task!r}")
+        return TaskChoice("classify", "not a dense, detection or caption layout: classification")
+    found = _found(path)
+    if task is not None:
+        if task == "classify" or task in found:
+            return TaskChoice(task, f"--task {task}" + (f" ({found[task]})" if task in found else ""))
+        layouts = {"segment": DENSE_LAYOUTS, "depth": DEPTH_LAYOUTS, "detect": _DETECT_LAYOUTS,
+                   "caption": _CAPTION_LAYOUTS, "promptable": "a COCO JSON with segmentation masks"}[task]
+        what = {"segment": "no masks", "depth": "no depth maps", "detect": "no boxes", "caption": "no captions",
+                "promptable": "no COCO masks"}[task]
+        raise ConfigError(f"--task {task}: {what} found at {path}; the layouts read are {layouts}")
+    for a, b in (("detect", "segment"), ("segment", "depth")):
+        if a in found and b in found:
+            raise ConfigError(f"{path} holds both {found[a].rsplit(':', 1)[0]} and {found[b].rsplit(':', 1)[0]}; "
+                              f"say which to train with --task {a} or --task {b} (data.task=...)")
+    for t in ("detect", "segment", "depth", "caption"):
+        if t in found:
+            return TaskChoice(t, found[t])
+    return TaskChoice("classify", "class folders or a classification format: classification")
