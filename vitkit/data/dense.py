@@ -21,6 +21,7 @@ training (the message names the pair and the reason) and the run leaves them out
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import random
@@ -279,13 +280,12 @@ def _builtin(path: str, task: str, split: str, seed: int, in_chans: int):
     if n <= 0:
         raise DataError(f"{path!r}: expected '{name}' or '{name}:N' with N a positive number of training images")
     n_split = n if split == "train" else max(50, n // 5)
+    # The built-in renderers load only when asked for (by module name: they are optional here).
     if name == "scenes":
-        from .scenes import ScenesDataset
-
-        return ScenesDataset(n_split, split=split, seed=seed, in_chans=in_chans, task=task)
-    from .depth_scenes import DepthScenesDataset
-
-    return DepthScenesDataset(n_split, split=split, seed=seed, in_chans=in_chans)
+        return importlib.import_module(f"{__package__}.scenes").ScenesDataset(
+            n_split, split=split, seed=seed, in_chans=in_chans, task=task)
+    return importlib.import_module(f"{__package__}.depth_scenes").DepthScenesDataset(
+        n_split, split=split, seed=seed, in_chans=in_chans)
 
 
 def _split(layout: DenseLayout, split: str, val_fraction: float, seed: int):
