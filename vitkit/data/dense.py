@@ -244,10 +244,8 @@ def _coding(layout: DenseLayout, ignore_index: int | None) -> tuple[list[str], M
     notes = []
     if layout.classes:
         classes = list(layout.classes)
-        src = "classes.txt" if layout.format != "voc" or os.path.isfile(os.path.join(layout.root, "classes.txt")) \
-            else "the VOC class list"
         coding = MaskCoding(len(classes), ignore, shift, void_above=ignore is None)
-        notes.append(f"{len(classes)} classes from {src}")
+        notes.append(f"{len(classes)} classes from {layout.classes_from}")
     else:
         masks = [t for _, t in layout.all_pairs() if t]
         key = (layout.root, layout.format, len(masks), ignore, shift)
@@ -261,10 +259,14 @@ def _coding(layout: DenseLayout, ignore_index: int | None) -> tuple[list[str], M
         # Without a class list every value above the largest seen is void rather than bad.
         coding = MaskCoding(n, ignore, shift, void_above=True)
         notes.append(f"{n} classes (0..{n - 1} seen in the masks; add a classes.txt to name them)")
-    void = [v for v in coding.void_values()]
+    void = coding.void_values()
     if void:
-        shown = ", ".join(map(str, void)) if len(void) <= 3 else f"{void[0]}..{void[-1]}" if \
-            void == list(range(void[0], void[-1] + 1)) else ", ".join(map(str, void[:3])) + ", ..."
+        if len(void) <= 3:
+            shown = ", ".join(map(str, void))
+        elif void == list(range(void[0], void[-1] + 1)):
+            shown = f"{void[0]}..{void[-1]}"
+        else:
+            shown = ", ".join(map(str, void[:3])) + ", ..."
         notes.append(f"mask value{'s' if len(void) > 1 else ''} {shown} = void (ignored), read as {IGNORE}")
     if shift:
         notes.append(f"raw mask values shifted down by {shift} (value {shift} is class 0)")
@@ -280,7 +282,7 @@ def _builtin(path: str, task: str, split: str, seed: int, in_chans: int):
     if n <= 0:
         raise DataError(f"{path!r}: expected '{name}' or '{name}:N' with N a positive number of training images")
     n_split = n if split == "train" else max(50, n // 5)
-    # The built-in renderers load only when asked for (by module name: they are optional here).
+    # Imported by name when asked for, so that this module loads without the renderers.
     if name == "scenes":
         return importlib.import_module(f"{__package__}.scenes").ScenesDataset(
             n_split, split=split, seed=seed, in_chans=in_chans, task=task)

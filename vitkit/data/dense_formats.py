@@ -61,27 +61,28 @@ class DenseLayout:
     ignore: int | None = None
     shift: int = 0
     where: str = ""  # for the console: which folders hold what
+    classes_from: str = "classes.txt"
 
     def all_pairs(self) -> list[Pair]:
         return self.pairs + [p for s in self.splits.values() for p in s]
 
 
-def _listdir(path: str) -> list[str]:
+def list_names(path: str) -> list[str]:
     try:
         return sorted(n for n in os.listdir(path) if not is_system_path(n))
     except OSError:
         return []
 
 
-def _subdirs(path: str) -> dict[str, str]:
+def subfolders(path: str) -> dict[str, str]:
     """Lower-cased name -> real name of the folders in ``path``."""
-    return {n.lower(): n for n in _listdir(path) if os.path.isdir(os.path.join(path, n))}
+    return {n.lower(): n for n in list_names(path) if os.path.isdir(os.path.join(path, n))}
 
 
 def _files(folder: str, exts: tuple[str, ...]) -> dict[str, str]:
     """stem -> path of the files in ``folder`` with one of ``exts``."""
     out = {}
-    for n in _listdir(folder):
+    for n in list_names(folder):
         stem, ext = os.path.splitext(n)
         if ext.lower() in exts and os.path.isfile(os.path.join(folder, n)):
             out.setdefault(stem, os.path.join(folder, n))
@@ -99,13 +100,13 @@ def _matches(pairs: list[Pair]) -> bool:
     return both > 0 and both >= 0.5 * len(pairs)
 
 
-def _descend(path: str) -> str:
+def dataset_root(path: str) -> str:
     """``path``, or its only folder when it holds nothing else (an extracted archive's top folder)."""
     for _ in range(2):
-        names = _listdir(path)
+        names = list_names(path)
         if len(names) == 1 and os.path.isdir(os.path.join(path, names[0])):
             path = os.path.join(path, names[0])
-        elif any(n.lower() in ("voc2012", "voc2007") for n in names) and "jpegimages" not in _subdirs(path):
+        elif any(n.lower() in ("voc2012", "voc2007") for n in names) and "jpegimages" not in subfolders(path):
             path = os.path.join(path, next(n for n in names if n.lower() in ("voc2012", "voc2007")))
         else:
             break
@@ -125,7 +126,7 @@ def _split_pairs(root: str, dirs: dict[str, str], image_name: str, target_name: 
                  exts: tuple[str, ...]) -> tuple[dict[str, list[Pair]], list[Pair]]:
     """Pairs of ``root/image_name`` and ``root/target_name``: per split when both have split folders."""
     img_root, tgt_root = os.path.join(root, dirs[image_name]), os.path.join(root, dirs[target_name])
-    img_sub, tgt_sub = _subdirs(img_root), _subdirs(tgt_root)
+    img_sub, tgt_sub = subfolders(img_root), subfolders(tgt_root)
     splits = {}
     for split, names in SPLIT_NAMES.items():
         for n in names:
@@ -141,8 +142,8 @@ def find_segment_layout(path: str) -> DenseLayout | None:
     """The segmentation layout at ``path`` (see the module notes), or None."""
     if not os.path.isdir(path):
         return None
-    root = _descend(path)
-    dirs = _subdirs(root)
+    root = dataset_root(path)
+    dirs = subfolders(root)
     classes = _read_classes(root)
     png = (".png",)
     if "train" in dirs and "trainannot" in dirs:
@@ -152,7 +153,9 @@ def find_segment_layout(path: str) -> DenseLayout | None:
             return DenseLayout("camvid", root, splits=splits, classes=classes,
                                where="masks in trainannot/ beside train/")
     if "jpegimages" in dirs and "segmentationclass" in dirs:
-        return _voc_layout(root, dirs, classes or VOC_CLASSES)
+        layout = _voc_layout(root, dirs, classes or VOC_CLASSES)
+        layout.classes_from = "classes.txt" if classes else "the Pascal VOC class list"
+        return layout
     if "images" in dirs:
         for m in MASK_DIRS:
             if m not in dirs:
@@ -160,7 +163,7 @@ def find_segment_layout(path: str) -> DenseLayout | None:
             splits, pairs = _split_pairs(root, dirs, "images", m, png)
             if not _matches(pairs or splits.get("train", [])):
                 continue
-            ade = m == "annotations" and "training" in _subdirs(os.path.join(root, dirs[m]))
+            ade = m == "annotations" and "training" in subfolders(os.path.join(root, dirs[m]))
             if ade:
                 return DenseLayout("ade20k", root, splits=splits, pairs=pairs, classes=classes, ignore=0, shift=1,
                                    where="ADE20K masks in annotations/training beside images/training")
@@ -190,8 +193,8 @@ def find_depth_layout(path: str) -> DenseLayout | None:
     """The depth layout at ``path`` (``images/`` + ``depth/``), or None."""
     if not os.path.isdir(path):
         return None
-    root = _descend(path)
-    dirs = _subdirs(root)
+    root = dataset_root(path)
+    dirs = subfolders(root)
     if "images" not in dirs or "depth" not in dirs:
         return None
     splits, pairs = _split_pairs(root, dirs, "images", "depth", (".png", ".npy"))

@@ -43,12 +43,11 @@ def _output(img: Image.Image, kind: str, tgt: Image.Image, size: tuple[int, int]
     else:
         out = {"depth": torch.from_numpy(np.asarray(tgt, dtype=np.float32).copy())}
         pad_value = 0
-    key = kind
     h, w = image.shape[-2:]
     ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
     if ph or pw:
         image = torch.nn.functional.pad(image, (0, pw, 0, ph), value=0)
-        out[key] = torch.nn.functional.pad(out[key][None], (0, pw, 0, ph), value=pad_value)[0]
+        out[kind] = torch.nn.functional.pad(out[kind][None], (0, pw, 0, ph), value=pad_value)[0]
     return {"image": image, **out}
 
 

@@ -1,7 +1,9 @@
 """DataLoader construction: dict batches, seeded per-sample augmentation, bad-file counting.
 
 Batches are ``{"image": uint8 (B, C, H, W), "label": int64 (B,), "index": int64 (B,),
-"skipped": int64 (B,)}``; ``skipped[i]`` is how many unreadable files were replaced to produce
+"skipped": int64 (B,)}``; a dataset whose ``load`` returns a dict target (segmentation,
+depth) gives ``{"image", "mask" | "depth", "index", "skipped"}`` (see :func:`collate`) and its
+transform is ``transform(img, target, rng) -> dict`` (:mod:`vitkit.data.joint`). ``skipped[i]`` is how many unreadable files were replaced to produce
 sample ``i``. The loader tallies them in the main process (``loader.skips``) and raises when
 more than ``max_bad_fraction`` of the files seen were bad.
 
@@ -204,10 +206,12 @@ def build_loader(
     distributed: bool = False,
     max_bad_fraction: float = 0.05,
 ) -> ImageLoader:
-    """A loader of dict batches over ``dataset`` (an :class:`ImageDataset` or :class:`WebDatasetShards`).
+    """A loader of dict batches over ``dataset`` (an :class:`ImageDataset`, :class:`WebDatasetShards`
+    or a dense dataset such as :class:`~vitkit.data.dense.DenseDataset`).
 
     Args:
-        transform: ``transform(img, rng) -> uint8 (C, H, W)``, e.g. TrainTransform / EvalTransform.
+        transform: ``transform(img, rng) -> uint8 (C, H, W)``, e.g. TrainTransform / EvalTransform;
+            for dense datasets ``transform(img, target, rng) -> dict``, e.g. JointTrainTransform.
         train: shuffle, and drop the last incomplete batch unless ``drop_last`` says otherwise.
         sampler: an index sampler; by default a :class:`ResumableSampler` (DDP-aware when
             ``distributed``). Reach it as ``loader.sampler`` (set_epoch, advance, state_dict).

@@ -15,11 +15,11 @@ from ..errors import ConfigError
 from .dense_formats import (
     DENSE_LAYOUTS,
     DEPTH_LAYOUTS,
-    _descend,
-    _listdir,
-    _subdirs,
+    dataset_root,
     find_depth_layout,
     find_segment_layout,
+    list_names,
+    subfolders,
 )
 
 TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
@@ -78,30 +78,30 @@ def _caption_listing(path: str) -> bool:
 
 
 def _detect_signal(root: str) -> str | None:
-    dirs = _subdirs(root)
+    dirs = subfolders(root)
     if "annotations" in dirs:
         ann = os.path.join(root, dirs["annotations"])
-        if any(n.lower().endswith(".xml") for n in _listdir(ann)[:50]):
+        if any(n.lower().endswith(".xml") for n in list_names(ann)[:50]):
             return "Pascal VOC boxes in Annotations/*.xml"
-        for n in _listdir(ann):
+        for n in list_names(ann):
             if n.lower().endswith(".json") and (c := _coco(os.path.join(ann, n))) and c["boxes"]:
                 return f"COCO boxes in annotations/{n}"
-    for n in _listdir(root):
+    for n in list_names(root):
         if n.lower().endswith(".json") and (c := _coco(os.path.join(root, n))) and c["boxes"]:
             return f"COCO boxes in {n}"
     return None
 
 
 def _coco_masks(root: str) -> bool:
-    files = [os.path.join(root, n) for n in _listdir(root) if n.lower().endswith(".json")]
-    ann = _subdirs(root).get("annotations")
+    files = [os.path.join(root, n) for n in list_names(root) if n.lower().endswith(".json")]
+    ann = subfolders(root).get("annotations")
     if ann:
-        files += [os.path.join(root, ann, n) for n in _listdir(os.path.join(root, ann)) if n.lower().endswith(".json")]
+        files += [os.path.join(root, ann, n) for n in list_names(os.path.join(root, ann)) if n.lower().endswith(".json")]
     return any((c := _coco(f)) and c["masks"] for f in files)
 
 
 def _caption_signal(root: str) -> str | None:
-    for n in _listdir(root):
+    for n in list_names(root):
         if n.lower().endswith((".jsonl", ".csv")) and _caption_listing(os.path.join(root, n)):
             return f"captions in {n}"
     return None
@@ -118,7 +118,7 @@ def _found(path: str) -> dict[str, str]:
         if _caption_listing(path):
             return {"caption": f"rows with a caption field in {os.path.basename(path)}: captioning"}
         return {"classify": "a listing or archive of labelled images: classification"}
-    root = _descend(path)
+    root = dataset_root(path)
     found = {}
     if sig := _detect_signal(root):
         found["detect"] = f"{sig}: detection"
