@@ -340,3 +340,28 @@ def test_loader_over_a_dense_dataset_is_reproducible(tmp_path):
     val = build_dense_dataset(str(tmp_path), "segment", "val")
     batch = next(iter(build_loader(val, 2, train=False, transform=JointEvalTransform())))
     assert batch["image"].shape == (2, 3, H, W) and "size" not in batch and batch["ignore_index"] == 255
+
+
+def test_gray_pairs_give_one_channel_and_stats(tmp_path):
+    rng = np.random.default_rng(6)
+    for k in range(4):
+        raw = _mask(rng, 3)
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray((raw * 60).astype(np.uint8), "L").save(tmp_path / "images" / f"{k}.png")
+        Image.fromarray(raw, "L").save(tmp_path / "masks" / f"{k}.png")
+    stage = prepare_data(str(tmp_path), val_fraction=0.25)
+    assert stage.info.in_chans == 1 and stage.train.in_chans == 1 and stage.val.in_chans == 1
+    img, target, _ = stage.train.load(0)
+    assert img.mode == "L" and np.array_equal(np.asarray(img) // 60, np.asarray(target["mask"]))
+    assert stage.train.stats() == {"typical_size": (H, W), "in_chans": 1, "num_classes": 3, "n": 3}
+
+
+def test_class_folders_still_stage_as_classification(tmp_path):
+    for c in ("cat", "dog"):
+        for k in range(3):
+            (tmp_path / c).mkdir(exist_ok=True)
+            Image.new("RGB", (W, H), (40 * k, 0, 0)).save(tmp_path / c / f"{k}.png")
+    stage = prepare_data(str(tmp_path), val_fraction=0.34)
+    assert stage.task == "classify" and "classification" in stage.reason
+    assert stage.train.classes == ["cat", "dog"] and "image files" in stage.scan_line()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vitkit.data import TASKS, detect_task
-from vitkit.errors import ConfigError
+from vitkit.errors import ConfigError, PathNotFoundError
 
 
 def _png(path, size=(32, 24), mode="RGB", value=0):
@@ -168,3 +168,5 @@ def test_missing_path_is_left_to_the_reader(tmp_path):
     # Classification's reader raises its own PathNotFoundError; the rule must not change that.
     assert detect_task(str(tmp_path / "nope")).task == "classify"
     assert detect_task("shards-{000..009}.tar").task == "classify"
+    with pytest.raises(PathNotFoundError):
+        detect_task(str(tmp_path / "nope"), "segment")

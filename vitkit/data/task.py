@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PathNotFoundError
 from .dense_formats import (
     DENSE_LAYOUTS,
     DEPTH_LAYOUTS,
@@ -145,6 +145,7 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
     ``depth-scenes`` -> depth.
 
     Raises:
+        PathNotFoundError: ``task`` is a dense, detection or caption task and nothing is at ``path``.
         ConfigError: ``task`` is not one of :data:`TASKS`, or the data cannot serve it, or the
             layout serves two tasks equally (a VOC root with both ``SegmentationClass/`` and
             ``Annotations/``): pass ``--task``.
@@ -163,7 +164,7 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
     if not os.path.exists(path):
         # Shard patterns and missing paths: classification's reader explains what it expected.
         if task not in (None, "classify"):
-            raise ConfigError(f"no such file or folder: {path!r} for task {task!r}")
+            raise PathNotFoundError(f"no such file or folder: {path!r}; check the path (task {task!r})")
         return TaskChoice("classify", "not a dense, detection or caption layout: classification")
     found = _found(path)
     if task is not None:
