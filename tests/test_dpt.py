@@ -98,6 +98,24 @@ def test_hf_segmentation_parity(fusion_bn):
 
 
 @needs_hf
+def test_hf_depth_parity_at_another_size():
+    """At 48 px (a 6x6 grid where the checkpoint has 4x4) the head matches transformers too, once the
+    backbone has the position embedding that transformers resamples (bilinearly; vitkit's ViT
+    resamples bicubically, the only difference at other sizes)."""
+    peer = _hf("DPTForDepthEstimation")
+    model_args, sd = convert_hf_dpt(peer.state_dict(), peer.config)
+    with torch.no_grad():
+        pos = peer.dpt.embeddings._resize_pos_embed(peer.dpt.embeddings.position_embeddings, 6, 6)
+    backbone, head = _build({**model_args, "img_size": 48}, {**sd, "backbone.pos_embed": pos})
+    with torch.no_grad():
+        x = torch.randn(2, 3, 48, 48)
+        ref = peer(pixel_values=x).predicted_depth
+        ours = head(backbone, x)[:, 0]
+    assert ours.shape == ref.shape == (2, 96, 96)
+    assert max_diff(ours, ref) <= ATOL
+
+
+@needs_hf
 def test_hf_depth_with_projection_parity():
     """transformers' add_projection (a 3x3 conv + ReLU before the head; it hard-codes 256 channels)."""
     peer = _hf("DPTForDepthEstimation", scale=0.02, fusion_hidden_size=256, add_projection=True)
