@@ -3,16 +3,21 @@ metrics on hand-made maps; both reduced across two processes like the other eval
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import free_port, require_peer
+from helpers import assert_same_run, crash_and_resume, free_port, make_trainer, require_peer
+from torch import nn
+from torch.utils.data import Dataset
 
 from vitkit.engine.evaluators import DepthEvaluator, MIoUEvaluator
 from vitkit.errors import DataError
+from vitkit.objectives import build_objective
 
 
 def random_batches(num_classes, ignore_index, n=3, seed=0):
@@ -99,7 +104,7 @@ def test_depth_alignment_recovers_affine_predictions():
     assert e.compute()["absrel"] == pytest.approx(1.0)
 
 
-def _reduce_worker(rank, world, port, results):
+def _reduce_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         seg, dep = MIoUEvaluator(5, 255), DepthEvaluator(align="scale")
@@ -109,12 +114,12 @@ def _reduce_worker(rank, world, port, results):
         gt = torch.rand(4, 6, 6, generator=torch.Generator().manual_seed(1)) + 0.5
         pred = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(2)) + 0.5
         dep.update({"depth": gt[rank::world]}, {"depth": pred[rank::world]})
-        results[rank] = (seg.compute(), dep.compute())
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps([seg.compute(), dep.compute()]))
     finally:
         dist.destroy_process_group()
 
 
-def test_dense_evaluators_reduce_across_processes():
+def test_dense_evaluators_reduce_across_processes(tmp_path):
     seg, dep = MIoUEvaluator(5, 255), DepthEvaluator(align="scale")
     for batch, outputs in random_batches(5, 255, n=4):
         seg.update(batch, outputs)
@@ -122,9 +127,50 @@ def test_dense_evaluators_reduce_across_processes():
     pred = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(2)) + 0.5
     dep.update({"depth": gt}, {"depth": pred})
     want = (seg.compute(), dep.compute())
-    results = mp.Manager().dict()
-    mp.spawn(_reduce_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    mp.spawn(_reduce_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        got = results[rank]
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got[0]["miou"] == pytest.approx(want[0]["miou"]) and got[0]["per_class_iou"] == want[0]["per_class_iou"]
         assert got[1] == pytest.approx(want[1])
+
+
+class Scenes(Dataset):
+    """3x8x8 random images; the mask thresholds the first channel, the depth is 1 + a smooth map of it."""
+
+    def __init__(self, n: int = 16, seed: int = 0):
+        self.x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        mask = (x[0] > -0.4).long() + (x[0] > 0.4).long()
+        mask[0, 0] = 255  # void
+        depth = 1.5 + x[0].tanh()
+        depth[-1] = 0  # unknown
+        return {"image": x, "mask": mask, "depth": depth}
+
+
+def dense_trainer(out, task="segment", **kw):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3 if task == "segment" else 1, 1))
+    cfg = {"dice_weight": 0.5, "class_weights": "median_frequency"} if task == "segment" else {}
+    obj = build_objective(task, net, cfg, num_classes=3, ignore_index=255, class_counts=[30, 20, 10])
+    return make_trainer(out, objective=obj, dataset=Scenes(), val_dataset=Scenes(8, seed=1), transform=None,
+                        epochs=3, batch_size=4, optim={"lr": 5e-2}, **kw)
+
+
+@pytest.mark.parametrize("task", ["segment", "depth"])
+def test_dense_objectives_train_evaluate_and_resume_bitwise(tmp_path, task):
+    full = dense_trainer(tmp_path / "full", task)
+    primary = "miou" if task == "segment" else "absrel"
+    before = full.evaluate()[primary]
+    s = full.fit()
+    assert (s[f"val_{primary}"] > before) if task == "segment" else (s[f"val_{primary}"] < before)
+    if task == "segment":
+        assert len(s["val_per_class_iou"]) == 3 and 0 < s["val_pixel_acc"] <= 1
+    else:
+        assert 0 <= s["val_delta1"] <= 1 and s["val_rmse"] > 0
+    resumed = crash_and_resume(dense_trainer, tmp_path / "run", 5, task=task, ckpt_every_steps=4)
+    assert_same_run(full, resumed)
