@@ -20,8 +20,7 @@ import math
 
 import numpy as np
 
-from .scenes import ProceduralDataset, ProceduralSource
-from .shapes import _SPLIT_STREAM
+from .scenes import ProceduralDataset
 
 MAX_DEPTH = 60.0  # metres; farther ground is labelled invalid, like a range sensor's limit
 _AMBIENT = 0.35
@@ -219,19 +218,16 @@ def render_random_depth_scene(rng: np.random.Generator, size: int = 128) -> dict
 class DepthScenesDataset(ProceduralDataset):
     """Seeded procedural depth scenes; ``load(i)`` is ``(image, {"depth": float32 (H, W) metres}, [])``.
 
-    Args:
-        n: number of images in this split.
-        split: "train" or "val"; the two splits draw from disjoint random streams.
-        seed: base seed; ``(seed, split, index)`` fixes every pixel and depth of image ``index``.
-        img_size: side of the square images.
-        in_chans: 3 (RGB) or 1 (grayscale).
-
-    Depth is z-depth in metres; 0 marks sky and ground beyond :data:`MAX_DEPTH` (invalid).
+    The arguments are those of :class:`vitkit.data.scenes.ScenesDataset` (``n``, ``split``,
+    ``seed``, ``img_size``, ``in_chans``). Depth is z-depth in metres; 0 marks sky and ground
+    beyond :data:`MAX_DEPTH` (invalid). ``classes`` is empty.
     """
 
     def __init__(self, n: int = 2000, split: str = "train", seed: int = 0, img_size: int = 128, in_chans: int = 3):
-        source = ProceduralSource(render_random_depth_scene, "depth-scenes", n, img_size, seed, _SPLIT_STREAM.get(split, -1))
-        super().__init__(source, [], task="depth", split=split, in_chans=in_chans, format="depth-scenes")
+        super().__init__(
+            render_random_depth_scene, n=n, split=split, seed=seed, img_size=img_size, in_chans=in_chans,
+            classes=[], task="depth", format="depth-scenes",
+        )
 
     def _target(self, out: dict) -> dict:
         return {"depth": out["depth"]}

@@ -164,7 +164,11 @@ class ProceduralSource:
 
 
 class ProceduralDataset(Dataset):
-    """The dense dataset interface over a :class:`ProceduralSource`; subclasses say what ``load`` returns.
+    """The dense dataset interface over images rendered by ``render(rng, img_size)``.
+
+    Subclasses say what ``load`` returns (:meth:`_target`). ``n``, ``split``, ``seed``,
+    ``img_size`` and ``in_chans`` are as in :class:`ScenesDataset`; ``format`` also names the
+    items (``"scenes[7]"``).
 
     ``ds[i]`` and ``ds.load(i)`` give ``(PIL image, target dict)`` (``load`` adds the list of
     unreadable files, always empty here). Nothing is read from disk, so nothing is ever bad.
@@ -173,15 +177,18 @@ class ProceduralDataset(Dataset):
     task = ""
     ignore_index = 255  # never present in the targets of a procedural set
 
-    def __init__(self, source: ProceduralSource, classes, *, task: str, split: str, in_chans: int, format: str):
+    def __init__(
+        self, render, *, n: int, split: str, seed: int, img_size: int, in_chans: int, classes, task: str, format: str
+    ):
         if split not in _SPLIT_STREAM:
             raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
         if in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
-        if len(source) < 1:
-            raise ConfigError(f"the {format} set needs at least one image, got n={len(source)}")
-        if source.img_size < 16:
-            raise ConfigError(f"img_size must be at least 16 pixels, got {source.img_size}")
+        if n < 1:
+            raise ConfigError(f"the {format} set needs at least one image, got n={n}")
+        if img_size < 16:
+            raise ConfigError(f"img_size must be at least 16 pixels, got {img_size}")
+        source = ProceduralSource(render, format, n, img_size, seed, _SPLIT_STREAM[split])
         self.source = source
         self.indices = list(range(len(source)))
         self.classes = list(classes)
@@ -264,11 +271,10 @@ class ScenesDataset(ProceduralDataset):
         if not 1 <= max_instances <= 20:
             raise ConfigError(f"max_instances must be in 1..20, got {max_instances}")
 
-        stream = _SPLIT_STREAM.get(split, -1)
         render = functools.partial(render_scene, max_instances=max_instances)  # picklable, for spawned workers
         super().__init__(
-            ProceduralSource(render, "scenes", n, img_size, seed, stream), SCENE_CLASSES,
-            task=task, split=split, in_chans=in_chans, format="scenes",
+            render, n=n, split=split, seed=seed, img_size=img_size, in_chans=in_chans,
+            classes=SCENE_CLASSES, task=task, format="scenes",
         )
         self.max_instances = max_instances
 
