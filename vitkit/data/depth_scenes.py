@@ -87,11 +87,26 @@ def camera_rays(scene: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     f = size / (2 * math.tan(scene["fov"] / 2))
     c = (np.arange(size, dtype=np.float64) + 0.5 - size / 2) / f
     a, b = np.meshgrid(c, c)  # a: rightward, b: downward, per pixel
-    p = scene["pitch"]
-    forward = np.array([0.0, -math.sin(p), math.cos(p)])
-    up = np.array([0.0, math.cos(p), math.sin(p)])
-    d = a[..., None] * np.array([1.0, 0.0, 0.0]) - b[..., None] * up + forward
+    cp, sp = math.cos(scene["pitch"]), math.sin(scene["pitch"])
+    # a * right - b * up + forward, with the camera pitched nose-down about the x axis.
+    d = np.stack([a, -b * cp - sp, -b * sp + cp], axis=-1)
     return np.array([0.0, scene["height"], 0.0]), d
+
+
+def _window(scene: dict, size: int, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns holding every pixel whose ray can meet the box [lo, hi] (all, if it reaches
+    behind the camera): objects are small, so they are ray-cast only there."""
+    f = size / (2 * math.tan(scene["fov"] / 2))
+    cp, sp = math.cos(scene["pitch"]), math.sin(scene["pitch"])
+    corners = np.stack(np.meshgrid(*zip(lo, hi)), -1).reshape(-1, 3) - (0.0, scene["height"], 0.0)
+    z = corners[:, 1] * -sp + corners[:, 2] * cp
+    if np.any(z < 1e-6):
+        return slice(0, size), slice(0, size)
+    u = f * corners[:, 0] / z + size / 2
+    v = -f * (corners[:, 1] * cp + corners[:, 2] * sp) / z + size / 2
+    rows = slice(max(math.floor(v.min()) - 1, 0), max(min(math.ceil(v.max()) + 1, size), 0))
+    cols = slice(max(math.floor(u.min()) - 1, 0), max(min(math.ceil(u.max()) + 1, size), 0))
+    return rows, cols
 
 
 def _hit_sphere(o, d, centre, radius):
@@ -122,7 +137,26 @@ def _hit_box(o, d, lo, hi):
 
 
 def _objects(scene):
-    return [("sphere", s) for s in scene["spheres"]] + [("box", b) for b in scene["boxes"]]
+    """``(kind, object, lo, hi)`` for spheres then boxes; [lo, hi] bounds the object."""
+    out = [("sphere", o, o["centre"] - o["radius"], o["centre"] + o["radius"]) for o in scene["spheres"]]
+    return out + [("box", o, np.asarray(o["lo"], float), np.asarray(o["hi"], float)) for o in scene["boxes"]]
+
+
+def _shadowed(q: np.ndarray, light: np.ndarray, objects) -> np.ndarray:
+    """Which points ``q`` (M, 3) see an object between them and the (distant) light."""
+    blocked = np.zeros(len(q), bool)
+    for kind, obj, lo, hi in objects:
+        if kind == "sphere":
+            blocked |= np.isfinite(_hit_sphere(q, light, obj["centre"], obj["radius"]))
+            continue
+        # Only points whose light ray passes the box's bounding sphere need the slab test.
+        centre, radius = (lo + hi) / 2, np.linalg.norm(hi - lo) / 2
+        w = centre - q
+        along = w @ light
+        near = (along > -radius) & (np.einsum("ij,ij->i", w, w) - along * along < radius * radius)
+        idx = np.flatnonzero(near)
+        blocked[idx] |= np.isfinite(_hit_box(q[idx], light, lo, hi)[0])
+    return blocked
 
 
 def _checker(u, v, cell, footprint):
@@ -142,7 +176,7 @@ def render_depth_scene(scene: dict, size: int = 128, max_depth: float = MAX_DEPT
     o, d = camera_rays(scene, size)
     t = np.full((size, size), np.inf)
     surface = np.full((size, size), -1, np.int16)
-    normal = np.zeros((size, size, 3))
+    normal = np.zeros((size, size, 3), np.float32)
     with np.errstate(divide="ignore"):
         tg = np.where(d[..., 1] < 0, -o[1] / d[..., 1], np.inf)
     closer = tg < t
@@ -155,59 +189,57 @@ def render_depth_scene(scene: dict, size: int = 128, max_depth: float = MAX_DEPT
         tw = np.where((yw >= 0) & (yw <= wall["top"]), tw, np.inf)
         closer = tw < t
         t[closer], surface[closer], normal[closer] = tw[closer], 1, (0.0, 0.0, -1.0)
-    for k, (kind, obj) in enumerate(_objects(scene)):
+    objects = _objects(scene)
+    for k, (kind, obj, lo, hi) in enumerate(objects):
+        win = _window(scene, size, lo, hi)
+        dw, tw, sw, nw = d[win], t[win], surface[win], normal[win]  # views: writes land in the full maps
         if kind == "sphere":
-            tk = _hit_sphere(o, d, obj["centre"], obj["radius"])
-            closer = tk < t
-            n = (o + tk[closer][:, None] * d[closer] - obj["centre"]) / obj["radius"]
+            tk = _hit_sphere(o, dw, obj["centre"], obj["radius"])
+            closer = tk < tw
+            n = (o + tk[closer][:, None] * dw[closer] - obj["centre"]) / obj["radius"]
         else:
-            tk, axis = _hit_box(o, d, obj["lo"], obj["hi"])
-            closer = tk < t
-            n = np.zeros((int(closer.sum()), 3))
-            ax = axis[closer]
-            n[np.arange(len(ax)), ax] = -np.sign(d[closer][np.arange(len(ax)), ax])
-        t[closer], surface[closer], normal[closer] = tk[closer], 2 + k, n
+            tk, axis = _hit_box(o, dw, lo, hi)
+            closer = tk < tw
+            dc, ax = dw[closer], axis[closer]
+            n = np.zeros((len(ax), 3))
+            n[np.arange(len(ax)), ax] = -np.sign(dc[np.arange(len(ax)), ax])
+        tw[closer], sw[closer], nw[closer] = tk[closer], 2 + k, n
     hit = surface >= 0
-    p = o + np.where(hit, t, 0.0)[..., None] * d
+    th = np.where(hit, t, 0.0)
+    p = o + th[..., None] * d
+    inv_len = 1.0 / np.sqrt(np.einsum("...i,...i->...", d, d))
+    dist = (th * inv_len).astype(np.float32)  # range along the ray
 
     # Albedo: textured ground and wall, plain objects.
-    dist = np.where(hit, t, 0.0) * np.linalg.norm(d, axis=-1)
     f = size / (2 * math.tan(scene["fov"] / 2))
-    cos_in = np.abs(np.einsum("...i,...i->...", normal, d)) / np.linalg.norm(d, axis=-1)
+    cos_in = np.abs(np.einsum("...i,...i->...", normal, d)) * inv_len
     footprint = dist / f / np.maximum(cos_in, 0.05)  # metres one pixel spans on the surface
     albedo = np.zeros((size, size, 3), np.float32)
-    g = scene["ground"]
-    tex = _checker(p[..., 0], p[..., 2], g["cell"], footprint)[..., None]
-    albedo = np.where((surface == 0)[..., None], g["colours"][0] * (1 - tex) + g["colours"][1] * tex, albedo)
-    if wall is not None:
-        tex = _checker(p[..., 0], p[..., 1], wall["cell"], footprint)[..., None]
-        albedo = np.where((surface == 1)[..., None], wall["colours"][0] * (1 - tex) + wall["colours"][1] * tex, albedo)
-    for k, (_, obj) in enumerate(_objects(scene)):
+    planes = [(0, scene["ground"], 2)] + ([(1, wall, 1)] if wall is not None else [])
+    for sid, plane, axis in planes:  # ground: checker in x-z; wall: in x-y
+        m = surface == sid
+        tex = _checker(p[m][:, 0], p[m][:, axis], plane["cell"], footprint[m])[:, None]
+        albedo[m] = plane["colours"][0] * (1 - tex) + plane["colours"][1] * tex
+    for k, (_, obj, _, _) in enumerate(objects):
         albedo[surface == 2 + k] = obj["colour"]
 
     # Lambertian light with hard shadows cast by the objects.
     light = np.asarray(scene["light"], np.float64)
-    lit = np.clip(normal @ light, 0.0, None)
-    lit_pix = hit & (lit > 0)
-    if lit_pix.any():
-        q = p[lit_pix] + _EPS * normal[lit_pix]
-        blocked = np.zeros(len(q), bool)
-        for kind, obj in _objects(scene):
-            if kind == "sphere":
-                blocked |= np.isfinite(_hit_sphere(q, light, obj["centre"], obj["radius"]))
-            else:
-                blocked |= np.isfinite(_hit_box(q, light, obj["lo"], obj["hi"])[0])
-        lit.reshape(-1)[np.flatnonzero(lit_pix)[blocked]] = 0.0
+    lit = np.clip(normal @ light.astype(np.float32), 0.0, None)
+    lit_pix = np.flatnonzero(hit & (lit > 0))
+    if len(lit_pix) and objects:
+        q = p.reshape(-1, 3)[lit_pix] + _EPS * normal.reshape(-1, 3)[lit_pix]
+        lit.reshape(-1)[lit_pix[_shadowed(q, light, objects)]] = 0.0
     colour = albedo * (_AMBIENT + (1 - _AMBIENT) * lit)[..., None]
 
     horizon, zenith = (np.asarray(c, np.float32) for c in scene["sky"])
-    elevation = np.clip(d[..., 1] / np.linalg.norm(d, axis=-1) * 2.5, 0, 1)[..., None]
-    sky = horizon * (1 - elevation) + zenith * elevation
     haze = np.exp(-dist / _HAZE)[..., None]
     colour = colour * haze + horizon * (1 - haze)
-    image = np.where(hit[..., None], colour, sky)
+    sky = ~hit
+    elevation = np.clip(d[sky][:, 1] * inv_len[sky] * 2.5, 0, 1)[:, None].astype(np.float32)
+    colour[sky] = horizon * (1 - elevation) + zenith * elevation
     depth = np.where(hit & (t <= max_depth), t, 0.0).astype(np.float32)
-    return {"image": np.clip(np.rint(image), 0, 255).astype(np.uint8), "depth": depth, "surface": surface}
+    return {"image": np.clip(np.rint(colour), 0, 255).astype(np.uint8), "depth": depth, "surface": surface}
 
 
 def render_random_depth_scene(rng: np.random.Generator, size: int = 128) -> dict:
