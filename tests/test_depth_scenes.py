@@ -108,29 +108,40 @@ def test_wall_depth_and_nearer_objects_occlude_farther():
         assert out["depth"][vv, uu] == pytest.approx(9.0 / r[2] * cos_a, rel=1e-6)
 
 
-def test_shadow_falls_where_the_light_is_blocked():
+@pytest.mark.parametrize("occluder", ["sphere", "box"])
+def test_shadow_falls_where_the_light_is_blocked(occluder):
     size, pitch, fov = 64, math.radians(20), math.radians(60)
     light = np.array([1.0, 1.0, 0.0]) / math.sqrt(2)
     sphere = {"centre": np.array([0.3, 0.6, 4.0]), "radius": 0.6, "colour": np.ones(3) * 200}
-    scene = _scene(1.5, 20, 60, spheres=[sphere], light=light)
+    box = {"lo": np.array([-0.2, 0.0, 3.5]), "hi": np.array([0.6, 1.0, 4.3]), "colour": np.ones(3) * 200}
+    if occluder == "sphere":
+        scene = _scene(1.5, 20, 60, spheres=[sphere], light=light)
+    else:
+        scene = _scene(1.5, 20, 60, boxes=[box], light=light)
     scene["ground"]["colours"] = (np.ones(3) * 200, np.ones(3) * 200)
     out = render_depth_scene(scene, size)
-    # Reference: a ground point is in shadow when the line toward the light passes the sphere's
-    # centre closer than its radius (ahead of the point).
+    # Reference: march from the ground point toward the light in 2 mm steps and ask whether a
+    # step lands inside the object.
+    steps = np.linspace(0.0, 4.0, 2001)[1:, None] * light
     shadow = np.zeros((size, size), bool)
     ground = out["surface"] == 0
     for v, u in zip(*np.nonzero(ground)):
         ray, _ = _pixel_ray(u, v, size, pitch, fov)
-        p = np.array([0.0, 1.5, 0.0]) + ray * (1.5 / -ray[1])
-        w = sphere["centre"] - p
-        s = w @ light
-        shadow[v, u] = s > 0 and np.linalg.norm(w - s * light) < sphere["radius"]
-    assert shadow.sum() > 20
+        pts = np.array([0.0, 1.5, 0.0]) + ray * (1.5 / -ray[1]) + steps
+        if occluder == "sphere":
+            inside = np.linalg.norm(pts - sphere["centre"], axis=1) < sphere["radius"]
+        else:
+            inside = np.all((pts > box["lo"]) & (pts < box["hi"]), axis=1)
+        shadow[v, u] = inside.any()
+    # Pixels on the shadow's rim are decided by where the march steps fall; leave them out.
+    pad = np.pad(shadow, 1, mode="edge")
+    rim = (pad[:-2, 1:-1] != shadow) | (pad[2:, 1:-1] != shadow) | (pad[1:-1, :-2] != shadow) | (pad[1:-1, 2:] != shadow)
+    assert (shadow & ~rim).sum() > 10
     bright = out["image"].astype(float).mean(-1)
-    for v in np.nonzero(shadow.any(1))[0]:
-        lit = ground[v] & ~shadow[v]
+    for v in np.nonzero((shadow & ~rim).any(1))[0]:
+        dark, lit = shadow[v] & ~rim[v] & ground[v], ground[v] & ~shadow[v] & ~rim[v]
         if lit.any():
-            assert bright[v][shadow[v]].max() < 0.6 * bright[v][lit].min(), v
+            assert bright[v][dark].max() < 0.6 * bright[v][lit].min(), v
 
 
 def test_random_scenes_are_valid_and_deterministic():
