@@ -110,8 +110,9 @@ def render_scene(rng: np.random.Generator, size: int, *, max_instances: int = 4,
 
     Returns ``{image: uint8 (H, W, 3), instance_masks: bool (K, H, W), labels: int64 (K,),
     boxes: float32 (K, 4) xyxy pixels, semantic: uint8 (H, W), caption: str, colours: list[str],
-    background: str}``. ``labels`` and ``semantic`` index :data:`SCENE_CLASSES` (0 = background,
-    never a label); boxes end one past the last visible pixel. ``K`` counts visible shapes, bottom first.
+    background: str}``. ``labels`` and ``semantic`` index ``("background",) + classes``
+    (:data:`SCENE_CLASSES` by default; 0 is never a label); boxes end one past the last visible
+    pixel. ``K`` counts the visible shapes, bottom first.
     """
     kind = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
     bg = _background(kind, size, rng)
