@@ -97,19 +97,22 @@ def test_decomposed_rel_pos_by_hand_and_resampled_for_other_grids():
 
 
 def test_global_blocks_are_plain_vit_blocks_and_covering_windows_give_the_plain_vit():
-    # The plain ViT with the same layout (no class token, average pooling, final norm before pooling).
-    torch.manual_seed(1)
-    vit = vitkit.create_model("test_vit", depth=4, class_token=False, global_pool="avg", fc_norm=False).eval()
-    # Window 4 on a 4x4 grid: one window, no padding. Windows of 6 and 14 on a 4x6 grid: the
-    # padding must be masked to leave plain attention.
+    # The plain ViT with the same layout (no class token, average pooling, final norm before pooling),
+    # built at the input size (ViTDet resamples position embeddings as its reference does, without
+    # antialiasing, the ViT as timm does). Window 4 on a 4x4 grid: one window, no padding. Windows
+    # of 6 and 14 on a 4x6 grid: the padding must be masked to leave plain attention.
     for padding, window, size in (("zeros", 4, (32, 32)), ("mask", 6, (32, 48)), ("mask", 14, (32, 48))):
-        m = vitkit.create_model("test_vitdet", window_size=window, use_rel_pos=False, window_padding=padding).eval()
+        torch.manual_seed(1)
+        vit = vitkit.create_model("test_vit", depth=4, class_token=False, global_pool="avg", fc_norm=False,
+                                  img_size=size).eval()
+        m = vitkit.create_model("test_vitdet", window_size=window, use_rel_pos=False, window_padding=padding,
+                                img_size=size).eval()
         m.load_state_dict(vit.state_dict())
         x = torch.randn(2, 3, *size)
         torch.testing.assert_close(m.forward_features(x), vit.forward_features(x), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(m(x), vit(x), atol=1e-6, rtol=1e-6)
     # A global block is the plain ViT block on the same tokens.
-    m = vitkit.create_model("test_vitdet", use_rel_pos=False).eval()
+    m = vitkit.create_model("test_vitdet", use_rel_pos=False, img_size=(32, 48)).eval()
     m.load_state_dict(vit.state_dict())
     t = torch.randn(2, 24, 64)
     assert m.blocks[1].attn.window_size == 0
@@ -219,3 +222,41 @@ def test_clear_errors():
         vitkit.create_model("test_vitdet", global_attn_indexes=(7,))
     with pytest.raises(ValueError, match="whole 4x4 token map"):
         m.blocks[0](tokens[:, :10], (4, 4))
+
+
+@pytest.mark.peer("transformers")
+@pytest.mark.parametrize("size", [(32, 32), (40, 56)])  # the build grid, and a grid of part windows (resampled)
+def test_matches_transformers_vitdet(size):
+    transformers = require_peer("transformers")
+    cfg = transformers.VitDetConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=4, image_size=32, pretrain_image_size=32,
+        patch_size=8, window_size=2, window_block_indices=[0, 2], use_relative_position_embeddings=True,
+        layer_norm_eps=1e-6, drop_path_rate=0.0,
+    )
+    torch.manual_seed(0)
+    ref = transformers.VitDetModel(cfg).eval()  # random relative position tables: they take part
+    sd = {}
+    for k, v in ref.state_dict().items():
+        k = k.replace("embeddings.projection", "patch_embed.proj").replace("encoder.layer.", "blocks.")
+        k = k.replace(".attention.", ".attn.")
+        sd[k] = v[:, 1:] if k == "embeddings.position_embeddings" else v
+    sd["pos_embed"] = sd.pop("embeddings.position_embeddings")
+    m = vitkit.create_model("test_vitdet", num_classes=0).eval()
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert set(missing) == {"norm.weight", "norm.bias"} and not unexpected  # the reference has no final norm
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expect = ref(x).last_hidden_state
+        got = m.forward_intermediates(x, indices=[-1], intermediates_only=True)[0]
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_pos_embed_resampled_as_the_reference_does(tmp_path):
+    vit = vitkit.create_model("test_vit", depth=4)  # a 4x4 grid plus the class token's row
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    m = vitkit.create_model("test_vitdet", img_size=48)  # a 6x6 grid
+    report = vitkit.load_weights(m, str(tmp_path / "vit.safetensors"), verbose=False)
+    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expect = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(m.pos_embed, expect.flatten(2).transpose(1, 2))
+    assert any("(4, 4) -> (6, 6)" in r for r in report.resampled)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Attention, TokenContext
+from ..layers import Attention, TokenContext, resample_abs_pos_embed
 from ..layers.capture import WindowLayout
 from ..layers.windows import window_mask, window_partition, window_reverse
 from ._registry import register_family
@@ -198,6 +198,11 @@ class ViTDet(VisionTransformer):
             for n in prefix:
                 sd.pop(n)
             log.notes.append(f"{', '.join(prefix)} dropped with their position rows: ViTDet's features have no prefix tokens")
+        pe, grid = sd.get("pos_embed"), tuple(self.patch_embed.grid_size)
+        side = math.isqrt(pe.shape[1]) if pe is not None and pe.ndim == 3 else 0
+        if self.pos_embed is not None and side and side * side == pe.shape[1] and (side, side) != grid:
+            sd["pos_embed"] = resample_abs_pos_embed(pe, grid, (side, side), num_prefix_tokens=0, antialias=False)
+            log.resampled.append(f"pos_embed: grid {(side, side)} -> {grid} (bicubic, as ViTDet resamples)")
         sd = super().checkpoint_filter(sd, log)
         fresh = [k for k, v in self.state_dict().items() if k.rsplit(".", 1)[-1] in ("rel_pos_h", "rel_pos_w") and k not in sd]
         for k in fresh:
@@ -225,6 +230,14 @@ class ViTDet(VisionTransformer):
         return [s for s in out if s["blocks"]]
 
     # ------------------------------------------------------------------ token path
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The reference resamples with plain bicubic (no antialiasing, whose kernel differs even upwards).
+        if self.pos_embed is None or self.pos_embed_type != "learn" or tuple(grid) == tuple(self.patch_embed.grid_size):
+            return super()._pos_embed(x, grid)
+        pos = resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0,
+                                     antialias=False)
+        return self.pos_drop(x + pos), pos
+
     def _block_inputs(self, ctx: TokenContext):
         # The blocks take the token grid where a plain ViT's take RoPE tables.
         return tuple(ctx.grid), ctx.attention_bias()
