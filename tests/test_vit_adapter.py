@@ -139,12 +139,15 @@ def test_reference_defaults():
     assert inj.attn.num_heads == 6 and ex.ffn.fc1.out_features == 384 // 4
     assert head.interactions[0].extra_extractors is None and len(head.interactions[-1].extra_extractors) == 2
     assert head.spm.fc1.in_channels == 64 and head.input_multiple == 32
+    assert head.no_weight_decay() <= dict(head.named_parameters()).keys()
 
 
 def test_clear_errors():
     b = _vit()
     with pytest.raises(ConfigError, match="only 'cross'"):
         ViTAdapterHead(b, 3, attn="deformable")
+    with pytest.raises(ConfigError, match="available: 'minimal'"):
+        ViTAdapterHead(b, 3, decoder="fpn")
     with pytest.raises(ConfigError, match="plain ViT backbone"):
         ViTAdapterHead(vitkit.create_model("test_swin", num_classes=0), 3)
     with pytest.raises(ConfigError, match="not divisible by num_heads"):

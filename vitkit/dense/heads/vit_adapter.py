@@ -189,7 +189,8 @@ class ViTAdapterHead(nn.Module):
     sides are not multiples of ``input_multiple`` (32, or a multiple of the patch) are padded
     and the output is then returned at full resolution; otherwise it is at stride 4.
     ``features(backbone, x)`` returns the adapter's four maps (strides 4, 8, 16, 32) for a
-    pyramid decoder. ``prefix_tokens``: "drop" (the reference's ViT has no class token) or
+    pyramid decoder; ``decoder="minimal"`` fuses them at stride 4 (concatenation, 1x1 conv, BN,
+    ReLU, dropout, 1x1 classifier). ``prefix_tokens``: "drop" (the reference's ViT has no class token) or
     "keep" (they run through the blocks; injection and extraction use the patch tokens only).
     """
 
@@ -197,8 +198,10 @@ class ViTAdapterHead(nn.Module):
                  conv_inplane: int = 64, init_values: float = 0.0, interaction_indexes: list | None = None,
                  with_cffn: bool = True, cffn_ratio: float = 0.25, drop_path: float | None = None,
                  add_vit_feature: bool = True, use_extra_extractor: bool = True, prefix_tokens: str = "drop",
-                 decoder_dropout: float = 0.1):
+                 decoder: str = "minimal", decoder_dropout: float = 0.1):
         super().__init__()
+        if decoder != "minimal":
+            raise ConfigError(f"vit_adapter: decoder={decoder!r}; available: 'minimal' (the four maps fused at stride 4)")
         if attn != "cross":
             raise ConfigError(f"vit_adapter: attn={attn!r}; only 'cross' (multi-head cross-attention in place of "
                               "the reference's deformable attention) is available")
@@ -237,6 +240,10 @@ class ViTAdapterHead(nn.Module):
         )
         self.apply(self._init_weights)
         nn.init.normal_(self.level_embed)
+
+    def no_weight_decay(self) -> set[str]:
+        """The level embedding is a position-like table: no weight decay, as for a ViT's ``pos_embed``."""
+        return {"level_embed"}
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
