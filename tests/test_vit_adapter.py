@@ -57,6 +57,7 @@ def test_output_shapes(name, size):
     ("test_vit", dict(class_token=False, global_pool="avg"), "drop"),
     ("test_vit", {}, "keep"),  # the class token runs through the blocks as in the plain ViT
     ("test_vitdet", {}, "drop"),
+    ("test_vit_modern", {}, "keep"),  # RoPE and register tokens through the plain block calls
 ])
 def test_zero_gamma_injector_leaves_the_vit_tokens_unchanged(name, kw, prefix):
     b = _vit(name, **kw).eval()

@@ -28,6 +28,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...layers import AttentionCore, DropPath
+from ...models._base import checkpoint_if
 from ..registry import register_head
 
 
@@ -169,14 +170,16 @@ def run_blocks(backbone: nn.Module, tokens: torch.Tensor, ctx, start: int, end: 
     """Blocks ``start .. end - 1`` of a ViT on tokens from ``embed``, without the final norm.
 
     Through ``backbone.run_blocks`` where the backbone has it (ViTDet); otherwise each block is
-    called as the ViT calls it: ``blk(tokens, rope, num_prefix_tokens, attn_bias)``.
+    called as the ViT calls it: ``blk(tokens, rope, num_prefix_tokens, attn_bias)``, under the
+    backbone's gradient checkpointing.
     """
     if hasattr(backbone, "run_blocks"):
         return backbone.run_blocks(tokens, ctx, start, end)
     rope = backbone.rope(ctx.grid, ctx.positions) if getattr(backbone, "rope", None) is not None else None
     bias = ctx.attention_bias()
+    ckpt = getattr(backbone, "grad_checkpointing", False)
     for blk in backbone.blocks[start:end]:
-        tokens = blk(tokens, rope, ctx.num_prefix_tokens, bias)
+        tokens = checkpoint_if(ckpt, blk, tokens, rope, ctx.num_prefix_tokens, bias)
     return tokens
 
 
