@@ -107,12 +107,10 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return c1 * (1 - t[..., None]) + c2 * t[..., None]
 
 
-def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
-    """Draw one sample: ``{image: uint8 (size, size, 3), mask: bool (size, size), box, caption}``."""
-    kind = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
-    bg = _background(kind, size, rng)
-    # The shape colour must stand out from the background; resampling against the
-    # background's mean depends only on the (class-independent) background.
+def _pick_colour(bg: np.ndarray, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """A named colour, jittered, that stands out from the background ``bg`` (float (H, W, 3))."""
+    # Resampling against the background's mean depends only on the (class-independent)
+    # background, so colour never carries the class.
     names = list(_COLOURS)
     mean = bg.mean(axis=(0, 1))
     for _ in range(30):
@@ -120,6 +118,14 @@ def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
         colour = np.clip(np.asarray(_COLOURS[name], np.float32) + rng.normal(0, 12, 3), 0, 255)
         if np.linalg.norm(colour - mean) > 110:
             break
+    return name, colour
+
+
+def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
+    """Draw one sample: ``{image: uint8 (size, size, 3), mask: bool (size, size), box, caption}``."""
+    kind = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
+    bg = _background(kind, size, rng)
+    name, colour = _pick_colour(bg, rng)
     r = size * rng.uniform(0.21, 0.40)  # diameter 42-80% of the image
     cx, cy = rng.uniform(r, size - r, 2)
     theta = rng.uniform(0, 2 * math.pi)

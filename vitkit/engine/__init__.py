@@ -12,7 +12,14 @@ from .checkpoint import (
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import all_gather_with_grad, init_distributed
 from .ema import ModelEma, ema_decay_at, ema_update
-from .evaluators import AccuracyEvaluator, Evaluator, KNNEvaluator, MeanEvaluator, MIoUEvaluator
+from .evaluators import (
+    AccuracyEvaluator,
+    DepthEvaluator,
+    Evaluator,
+    KNNEvaluator,
+    MeanEvaluator,
+    MIoUEvaluator,
+)
 from .optim import build_optimizer, param_groups
 from .protocol import Objective, StepContext
 from .runtime import seed_everything
@@ -26,6 +33,7 @@ __all__ = [
     "Evaluator",
     "KNNEvaluator",
     "MIoUEvaluator",
+    "DepthEvaluator",
     "MeanEvaluator",
     "TrainState",
     "all_gather_with_grad",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ConfigError, DataError
 from .distributed import all_gather_object, all_reduce_sum, is_dist
 
 
@@ -148,8 +149,12 @@ class MIoUEvaluator(Evaluator):
     """Semantic segmentation: mean intersection-over-union from a confusion matrix.
 
     ``outputs["logits"]`` (B, C, H, W) against ``batch["mask"]`` (B, H, W) of class ids; pixels
-    equal to ``ignore_index`` do not count. IoU of class c = TP / (TP + FP + FN); ``miou`` is
-    the mean over classes present in the target or the prediction. Also ``pixel_acc``.
+    equal to ``ignore_index`` do not count (padding of full-resolution batches carries it).
+    IoU of class c = TP / (TP + FP + FN). ``miou`` is the mean over the classes present in the
+    target or the prediction, which is torchmetrics' ``MulticlassJaccardIndex(average="macro",
+    ignore_index=...)`` (it drops classes with TP + FP + FN = 0). ``per_class_iou`` (list, None
+    for a class absent from both), ``pixel_acc``. After ``compute()``, ``total_confusion`` (C, C;
+    rows: true class, columns: predicted) holds the reduced counts, for the confusion plot.
     """
 
     primary = "miou"
@@ -161,28 +166,125 @@ class MIoUEvaluator(Evaluator):
 
     def reset(self) -> None:
         self.confusion: Tensor | None = None  # (C, C): rows target, columns prediction
+        self.total_confusion: Tensor | None = None  # (C, C), reduced by compute()
 
     def update(self, batch: dict, outputs: dict) -> None:
         pred = outputs["logits"].argmax(1).flatten()  # (B*H*W,)
         target = batch["mask"].flatten()
         keep = target != self.ignore_index
         c = self.num_classes
-        cm = torch.bincount(target[keep].long() * c + pred[keep], minlength=c * c).reshape(c, c).double()
+        target, pred = target[keep].long(), pred[keep]
+        if target.numel() and (target.min() < 0 or target.max() >= c):
+            raise DataError(
+                f"the mask holds class id {int(target.max() if target.max() >= c else target.min())}, outside the "
+                f"{c} classes 0..{c - 1} and not the ignore index {self.ignore_index}: check data.ignore_index "
+                "and the class list"
+            )
+        cm = torch.bincount(target * c + pred, minlength=c * c).reshape(c, c).double()
         self.confusion = cm if self.confusion is None else self.confusion + cm
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict:
         c = self.num_classes
         cm = self.confusion if self.confusion is not None else torch.zeros(c, c, dtype=torch.float64)
         cm = all_reduce_sum(cm.clone()).cpu()
+        self.total_confusion = cm.long()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
         if cm.sum() == 0:
             return {}
         present = union > 0
+        iou = tp / union.clamp_min(1)
         return {
-            "miou": (tp[present] / union[present]).mean().item(),
+            "miou": iou[present].mean().item(),
             "pixel_acc": (tp.sum() / cm.sum()).item(),
+            "per_class_iou": [v if p else None for v, p in zip(iou.tolist(), present.tolist())],
         }
+
+
+def align_least_squares(pred: Tensor, target: Tensor, mask: Tensor, mode: str = "scale_shift") -> Tensor:
+    """``pred`` (B, ...) aligned per image to ``target`` over ``mask``: s * pred + t by least squares.
+
+    ``mode`` "scale_shift" (MiDaS, closed form of the 2x2 normal equations), "scale" (t = 0), or
+    "none". An image whose prediction is constant over its valid pixels gets s = 0 and t = the
+    target's mean there (still the least-squares fit).
+    """
+    if mode == "none":
+        return pred
+    if mode not in DEPTH_ALIGN:
+        raise ConfigError(f"depth alignment {mode!r} is not one of {', '.join(DEPTH_ALIGN)}")
+    b = pred.shape[0]
+    p, g, m = pred.reshape(b, -1), target.reshape(b, -1).to(pred.dtype), mask.reshape(b, -1).to(pred.dtype)
+    a00, b0 = (m * p * p).sum(1), (m * p * g).sum(1)
+    if mode == "scale":
+        s = b0 / a00.clamp_min(1e-12)
+        return (s[:, None] * p).reshape(pred.shape)
+    a01, a11, b1 = (m * p).sum(1), m.sum(1), (m * g).sum(1)
+    det = a00 * a11 - a01 * a01
+    ok = det > 1e-12 * a11.clamp_min(1) ** 2
+    safe = torch.where(ok, det, torch.ones_like(det))
+    s = torch.where(ok, (a11 * b0 - a01 * b1) / safe, torch.zeros_like(det))
+    t = torch.where(ok, (a00 * b1 - a01 * b0) / safe, b1 / a11.clamp_min(1))
+    return (s[:, None] * p + t[:, None]).reshape(pred.shape)
+
+
+DEPTH_ALIGN = ("scale_shift", "scale", "none")
+
+
+class DepthEvaluator(Evaluator):
+    """Depth: ``absrel`` (mean |pred - gt| / gt), ``rmse`` (metres), ``delta1`` (share of pixels
+    with max(pred / gt, gt / pred) < 1.25), each per image over its valid pixels (gt > 0), then
+    averaged over images (Eigen et al.'s protocol, as BTS and AdaBins report them).
+
+    ``outputs["depth"]`` (B, 1, H, W) or (B, H, W) against ``batch["depth"]`` (B, H, W) in
+    metres. ``align``: a model trained scale-and-shift-invariantly predicts depth only up to an
+    affine map, so its prediction is first fitted per image by least squares ("scale_shift",
+    MiDaS's evaluation) or by scale alone ("scale"); "none" takes it as metres. ``space``
+    "disparity" when the model predicts inverse depth (MiDaS): the alignment fits the target's
+    disparity 1 / gt, and the aligned disparity, floored at 1 / ``max_depth`` (default: each
+    image's largest valid depth), is inverted back to depth. Primary: ``absrel`` (lower is better).
+    """
+
+    primary = "absrel"
+    higher_is_better = False
+
+    def __init__(self, align: str = "none", space: str = "depth", max_depth: float | None = None):
+        if align not in DEPTH_ALIGN:
+            raise ConfigError(f"depth alignment {align!r} is not one of {', '.join(DEPTH_ALIGN)}")
+        if space not in ("depth", "disparity"):
+            raise ConfigError(f"depth space {space!r} is not one of depth, disparity")
+        self.align, self.space, self.max_depth = align, space, max_depth
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64)  # absrel, rmse, delta1 per-image sums; images
+
+    def update(self, batch: dict, outputs: dict) -> None:
+        gt = batch["depth"].detach().double()
+        b = gt.shape[0]
+        gt = gt.reshape(b, -1)
+        pred = outputs["depth"].detach().double().reshape(b, -1)
+        valid = gt > 0
+        if self.space == "disparity":
+            cap = gt.amax(1, keepdim=True) if self.max_depth is None else torch.full_like(gt[:, :1], self.max_depth)
+            disp = align_least_squares(pred, torch.where(valid, 1 / gt.clamp_min(1e-12), 0.0), valid, self.align)
+            pred = 1 / torch.maximum(disp, 1 / cap.clamp_min(1e-12))
+        else:
+            pred = align_least_squares(pred, gt, valid, self.align)
+        n = valid.sum(1)
+        has = n > 0
+        gt_safe, pos = gt.clamp_min(1e-12), pred.clamp_min(1e-12)
+        absrel = (((pred - gt).abs() / gt_safe) * valid).sum(1) / n.clamp_min(1)
+        rmse = (((pred - gt).square() * valid).sum(1) / n.clamp_min(1)).sqrt()
+        ratio = torch.maximum(pos / gt_safe, gt_safe / pos)
+        delta1 = ((ratio < 1.25) & valid).sum(1) / n.clamp_min(1)
+        stats = torch.stack([absrel[has].sum(), rmse[has].sum(), delta1[has].sum(), has.sum().double()])
+        self.sums = self.sums.to(stats.device) + stats
+
+    def compute(self) -> dict[str, float]:
+        packed = all_reduce_sum(self.sums.clone()).cpu()
+        if packed[3] == 0:
+            return {}
+        return {k: (packed[i] / packed[3]).item() for i, k in enumerate(("absrel", "rmse", "delta1"))}
 
 
 class KNNEvaluator(Evaluator):

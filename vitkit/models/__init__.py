@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     vim,
     vit,
     vit_hybrid,
+    vitdet,
 )
 from ._base import Backbone, ClassifierHead
 from ._builder import create_model

@@ -23,8 +23,13 @@ from .ibot import IBOT, IBOTConfig  # noqa: E402  isort: skip
 from .simclr import SimCLR, SimCLRConfig  # noqa: E402  isort: skip
 from .mocov3 import MoCoV3, MoCoV3Config  # noqa: E402  isort: skip
 
+# Dense objectives (segmentation, depth).
+from .dense import Depth, DepthConfig, Segment, SegmentConfig  # noqa: E402  isort: skip
+
 __all__ = [
     "DINO",
+    "Depth",
+    "DepthConfig",
     "DINOConfig",
     "IBOT",
     "IBOTConfig",
@@ -46,6 +51,8 @@ __all__ = [
     "load_teacher",
     "weights_sha256",
     "Objective",
+    "Segment",
+    "SegmentConfig",
     "SimCLR",
     "SimCLRConfig",
     "StepContext",
