@@ -26,6 +26,7 @@ TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
 _CAPTION_FIELDS = ("caption", "text", "captions")
 _BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
              "depth-scenes": ("depth",)}
+_WORDS = {"classify": "classification", "segment": "segmentation", "depth": "depth estimation"}
 _DETECT_LAYOUTS = "a COCO JSON with boxes (annotations with 'bbox') or Pascal VOC Annotations/*.xml"
 _CAPTION_LAYOUTS = "a .jsonl or .csv whose rows have a 'caption' or 'text' field"
 
@@ -157,7 +158,7 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
     if name in _BUILTINS and not os.path.exists(path):
         serves = _BUILTINS[name]
         if task is None:
-            return TaskChoice(serves[0], f"the built-in {name} data: {serves[0]}")
+            return TaskChoice(serves[0], f"the built-in {name} set: {_WORDS[serves[0]]}")
         if task not in serves:
             raise ConfigError(f"the built-in {name} data serves {', '.join(serves)}, not task {task!r}")
         return TaskChoice(task, f"--task {task} on the built-in {name} data")
