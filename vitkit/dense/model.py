@@ -21,6 +21,11 @@ from .registry import head_entry
 DENSE_TASKS = ("segment", "depth")
 
 
+def _check_task(task: str) -> None:
+    if task not in DENSE_TASKS:
+        raise ConfigError(f"task {task!r} is not a dense task: choose one of {DENSE_TASKS}")
+
+
 def _multiple(reduction) -> int:
     """The input multiple one feature map needs to tile the image exactly (a stride of 3.5 needs 7)."""
     values = reduction if isinstance(reduction, (tuple, list)) else (reduction,)
@@ -55,14 +60,14 @@ class DenseModel(nn.Module):
     Any H, W works: the image is padded bottom/right with zeros to a multiple of :attr:`stride`,
     the head's map is upsampled bilinearly to the padded size and the padding is cropped off.
     Build one with :func:`create_dense_model`; ``create_dense_model(**model.model_args)``
-    rebuilds it (with fresh weights).
+    rebuilds it (with fresh weights). Backbone parameters the head never reads are frozen and
+    listed in :attr:`frozen_unused`.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, task: str = "segment", num_classes: int = 0,
                  head_args: dict | None = None, backbone_args: dict | None = None):
         super().__init__()
-        if task not in DENSE_TASKS:
-            raise ConfigError(f"task {task!r} is not a dense task: choose one of {DENSE_TASKS}")
+        _check_task(task)
         self.backbone = backbone
         self.head = head
         self.task = task
@@ -75,9 +80,35 @@ class DenseModel(nn.Module):
         card = getattr(backbone, "card", None)
         # The backbone's card (name, normalisation, paper) with the dense model's class count.
         self.card = replace(card, num_classes=num_classes) if card is not None else None
+        self.frozen_unused = self._freeze_unused()
+
+    def _freeze_unused(self) -> list[str]:
+        """Freeze the backbone parameters the head never reads (ConvNeXt's pooled-classifier norm,
+        the final norm that SETR bypasses): optimizers and DDP then skip them, and they stay in
+        the state dict so backbone weights load unchanged. Found by one small traced pass."""
+        params = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        if not params:
+            return []
+        side = max(2 * self.stride, 32)
+        first = params[0][1]
+        x = torch.zeros(1, self.in_chans, side, side, device=first.device, dtype=first.dtype)
+        was_training = self.training
+        self.eval()  # no batch-statistics update, no dropout draw
+        try:
+            with torch.enable_grad():
+                out = self.head(self.backbone, x)
+                grads = torch.autograd.grad(out.sum(), [p for _, p in params], allow_unused=True)
+        finally:
+            self.train(was_training)
+        unused = [n for (n, _), g in zip(params, grads) if g is None]
+        for n, p in params:
+            if n in unused:
+                p.requires_grad_(False)
+        return ["backbone." + n for n in unused]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, out, H, W) logits or depth."""
         check_image(x, self.in_chans)
         H, W = x.shape[-2:]
         pad_h, pad_w = (-H) % self.stride, (-W) % self.stride
@@ -178,8 +209,7 @@ def create_dense_model(
         task: "segment" (logits) or "depth" (a non-negative map).
         head_args: the head's own options (e.g. ``{"channels": 128}`` for UperNet).
     """
-    if task not in DENSE_TASKS:
-        raise ConfigError(f"task {task!r} is not a dense task: choose one of {DENSE_TASKS}")
+    _check_task(task)
     if task == "segment":
         if num_classes is None or int(num_classes) < 1:
             raise ConfigError(
