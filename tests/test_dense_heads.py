@@ -223,6 +223,14 @@ def test_layer_decay_groups_put_the_backbone_first_and_the_head_last():
     assert not hasattr(create_dense_model(_ConvBackbone(), "linear", num_classes=2), "group_matcher")
 
 
+def test_training_hooks_reach_the_backbone():
+    m = build("vit", "linear")
+    m.set_grad_checkpointing(True)
+    assert m.backbone.grad_checkpointing
+    assert m.block_modules() == list(m.backbone.blocks)
+    assert float(m.aux_loss()) == 0.0
+
+
 def test_bad_requests_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown dense head"):
         create_dense_model("test_vit", "fcn", num_classes=2)
@@ -236,6 +244,8 @@ def test_bad_requests_are_clear_errors():
         create_dense_model("test_vit", "upernet", num_classes=2, head_args={"norm": "ln"})
     with pytest.raises(ConfigError, match="dense task"):
         create_dense_model("test_vit", "linear", num_classes=2, task="detect")
+    with pytest.raises(ConfigError, match="batch of 2"):
+        build("vit", "upernet")(torch.randn(1, 3, 32, 32))
     m = create_dense_model("test_vit", "linear", num_classes=2)
     with pytest.raises(ValueError, match="4-D"):
         m(torch.randn(3, 32, 32))

@@ -141,6 +141,21 @@ class DenseModel(nn.Module):
             backbone_args=args, head_args=dict(self.head_args),
         )
 
+    # ------------------------------------------------------------------ training hooks
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's activations in backward instead of storing them."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def block_modules(self) -> list[nn.Module]:
+        """The backbone's repeated blocks (FSDP shards each one)."""
+        fn = getattr(self.backbone, "block_modules", None)
+        return list(fn()) if callable(fn) else []
+
+    def aux_loss(self) -> torch.Tensor:
+        """The backbone's auxiliary loss of the last forward (MoE load balancing; zero otherwise)."""
+        fn = getattr(self.backbone, "aux_loss", None)
+        return fn() if callable(fn) else torch.zeros((), device=next(self.parameters()).device)
+
     # ------------------------------------------------------------------ optimizer hooks
     def no_weight_decay(self) -> set[str]:
         """The backbone's undecayed parameters (``backbone.``) and the head's (``head.``)."""

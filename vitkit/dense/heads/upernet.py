@@ -39,6 +39,7 @@ class UperNetHead(nn.Module):
         if channels < 1 or not pool_scales or any(s < 1 for s in pool_scales):
             raise ConfigError(f"upernet: channels must be >= 1 and pool_scales positive, got {channels}, {pool_scales}")
         in_chs = [f["num_chs"] for f in backbone.pyramid_info()]
+        self.pool_scales = tuple(pool_scales)
         self.psp_modules = PPM(tuple(pool_scales), in_chs[-1], channels, norm)
         self.bottleneck = ConvBNReLU(in_chs[-1] + len(pool_scales) * channels, channels, 3, norm)
         self.lateral_convs = nn.ModuleList([ConvBNReLU(c, channels, 1, norm) for c in in_chs[:-1]])
@@ -59,5 +60,11 @@ class UperNetHead(nn.Module):
         return self.fpn_bottleneck(torch.cat([resize(o, size) for o in outs], dim=1))
 
     def forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and x.shape[0] == 1 and 1 in self.pool_scales
+                and isinstance(self.bottleneck.norm, nn.BatchNorm2d)):
+            raise ConfigError(
+                "upernet's pyramid pooling normalises a 1x1 map with BatchNorm, which needs a training batch of "
+                "2 or more: raise the batch size or use head_args {norm: gn}"
+            )
         feats = backbone.forward_intermediates(x, pyramid=True, norm=True, intermediates_only=True)
         return self.conv_seg(self.dropout(self.fuse(feats)))
