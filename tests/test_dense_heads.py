@@ -78,8 +78,9 @@ def test_model_args_rebuild_the_same_model(head):
 
 
 def test_model_args_of_a_built_backbone_and_of_a_module_without_a_name():
-    bb = vitkit.create_model("test_swin", num_classes=10, img_size=48)
+    bb = vitkit.create_model("test_swin", num_classes=10, img_size=48).eval()
     m = create_dense_model(bb, "upernet", num_classes=3, head_args={"channels": 8})
+    assert not m.backbone.training and m.head.training  # building leaves each part's mode as it was
     assert m.backbone.num_classes == 0  # the classifier is dropped
     args = m.model_args
     assert args["backbone"] == "test_swin" and args["img_size"] == 48 and args["backbone_args"] == {}

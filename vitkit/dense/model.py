@@ -87,19 +87,20 @@ class DenseModel(nn.Module):
         the final norm that SETR bypasses): optimizers and DDP then skip them, and they stay in
         the state dict so backbone weights load unchanged. Found by one small traced pass."""
         params = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
-        if not params:
-            return []
+        if not params or torch.is_inference_mode_enabled():
+            return []  # nothing to trace (built under inference_mode, no autograd): nothing frozen
         side = max(2 * self.stride, 32)
         first = params[0][1]
         x = torch.zeros(1, self.in_chans, side, side, device=first.device, dtype=first.dtype)
-        was_training = self.training
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()  # no batch-statistics update, no dropout draw
         try:
             with torch.enable_grad():
                 out = self.head(self.backbone, x)
                 grads = torch.autograd.grad(out.sum(), [p for _, p in params], allow_unused=True)
         finally:
-            self.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         unused = [n for (n, _), g in zip(params, grads) if g is None]
         for n, p in params:
             if n in unused:
