@@ -245,6 +245,8 @@ def test_bad_requests_are_clear_errors():
         create_dense_model("test_vit", "upernet", num_classes=2, head_args={"norm": "ln"})
     with pytest.raises(ConfigError, match="dense task"):
         create_dense_model("test_vit", "linear", num_classes=2, task="detect")
+    with pytest.raises(ConfigError, match="img_size"):
+        create_dense_model("test_vit", "linear", num_classes=2, backbone_args={"img_size": 64})
     with pytest.raises(ConfigError, match="batch of 2"):
         build("vit", "upernet")(torch.randn(1, 3, 32, 32))
     m = create_dense_model("test_vit", "linear", num_classes=2)

@@ -244,6 +244,12 @@ def create_dense_model(
             "no backbone name to rebuild from: this DenseModel was built from an unnamed backbone module; "
             "build the backbone with vitkit.create_model(name) so its name travels with the model"
         )
+    clash = sorted({"num_classes", "img_size", "in_chans"} & set(backbone_args or {}))
+    if clash:
+        raise ConfigError(
+            f"backbone_args may not set {clash}: pass img_size / in_chans to create_dense_model itself "
+            "(a dense backbone has no classifier: num_classes is always 0)"
+        )
     if isinstance(backbone, str):
         bb = create_model(backbone, num_classes=0, img_size=img_size, in_chans=in_chans, **(backbone_args or {}))
     elif isinstance(backbone, nn.Module):
