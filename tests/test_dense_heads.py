@@ -64,6 +64,16 @@ def test_output_at_input_size_and_every_parameter_learns(backbone, head):
     assert set(m.frozen_unused) <= set(m.state_dict())
 
 
+@pytest.mark.parametrize("head", list_heads())
+def test_every_registered_head_builds_through_create_dense_model(head):
+    for task in ("segment", "depth") if head in list_heads("depth") else ("segment",):
+        m = build("vit", head, task=task)
+        out = m(torch.randn(2, 3, H, W))
+        assert out.shape == (2, 5 if task == "segment" else 1, H, W)
+        args = json.loads(json.dumps(m.model_args))
+        assert list(create_dense_model(**args).state_dict()) == list(m.state_dict())
+
+
 @pytest.mark.parametrize("head", ["linear", "setr_mla", "segmenter", "upernet"])
 def test_model_args_rebuild_the_same_model(head):
     m = build("vit", head)
@@ -112,6 +122,21 @@ def test_stride_covers_every_map_the_head_reads():
                            head_args={"channels": 8})
     assert m.stride == 28  # levels at 3.5, 7, 14, 28 px tile exactly at multiples of 28
     assert m.eval()(torch.randn(1, 3, 30, 33)).shape == (1, 2, 30, 33)
+
+    class OwnMaps(nn.Module):  # a head with maps of its own at 24 px
+        input_multiple = 24
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Conv2d(64, 2, 1)
+
+        def forward(self, backbone, x):
+            assert x.shape[-2] % 24 == 0 and x.shape[-1] % 24 == 0
+            return self.fc(backbone.forward_intermediates(x, indices=1, intermediates_only=True)[0])
+
+    own = DenseModel(vitkit.create_model("test_vit", num_classes=0), OwnMaps(), num_classes=2)
+    assert own.stride == 24  # lcm(patch 8, 24)
+    assert own(torch.randn(1, 3, H, W)).shape == (1, 2, H, W)
 
 
 @pytest.mark.parametrize("backbone", ["vit", "swin"])

@@ -38,11 +38,13 @@ def _multiple(reduction) -> int:
 def input_stride(backbone: nn.Module, head: nn.Module) -> int:
     """The smallest input multiple at which every map the backbone computes (and, for a head that
     reads the pyramid, every pyramid level) covers the image exactly: the patch size of a plain ViT,
-    the deepest stage's stride (32) of a hierarchical backbone or of any 4-level pyramid."""
+    the deepest stage's stride (32) of a hierarchical backbone or of any 4-level pyramid. A head
+    may add its own requirement as an ``input_multiple`` attribute (an int)."""
     reductions = [f["reduction"] for f in backbone.feature_info]
     if getattr(head, "requires_pyramid", False):
         reductions += [f["reduction"] for f in backbone.pyramid_info()]
-    stride = 1
+    # A head that builds maps of its own (ViT-Adapter's convolutional branch) names their multiple.
+    stride = int(getattr(head, "input_multiple", None) or 1)
     for r in reductions:
         stride = math.lcm(stride, _multiple(r))
     return stride
