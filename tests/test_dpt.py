@@ -98,21 +98,26 @@ def test_hf_segmentation_parity(fusion_bn):
 
 
 @needs_hf
-def test_hf_depth_parity_at_another_size():
-    """At 48 px (a 6x6 grid where the checkpoint has 4x4) the head matches transformers too, once the
-    backbone has the position embedding that transformers resamples (bilinearly; vitkit's ViT
-    resamples bicubically, the only difference at other sizes)."""
+@pytest.mark.parametrize("size", [(48, 48), (64, 64), (16, 16)])
+def test_hf_depth_parity_at_another_size(size):
+    """At sizes other than the config's 32 px (a 4x4 grid; a larger and a smaller grid; transformers takes square inputs only) the
+    converted model alone matches transformers: the ViT resamples its position embedding bilinearly,
+    as transformers does (``pos_embed_interp="bilinear"`` in the converted backbone_args)."""
     peer = _hf("DPTForDepthEstimation")
     model_args, sd = convert_hf_dpt(peer.state_dict(), peer.config)
+    assert model_args["backbone_args"]["pos_embed_interp"] == "bilinear"
+    backbone, head = _build(model_args, sd)
+    assert backbone.patch_embed.grid_size == (4, 4)
+    x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        pos = peer.dpt.embeddings._resize_pos_embed(peer.dpt.embeddings.position_embeddings, 6, 6)
-    backbone, head = _build({**model_args, "img_size": 48}, {**sd, "backbone.pos_embed": pos})
-    with torch.no_grad():
-        x = torch.randn(2, 3, 48, 48)
         ref = peer(pixel_values=x).predicted_depth
         ours = head(backbone, x)[:, 0]
-    assert ours.shape == ref.shape == (2, 96, 96)
+        # The default bicubic resampling is measurably different: the test would catch a lost option.
+        bicubic, _ = _build({**model_args, "backbone_args": {**model_args["backbone_args"], "pos_embed_interp": "bicubic"}}, sd)
+        other = head(bicubic, x)[:, 0]
+    assert ours.shape == ref.shape == (2, 2 * size[0], 2 * size[1])
     assert max_diff(ours, ref) <= ATOL
+    assert max_diff(other, ref) > 10 * ATOL
 
 
 @needs_hf

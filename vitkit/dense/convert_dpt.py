@@ -170,6 +170,8 @@ def convert_hf_dpt(
     backbone_args = dict(
         embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch[0], mlp_ratio=mlp_ratio,
         qkv_bias=bool(cfg["qkv_bias"]),
+        # transformers (like DPT's reference) resamples the position embedding bilinearly at other sizes.
+        pos_embed_interp="bilinear",
     )
     fusion_bn = bool(cfg["use_batch_norm_in_fusion_residual"])
     bias = cfg["use_bias_in_fusion_residual"]

@@ -34,6 +34,7 @@ from ._base import Backbone, Point, check_image, checkpoint_if
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, register_family
 
 _POS_EMBEDS = ("learn", "sincos", "rope", "none")
+_POS_INTERPS = ("bicubic", "bilinear")
 
 
 def _swiglu(dim: int, hidden: int, **kwargs) -> SwiGLU:
@@ -70,6 +71,11 @@ class VisionTransformer(Backbone):
     equals ``forward_features(x)``; ``forward_tokens`` also runs on kept patch tokens only
     (``keep``, MAE) or with masked tokens replaced by a mask token (``token_mask``, iBOT; build
     with ``mask_token=True``). ``feature_info`` lists each block's channels and stride.
+    ``run_blocks(tokens, ctx, start, end)`` runs a range of the blocks on that path.
+
+    At an input size other than the build size a learned position embedding is resampled to
+    the new grid: ``pos_embed_interp="bicubic"`` (antialiased, as timm) or ``"bilinear"`` (as
+    DPT's reference and transformers' DPT, which makes converted DPT models match at any size).
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class VisionTransformer(Backbone):
         no_embed_class: bool = False,
         pos_embed: str = "learn",
         rope_theta: float = 100.0,
+        pos_embed_interp: str = "bicubic",
         pre_norm: bool = False,
         final_norm: bool = True,
         fc_norm: bool | None = None,
@@ -116,6 +123,8 @@ class VisionTransformer(Backbone):
             raise ValueError(f"global_pool {global_pool!r} must be one of {self.pools}")
         if pos_embed not in _POS_EMBEDS:
             raise ValueError(f"pos_embed {pos_embed!r} must be one of {_POS_EMBEDS}")
+        if pos_embed_interp not in _POS_INTERPS:
+            raise ValueError(f"pos_embed_interp {pos_embed_interp!r} must be one of {_POS_INTERPS}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         if distilled and not class_token:
@@ -143,6 +152,7 @@ class VisionTransformer(Backbone):
         self.global_pool = global_pool
         self.no_embed_class = no_embed_class
         self.pos_embed_type = pos_embed
+        self.pos_embed_interp = pos_embed_interp
 
         self.patch_embed = PatchEmbed(
             img_size, patch_size, in_chans, embed_dim, bias=not pre_norm, dynamic_pad=dynamic_img_pad,
@@ -282,7 +292,7 @@ class VisionTransformer(Backbone):
                 grid_pe = sincos_2d_pos_embed(self.embed_dim, grid).to(pos)[None]
                 pos = torch.cat([pos[:, :npt], grid_pe], dim=1)
             else:
-                pos = resample_abs_pos_embed(pos, grid, self.patch_embed.grid_size, num_prefix_tokens=npt)
+                pos = self._resample_pos_embed(pos, grid, self.patch_embed.grid_size, npt)
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if self.no_embed_class:
             if pos is not None:
@@ -293,6 +303,20 @@ class VisionTransformer(Backbone):
             if pos is not None:
                 x = x + pos
         return self.pos_drop(x), None if pos is None else pos[:, npt:]
+
+    # timm's rule: bicubic resampling antialiased (its kernel differs from plain bicubic even upwards).
+    pos_embed_antialias = True
+
+    def _resample_pos_embed(
+        self, pos: torch.Tensor, grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int
+    ) -> torch.Tensor:
+        """A learned position embedding on ``old_grid`` -> ``grid``, by ``pos_embed_interp``.
+
+        Bilinear is never antialiased: that is how DPT's reference and transformers resample.
+        """
+        antialias = self.pos_embed_antialias and self.pos_embed_interp == "bicubic"
+        return resample_abs_pos_embed(pos, grid, old_grid, num_prefix_tokens=num_prefix_tokens,
+                                      interpolation=self.pos_embed_interp, antialias=antialias)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, TokenContext]:
         """(B, C, H, W) -> (B, prefix + H'*W', D) tokens ready for the blocks, and their context.
@@ -361,10 +385,20 @@ class VisionTransformer(Backbone):
             tokens = self._apply_mask_token(tokens, ctx, token_mask, mask_token)
         if keep is not None:
             tokens, ctx = ctx.select(tokens, keep)
+        return self.norm(self.run_blocks(tokens, ctx))
+
+    def run_blocks(self, tokens: torch.Tensor, ctx: TokenContext, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run blocks ``start .. end - 1`` on tokens from :meth:`embed` (no final norm).
+
+        Each block gets what :meth:`forward_tokens` gives it (RoPE at ``ctx.positions``, the
+        attention bias of ``ctx``, gradient checkpointing when enabled), so running the blocks
+        in consecutive ranges equals running them all at once. For heads that interleave their
+        own layers with the backbone's blocks (ViT-Adapter).
+        """
         rope, bias = self._block_inputs(ctx)
-        for blk in self.blocks:
+        for blk in self.blocks[start:end]:
             tokens = self._run_block(blk, tokens, rope, bias)
-        return self.norm(tokens)
+        return tokens
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) normalised tokens, prefix tokens first."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Attention, TokenContext, resample_abs_pos_embed
+from ..layers import Attention, TokenContext
 from ..layers.capture import WindowLayout
 from ..layers.windows import window_mask, window_partition, window_reverse
 from ._registry import register_family
@@ -156,7 +156,7 @@ class ViTDet(VisionTransformer):
         window_padding: "zeros" (reference) or "mask" (padding is never a key).
 
     There are no prefix tokens; ``global_pool`` is "avg" for classification. ``run_blocks``
-    runs a range of blocks on tokens from ``embed`` (ViT-Adapter interleaves its interactions).
+    (the ViT's) runs a range of blocks on tokens from ``embed``, windowed as in ``forward_tokens``.
     """
 
     def __init__(self, window_size: int = 14, global_attn_indexes: tuple[int, ...] | None = None,
@@ -201,8 +201,8 @@ class ViTDet(VisionTransformer):
         pe, grid = sd.get("pos_embed"), tuple(self.patch_embed.grid_size)
         side = math.isqrt(pe.shape[1]) if pe is not None and pe.ndim == 3 else 0
         if self.pos_embed is not None and side and side * side == pe.shape[1] and (side, side) != grid:
-            sd["pos_embed"] = resample_abs_pos_embed(pe, grid, (side, side), num_prefix_tokens=0, antialias=False)
-            log.resampled.append(f"pos_embed: grid {(side, side)} -> {grid} (bicubic, as ViTDet resamples)")
+            sd["pos_embed"] = self._resample_pos_embed(pe, grid, (side, side), 0)
+            log.resampled.append(f"pos_embed: grid {(side, side)} -> {grid} ({self.pos_embed_interp}, as at other inputs)")
         sd = super().checkpoint_filter(sd, log)
         fresh = [k for k, v in self.state_dict().items() if k.rsplit(".", 1)[-1] in ("rel_pos_h", "rel_pos_w") and k not in sd]
         for k in fresh:
@@ -230,13 +230,8 @@ class ViTDet(VisionTransformer):
         return [s for s in out if s["blocks"]]
 
     # ------------------------------------------------------------------ token path
-    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # The reference resamples with plain bicubic (no antialiasing, whose kernel differs even upwards).
-        if self.pos_embed is None or self.pos_embed_type != "learn" or tuple(grid) == tuple(self.patch_embed.grid_size):
-            return super()._pos_embed(x, grid)
-        pos = resample_abs_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0,
-                                     antialias=False)
-        return self.pos_drop(x + pos), pos
+    # The reference resamples with plain bicubic (no antialiasing, whose kernel differs even upwards).
+    pos_embed_antialias = False
 
     def _block_inputs(self, ctx: TokenContext):
         # The blocks take the token grid where a plain ViT's take RoPE tables.
@@ -249,13 +244,6 @@ class ViTDet(VisionTransformer):
             raise ValueError("ViTDet runs on the whole token map; keep= (dropping tokens) needs a plain ViT. "
                              "Use token_mask= with a mask token instead")
         return super().forward_tokens(tokens, ctx, token_mask=token_mask, mask_token=mask_token)
-
-    def run_blocks(self, tokens: torch.Tensor, ctx: TokenContext, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Run blocks ``start .. end - 1`` on (B, H'*W', D) tokens from :meth:`embed` (no final norm)."""
-        grid, bias = self._block_inputs(ctx)
-        for blk in self.blocks[start:end]:
-            tokens = self._run_block(blk, tokens, grid, bias)
-        return tokens
 
 
 # ---------------------------------------------------------------------- variants
