@@ -1,6 +1,6 @@
-"""ViT-Adapter head: output shapes at any input size, the zero-gamma injector leaving the ViT's
-tokens as they were, the injector against torch's own multi-head attention, the ConvFFN keeping
-levels apart, gradients to every parameter, and on a ViTDet backbone."""
+"""ViT-Adapter head: output shapes (padded to 32 px by DenseModel), the zero-gamma injector leaving
+the ViT's tokens as they were, the injector against torch's own multi-head attention, the ConvFFN
+keeping levels apart, UperNet as its decoder, gradients to every parameter, and on a ViTDet backbone."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 import vitkit
-from vitkit.dense import head_entry
+from vitkit.dense import create_dense_model, head_entry
+from vitkit.dense.heads.upernet import UperNetHead
 from vitkit.dense.heads.vit_adapter import ConvFFN, Injector, ViTAdapterHead, quarter_groups
 from vitkit.errors import ConfigError
 
-SMALL = dict(conv_inplane=8)  # a narrow conv stem keeps the tests fast
+SMALL = dict(conv_inplane=8, decoder_channels=16)  # a narrow conv stem and decoder keep the tests fast
 
 
 def _vit(name="test_vit", **kw):
@@ -37,20 +38,70 @@ def test_registered_for_segment_and_depth():
 
 
 @pytest.mark.parametrize("name", ["test_vit", "test_vitdet"])
-@pytest.mark.parametrize("size", [(64, 96), (50, 70)])
-def test_output_shapes(name, size):
+@pytest.mark.parametrize("decoder", ["upernet", "minimal"])
+def test_output_shapes(name, decoder):
     b = _vit(name).eval()
-    head = ViTAdapterHead(b, 5, **SMALL).eval()
-    x = torch.randn(2, 3, *size)
+    head = ViTAdapterHead(b, 5, decoder=decoder, **SMALL).eval()
+    H, W = 64, 96
+    x = torch.randn(2, 3, H, W)
     y = head(b, x)
-    H, W = size
-    if H % 32 == 0 and W % 32 == 0:
-        assert y.shape == (2, 5, H // 4, W // 4)
+    assert y.shape == (2, 5, H // 4, W // 4) and torch.isfinite(y).all()
+    feats = head.features(b, x)
+    assert [tuple(f.shape) for f in feats] == [(2, 64, H // s, W // s) for s in (4, 8, 16, 32)]
+    assert [(p["num_chs"], p["reduction"]) for p in head.pyramid_info()] == [(64, s) for s in (4, 8, 16, 32)]
+    with pytest.raises(ValueError, match="multiples of 32 px"):
+        head(b, torch.randn(1, 3, 50, 70))
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_vitdet"])
+def test_dense_model_pads_to_the_adapter_multiple(name):
+    m = create_dense_model(name, "vit_adapter", num_classes=3, img_size=64, backbone_args=dict(patch_size=16, depth=4),
+                           head_args=SMALL).eval()
+    assert m.stride == 32 == m.head.input_multiple
+    x = torch.randn(2, 3, 50, 70)
+    with torch.no_grad():
+        y = m(x)
+        # What DenseModel does, spelt out: zero padding to 64x96, the head at stride 4, bilinear
+        # upsampling to the padded size, the crop.
+        padded = torch.nn.functional.pad(x, (0, 26, 0, 14))
+        z = torch.nn.functional.interpolate(m.head(m.backbone, padded), size=(64, 96), mode="bilinear")[..., :50, :70]
+    assert y.shape == (2, 3, 50, 70)
+    torch.testing.assert_close(y, z, atol=1e-6, rtol=1e-6)
+
+
+def test_upernet_decoder_is_upernet_on_the_adapter_maps():
+    """The default decoder has UperNet's parameters (names and shapes of a UperNet head on a pyramid of
+    the same channels) and gives what that UperNet head gives when the pyramid is the adapter's maps."""
+    b = _vit().eval()
+    head = ViTAdapterHead(b, 5, **SMALL).eval()
+    assert isinstance(head.decoder, UperNetHead)
+    plain = UperNetHead(b, 5, channels=16).eval()  # test_vit's simple pyramid: 64 channels at 4, 8, 16, 32
+    assert {k: v.shape for k, v in head.decoder.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    with torch.no_grad():
+        for p in head.decoder.parameters():
+            p.normal_()
+    plain.load_state_dict(head.decoder.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
         feats = head.features(b, x)
-        assert [tuple(f.shape) for f in feats] == [(2, 64, H // s, W // s) for s in (4, 8, 16, 32)]
-    else:  # padded to whole 32 px inside, returned at the input's size
-        assert y.shape == (2, 5, H, W)
-    assert torch.isfinite(y).all()
+
+        class Pyramid(nn.Module):  # a backbone whose pyramid is the adapter's maps
+            def forward_intermediates(self, x, **kw):
+                return feats
+
+        torch.testing.assert_close(head(b, x), plain(Pyramid(), x), atol=0, rtol=0)
+        # and the fused maps reach the classifier through the pyramid pooling: the top level counts
+        top = head.decoder.decode(feats[:3] + [feats[3] + 1.0])
+    assert (top - head(b, x)).abs().max() > 1e-4
+
+
+def test_decoder_batch_of_one():
+    b = _vit().train()
+    with pytest.raises(ConfigError, match="decoder_norm"):
+        ViTAdapterHead(b, 3, **SMALL).train()(b, torch.randn(1, 3, 64, 64))
+    # GroupNorm (32 groups of 2 channels here) normalises a single image's 1x1 pooled map.
+    y = ViTAdapterHead(b, 3, decoder_norm="gn", **{**SMALL, "decoder_channels": 64}).train()(b, torch.randn(1, 3, 64, 64))
+    assert y.shape == (1, 3, 16, 16)
 
 
 @pytest.mark.parametrize("name, kw, prefix", [
@@ -110,10 +161,11 @@ def test_conv_ffn_keeps_levels_apart():
     assert (ffn(x3, shapes)[:, 0] - y[:, 0]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("name, prefix", [("test_vit", "keep"), ("test_vitdet", "drop")])
-def test_gradient_reaches_every_parameter(name, prefix):
+@pytest.mark.parametrize("name, prefix, decoder", [("test_vit", "keep", "upernet"), ("test_vitdet", "drop", "upernet"),
+                                                   ("test_vit", "keep", "minimal")])
+def test_gradient_reaches_every_parameter(name, prefix, decoder):
     b = _vit(name).train()
-    head = ViTAdapterHead(b, 4, init_values=0.1, prefix_tokens=prefix, **SMALL).train()
+    head = ViTAdapterHead(b, 4, init_values=0.1, prefix_tokens=prefix, decoder=decoder, **SMALL).train()
     head(b, torch.randn(2, 3, 64, 64)).square().mean().backward()
     named = [(f"backbone.{n}", p) for n, p in b.named_parameters() if not n.startswith(("norm.", "fc_norm."))]
     for n, p in named + [(f"head.{n}", p) for n, p in head.named_parameters()]:
@@ -141,14 +193,19 @@ def test_reference_defaults():
     assert head.interactions[0].extra_extractors is None and len(head.interactions[-1].extra_extractors) == 2
     assert head.spm.fc1.in_channels == 64 and head.input_multiple == 32
     assert head.no_weight_decay() <= dict(head.named_parameters()).keys()
+    # The paper's decoder, UperNet at its own defaults: 512 channels, pooling scales 1, 2, 3, 6.
+    assert isinstance(head.decoder, UperNetHead) and head.decoder.pool_scales == (1, 2, 3, 6)
+    assert head.decoder.conv_seg.in_channels == 512 and head.decoder.lateral_convs[0].conv.in_channels == 384
 
 
 def test_clear_errors():
     b = _vit()
     with pytest.raises(ConfigError, match="only 'cross'"):
         ViTAdapterHead(b, 3, attn="deformable")
-    with pytest.raises(ConfigError, match="available: 'minimal'"):
+    with pytest.raises(ConfigError, match="available: 'upernet'"):
         ViTAdapterHead(b, 3, decoder="fpn")
+    with pytest.raises(ConfigError, match="decoder_channels"):
+        ViTAdapterHead(b, 3, decoder_channels=0)
     with pytest.raises(ConfigError, match="plain ViT backbone"):
         ViTAdapterHead(vitkit.create_model("test_swin", num_classes=0), 3)
     with pytest.raises(ConfigError, match="not divisible by num_heads"):

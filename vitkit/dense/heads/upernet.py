@@ -59,12 +59,17 @@ class UperNetHead(nn.Module):
         size = outs[0].shape[-2:]
         return self.fpn_bottleneck(torch.cat([resize(o, size) for o in outs], dim=1))
 
-    def forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if (self.training and x.shape[0] == 1 and 1 in self.pool_scales
+    def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Four maps at strides 4, 8, 16, 32 (finest first, channels as built) -> (B, out_chans,
+        h/4, w/4) logits. ``forward`` decodes the backbone's pyramid; a head that builds its own
+        pyramid (ViT-Adapter) calls this on its maps."""
+        if (self.training and feats[0].shape[0] == 1 and 1 in self.pool_scales
                 and isinstance(self.bottleneck.norm, nn.BatchNorm2d)):
             raise ConfigError(
                 "upernet's pyramid pooling normalises a 1x1 map with BatchNorm, which needs a training batch of "
-                "2 or more: raise the batch size or use head_args {norm: gn}"
+                "2 or more: raise the batch size or use head_args {norm: gn} (vit_adapter: {decoder_norm: gn})"
             )
-        feats = backbone.forward_intermediates(x, pyramid=True, norm=True, intermediates_only=True)
         return self.conv_seg(self.dropout(self.fuse(feats)))
+
+    def forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(backbone.forward_intermediates(x, pyramid=True, norm=True, intermediates_only=True))

@@ -13,8 +13,8 @@ Deviation from the reference: its multi-scale deformable attention is replaced b
 multi-head cross-attention (``attn="cross"``, the only option here; ``n_points`` and
 ``deform_ratio`` have no counterpart). The other defaults are the reference's: 6 attention
 heads (ViT-T/S; pass ``num_heads`` for wider models), ``cffn_ratio`` 0.25, injector gamma 0,
-ConvFFN on, interactions at the quarters of the depth, 64 stem channels. The decoder here is a
-minimal one on the fused stride-4 map (the paper pairs the adapter with UperNet).
+ConvFFN on, interactions at the quarters of the depth, 64 stem channels, and UperNet as the
+decoder of the four maps (``decoder="upernet"``, the paper's; ``"minimal"`` is a light one).
 """
 
 from __future__ import annotations
@@ -23,17 +23,20 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
 from ...layers import AttentionCore, DropPath
-from ...models._base import checkpoint_if
+from ..layers import ConvBNReLU, conv_norm, resize, seg_classifier
 from ..registry import register_head
+from .upernet import UperNetHead
+
+DECODERS = ("upernet", "minimal")
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _down(cin: int, cout: int) -> nn.Sequential:
+    # ConvBNReLU keeps the size; the spatial prior's downsampling units are the same at stride 2.
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), conv_norm("bn", cout), nn.ReLU(inplace=True))
 
 
 class SpatialPriorModule(nn.Module):
@@ -41,11 +44,11 @@ class SpatialPriorModule(nn.Module):
 
     def __init__(self, in_chans: int, inplanes: int, dim: int):
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn_relu(in_chans, inplanes, 2), *_conv_bn_relu(inplanes, inplanes, 1),
-                                  *_conv_bn_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
-        self.conv2 = nn.Sequential(*_conv_bn_relu(inplanes, 2 * inplanes, 2))
-        self.conv3 = nn.Sequential(*_conv_bn_relu(2 * inplanes, 4 * inplanes, 2))
-        self.conv4 = nn.Sequential(*_conv_bn_relu(4 * inplanes, 4 * inplanes, 2))
+        self.stem = nn.Sequential(_down(in_chans, inplanes), ConvBNReLU(inplanes, inplanes), ConvBNReLU(inplanes, inplanes),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.conv2 = _down(inplanes, 2 * inplanes)
+        self.conv3 = _down(2 * inplanes, 4 * inplanes)
+        self.conv4 = _down(4 * inplanes, 4 * inplanes)
         self.fc1, self.fc2 = nn.Conv2d(inplanes, dim, 1), nn.Conv2d(2 * inplanes, dim, 1)
         self.fc3, self.fc4 = nn.Conv2d(4 * inplanes, dim, 1), nn.Conv2d(4 * inplanes, dim, 1)
 
@@ -166,52 +169,43 @@ def quarter_groups(depth: int, n: int = 4) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1] - 1) for i in range(n)]
 
 
-def run_blocks(backbone: nn.Module, tokens: torch.Tensor, ctx, start: int, end: int) -> torch.Tensor:
-    """Blocks ``start .. end - 1`` of a ViT on tokens from ``embed``, without the final norm.
-
-    Through ``backbone.run_blocks`` where the backbone has it (ViTDet); otherwise each block is
-    called as the ViT calls it: ``blk(tokens, rope, num_prefix_tokens, attn_bias)``, under the
-    backbone's gradient checkpointing.
-    """
-    if hasattr(backbone, "run_blocks"):
-        return backbone.run_blocks(tokens, ctx, start, end)
-    rope = backbone.rope(ctx.grid, ctx.positions) if getattr(backbone, "rope", None) is not None else None
-    bias = ctx.attention_bias()
-    ckpt = getattr(backbone, "grad_checkpointing", False)
-    for blk in backbone.blocks[start:end]:
-        tokens = checkpoint_if(ckpt, blk, tokens, rope, ctx.num_prefix_tokens, bias)
-    return tokens
-
-
 @register_head("vit_adapter", tasks=("segment", "depth"))
 class ViTAdapterHead(nn.Module):
-    """ViT-Adapter on a plain ViT (``vit_*``, ``deit_*``, ``vitdet_*``), with a minimal decoder.
+    """ViT-Adapter on a plain ViT (``vit_*``, ``deit_*``, ``vitdet_*``), decoded by UperNet.
 
     ``forward(backbone, x)`` runs the backbone's blocks itself, group by group through its token
-    path (``embed``, then the blocks), so the backbone must be an isotropic ViT. Inputs whose
-    sides are not multiples of ``input_multiple`` (32, or a multiple of the patch) are padded
-    and the output is then returned at full resolution; otherwise it is at stride 4.
-    ``features(backbone, x)`` returns the adapter's four maps (strides 4, 8, 16, 32) for a
-    pyramid decoder; ``decoder="minimal"`` fuses them at stride 4 (concatenation, 1x1 conv, BN,
-    ReLU, dropout, 1x1 classifier). ``prefix_tokens``: "drop" (the reference's ViT has no class token) or
-    "keep" (they run through the blocks; injection and extraction use the patch tokens only).
+    path (``embed``, then ``run_blocks``), so the backbone must be an isotropic ViT. Input sides
+    must be multiples of ``input_multiple`` (32, or a multiple of the patch; ``DenseModel`` pads
+    to it); the output is at stride 4. ``features(backbone, x)`` returns the adapter's four maps
+    (strides 4, 8, 16, 32; ``pyramid_info()`` describes them). ``decoder="upernet"`` (the
+    paper's) decodes them with :class:`~vitkit.dense.heads.upernet.UperNetHead` at its defaults
+    (``decoder_channels`` 512, ``decoder_norm`` "bn", ``decoder_dropout`` 0.1); ``"minimal"``
+    fuses them at stride 4 (concatenation, 1x1 conv, BN, ReLU, dropout, 1x1 classifier) with
+    ``decoder_channels`` (default: the ViT's width). ``prefix_tokens``: "drop" (the reference's
+    ViT has no class token) or "keep" (they run through the blocks; injection and extraction use
+    the patch tokens only).
     """
 
     def __init__(self, backbone: nn.Module, out_chans: int, attn: str = "cross", num_heads: int | None = None,
                  conv_inplane: int = 64, init_values: float = 0.0, interaction_indexes: list | None = None,
                  with_cffn: bool = True, cffn_ratio: float = 0.25, drop_path: float | None = None,
                  add_vit_feature: bool = True, use_extra_extractor: bool = True, prefix_tokens: str = "drop",
-                 decoder: str = "minimal", decoder_dropout: float = 0.1):
+                 decoder: str = "upernet", decoder_channels: int | None = None, decoder_norm: str = "bn",
+                 decoder_dropout: float = 0.1):
         super().__init__()
-        if decoder != "minimal":
-            raise ConfigError(f"vit_adapter: decoder={decoder!r}; available: 'minimal' (the four maps fused at stride 4)")
+        if decoder not in DECODERS:
+            raise ConfigError(f"vit_adapter: decoder={decoder!r}; available: 'upernet' (the paper's) or 'minimal' "
+                              "(the four maps fused at stride 4)")
+        if decoder_channels is not None and decoder_channels < 1:
+            raise ConfigError(f"vit_adapter: decoder_channels must be >= 1, got {decoder_channels}")
         if attn != "cross":
             raise ConfigError(f"vit_adapter: attn={attn!r}; only 'cross' (multi-head cross-attention in place of "
                               "the reference's deformable attention) is available")
         if prefix_tokens not in ("drop", "keep"):
             raise ConfigError(f"vit_adapter: prefix_tokens must be 'drop' or 'keep', got {prefix_tokens!r}")
         blocks = getattr(backbone, "blocks", None)
-        if not hasattr(backbone, "embed") or blocks is None or len({f["reduction"] for f in backbone.feature_info}) != 1:
+        token_path = hasattr(backbone, "embed") and hasattr(backbone, "run_blocks")
+        if not token_path or blocks is None or len({f["reduction"] for f in backbone.feature_info}) != 1:
             raise ConfigError(f"vit_adapter needs a plain ViT backbone (vit_*, deit_*, vitdet_*) with a token path and "
                               f"one stride; {type(backbone).__name__} is not one. Use model.head=upernet for pyramids")
         dim, depth = backbone.embed_dim, len(blocks)
@@ -237,12 +231,23 @@ class ViTAdapterHead(nn.Module):
         ])
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.BatchNorm2d(dim) for _ in range(4))
-        self.decoder = nn.Sequential(
-            nn.Conv2d(4 * dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
-            nn.Dropout2d(decoder_dropout), nn.Conv2d(dim, out_chans, 1),
-        )
         self.apply(self._init_weights)
         nn.init.normal_(self.level_embed)
+        # The decoder keeps its own initialisation (mmseg's decode heads'), as in the reference.
+        self.dim, self.decoder_type = dim, decoder
+        if decoder == "upernet":
+            up_args = dict(norm=decoder_norm, dropout=decoder_dropout)
+            if decoder_channels is not None:
+                up_args["channels"] = decoder_channels
+            self.decoder = UperNetHead(self, out_chans, **up_args)
+        else:
+            width = decoder_channels or dim
+            self.decoder = nn.Sequential(ConvBNReLU(4 * dim, width, 1, decoder_norm), nn.Dropout2d(decoder_dropout),
+                                         seg_classifier(width, out_chans))
+
+    def pyramid_info(self) -> list[dict]:
+        """The four maps of :meth:`features`: channels and stride (what UperNet reads to build itself)."""
+        return [dict(num_chs=self.dim, reduction=s) for s in (4, 8, 16, 32)]
 
     def no_weight_decay(self) -> set[str]:
         """The level embedding is a position-like table: no weight decay, as for a ViT's ``pos_embed``."""
@@ -275,29 +280,26 @@ class ViTAdapterHead(nn.Module):
         for layer, (first, last) in zip(self.interactions, self.interaction_indexes):
             patches = layer.injector(tokens[:, npt:], c)
             tokens = torch.cat([tokens[:, :npt], patches], dim=1) if npt else patches
-            tokens = run_blocks(backbone, tokens, ctx, first, last + 1)
+            tokens = backbone.run_blocks(tokens, ctx, first, last + 1)
             c = layer.extract(c, tokens[:, npt:], shapes)
         c2, c3, c4 = (_to_map(p, s) for p, s in zip(torch.split(c, [h * w for h, w in shapes], dim=1), shapes))
         c1 = self.up(c2) + c1
         maps = [c1, c2, c3, c4]
         if self.add_vit_feature:
             vit = _to_map(tokens[:, npt:], ctx.grid)
-            maps = [m + (vit if m.shape[2:] == vit.shape[2:] else
-                         F.interpolate(vit, size=m.shape[2:], mode="bilinear", align_corners=False)) for m in maps]
+            maps = [m + resize(vit, m.shape[2:]) for m in maps]
         return [norm(m) for norm, m in zip((self.norm1, self.norm2, self.norm3, self.norm4), maps)]
 
     def forward(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[2:]
-        s = self.input_multiple
-        pad_h, pad_w = (-H) % s, (-W) % s
-        feats = self.features(backbone, F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x)
+        if H % self.input_multiple or W % self.input_multiple:
+            raise ValueError(f"vit_adapter takes image sides that are multiples of {self.input_multiple} px, got "
+                             f"{H}x{W}: pad the batch (DenseModel pads to its stride)")
+        feats = self.features(backbone, x)
+        if self.decoder_type == "upernet":
+            return self.decoder.decode(feats)
         size = feats[0].shape[2:]
-        fused = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                                        for f in feats[1:]], dim=1)
-        out = self.decoder(fused)
-        if pad_h or pad_w:
-            out = F.interpolate(out, size=(H + pad_h, W + pad_w), mode="bilinear", align_corners=False)[:, :, :H, :W]
-        return out
+        return self.decoder(torch.cat([resize(f, size) for f in feats], dim=1))
 
 
-__all__ = ["ViTAdapterHead", "quarter_groups", "run_blocks"]
+__all__ = ["DECODERS", "ViTAdapterHead", "quarter_groups"]
