@@ -209,3 +209,36 @@ def test_bad_inputs_have_clear_errors():
         vitkit.create_model("test_vit", img_size=30)
     with pytest.raises(ValueError, match="global_pool='token' needs class_token=True"):
         vitkit.create_model("test_vit", class_token=False)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_vit_modern", "test_vitdet"])
+def test_run_blocks_in_ranges_equals_forward_tokens(name):
+    """Blocks run in consecutive ranges (as ViT-Adapter runs them) give forward_tokens' tokens exactly,
+    with RoPE and register tokens (test_vit_modern) and ViTDet's windows, checkpointed or not."""
+    torch.manual_seed(0)
+    m = vitkit.create_model(name, num_classes=0).train()
+    x = torch.randn(2, 3, 32, 48)
+    for ckpt in (False, True):
+        m.set_grad_checkpointing(ckpt)
+        tokens, ctx = m.embed(x)
+        torch.manual_seed(1)
+        ref = m.forward_tokens(tokens, ctx)
+        torch.manual_seed(1)
+        t = tokens
+        for start, end in ((0, 1), (1, 3), (3, None)):
+            t = m.run_blocks(t, ctx, start, end)
+        torch.testing.assert_close(m.norm(t), ref, atol=0, rtol=0)
+
+
+def test_pos_embed_interp():
+    """At another grid the learned position embedding is resampled bilinearly (no antialiasing, as
+    DPT's reference) or bicubically with antialiasing (timm's rule), computed here with torch alone."""
+    F = torch.nn.functional
+    x = torch.randn(1, 3, 48, 24)  # a 6x3 grid where the model has 4x4: one side up, one down
+    for interp, kw in (("bilinear", {}), ("bicubic", {"antialias": True})):
+        m = vitkit.create_model("test_vit", num_classes=0, pos_embed_interp=interp).eval()
+        grid = m.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+        expect = F.interpolate(grid, size=(6, 3), mode=interp, align_corners=False, **kw).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(m.embed(x)[1].pos_embed, expect, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pos_embed_interp"):
+        vitkit.create_model("test_vit", pos_embed_interp="nearest")
