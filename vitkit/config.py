@@ -29,9 +29,15 @@ class DataConfig:
 
     ``path`` is any format ``vitkit.data.build_dataset`` reads, or ``shapes`` (built in).
     ``img_size``/``in_chans``/``num_classes`` of None are taken from the data and the model.
+    ``task`` None detects it from the data (class folders: classify; mask folders: segment; depth
+    maps: depth; see ``vitkit.data.task.detect_task``); naming one wins. ``ignore_index`` None
+    takes the data's (the mask value that marks unlabelled pixels: CamVid 11, VOC 255). For dense
+    tasks ``img_size`` is the side of the square training crop.
     """
 
     path: str = "shapes"
+    task: str | None = None
+    ignore_index: int | None = None
     img_size: int | None = None
     in_chans: int | None = None
     num_classes: int | None = None
@@ -61,13 +67,17 @@ class ModelConfig:
 
     ``name`` None lets vitkit choose from the data (see ``vitkit.train.choose_model``).
     ``init`` is any weights ``load_weights`` accepts (file, folder, hub id) to fine-tune
-    from; the head is replaced when the class count differs.
+    from; the head is replaced when the class count differs. For dense tasks ``name`` is the
+    backbone, ``head`` the registered dense head (``vitkit.dense.list_heads()``; None: the plan's)
+    and ``head_args`` its constructor arguments.
     """
 
     name: str | None = None
     init: str | None = None
     drop_path_rate: float = 0.1
     args: dict = field(default_factory=dict)  # other constructor arguments
+    head: str | None = None
+    head_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -156,10 +166,10 @@ def load_config(
     except OmegaConfBaseException as e:
         raise ConfigError(_config_error(e)) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
-    validate(cfg)
     keys = set()
     for layer in layers[1:]:
         keys |= _set_keys(OmegaConf.to_container(layer))
+    validate(cfg, objective_named="objective.name" in keys)
     # Not dataclass fields: they steer the plan and are not saved with the config.
     cfg._user_keys = frozenset(keys)
     cfg._use_plan = use_plan
@@ -174,7 +184,12 @@ def _config_error(e: OmegaConfBaseException) -> str:
     return f"bad value for config key {key!r}: {msg}"
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, objective_named: bool = True) -> None:
+    """Check ranges, choices and the objective section; a bad value is a ConfigError naming the key.
+
+    ``objective_named`` False: the user set objective keys without ``objective.name``; they may
+    belong to the dense objective the data will pick (``segment``/``depth``), checked then.
+    """
     _validate_choices(cfg)
     d, e = cfg.data, cfg.engine
     if d.batch_size < 1:
@@ -190,7 +205,30 @@ def validate(cfg: TrainConfig) -> None:
     if e.amp not in ("auto", "bf16", "fp16", "fp32", "none"):
         raise ConfigError(f"engine.amp must be auto, bf16, fp16 or fp32 (none), got {e.amp!r}")
     parse_duration(e.time_budget)  # a bad duration fails here, before any data is read
-    objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys
+    if d.task is not None:
+        from .data.task import TASKS
+
+        if d.task not in TASKS:
+            raise ConfigError(f"data.task must be one of {', '.join(TASKS)} (or unset: detected), got {d.task!r}")
+    if d.ignore_index is not None and not 0 <= d.ignore_index <= 255:
+        raise ConfigError(f"data.ignore_index must be a mask value in [0, 255], got {d.ignore_index}")
+    try:
+        objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys
+    except ConfigError:
+        if objective_named or not any(_fits_objective(cfg.objective, t) for t in DENSE_OBJECTIVES):
+            raise
+
+
+# The objective a dense task trains with when objective.name is not set.
+DENSE_OBJECTIVES = ("segment", "depth")
+
+
+def _fits_objective(section: dict, name: str) -> bool:
+    try:
+        objective_config({**section, "name": name})
+    except ConfigError:
+        return False
+    return True
 
 
 # (key, allowed values) of the string choices; checked here so a typo fails before any work.

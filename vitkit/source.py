@@ -13,6 +13,10 @@ distillation teacher go through :func:`load_model`. A source is
   publishes needs no name);
 - a registered model name: its published weights (``pretrained=False``: random weights).
 
+A segmentation or depth run (or its final weights file) gives a :class:`~vitkit.dense.DenseModel`:
+``task`` says which, ``transform`` keeps the image at its own size (the model pads to its
+stride and predicts every pixel), and :meth:`LoadedModel.dense` returns the per-pixel output.
+
 >>> from vitkit import load_model
 >>> lm = load_model("runs/my-run")
 >>> lm.model, lm.labels, lm.transform
@@ -20,6 +24,7 @@ distillation teacher go through :func:`load_model`. A source is
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,12 +33,27 @@ import torch
 from torch import nn
 
 from .convert.weights import load_weights
-from .data import EvalTransform, Normalize
+from .data import EvalTransform, Normalize, pil_to_uint8, to_channels
 from .engine.runtime import resolve_device
 from .errors import ConfigError, PathNotFoundError, RunDirError, WeightsError
 from .models import create_model, get_model_card, list_models
 from .rundir import STATE_FILE, WEIGHTS, RunDir
-from .weights_io import is_hub_id, read_metadata
+from .weights_io import is_hub_id, read_metadata, read_state_dict
+
+DENSE_TASKS = ("segment", "depth")
+
+
+class FullImage:
+    """PIL image -> uint8 (C, H, W) at its own size: a dense model predicts every pixel of its input."""
+
+    def __init__(self, in_chans: int = 3):
+        self.in_chans = in_chans
+
+    def __call__(self, img, rng=None) -> torch.Tensor:
+        return pil_to_uint8(to_channels(img, self.in_chans))
+
+    def __repr__(self) -> str:
+        return f"FullImage(in_chans={self.in_chans})"
 
 
 class ArchitectureNeededError(WeightsError):
@@ -66,10 +86,17 @@ class LoadedModel:
     device: torch.device
     settings: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    task: str = "classify"
+    ignore_index: int | None = None  # segmentation: the mask value of unlabelled pixels
+    window: int | None = None  # dense: sliding-window side for images larger than it (None: whole image)
 
     @property
     def num_classes(self) -> int:
         return self.model.num_classes
+
+    @property
+    def is_dense(self) -> bool:
+        return self.task in DENSE_TASKS
 
     @property
     def in_chans(self) -> int:
@@ -86,6 +113,13 @@ class LoadedModel:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) from ``transform`` -> float32 logits (B, num_classes)."""
         return self.model(self.normalize(images.to(self.device))).float()
+
+    @torch.no_grad()
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) from ``transform`` -> float32 (B, num_classes or 1, H, W): logits or depth."""
+        from .dense.infer import dense_predict
+
+        return dense_predict(self.model, self.normalize(images.to(self.device)), window=self.window).float()
 
 
 def resolve_weights(source: str | os.PathLike, use_ema: bool = False) -> tuple[Path, RunDir | None]:
@@ -116,6 +150,57 @@ def resolve_weights(source: str | os.PathLike, use_ema: bool = False) -> tuple[P
         f"{path} is not a vitkit run directory (no run.json), a checkpoint directory (no {STATE_FILE}) "
         f"or a folder with {WEIGHTS}"
     )
+
+
+def _dense_args(weights: Path, run: RunDir | None) -> dict | None:
+    """The ``create_dense_model`` arguments of dense weights: from the file's metadata, else the run's run.json."""
+    if weights.is_file() and weights.suffix == ".safetensors":
+        args = json.loads(read_metadata(weights).get("model_args") or "{}")
+        if "head" in args and "backbone" in args:
+            return args
+    if run is not None and run.is_run():
+        info = run.read_run_info()
+        if info.get("task") in DENSE_TASKS:
+            return dict(info["model_args"])
+    return None
+
+
+def is_dense_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a weights file that ``save_weights`` wrote for a dense model."""
+    p = Path(path).expanduser()
+    return p.is_file() and p.suffix == ".safetensors" and _dense_args(p, None) is not None
+
+
+def load_dense_weights(model: nn.Module, weights: str | os.PathLike) -> None:
+    """Load a dense model's own weights file strictly, keeping its ``backbone.``/``head.`` names.
+
+    (``load_weights`` reads the weights of a backbone and strips a ``backbone.`` prefix.)
+    """
+    sd, where = read_state_dict(weights)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{where} does not fit {type(model).__name__} ({getattr(model, 'model_args', {}).get('backbone')} + "
+            f"{getattr(model, 'model_args', {}).get('head')}): missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "build the model with the arguments the file was saved with"
+        )
+
+
+def _dense_from(weights: Path, args: dict, run: RunDir | None) -> nn.Module:
+    """The DenseModel ``args`` describe, with ``weights`` loaded (names as saved: ``backbone.*``, ``head.*``)."""
+    from .dense import create_dense_model
+
+    model = create_dense_model(**args)
+    load_dense_weights(model, weights)
+    labels = tuple(json.loads(read_metadata(weights).get("card") or "{}").get("labels") or ()) \
+        if weights.suffix == ".safetensors" else ()
+    if run is not None and run.is_run():
+        info = run.read_run_info()
+        labels = tuple(info.get("classes") or labels)
+        model.card = replace(model.card, mean=tuple(info["mean"]), std=tuple(info["std"]))
+    if labels and len(labels) == model.num_classes:
+        model.card = replace(model.card, labels=labels)
+    return model
 
 
 def _self_described(weights: Path) -> bool:
@@ -150,6 +235,9 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
            img_size: int | None) -> tuple[nn.Module, Path | None, RunDir | None]:
     if Path(source).expanduser().exists():
         weights, run = resolve_weights(source, use_ema)
+        dense = _dense_args(weights, run)
+        if dense is not None:
+            return _dense_from(weights, dense, run), weights, run
         if _self_described(weights):
             return create_model(str(weights)), weights, run
         if run is not None:
@@ -208,9 +296,15 @@ def load_model(
     settings = {k: data_cfg[k] for k in ("val_fraction", "max_bad_fraction") if k in data_cfg}
     if "seed" in cfg.get("engine", {}):
         settings["seed"] = cfg["engine"]["seed"]
+    task = getattr(model, "task", "classify") if hasattr(model, "head") and hasattr(model, "stride") else "classify"
+    dense = task in DENSE_TASKS
+    if dense:
+        in_chans = model.model_args.get("in_chans", in_chans)
+        settings["ignore_index"] = data_cfg.get("ignore_index")
     return LoadedModel(
         model=model.to(dev).eval(),
-        transform=EvalTransform((height, width), in_chans, crop_pct=crop_pct, interpolation=card.interpolation),
+        transform=FullImage(in_chans) if dense else EvalTransform(
+            (height, width), in_chans, crop_pct=crop_pct, interpolation=card.interpolation),
         normalize=Normalize(card.mean, card.std),
         labels=labels,
         weights=weights,
@@ -218,4 +312,7 @@ def load_model(
         device=dev,
         settings=settings,
         config=cfg,
+        task=task,
+        ignore_index=data_cfg.get("ignore_index") if task == "segment" else None,
+        window=(cfg.get("objective") or {}).get("window") if dense else None,
     )

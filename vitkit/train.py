@@ -8,12 +8,9 @@ The CLI's ``vitkit train`` is a thin wrapper over :func:`train`; a notebook call
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import yaml
@@ -32,7 +29,6 @@ from .data import (
     prepare_data,
 )
 from .engine import Trainer
-from .engine.budget import Budget, parse_duration
 from .engine.distributed import all_gather_object, init_distributed
 from .engine.runtime import resolve_device
 from .errors import ConfigError, VitkitError
@@ -41,6 +37,7 @@ from .objectives import build_objective, objective_config
 from .objectives.registry import objective_entry
 from .plan import apply_plan, plan_run
 from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
+from .train_dense import build_dense_run, check_classify_config, default_out_dir, run_budget
 from .weights_io import save_weights
 
 
@@ -80,12 +77,6 @@ def choose_model(cfg: TrainConfig, info) -> ModelChoice:
         f"so vitkit chose {name} at {img} px (set model.name / data.img_size to override)"
     )
     return ModelChoice(name, img, in_chans, num_classes, why)
-
-
-def _default_out(cfg: TrainConfig, model_name: str) -> str:
-    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.data.path.rstrip("/")).name.split(":")[0]) or "data"
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{stamp}-{model_name}-{data}")
 
 
 class TrainAugment(nn.Module):
@@ -138,9 +129,12 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     d = cfg.data
     # Broken files are found and judged before training, then left out.
     data = prepare_data(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans,
-                        max_bad_fraction=d.max_bad_fraction)
+                        max_bad_fraction=d.max_bad_fraction, task=d.task, ignore_index=d.ignore_index)
     if verbose and dist.is_main and data.scan is not None:
         print(data.scan_line())
+    if data.task != "classify":  # segmentation, depth: a dense head on the backbone
+        return build_dense_run(cfg, data, dist, verbose=verbose, start=start)
+    check_classify_config(cfg, data)
     info, scan, train_ds, val_ds = data.info, data.scan, data.train, data.val
     plan = _make_plan(cfg, info, train_ds, dist, verbose and dist.is_main) if uses_plan(cfg) else None
     choice = choose_model(cfg, info)
@@ -198,7 +192,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
                            keep_raw=objective.needs_raw_image)
     if pipeline is not None:
         augment, mixup = pipeline[1], None
-    out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else _default_out(cfg, choice.name)
+    out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else default_out_dir(cfg, choice.name)
     cfg.engine.out_dir = out_dir
     cfg.model.name, cfg.data.img_size = choice.name, choice.img_size
     cfg.data.in_chans, cfg.data.num_classes = choice.in_chans, choice.num_classes
@@ -214,12 +208,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         "class_counts": dict(zip(classes, info.class_counts)),
         "plan": plan.to_json() if plan is not None else None,
     }
-    budget = None
-    if cfg.engine.time_budget is not None:  # the budget counts from the start of the run
-        budget = Budget(parse_duration(cfg.engine.time_budget))
-        budget.elapsed_before = time.monotonic() - start if start is not None else 0.0
-        if plan is not None and plan.eval_img_per_s:
-            budget.set_eval_rate(plan.eval_img_per_s, info.n_val, plan.img_per_s)
+    budget = run_budget(cfg, start, plan, info.n_val)
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
         out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),
@@ -272,7 +261,10 @@ def train(
 
 def _summary_extra(run_info: dict, trainer: Trainer) -> dict:
     bad = _all_bad_files(run_info["bad_files"], trainer)
-    return {"model": run_info["model"], "out_dir": str(trainer.out_dir), "bad_files": bad, "skipped_files": len(bad)}
+    extra = {"model": run_info["model"], "out_dir": str(trainer.out_dir), "bad_files": bad, "skipped_files": len(bad)}
+    if "task" in run_info:  # dense runs: what eval, predict and the summary line show depends on it
+        extra["task"] = run_info["task"]
+    return extra
 
 
 def _all_bad_files(scanned: list[str], trainer: Trainer) -> list[str]:
