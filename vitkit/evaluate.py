@@ -22,7 +22,7 @@ import torch
 from .engine.evaluators import AccuracyEvaluator
 from .errors import ConfigError, DataError
 from .objectives.supervised import TTA_MODES
-from .source import LoadedModel, load_model
+from .source import LoadedModel, check_task, load_model
 
 _CELL_COUNTS_MAX = 20  # classes up to which the plot writes counts into cells
 _TICK_LABELS_MAX = 60  # classes up to which the plot names every class on the axes
@@ -71,8 +71,12 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     use_ema: bool = False,
     tta: str = "none",
+    task: str | None = None,
 ) -> dict:
     """Evaluate a model on ``split`` of the dataset at ``data``; writes ``eval.json`` and ``confusion_matrix.png``.
+
+    A segmentation or depth model is evaluated by :func:`evaluate_dense` (mIoU, per-class IoU and
+    pixel accuracy; AbsRel, RMSE and delta1 for depth).
 
     Args:
         source: a run directory, checkpoint directory or weights file, or a loaded model.
@@ -82,6 +86,7 @@ def evaluate(
         out_dir: where the results go; default the run directory, or the folder of the weights file.
         use_ema: evaluate the run's EMA weights.
         tta: "none", or "hflip" to average the logits of each image and its mirror image.
+        task: the task the data is read as (``--task``); it must be the model's (None: the model's).
 
     Returns:
         ``{"top1", "top5"}`` (fractions; top-5 is top-k with k = min(5, classes)), ``"n"`` (images),
@@ -95,6 +100,10 @@ def evaluate(
     if tta not in TTA_MODES:
         raise ConfigError(f"tta={tta!r} is not one of {', '.join(TTA_MODES)}")
     lm = source if isinstance(source, LoadedModel) else load_model(source, use_ema=use_ema)
+    check_task(lm, task)
+    if lm.is_dense:
+        return evaluate_dense(lm, data, batch_size=batch_size, split=split, num_workers=num_workers,
+                              out_dir=out_dir, tta=tta)
     s = lm.settings
     ds = build_dataset(
         data, split, val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0), in_chans=lm.in_chans,
@@ -150,9 +159,11 @@ def evaluate(
     return result
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: str | os.PathLike, title: str = "") -> Path:
+def plot_confusion(cm: np.ndarray, classes: list[str], path: str | os.PathLike, title: str = "",
+                   cells: str = "counts") -> Path:
     """Save a confusion matrix plot: colours are row-normalised (fraction of each true class),
-    cells show counts for up to 20 classes; rows for classes absent from the data stay blank."""
+    cells show counts (``cells="fractions"``: the row fractions, for pixel counts) for up to 20
+    classes; rows for classes absent from the data stay blank."""
     # A bare Figure renders with Agg and leaves pyplot's backend (a notebook's) alone.
     from matplotlib.figure import Figure
 
@@ -171,7 +182,8 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | os.PathLike, 
         for i in range(k):
             for j in range(k):
                 if rows[i, 0]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    text = f"{frac[i, j]:.2f}".lstrip("0") if cells == "fractions" else str(cm[i, j])
+                    ax.text(j, i, text, ha="center", va="center",
                             color="white" if frac[i, j] > 0.5 else "black", fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -181,3 +193,117 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str | os.PathLike, 
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _dense_dataset(lm: LoadedModel, data: str, split: str):
+    from .data.dense import build_dense_dataset
+
+    s, run_data = lm.settings, (lm.config.get("data") or {})
+    # The run's ignore value holds for the data it was trained on; other data keep their format's own.
+    same = str(run_data.get("path", "")).rstrip("/") == str(data).rstrip("/")
+    return build_dense_dataset(
+        data, lm.task, split, val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0), in_chans=lm.in_chans,
+        ignore_index=s.get("ignore_index") if same else None, max_bad_fraction=s.get("max_bad_fraction", 0.05),
+    )
+
+
+def _dense_outputs(lm: LoadedModel, batch: dict, tta: str):
+    """Yield (batch slice, model output) at each image's own size: padding must not change the predictions."""
+    images = batch["image"]
+    sizes = batch.get("size")
+    h, w = images.shape[-2:]
+    if sizes is None or bool((sizes == torch.tensor([h, w])).all()):
+        groups = [(slice(None), h, w)]
+    else:
+        groups = [(slice(i, i + 1), int(sizes[i, 0]), int(sizes[i, 1])) for i in range(len(images))]
+    for sl, gh, gw in groups:
+        x = images[sl, :, :gh, :gw]
+        out = lm.dense(x).cpu()  # (b, K, gh, gw)
+        if tta == "hflip":
+            out = 0.5 * (out + lm.dense(x.flip(-1)).cpu().flip(-1))
+        part = {k: v[sl, :gh, :gw] for k, v in batch.items() if k in ("mask", "depth")}
+        yield part, out
+
+
+def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: str = "val",
+                   num_workers: int | None = None, out_dir: str | os.PathLike | None = None,
+                   tta: str = "none") -> dict:
+    """A segmentation model's mIoU, per-class IoU and pixel accuracy (with a confusion-matrix plot in the run's
+    ``plots/``), or a depth model's AbsRel, RMSE and delta1, on ``split`` of ``data`` at full resolution.
+
+    Returns ``{"task", "n" (images), ...metrics, "model", "weights", "data", "split", "eval_json"}``;
+    segmentation adds ``"per_class_iou"`` (class name -> IoU, None for a class absent from both
+    the masks and the predictions), ``"classes"``, ``"confusion_matrix"`` (pixels; rows: true
+    class) and ``"confusion_png"``.
+    """
+    from .data import build_loader
+    from .data.joint import JointEvalTransform
+    from .engine.evaluators import DepthEvaluator, MIoUEvaluator
+    from .rundir import RunDir
+
+    ds = _dense_dataset(lm, data, split)
+    workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = build_loader(ds, batch_size, train=False, transform=JointEvalTransform(lm.in_chans),
+                          num_workers=workers, max_bad_fraction=lm.settings.get("max_bad_fraction", 0.05))
+    k = lm.num_classes
+    segment = lm.task == "segment"
+    if segment:
+        data_classes = [str(c) for c in getattr(ds, "classes", None) or []]
+        mapping = class_mapping(data_classes, lm.labels, k)
+        classes = list(lm.labels) or (data_classes if len(data_classes) == k else [str(i) for i in range(k)])
+        ignore = int(ds.ignore_index)
+        lut = torch.arange(256)
+        if mapping is not None:
+            lut[: len(mapping)] = torch.tensor(mapping)
+        metric = MIoUEvaluator(k, ignore_index=ignore)
+    else:
+        metric = DepthEvaluator()
+    n = 0
+    for batch in loader:
+        n += len(batch["image"])
+        for part, out in _dense_outputs(lm, batch, tta):
+            if segment:
+                mask = lut[part["mask"].long().clamp(0, 255)]
+                bad = (mask >= k) & (mask != ignore)
+                if bool(bad.any()):
+                    raise DataError(f"{data} has mask value {int(mask[bad].max())} but the model predicts only "
+                                    f"{k} classes (ignore index {ignore})")
+                metric.update({"mask": mask}, {"logits": out})
+            else:
+                metric.update(part, {"depth": out})
+    m = metric.compute()
+    if not m:
+        raise DataError(f"split {split!r} of {data} has no labelled pixels to evaluate")
+    result = {"task": lm.task, "n": n, **{key: v for key, v in m.items() if isinstance(v, (int, float))}}
+    out = Path(out_dir) if out_dir is not None else lm.home
+    out.mkdir(parents=True, exist_ok=True)
+    if segment:
+        cm = _confusion(metric).numpy().astype(np.int64)
+        tp = np.diag(cm).astype(np.float64)
+        union = cm.sum(0) + cm.sum(1) - tp
+        iou = np.divide(tp, union, out=np.full(k, np.nan), where=union > 0)
+        result.update({
+            "per_class_iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou)},
+            "classes": classes, "ignore_index": ignore, "confusion_matrix": cm.tolist(),
+            "pixels": int(cm.sum()), "classes_matched_by_name": mapping is not None,
+        })
+        plots = Path(out_dir) if out_dir is not None else (RunDir(lm.run_dir).plots if lm.run_dir else out)
+        plots.mkdir(parents=True, exist_ok=True)
+        result["confusion_png"] = str(plot_confusion(
+            cm, classes, plots / "confusion_matrix.png", cells="fractions",
+            title=f"{Path(str(data)).name} ({split}), mIoU {result['miou']:.1%}"))
+    result.update({
+        "model": f"{lm.model.model_args.get('backbone')} + {lm.model.model_args.get('head')}",
+        "weights": str(lm.weights) if lm.weights is not None else None, "data": str(data), "split": split,
+        "tta": tta, "eval_json": str(out / "eval.json"),
+    })
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _confusion(metric) -> torch.Tensor:
+    """The evaluator's confusion matrix over every process (rows: true class, columns: predicted)."""
+    cm = getattr(metric, "total_confusion", None)
+    if cm is None:
+        cm = metric.confusion
+    return cm.cpu()

@@ -1,9 +1,11 @@
 """`predict(source, images)`: class probabilities for images, from a run dir, a weights file or any
-source :func:`vitkit.load_model` accepts.
+source :func:`vitkit.load_model` accepts; for a segmentation or depth model, mask and depth files.
 
 >>> from vitkit.predict import predict
 >>> predict("runs/my-run", ["cat.jpg"], topk=3)
 [{'path': 'cat.jpg', 'top': [{'label': 'cat', 'prob': 0.91}, ...]}]
+>>> predict("runs/my-segmentation-run", ["street.jpg"], out_dir="out")[0]["overlay"]
+'out/street_overlay.png'
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from PIL import Image
 
 from .data.images import read_image
 from .errors import ConfigError, PathNotFoundError
-from .source import LoadedModel, load_model
+from .source import LoadedModel, check_task, load_model
 
-__all__ = ["LoadedModel", "load_model", "predict", "read_image"]
+__all__ = ["LoadedModel", "load_model", "predict", "predict_dense", "read_image"]
 
 
 def predict(
@@ -27,14 +29,18 @@ def predict(
     *,
     topk: int = 5,
     batch_size: int = 64,
+    out_dir: str | os.PathLike | None = None,
+    task: str | None = None,
 ) -> list[dict]:
-    """Top-``topk`` class probabilities for each image.
+    """Top-``topk`` class probabilities for each image; a dense model's files (see :func:`predict_dense`).
 
     Args:
         source: anything :func:`vitkit.load_model` accepts, or a
             :class:`LoadedModel` to reuse across calls.
         images: file paths or PIL images.
         topk: how many classes to return per image (at most the model's class count).
+        out_dir: where a dense model's files go (default: the current folder).
+        task: the task the caller expects (``--task``); it must be the model's.
 
     Returns:
         ``[{"path": str or None, "top": [{"label": str, "prob": float}, ...]}, ...]`` in input
@@ -44,9 +50,12 @@ def predict(
     if topk < 1:
         raise ConfigError(f"topk must be >= 1, got {topk}")
     lm = source if isinstance(source, LoadedModel) else load_model(source)
+    check_task(lm, task)
     for image in images:
         if not isinstance(image, Image.Image) and not Path(image).is_file():
             raise PathNotFoundError(f"no such file: image {image}")
+    if lm.is_dense:
+        return predict_dense(lm, images, out_dir=out_dir)
     labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
     k = min(topk, lm.num_classes)
     results = []
@@ -58,4 +67,48 @@ def predict(
         for im, p, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
             path = (getattr(im, "filename", "") or None) if isinstance(im, Image.Image) else str(im)
             results.append({"path": path, "top": [{"label": labels[i], "prob": v} for i, v in zip(idx, p)]})
+    return results
+
+
+def _stem(image, k: int) -> str:
+    name = getattr(image, "filename", "") if isinstance(image, Image.Image) else str(image)
+    return Path(name).stem if name else f"image{k}"
+
+
+def predict_dense(lm: LoadedModel, images: list[str | os.PathLike | Image.Image], *,
+                  out_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Per-pixel predictions of a segmentation or depth model, written as image files into ``out_dir``.
+
+    Segmentation: ``<name>_mask.png`` (palette PNG whose values are the class ids) and
+    ``<name>_overlay.png`` (the image blended with the class colours); each result also has
+    ``"classes"``: class name -> share of the image's pixels, largest first. Depth:
+    ``<name>_depth.png`` (16-bit, millimetres) and ``<name>_depth_color.png`` (near = warm), with
+    ``"depth_min"``/``"depth_max"`` in metres. Each image is predicted at its own size.
+    """
+    from .dense.plots import depth_colour, depth_png, mask_image, overlay
+
+    out = Path(out_dir) if out_dir is not None else Path.cwd()
+    out.mkdir(parents=True, exist_ok=True)
+    labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
+    results = []
+    for k, image in enumerate(images):
+        pil = read_image(image, lm.in_chans)
+        pred = lm.dense(lm.transform(pil)[None])[0].cpu()  # (K, H, W) logits, or (1, H, W) depth
+        stem = _stem(image, k)
+        path = (getattr(image, "filename", "") or None) if isinstance(image, Image.Image) else str(image)
+        if lm.task == "segment":
+            mask = pred.argmax(0).numpy()  # (H, W) class ids
+            mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+            mask_image(mask, lm.num_classes).save(mask_path)
+            overlay(pil, mask, lm.num_classes).save(overlay_path)
+            share = torch.bincount(torch.from_numpy(mask).flatten(), minlength=lm.num_classes).double() / mask.size
+            classes = {labels[i]: float(share[i]) for i in share.argsort(descending=True).tolist() if share[i] > 0}
+            results.append({"path": path, "mask": str(mask_path), "overlay": str(overlay_path), "classes": classes})
+        else:
+            depth = pred[0].numpy()  # (H, W) metres
+            depth_path, colour_path = out / f"{stem}_depth.png", out / f"{stem}_depth_color.png"
+            depth_png(depth, depth_path)
+            depth_colour(depth).save(colour_path)
+            results.append({"path": path, "depth": str(depth_path), "depth_color": str(colour_path),
+                            "depth_min": float(depth.min()), "depth_max": float(depth.max())})
     return results

@@ -122,6 +122,15 @@ class LoadedModel:
         return dense_predict(self.model, self.normalize(images.to(self.device)), window=self.window).float()
 
 
+def check_task(lm: LoadedModel, task: str | None) -> None:
+    """``--task`` must name the model's own task: the data is read as what the model predicts."""
+    if task is not None and task != lm.task:
+        raise ConfigError(
+            f"--task {task}, but the model is a {lm.task} model ({lm.weights or 'a registered model'}): drop "
+            f"--task, or pass a {task} run"
+        )
+
+
 def resolve_weights(source: str | os.PathLike, use_ema: bool = False) -> tuple[Path, RunDir | None]:
     """An existing file or folder -> (the weights file or folder to read, the run it belongs to).
 

@@ -10,7 +10,8 @@ from ..errors import ConfigError
 from ..rundir import BAD_FILES
 from .resume import resume_plan
 
-_FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("out", "engine.out_dir"), ("init", "model.init"))
+_FLAG_KEYS = (("data", "data.path"), ("model", "model.name"), ("out", "engine.out_dir"), ("init", "model.init"),
+              ("task", "data.task"), ("head", "model.head"))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--recipe", help="recipe name or YAML file")
-    p.add_argument("--data", help="dataset path, or 'shapes[:N]' for the built-in data (data.path)")
+    p.add_argument("--data", help="dataset path, or 'shapes[:N]' / 'scenes[:N]' / 'depth-scenes[:N]' for the "
+                                  "built-in data (data.path)")
+    p.add_argument("--task", help="what to train (data.task): classify, segment or depth; default: detected from "
+                                  "the data (class folders: classify; mask folders: segment; depth maps: depth)")
     p.add_argument("--model", help="model name (model.name); default: chosen from the data")
+    p.add_argument("--head", help="dense head for segment/depth (model.head); default: chosen from the data")
     p.add_argument("--out", help="run directory (engine.out_dir); default: runs/<time>-<model>-<data>")
     p.add_argument("--init", help="weights to start from: file, folder or hub id (model.init)")
     p.add_argument(
@@ -57,7 +62,8 @@ def run_train(args: argparse.Namespace) -> int:
                 "change settings with key=value overrides"
             )
         recipe = str(base_run.config_file)
-    flags = {"data": args.data, "model": args.model, "out": out, "init": args.init}
+    flags = {"data": args.data, "model": args.model, "out": out, "init": args.init, "task": args.task,
+             "head": args.head}
     overrides = [f"{key}={flags[name]}" for name, key in _FLAG_KEYS if flags[name] is not None]
     cfg = load_config(recipe, overrides + list(args.overrides))
     args.cfg = cfg  # train() fills in the run dir; the CLI puts a bug's traceback there
@@ -84,11 +90,21 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2%}"
 
 
+def _metrics_line(summary: dict) -> str:
+    task = summary.get("task", "classify")
+    if task == "segment":
+        return f"val mIoU {_pct(summary.get('val_miou'))}, pixel accuracy {_pct(summary.get('val_pixel_acc'))}"
+    if task == "depth":
+        v = [summary.get(f"val_{k}") for k in ("absrel", "rmse", "delta1")]
+        return "val " + ", ".join(f"{k} {'n/a' if x is None else f'{x:.3f}'}" for k, x in zip(("AbsRel", "RMSE"), v)) + \
+            f", delta1 {_pct(v[2])}"
+    return f"val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}"
+
+
 def format_summary(summary: dict, data: str) -> str:
     run, data = shlex.quote(summary["out_dir"]), shlex.quote(data)
     return "\n".join([
-        f"done ({summary['stopped']}): val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}, "
-        f"{summary['steps']} steps in {summary['wall_s']:.1f} s",
+        f"done ({summary['stopped']}): {_metrics_line(summary)}, {summary['steps']} steps in {summary['wall_s']:.1f} s",
         f"run dir: {run}",
         *([f"left out {summary['skipped_files']} broken image files, listed in {run}/{BAD_FILES}"]
           if summary.get("skipped_files") else []),

@@ -1,4 +1,5 @@
-"""A local web app: upload an image, see the top-5 classes and where the model looks.
+"""A local web app: upload an image, see the top-5 classes and where the model looks; for a
+segmentation run, the image overlaid with its predicted classes (a depth run: its coloured depth).
 
 Needs the optional ``gradio`` dependency (``pip install 'vitkit[demo]'``).
 
@@ -11,6 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
+import torch
+
+from ..data.images import read_image
 from ..errors import ConfigError, VitkitError
 from ..layers.capture import capturable_modules
 from ..source import LoadedModel, load_model
@@ -31,10 +36,62 @@ def _gradio():
     return gr
 
 
+def dense_view(lm: LoadedModel, image) -> tuple[dict[str, float], np.ndarray]:
+    """(class -> share of the pixels, the overlay as uint8 (H, W, 3)) for a segmentation model;
+    ({}, the coloured depth) for a depth model. ``image``: a path or PIL image."""
+    from ..dense.plots import depth_colour, overlay
+
+    pil = read_image(image, lm.in_chans)
+    pred = lm.dense(lm.transform(pil)[None])[0].cpu()  # (K, H, W) logits or (1, H, W) depth
+    if lm.task == "depth":
+        return {}, np.asarray(depth_colour(pred[0].numpy()))
+    mask = pred.argmax(0)
+    share = torch.bincount(mask.flatten(), minlength=lm.num_classes).double() / mask.numel()
+    labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
+    shares = {labels[i]: float(share[i]) for i in range(lm.num_classes) if share[i] > 0}
+    return shares, np.asarray(overlay(pil, mask.numpy(), lm.num_classes))
+
+
+def _dense_demo(gr, lm: LoadedModel, examples: Sequence[str]):
+    what = "segmentation" if lm.task == "segment" else "depth"
+
+    def run(image):
+        if image is None:
+            return None, None
+        try:
+            shares, picture = dense_view(lm, image)
+        except VitkitError as e:
+            raise gr.Error(str(e)) from None
+        return shares, picture
+
+    with gr.Blocks(title=f"vitkit {what}") as demo:
+        gr.Markdown(f"## vitkit: {what}\n`{lm.weights}`")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="image", elem_id="input-image")
+                button = gr.Button("Predict", variant="primary", elem_id="explain")
+            with gr.Column():
+                classes = gr.Label(num_top_classes=10, label="share of the pixels", elem_id="prediction",
+                                   visible=lm.task == "segment")
+                picture = gr.Image(label="overlay" if lm.task == "segment" else "depth (near = warm)", type="numpy",
+                                   elem_id="map")
+        button.click(run, [image], [classes, picture])
+        image.upload(run, [image], [classes, picture])
+        if examples:
+            gr.Examples(list(examples), inputs=image)
+    return demo
+
+
 def build_demo(source, examples: Sequence[str] = ()):
-    """The Gradio Blocks app for a run directory, weights file or :class:`LoadedModel`."""
+    """The Gradio Blocks app for a run directory, weights file or :class:`LoadedModel`.
+
+    A segmentation run shows the image overlaid with its predicted classes and each class's
+    share of the pixels; a depth run shows the coloured depth map.
+    """
     gr = _gradio()
     lm = source if isinstance(source, LoadedModel) else load_model(source)
+    if lm.is_dense:
+        return _dense_demo(gr, lm, examples)
     layers = capturable_modules(lm.model)
     if not layers:
         raise ConfigError(f"{type(lm.model).__name__} has no attention layers to show")
