@@ -87,7 +87,6 @@ class LoadedModel:
     settings: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     task: str = "classify"
-    ignore_index: int | None = None  # segmentation: the mask value of unlabelled pixels
     window: int | None = None  # dense: sliding-window side for images larger than it (None: whole image)
 
     @property
@@ -309,7 +308,7 @@ def load_model(
     dense = task in DENSE_TASKS
     if dense:
         in_chans = model.model_args.get("in_chans", in_chans)
-        settings["ignore_index"] = data_cfg.get("ignore_index")
+        settings["ignore_index"] = data_cfg.get("ignore_index")  # the raw void value the user named, if any
     return LoadedModel(
         model=model.to(dev).eval(),
         transform=FullImage(in_chans) if dense else EvalTransform(
@@ -322,6 +321,5 @@ def load_model(
         settings=settings,
         config=cfg,
         task=task,
-        ignore_index=data_cfg.get("ignore_index") if task == "segment" else None,
         window=(cfg.get("objective") or {}).get("window") if dense else None,
     )

@@ -156,9 +156,10 @@ def build_dense_run(cfg, data, dist, verbose: bool = True, start: float | None =
     out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else default_out_dir(cfg, label)
     cfg.engine.out_dir = out_dir
     cfg.model.name, cfg.model.head, cfg.data.img_size = choice.backbone, choice.head, choice.crop
+    # data.ignore_index stays as the user set it: it names a raw mask value, the dataset reads void as ``ignore``.
     cfg.data.in_chans, cfg.data.task = choice.in_chans, task
     if task == "segment":
-        cfg.data.num_classes, cfg.data.ignore_index = choice.num_classes, ignore
+        cfg.data.num_classes = choice.num_classes
     scan = data.scan
     run_info = {
         "task": task, "model": choice.backbone, "backbone": choice.backbone, "head": choice.head,

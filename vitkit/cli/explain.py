@@ -36,8 +36,16 @@ def run_explain(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mass must be in (0, 1], got {args.mass}")
     if args.topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
+    from ..source import load_model
+
+    lm = load_model(args.source)
+    if lm.is_dense:
+        raise ConfigError(
+            f"{args.source} is a {lm.task} model; explain shows where a classifier looks. See its predictions with "
+            f"vitkit predict {args.source} IMAGE (mask and overlay) or vitkit demo {args.source}"
+        )
     report = explain(
-        args.source, args.images, args.method, args.out, topk=args.topk, head_fusion=args.head_fusion,
+        lm, args.images, args.method, args.out, topk=args.topk, head_fusion=args.head_fusion,
         discard_ratio=args.discard_ratio, mass=args.mass,
     )
     for entry in report["images"]:
