@@ -112,9 +112,10 @@ def test_depth_task_trains_evaluates_and_predicts(tmp_path):
     assert "AbsRel" in r.stdout and "delta1" in r.stdout
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     r = run_vitkit("predict", run, tmp_path / "a.png", "--out", tmp_path / "pred", check=True)
-    depth = Image.open(tmp_path / "pred" / "a_depth.png")
+    # The default loss (MiDaS's) learns inverse depth up to scale and shift: a relative disparity PNG.
+    depth = Image.open(tmp_path / "pred" / "a_disparity.png")
     assert depth.size == (56, 40) and np.asarray(depth).dtype == np.uint16
-    assert (tmp_path / "pred" / "a_depth_color.png").is_file()
+    assert Image.open(tmp_path / "pred" / "a_depth_color.png").size == (56, 40)
 
 
 def test_masks_of_the_wrong_size_are_one_clear_error(tmp_path):

@@ -196,8 +196,8 @@ def test_depth_run_trains_and_predicts_depth_files(tmp_path):
     from vitkit.predict import predict
 
     head = "dpt" if "dpt" in _depth_heads() else _depth_heads()[0]
-    cfg = _dense_cfg(tmp_path / "run", head, "engine.max_steps=2", "engine.epochs=1", data="depth-scenes:24",
-                     task="depth")
+    cfg = _dense_cfg(tmp_path / "run", head, "engine.max_steps=2", "engine.epochs=1", "objective.loss=silog",
+                     data="depth-scenes:24", task="depth")
     summary = train(cfg, verbose=False)
     assert summary["task"] == "depth" and summary["val_delta1"] is not None
     lm = load_model(tmp_path / "run")
@@ -205,6 +205,8 @@ def test_depth_run_trains_and_predicts_depth_files(tmp_path):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
     img.save(tmp_path / "view.png")
     (r,) = predict(lm, [tmp_path / "view.png"], out_dir=tmp_path / "pred")
+    # A metric model (the scale-invariant log loss): depth in millimetres, non-negative.
+    assert r["space"] == "depth" and r["depth"].endswith("view_depth.png")
     depth = Image.open(r["depth"])
     assert depth.size == (56, 40) and np.asarray(depth).dtype == np.uint16
     assert Image.open(r["depth_color"]).mode == "RGB" and r["depth_min"] >= 0

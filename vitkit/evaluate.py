@@ -102,8 +102,11 @@ def evaluate(
     lm = source if isinstance(source, LoadedModel) else load_model(source, use_ema=use_ema)
     check_task(lm, task)
     if lm.is_dense:
-        return evaluate_dense(lm, data, batch_size=batch_size, split=split, num_workers=num_workers,
-                              out_dir=out_dir, tta=tta)
+        if tta != "none":
+            raise ConfigError(f"tta={tta!r} is for classifiers; a {lm.task} model is evaluated without it")
+        # Full-resolution images: a classifier's batch of 256 would hold hundreds of feature maps at once.
+        return evaluate_dense(lm, data, batch_size=min(batch_size, 16), split=split, num_workers=num_workers,
+                              out_dir=out_dir)
     s = lm.settings
     ds = build_dataset(
         data, split, val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0), in_chans=lm.in_chans,
@@ -207,30 +210,25 @@ def _dense_dataset(lm: LoadedModel, data: str, split: str):
     )
 
 
-def _dense_outputs(lm: LoadedModel, batch: dict, tta: str):
-    """Yield (batch slice, model output) at each image's own size: padding must not change the predictions."""
-    images = batch["image"]
-    sizes = batch.get("size")
-    h, w = images.shape[-2:]
-    if sizes is None or bool((sizes == torch.tensor([h, w])).all()):
-        groups = [(slice(None), h, w)]
-    else:
-        groups = [(slice(i, i + 1), int(sizes[i, 0]), int(sizes[i, 1])) for i in range(len(images))]
-    for sl, gh, gw in groups:
-        x = images[sl, :, :gh, :gw]
-        out = lm.dense(x).cpu()  # (b, K, gh, gw)
-        if tta == "hflip":
-            out = 0.5 * (out + lm.dense(x.flip(-1)).cpu().flip(-1))
-        part = {k: v[sl, :gh, :gw] for k, v in batch.items() if k in ("mask", "depth")}
-        yield part, out
+def dense_objective(lm: LoadedModel, ignore_index: int = 255):
+    """The run's ``segment``/``depth`` objective around ``lm.model``, for its evaluation path (sliding
+    windows, depth alignment and space as trained); class weights are a training matter and left out."""
+    from .objectives import build_objective
+
+    section = {k: v for k, v in (lm.config.get("objective") or {}).items() if k not in ("name", "references")}
+    if (lm.config.get("objective") or {}).get("name") != lm.task:
+        section = {}
+    if lm.task == "segment":
+        section["class_weights"] = "none"
+    return build_objective(lm.task, lm.model, section, num_classes=lm.num_classes, ignore_index=ignore_index)
 
 
 def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: str = "val",
-                   num_workers: int | None = None, out_dir: str | os.PathLike | None = None,
-                   tta: str = "none") -> dict:
+                   num_workers: int | None = None, out_dir: str | os.PathLike | None = None) -> dict:
     """A segmentation model's mIoU, per-class IoU and pixel accuracy (with a confusion-matrix plot in the run's
     ``plots/``), or a depth model's AbsRel, RMSE and delta1, on ``split`` of ``data`` at full resolution.
 
+    Each image is predicted at its own size, in sliding windows when the run evaluated so.
     Returns ``{"task", "n" (images), ...metrics, "model", "weights", "data", "split", "eval_json"}``;
     segmentation adds ``"per_class_iou"`` (class name -> IoU, None for a class absent from both
     the masks and the predictions), ``"classes"``, ``"confusion_matrix"`` (pixels; rows: true
@@ -238,7 +236,6 @@ def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: st
     """
     from .data import build_loader
     from .data.joint import JointEvalTransform
-    from .engine.evaluators import DepthEvaluator, MIoUEvaluator
     from .rundir import RunDir
 
     ds = _dense_dataset(lm, data, split)
@@ -247,30 +244,24 @@ def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: st
                           num_workers=workers, max_bad_fraction=lm.settings.get("max_bad_fraction", 0.05))
     k = lm.num_classes
     segment = lm.task == "segment"
+    ignore = int(getattr(ds, "ignore_index", 255))
     if segment:
         data_classes = [str(c) for c in getattr(ds, "classes", None) or []]
         mapping = class_mapping(data_classes, lm.labels, k)
         classes = list(lm.labels) or (data_classes if len(data_classes) == k else [str(i) for i in range(k)])
-        ignore = int(ds.ignore_index)
         lut = torch.arange(256)
         if mapping is not None:
             lut[: len(mapping)] = torch.tensor(mapping)
-        metric = MIoUEvaluator(k, ignore_index=ignore)
-    else:
-        metric = DepthEvaluator()
+    objective = dense_objective(lm, ignore).to(lm.device)
+    metric = objective.evaluator()
     n = 0
     for batch in loader:
         n += len(batch["image"])
-        for part, out in _dense_outputs(lm, batch, tta):
-            if segment:
-                mask = lut[part["mask"].long().clamp(0, 255)]
-                bad = (mask >= k) & (mask != ignore)
-                if bool(bad.any()):
-                    raise DataError(f"{data} has mask value {int(mask[bad].max())} but the model predicts only "
-                                    f"{k} classes (ignore index {ignore})")
-                metric.update({"mask": mask}, {"logits": out})
-            else:
-                metric.update(part, {"depth": out})
+        if segment and mapping is not None:
+            batch["mask"] = lut[batch["mask"].long()]
+        batch = {key: v.to(lm.device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+        batch["image"] = lm.normalize(batch["image"])
+        metric.update(batch, objective.eval_outputs(batch, lm.model))
     m = metric.compute()
     if not m:
         raise DataError(f"split {split!r} of {data} has no labelled pixels to evaluate")
@@ -278,32 +269,21 @@ def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: st
     out = Path(out_dir) if out_dir is not None else lm.home
     out.mkdir(parents=True, exist_ok=True)
     if segment:
-        cm = _confusion(metric).numpy().astype(np.int64)
-        tp = np.diag(cm).astype(np.float64)
-        union = cm.sum(0) + cm.sum(1) - tp
-        iou = np.divide(tp, union, out=np.full(k, np.nan), where=union > 0)
+        cm = metric.total_confusion.cpu().numpy().astype(np.int64)
         result.update({
-            "per_class_iou": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, iou)},
-            "classes": classes, "ignore_index": ignore, "confusion_matrix": cm.tolist(),
-            "pixels": int(cm.sum()), "classes_matched_by_name": mapping is not None,
+            "per_class_iou": dict(zip(classes, m["per_class_iou"])), "classes": classes, "ignore_index": ignore,
+            "confusion_matrix": cm.tolist(), "pixels": int(cm.sum()), "classes_matched_by_name": mapping is not None,
         })
         plots = Path(out_dir) if out_dir is not None else (RunDir(lm.run_dir).plots if lm.run_dir else out)
         plots.mkdir(parents=True, exist_ok=True)
         result["confusion_png"] = str(plot_confusion(
             cm, classes, plots / "confusion_matrix.png", cells="fractions",
             title=f"{Path(str(data)).name} ({split}), mIoU {result['miou']:.1%}"))
+    args = lm.model.model_args
     result.update({
-        "model": f"{lm.model.model_args.get('backbone')} + {lm.model.model_args.get('head')}",
+        "model": f"{args.get('backbone')} + {args.get('head')}",
         "weights": str(lm.weights) if lm.weights is not None else None, "data": str(data), "split": split,
-        "tta": tta, "eval_json": str(out / "eval.json"),
+        "eval_json": str(out / "eval.json"),
     })
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _confusion(metric) -> torch.Tensor:
-    """The evaluator's confusion matrix over every process (rows: true class, columns: predicted)."""
-    cm = getattr(metric, "total_confusion", None)
-    if cm is None:
-        cm = metric.confusion
-    return cm.cpu()

@@ -58,7 +58,6 @@ IMBALANCE_RATIO = 10.0
 RARE_FRACTION = 0.005  # classes below this share of the labelled pixels get a note
 # AdamW lr at a batch of 16 from scratch, square-root scaled to the planned batch (as vitkit.plan).
 DENSE_LR_16 = 1e-3
-PIXEL_SAMPLES = 100  # masks read to count class pixels
 
 
 @dataclass
@@ -75,6 +74,8 @@ class DenseInfo:
     ignore_index: int | None = None
     format: str = ""
     class_pixels: tuple[int, ...] = ()  # labelled pixels per class in the sampled training masks
+    notes: tuple[str, ...] = ()  # what the reader found (void values, where the classes came from)
+    reason: str = ""  # why the data is this task (the task rule's sentence)
 
 
 @dataclass
@@ -100,34 +101,18 @@ class HeadTiming:
     extra: dict = field(default_factory=dict)
 
 
-def class_pixel_counts(dataset, num_classes: int, max_samples: int = PIXEL_SAMPLES, seed: int = 0) -> list[int]:
-    """Labelled pixels per class in up to ``max_samples`` training masks (values >= num_classes do not count)."""
-    n = len(dataset)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    if n == 0 or num_classes <= 0:
-        return counts.tolist()
-    for i in np.random.default_rng(seed).permutation(n)[:max_samples]:
-        _, target, _ = dataset.load(int(i))
-        mask = np.asarray(target["mask"], dtype=np.int64).ravel()
-        counts += np.bincount(mask[mask < num_classes], minlength=num_classes)[:num_classes]
-    return counts.tolist()
-
-
-def dense_info(data, task: str, seed: int = 0) -> DenseInfo:
-    """The plan's view of a dense :class:`~vitkit.data.stage.DataStage`."""
-    train, val = data.train, data.val
-    info = getattr(data, "info", None)
-    size = getattr(info, "typical_size", None)
-    if size is None:
-        size = tuple(train.stats(seed=seed)["typical_size"])
-    classes = tuple(str(c) for c in (getattr(train, "classes", None) or ()))
-    num_classes = int(getattr(train, "num_classes", 0) or 0) if task == "segment" else 0
-    pixels = tuple(class_pixel_counts(train, num_classes, seed=seed)) if task == "segment" else ()
+def dense_info(data, task: str) -> DenseInfo:
+    """The plan's view of a dense :class:`~vitkit.data.stage.DataStage` (its ``info`` came from
+    :func:`~vitkit.data.inspect.describe_dense`: sizes, channels, pixels per class)."""
+    info, train = data.info, data.train
+    segment = task == "segment"
     return DenseInfo(
-        task=task, typical_size=(int(size[0]), int(size[1])), n_train=len(train), n_val=len(val),
-        in_chans=int(getattr(info, "in_chans", 0) or train.in_chans), num_classes=num_classes, classes=classes,
-        ignore_index=getattr(train, "ignore_index", None) if task == "segment" else None,
-        format=str(getattr(train, "format", "")), class_pixels=pixels,
+        task=task, typical_size=(int(info.typical_size[0]), int(info.typical_size[1])), n_train=info.n_train,
+        n_val=info.n_val, in_chans=int(info.in_chans), num_classes=int(train.num_classes) if segment else 0,
+        classes=tuple(str(c) for c in (train.classes or ())) if segment else (),
+        ignore_index=int(train.ignore_index) if segment else None, format=str(info.format),
+        class_pixels=tuple(int(c) for c in info.class_counts) if segment else (),
+        notes=tuple(getattr(info, "notes", ()) or ()), reason=str(getattr(data, "reason", "") or ""),
     )
 
 
@@ -183,7 +168,8 @@ def choose_dense(cfg, info: DenseInfo, device: str = "cpu") -> DenseChoice:
         crop, how = crop_for(info.typical_size, stride, device), f"the shorter side in multiples of {stride}"
     h, w = info.typical_size
     what = f"{num_classes} classes" if task == "segment" else "depth"
-    reason = (f"{task}: images are typically {h}x{w} ({what}), so vitkit chose {backbone} with the {head} head, "
+    why_task = f" ({info.reason})" if info.reason else ""
+    reason = (f"task {task}{why_task}: images are typically {h}x{w} ({what}), so vitkit chose {backbone} with the {head} head, "
               f"trained on {crop}x{crop} crops ({how}; set model.name / model.head / data.img_size to override)")
     return DenseChoice(backbone, head, crop, in_chans, num_classes, reason)
 
@@ -438,8 +424,9 @@ def plan_dense_run(cfg, info: DenseInfo, dataset, user_keys, device, objective_k
         calib = calibrate_dense(info, dataset, cfg, user, device)
     plan = make_dense_plan(info, calib, user, objective_keys)
     apply_dense_plan(cfg, plan)
-    plan.notes.insert(0, f"task {info.task} ({info.format}): {info.n_train:,} training and {info.n_val:,} "
-                         f"validation images, typically {info.typical_size[0]}x{info.typical_size[1]}")
+    plan.notes[:0] = [f"task {info.task} ({info.reason or info.format}): {info.n_train:,} training and "
+                      f"{info.n_val:,} validation images, typically {info.typical_size[0]}x{info.typical_size[1]}",
+                      *info.notes]
     rates = ", ".join(f"{h} {t.train_img_s:.1f} img/s ({t.params / 1e6:.1f}M params)" for h, t in calib.heads.items())
     plan.notes.append(f"calibration on {calib.device} at {calib.crop} px: {rates}; "
                       f"decode+crop {calib.decode_s * 1e3:.1f} ms/image")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -81,15 +82,18 @@ def predict_dense(lm: LoadedModel, images: list[str | os.PathLike | Image.Image]
 
     Segmentation: ``<name>_mask.png`` (palette PNG whose values are the class ids) and
     ``<name>_overlay.png`` (the image blended with the class colours); each result also has
-    ``"classes"``: class name -> share of the image's pixels, largest first. Depth:
-    ``<name>_depth.png`` (16-bit, millimetres) and ``<name>_depth_color.png`` (near = warm), with
-    ``"depth_min"``/``"depth_max"`` in metres. Each image is predicted at its own size.
+    ``"classes"``: class name -> share of the image's pixels, largest first. Depth from a metric
+    model (``objective.loss=silog``): ``<name>_depth.png`` (16-bit, millimetres) with
+    ``"depth_min"``/``"depth_max"`` in metres; from a scale-and-shift-invariant one (MiDaS's, the
+    default): ``<name>_disparity.png`` (16-bit relative inverse depth, the largest value = nearest);
+    both with ``<name>_depth_color.png`` (near = warm). Each image is predicted at its own size.
     """
     from .dense.plots import depth_colour, depth_png, mask_image, overlay
 
     out = Path(out_dir) if out_dir is not None else Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
     labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
+    space = depth_space(lm) if lm.task == "depth" else None
     results = []
     for k, image in enumerate(images):
         pil = read_image(image, lm.in_chans)
@@ -104,11 +108,28 @@ def predict_dense(lm: LoadedModel, images: list[str | os.PathLike | Image.Image]
             share = torch.bincount(torch.from_numpy(mask).flatten(), minlength=lm.num_classes).double() / mask.size
             classes = {labels[i]: float(share[i]) for i in share.argsort(descending=True).tolist() if share[i] > 0}
             results.append({"path": path, "mask": str(mask_path), "overlay": str(overlay_path), "classes": classes})
-        else:
+        elif space == "depth":
             depth = pred[0].numpy()  # (H, W) metres
             depth_path, colour_path = out / f"{stem}_depth.png", out / f"{stem}_depth_color.png"
             depth_png(depth, depth_path)
             depth_colour(depth).save(colour_path)
-            results.append({"path": path, "depth": str(depth_path), "depth_color": str(colour_path),
+            results.append({"path": path, "space": space, "depth": str(depth_path), "depth_color": str(colour_path),
                             "depth_min": float(depth.min()), "depth_max": float(depth.max())})
+        else:
+            disp = pred[0].clamp_min(0).numpy()  # (H, W) inverse depth up to an unknown scale and shift
+            disp_path, colour_path = out / f"{stem}_disparity.png", out / f"{stem}_depth_color.png"
+            Image.fromarray((disp / max(float(disp.max()), 1e-12) * 65535).round().astype(np.uint16)).save(disp_path)
+            depth_colour(disp, cmap="turbo").save(colour_path)
+            results.append({"path": path, "space": space, "depth": str(disp_path), "depth_color": str(colour_path)})
     return results
+
+
+def depth_space(lm: LoadedModel) -> str:
+    """What a depth model outputs: "depth" (metres; trained with silog) or "disparity" (relative inverse
+    depth; MiDaS's scale-and-shift-invariant loss, the default)."""
+    from .objectives.dense import DepthConfig
+
+    section = lm.config.get("objective") or {}
+    loss = section.get("loss", DepthConfig.loss) if section.get("name") == "depth" else DepthConfig.loss
+    space = section.get("space") if section.get("name") == "depth" else None
+    return space or ("disparity" if loss == "ssi" else "depth")

@@ -119,7 +119,7 @@ def build_dense_run(cfg, data, dist, verbose: bool = True, start: float | None =
     show = verbose and dist.is_main
     objective_name, objective_cfg = dense_objective(cfg, task, "objective.name" in user_keys(cfg))
     cfg.objective = {"name": objective_name, **asdict(objective_cfg)}
-    info = dense_info(data, task, seed=cfg.engine.seed)
+    info = dense_info(data, task)
     plan = _plan(cfg, info, data.train, dist, objective_name, show) if uses_plan(cfg) else None
     if plan is not None:  # planned objective keys (class weights, window) rebuild its config
         objective_name, objective_cfg = objective_config(cfg.objective)

@@ -31,8 +31,10 @@ def run_predict(args: argparse.Namespace) -> int:
             if "mask" in r:
                 top = ", ".join(f"{name} {share:.0%}" for name, share in list(r["classes"].items())[:5])
                 print(f"  wrote {r['mask']} and {r['overlay']}  ({top})")
-            else:
+            elif r["space"] == "depth":
                 print(f"  wrote {r['depth']} and {r['depth_color']}  (depth {r['depth_min']:.2f}-{r['depth_max']:.2f} m)")
+            else:
+                print(f"  wrote {r['depth']} and {r['depth_color']}  (relative inverse depth: scale and shift unknown)")
         return 0
     for r in results:
         print(r["path"])

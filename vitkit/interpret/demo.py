@@ -18,6 +18,7 @@ import torch
 from ..data.images import read_image
 from ..errors import ConfigError, VitkitError
 from ..layers.capture import capturable_modules
+from ..predict import depth_space
 from ..source import LoadedModel, load_model
 from .explain import applicable, prepare, render, top_classes
 from .plots import to_array
@@ -43,8 +44,9 @@ def dense_view(lm: LoadedModel, image) -> tuple[dict[str, float], np.ndarray]:
 
     pil = read_image(image, lm.in_chans)
     pred = lm.dense(lm.transform(pil)[None])[0].cpu()  # (K, H, W) logits or (1, H, W) depth
-    if lm.task == "depth":
-        return {}, np.asarray(depth_colour(pred[0].numpy()))
+    if lm.task == "depth":  # near = warm: small depth, or large disparity
+        cmap = "turbo_r" if depth_space(lm) == "depth" else "turbo"
+        return {}, np.asarray(depth_colour(pred[0].clamp_min(0).numpy(), cmap=cmap))
     mask = pred.argmax(0)
     share = torch.bincount(mask.flatten(), minlength=lm.num_classes).double() / mask.numel()
     labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
