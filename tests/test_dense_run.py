@@ -20,6 +20,7 @@ from vitkit.plan_dense import (
     HeadTiming,
     crop_for,
     dense_budget_s,
+    head_width_args,
     make_dense_plan,
 )
 
@@ -50,7 +51,10 @@ def test_dense_budget_and_crop_rules():
     # The shorter side in multiples of the stride, capped, at least four strides.
     assert crop_for((180, 240), 8) == 176 and crop_for((180, 240), 32) == 160
     assert crop_for((1024, 2048), 16) == 256 and crop_for((1024, 2048), 16, "cuda") == 512
-    assert crop_for((20, 30), 8) == 32
+    assert crop_for((20, 30), 16) == 32 and crop_for((48, 64), 16) == 48
+    # Decoders as wide as the backbone allows, in powers of two; heads without a width keep theirs.
+    assert head_width_args("upernet", 192) == {"channels": 128} and head_width_args("dpt", 768) == {"features": 512}
+    assert head_width_args("upernet", 16) == {"channels": 32} and head_width_args("linear", 192) == {}
 
 
 def test_plan_takes_the_finest_head_that_gets_enough_epochs():
@@ -61,6 +65,14 @@ def test_plan_takes_the_finest_head_that_gets_enough_epochs():
     assert v["model.head"] == "upernet" and "finest output" in p.reasons["model.head"]
     assert v["data.img_size"] == 176 and v["data.batch_size"] == 8
     assert v["engine.epochs"] == math.ceil(3 * 20 * 0.9 * 1200 / 367)
+    assert "model.head_args" not in v  # none measured with the timing
+    c = calib({"upernet": (20.0, 4)})
+    c.heads["upernet"].extra["head_args"] = {"channels": 128}
+    assert make_dense_plan(seg_info(), c, {}, SEG_KEYS).values["model.head_args"] == {"channels": 128}
+    assert "model.head_args" not in make_dense_plan(seg_info(), c, {"model.head_args": {}}, SEG_KEYS).values
+    # A head predicting above the input resolution gains nothing over stride 1: the faster one wins.
+    p1 = make_dense_plan(seg_info(), calib({"setr_pup": (20.0, 0.5), "upernet": (30.0, 1)}), {}, SEG_KEYS)
+    assert p1.values["model.head"] == "upernet"
     # Slower upernet (8 img/s: 23 epochs) loses to linear, which still gets 70.
     p2 = make_dense_plan(seg_info(), calib({"upernet": (8.0, 4), "linear": (24.0, 8)}), {}, SEG_KEYS)
     assert p2.values["model.head"] == "linear"

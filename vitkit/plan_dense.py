@@ -15,14 +15,16 @@ speed, so no dataset is special-cased:
   stride-8 tokens keep thin classes (poles, signs) several tokens wide where 16 px patches would
   blur them into their neighbours.
 - **Crop.** The training crop is the largest multiple of the model's stride that fits the
-  shorter side of the typical image (at most ``MAX_CROP`` px, at least 4 strides): random
+  shorter side of the typical image (at most ``MAX_CROP`` px, at least 2 strides): random
   scaling (0.5-2x) and flipping already vary the content, so a crop close to the full image
   keeps the whole scene's context. Evaluation runs at full resolution (padded to the stride);
   images more than twice the crop are evaluated in sliding windows of the crop.
 - **Head.** Each candidate head (``HEAD_CANDIDATES``, those registered for the task) is timed
   for a few training steps at the crop, and its native output stride is measured (the size of
   the map it returns before upsampling). The plan takes the finest-output head that still gets
-  ``MIN_DENSE_EPOCHS`` passes in the budget (ties: the faster one): the mIoU of small classes
+  ``MIN_DENSE_EPOCHS`` passes in the budget (ties: the faster one; finer than stride 1 counts as
+  stride 1), its decoder as wide as the backbone's features allow (a power of two within
+  them, not the papers' 256-512 channels meant for 768-wide backbones): the mIoU of small classes
   is bounded by how finely the logits resolve them, and below ``MIN_DENSE_EPOCHS`` passes a
   from-scratch model has not converged whatever its head.
 - **Classes.** The pixel frequency of each class is counted on a sample of the training masks;
@@ -52,6 +54,9 @@ BACKBONE = "vit_nano_convstem_patch8_64"
 HEAD_CANDIDATES = {"segment": ("upernet", "setr_pup", "linear"), "depth": ("dpt", "upernet", "linear")}
 DEFAULT_HEAD = {"segment": "upernet", "depth": "dpt"}  # without a plan: the finest of the candidates
 MIN_DENSE_EPOCHS = 40
+# The constructor argument that sets each head's decoder width (planned from the backbone's width).
+HEAD_WIDTH_ARG = {"upernet": "channels", "setr_pup": "channels", "setr_naive": "channels", "dpt": "features"}
+MIN_HEAD_WIDTH = 32
 DENSE_BUDGET_S, DENSE_BUDGET_IMAGES, DENSE_BUDGET_MAX_S = 1200.0, 1000, 3600.0
 MAX_CROP = {"cpu": 256, "cuda": 512}
 IMBALANCE_RATIO = 10.0
@@ -117,10 +122,22 @@ def dense_info(data, task: str) -> DenseInfo:
 
 
 def crop_for(typical_size: tuple[int, int], stride: int, device: str = "cpu") -> int:
-    """The largest multiple of ``stride`` within the shorter side (at most MAX_CROP, at least 4 strides)."""
+    """The largest multiple of ``stride`` within the shorter side (at most MAX_CROP, at least 2 strides)."""
     top = MAX_CROP.get(device, MAX_CROP["cpu"])
     side = min(min(typical_size), top)
-    return int(max(4 * stride, side // stride * stride))
+    return int(max(2 * stride, side // stride * stride))
+
+
+def head_width_args(head: str, width: int) -> dict:
+    """The planned width of a head's decoder: the largest power of two within the backbone's feature width.
+
+    The papers' 256-512 channels decode 768-1024-wide backbones; on a nano backbone such a decoder
+    holds nearly all the parameters and the time, and cannot receive more than the backbone gives.
+    """
+    arg = HEAD_WIDTH_ARG.get(head)
+    if arg is None:
+        return {}
+    return {arg: int(max(MIN_HEAD_WIDTH, 2 ** int(math.log2(max(1, width)))))}
 
 
 def dense_budget_s(n_train: int) -> float:
@@ -144,14 +161,16 @@ def default_head(task: str) -> str:
     return next((h for h in HEAD_CANDIDATES[task] if h in served), served[0] if served else DEFAULT_HEAD[task])
 
 
-def model_stride(backbone: str, head: str, task: str, in_chans: int, num_classes: int, backbone_args=None) -> int:
-    """The input multiple the backbone needs, asked of a small copy of the model."""
+def probe_model(backbone: str, head: str, task: str, in_chans: int, num_classes: int, backbone_args=None,
+                head_args=None) -> tuple[int, int]:
+    """(input multiple the model needs, the backbone's feature width), asked of a small copy of the model."""
     from .dense import create_dense_model
 
     with torch.random.fork_rng(devices=[]):
         model = create_dense_model(backbone, head, num_classes=num_classes or None, task=task, img_size=64,
-                                   in_chans=in_chans, backbone_args=dict(backbone_args or {}))
-    return int(model.stride)
+                                   in_chans=in_chans, backbone_args=dict(backbone_args or {}),
+                                   head_args=dict(head_args or {}))
+    return int(model.stride), int(model.backbone.num_features)
 
 
 def choose_dense(cfg, info: DenseInfo, device: str = "cpu") -> DenseChoice:
@@ -164,7 +183,7 @@ def choose_dense(cfg, info: DenseInfo, device: str = "cpu") -> DenseChoice:
     if cfg.data.img_size:
         crop, how = int(cfg.data.img_size), "as configured"
     else:
-        stride = model_stride(backbone, head, task, in_chans, num_classes, cfg.model.args)
+        stride = probe_model(backbone, head, task, in_chans, num_classes, cfg.model.args, cfg.model.head_args)[0]
         crop, how = crop_for(info.typical_size, stride, device), f"the shorter side in multiples of {stride}"
     h, w = info.typical_size
     what = f"{num_classes} classes" if task == "segment" else "depth"
@@ -175,7 +194,8 @@ def choose_dense(cfg, info: DenseInfo, device: str = "cpu") -> DenseChoice:
 
 
 def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, num_classes: int, batch: int,
-               device, amp_dtype, backbone_args=None, min_s: float = 1.0, max_steps: int = 6) -> HeadTiming:
+               device, amp_dtype, backbone_args=None, head_args=None, min_s: float = 1.0,
+               max_steps: int = 6) -> HeadTiming:
     """Training and evaluation img/s of ``backbone`` + ``head`` at ``crop`` px, and the head's native output stride.
 
     Two untimed steps, then timed forward+backward+update steps for at least ``min_s`` seconds
@@ -184,7 +204,8 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
     from .dense import create_dense_model
 
     model = create_dense_model(backbone, head, num_classes=num_classes or None, task=task, img_size=crop,
-                               in_chans=in_chans, backbone_args=dict(backbone_args or {})).to(device).train()
+                               in_chans=in_chans, backbone_args=dict(backbone_args or {}),
+                               head_args=dict(head_args or {})).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, in_chans, crop, crop, device=device)
     if task == "segment":
@@ -220,7 +241,7 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
         native = model.head(model.backbone, x[:1]).shape[-2]  # before DenseModel upsamples to the input
         eval_rate = timed(lambda: model(x), min_s / 3)
     params = sum(p.numel() for p in model.parameters())
-    return HeadTiming(train_rate, eval_rate, crop / max(1, native), params)
+    return HeadTiming(train_rate, eval_rate, crop / max(1, native), params, {"head_args": dict(head_args or {})})
 
 
 def time_joint_decode(dataset, crop: int, in_chans: int, ignore_index: int, n: int = 16) -> float:
@@ -265,7 +286,12 @@ def calibrate_dense(info: DenseInfo, dataset, cfg, user: dict, device) -> DenseC
     heads = [str(user["model.head"])] if "model.head" in user else [h for h in HEAD_CANDIDATES[task] if h in served]
     if not heads:
         heads = served[:1]
-    stride = model_stride(backbone, heads[0], task, in_chans, info.num_classes, args)
+    width = probe_model(backbone, "linear", task, in_chans, info.num_classes, args)[1]
+    head_args = {h: dict(user["model.head_args"]) if "model.head_args" in user else head_width_args(h, width)
+                 for h in heads}
+    # Every candidate must tile the crop: the common multiple of their strides.
+    stride = math.lcm(*(probe_model(backbone, h, task, in_chans, info.num_classes, args, head_args[h])[0]
+                        for h in heads))
     crop = int(user.get("data.img_size") or crop_for(info.typical_size, stride, device.type))
     batch = int(user.get("data.batch_size") or planned_dense_batch(info.n_train, device.type))
     amp_dtype = resolve_amp(cfg.engine.amp, device)
@@ -274,7 +300,7 @@ def calibrate_dense(info: DenseInfo, dataset, cfg, user: dict, device) -> DenseC
                              crop=crop)
     for h in heads:
         calib.heads[h] = time_dense(backbone, h, crop, task, in_chans, info.num_classes, batch, device, amp_dtype,
-                                    args)
+                                    args, head_args[h])
         calib.img_per_s[h] = calib.heads[h].train_img_s
         calib.eval_img_per_s[h] = calib.heads[h].eval_img_s
     return calib
@@ -285,14 +311,16 @@ def _pick_head(calib: DenseCalibration, epochs_of) -> tuple[str, str]:
     timings = calib.heads
     fits = [h for h in timings if epochs_of(h) >= MIN_DENSE_EPOCHS]
     pool = fits or list(timings)
-    if fits:
-        best = min(pool, key=lambda h: (timings[h].out_stride, -_rate(calib, h)))
+    if fits:  # output finer than the input pixels resolves nothing more: stride 1 at best
+        best = min(pool, key=lambda h: (max(1.0, timings[h].out_stride), -_rate(calib, h)))
     else:
         best = max(pool, key=lambda h: _rate(calib, h))
-    measured = "; ".join(
-        f"{h}: stride {timings[h].out_stride:g}, {_rate(calib, h):.1f} img/s, ~{epochs_of(h):.0f} epochs"
-        for h in timings
-    )
+
+    def stride(h):
+        s = timings[h].out_stride
+        return f"output stride {s:g}" if s > 1 else "full-resolution output"
+
+    measured = "; ".join(f"{h}: {stride(h)}, {_rate(calib, h):.1f} img/s, ~{epochs_of(h):.0f} epochs" for h in timings)
     if len(timings) == 1:
         why = f"{best} ({measured})"
     elif fits:
@@ -335,6 +363,10 @@ def make_dense_plan(info: DenseInfo, calib: DenseCalibration, user: dict[str, ob
     head, why = _pick_head(calib, epochs_of)
     if "model.head" not in user:
         plan.set("model.head", head, why)
+    head_args = calib.heads[head].extra.get("head_args") or {}
+    if head_args and "model.head_args" not in user:
+        plan.set("model.head_args", head_args, "decoder width: a power of two within the backbone's features (the "
+                                               "papers' 256-512 channels decode 768-1024-wide backbones)")
     if "data.img_size" not in user:
         plan.set("data.img_size", calib.crop, f"{h}x{w} images: the shorter side in multiples of the stride "
                                               f"{calib.stride} (at most {MAX_CROP.get(calib.device, 256)}); "
