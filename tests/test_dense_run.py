@@ -168,8 +168,8 @@ def test_every_head_trains_and_resumes_bitwise(tmp_path, head):
 
 def test_dense_run_writes_self_describing_weights_that_load_back(tmp_path):
     from vitkit import load_model
-    from vitkit.train import train
     from vitkit.dense import DenseModel
+    from vitkit.train import train
 
     cfg = _dense_cfg(tmp_path / "run", "linear", "engine.max_steps=2", "engine.epochs=1")
     summary = train(cfg, verbose=False)
@@ -213,8 +213,8 @@ def test_config_checks_the_task_and_takes_dense_objective_keys_without_a_name():
 
 def test_depth_run_trains_and_predicts_depth_files(tmp_path):
     from vitkit import load_model
-    from vitkit.train import train
     from vitkit.predict import predict
+    from vitkit.train import train
 
     head = "dpt" if "dpt" in _depth_heads() else _depth_heads()[0]
     cfg = _dense_cfg(tmp_path / "run", head, "engine.max_steps=2", "engine.epochs=1", "objective.loss=silog",
