@@ -57,6 +57,7 @@ MIN_DENSE_EPOCHS = 40
 # The constructor argument that sets each head's decoder width (planned from the backbone's width).
 HEAD_WIDTH_ARG = {"upernet": "channels", "setr_pup": "channels", "setr_naive": "channels", "dpt": "features"}
 MIN_HEAD_WIDTH = 32
+CALIB_BATCH, SLOW_STEP = 4, 3.0  # timing batch; a first step over SLOW_STEP x the timing window ends the timing
 DENSE_BUDGET_S, DENSE_BUDGET_IMAGES, DENSE_BUDGET_MAX_S = 1200.0, 1000, 3600.0
 MAX_CROP = {"cpu": 256, "cuda": 512}
 IMBALANCE_RATIO = 10.0
@@ -199,7 +200,8 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
     """Training and evaluation img/s of ``backbone`` + ``head`` at ``crop`` px, and the head's native output stride.
 
     Two untimed steps, then timed forward+backward+update steps for at least ``min_s`` seconds
-    (2 to ``max_steps``); forward-only at the same batch for a third of that.
+    (2 to ``max_steps``); forward-only at the same batch for a third of that. A first step slower
+    than ``SLOW_STEP * min_s`` ends the timing there (its rate, an underestimate, rules the head out).
     """
     from .dense import create_dense_model
 
@@ -233,13 +235,20 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
             torch.cuda.synchronize()
         return batch * n / (time.perf_counter() - t0)
 
-    step()
+    t0 = time.perf_counter()
     step()  # the first steps pay for kernel selection and allocation
-    train_rate = timed(step, min_s)
+    first_s = time.perf_counter() - t0
+    if first_s > SLOW_STEP * min_s:
+        # Far too slow to matter: one step (an overestimate of the steady cost) says so; more would waste the budget.
+        train_rate = eval_rate = batch / first_s
+    else:
+        step()
+        train_rate = timed(step, min_s)
     model.eval()
     with torch.no_grad(), autocast(amp_dtype, device):
         native = model.head(model.backbone, x[:1]).shape[-2]  # before DenseModel upsamples to the input
-        eval_rate = timed(lambda: model(x), min_s / 3)
+        if first_s <= SLOW_STEP * min_s:
+            eval_rate = timed(lambda: model(x), min_s / 3)
     params = sum(p.numel() for p in model.parameters())
     return HeadTiming(train_rate, eval_rate, crop / max(1, native), params, {"head_args": dict(head_args or {})})
 
@@ -293,7 +302,8 @@ def calibrate_dense(info: DenseInfo, dataset, cfg, user: dict, device) -> DenseC
     stride = math.lcm(*(probe_model(backbone, h, task, in_chans, info.num_classes, args, head_args[h])[0]
                         for h in heads))
     crop = int(user.get("data.img_size") or crop_for(info.typical_size, stride, device.type))
-    batch = int(user.get("data.batch_size") or planned_dense_batch(info.n_train, device.type))
+    # Per-image cost barely depends on the batch here; a small one keeps the timing short.
+    batch = min(CALIB_BATCH, int(user.get("data.batch_size") or planned_dense_batch(info.n_train, device.type)))
     amp_dtype = resolve_amp(cfg.engine.amp, device)
     ignore = info.ignore_index if info.ignore_index is not None else 255
     calib = DenseCalibration(device.type, {}, time_joint_decode(dataset, crop, in_chans, ignore), stride=stride,
