@@ -104,7 +104,8 @@ def test_predict_writes_an_index_mask_and_an_overlay(camvid_run, tmp_path):
 
 def test_depth_task_trains_evaluates_and_predicts(tmp_path):
     run = tmp_path / "run"
-    r = run_vitkit("train", "--data", "depth-scenes:24", "--task", "depth", "--out", run, "model.name=test_vit",
+    r = run_vitkit("train", "--data", "depth-scenes:24", "--task", "depth", "--head", "linear", "--out", run,
+                   "model.name=test_vit",
                    "data.img_size=32", "data.batch_size=8", "engine.max_steps=2", "engine.amp=none", *FAST, check=True)
     assert "delta1" in r.stdout
     assert json.loads((run / "run.json").read_text())["task"] == "depth"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_run, crash_and_resume
+from helpers import assert_same_run, crash_and_resume, require_peer
 from PIL import Image
 
 from vitkit.config import load_config
@@ -188,6 +188,22 @@ def test_dense_run_writes_self_describing_weights_that_load_back(tmp_path):
     a, b = by_run.dense(x), by_file.dense(x)
     assert a.shape == (1, len(info["classes"]), 50, 70)
     assert torch.equal(a, b)
+
+    # The demo of a segmentation run shows the overlay and each class's share of the pixels.
+    from vitkit.dense.plots import class_colours
+    from vitkit.interpret.demo import build_demo, dense_view
+
+    image = Image.fromarray(x[0].permute(1, 2, 0).numpy())
+    shares, picture = dense_view(by_run, image)
+    pred = a[0].argmax(0)
+    assert picture.shape == (50, 70, 3) and abs(sum(shares.values()) - 1) < 1e-6
+    top = max(shares, key=shares.get)
+    assert shares[top] == pytest.approx(float((pred == info["classes"].index(top)).float().mean()))
+    # Each pixel is the half-way blend of the image and its predicted class's colour.
+    blend = 0.5 * np.asarray(image, dtype=np.float64) + 0.5 * class_colours(len(info["classes"]))[pred.numpy()]
+    assert np.abs(picture - blend).max() <= 0.5 + 1e-9
+    require_peer("gradio")
+    assert build_demo(by_run) is not None
 
 
 def test_classification_objective_or_head_on_the_wrong_data_is_a_config_error(tmp_path):
