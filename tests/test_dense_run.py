@@ -128,13 +128,16 @@ ENGINE = ["engine.amp=none", "engine.tensorboard=false", "engine.plots=false", "
 # Narrow heads keep each run to seconds (the defaults are the papers' 256-512 channels).
 SMALL_HEADS = {"upernet": {"channels": 16}, "setr_pup": {"channels": 16}, "setr_naive": {"channels": 16},
                "setr_mla": {"neck_channels": 16, "mla_channels": 8}, "dpt": {"features": 16},
-               "segmenter": {"n_layers": 1}}
+               "segmenter": {"n_layers": 1}, "vit_adapter": {"conv_inplane": 8}}
+# Backbone settings a head needs (ViT-Adapter interacts with four groups of blocks).
+HEAD_BACKBONES = {"vit_adapter": {"depth": 4}}
 
 
 def _dense_cfg(out, head, *extra, data="scenes:48", task=None):
     overrides = [f"data.path={data}", "model.name=test_vit", f"model.head={head}", "data.img_size=32",
                  "data.batch_size=8", "data.eval_batch_size=16", f"engine.out_dir={out}", *ENGINE, *extra]
     overrides += [f"model.head_args.{k}={v}" for k, v in SMALL_HEADS.get(head, {}).items()]
+    overrides += [f"model.args.{k}={v}" for k, v in HEAD_BACKBONES.get(head, {}).items()]
     if task:
         overrides.append(f"data.task={task}")
     return load_config(overrides=overrides, plan=False)
