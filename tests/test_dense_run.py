@@ -191,6 +191,11 @@ def test_dense_run_writes_self_describing_weights_that_load_back(tmp_path):
     a, b = by_run.dense(x), by_file.dense(x)
     assert a.shape == (1, len(info["classes"]), 50, 70)
     assert torch.equal(a, b)
+    # A checkpoint's plain weights rebuild through its run's run.json.
+    from vitkit.rundir import RunDir
+
+    by_ckpt = load_model(RunDir(tmp_path / "run").checkpoint("latest"))
+    assert by_ckpt.task == "segment" and torch.equal(by_ckpt.dense(x), a)
 
     # The demo of a segmentation run shows the overlay and each class's share of the pixels.
     from vitkit.dense.plots import class_colours
