@@ -128,7 +128,7 @@ ENGINE = ["engine.amp=none", "engine.tensorboard=false", "engine.plots=false", "
 # Narrow heads keep each run to seconds (the defaults are the papers' 256-512 channels).
 SMALL_HEADS = {"upernet": {"channels": 16}, "setr_pup": {"channels": 16}, "setr_naive": {"channels": 16},
                "setr_mla": {"neck_channels": 16, "mla_channels": 8}, "dpt": {"features": 16},
-               "segmenter": {"n_layers": 1}, "vit_adapter": {"conv_inplane": 8}}
+               "segmenter": {"n_layers": 1}, "vit_adapter": {"conv_inplane": 8, "decoder_channels": 16}}
 # Backbone settings a head needs (ViT-Adapter interacts with four groups of blocks).
 HEAD_BACKBONES = {"vit_adapter": {"depth": 4}}
 

@@ -55,7 +55,8 @@ HEAD_CANDIDATES = {"segment": ("upernet", "setr_pup", "linear"), "depth": ("dpt"
 DEFAULT_HEAD = {"segment": "upernet", "depth": "dpt"}  # without a plan: the finest of the candidates
 MIN_DENSE_EPOCHS = 40
 # The constructor argument that sets each head's decoder width (planned from the backbone's width).
-HEAD_WIDTH_ARG = {"upernet": "channels", "setr_pup": "channels", "setr_naive": "channels", "dpt": "features"}
+HEAD_WIDTH_ARG = {"upernet": "channels", "setr_pup": "channels", "setr_naive": "channels", "dpt": "features",
+                  "vit_adapter": "decoder_channels"}
 MIN_HEAD_WIDTH = 32
 CALIB_BATCH, SLOW_STEP = 4, 3.0  # timing batch; a first step over SLOW_STEP x the timing window ends the timing
 DENSE_BUDGET_S, DENSE_BUDGET_IMAGES, DENSE_BUDGET_MAX_S = 1200.0, 1000, 3600.0
