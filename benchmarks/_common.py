@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,3 +68,21 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def cli_train(data: str, out: Path, args: list[str]) -> dict:
+    """``vitkit train --data DATA --out OUT ARGS...`` as a user runs it; SystemExit with its output on failure.
+
+    Returns ``{"wall_s", "summary", "run_info", "stdout_tail", "command"}`` (the run's summary.json and run.json).
+    """
+    cmd = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", str(data), "--out", str(out), *args]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {
+        "wall_s": wall, "summary": json.loads((out / "summary.json").read_text()),
+        "run_info": json.loads((out / "run.json").read_text()), "stdout_tail": proc.stdout[-2000:],
+        "command": " ".join(["vitkit", *cmd[3:]]),
+    }

@@ -18,16 +18,13 @@ Writes ``benchmarks/results/depth.json`` ``{"absrel", "rmse", "delta1", "wall_s"
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import machine, versions, write_json
+from _common import cli_train, machine, versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,15 +79,10 @@ def main() -> None:
     from vitkit.engine.budget import parse_duration
 
     run = Path(args.run_root or REPO / "runs" / f"depth-synthetic-{time.strftime('%Y%m%d-%H%M%S')}")
-    cmd = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", f"depth-scenes:{args.n_train}",
-           "--task", "depth", "--out", str(run), f"engine.time_budget={args.budget}", *args.set]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    train_s = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    summary = json.loads((run / "summary.json").read_text())
-    run_info = json.loads((run / "run.json").read_text())
+    tr = cli_train(f"depth-scenes:{args.n_train}", run,
+                   ["--task", "depth", f"engine.time_budget={args.budget}", *args.set])
+    summary, run_info, train_s = tr["summary"], tr["run_info"], tr["wall_s"]
     scores = evaluate(run, args.n_val, seed=0, img_size=args.img_size)
     result = {
         "benchmark": "depth_synthetic", **scores, "wall_s": time.time() - t0, "train_wall_s": train_s,
@@ -98,7 +90,7 @@ def main() -> None:
         "protocol": "per-image least-squares scale+shift on disparity (MiDaS), depth capped at the set's far limit",
         "model": run_info.get("model"), "head": run_info.get("head"), "objective": run_info.get("objective"),
         "steps": summary.get("steps"), "epochs": summary.get("epochs"),
-        "train_img_s": summary.get("train_img_per_s"), "command": " ".join(cmd[1:]), "run_dir": str(run),
+        "train_img_s": summary.get("train_img_per_s"), "command": tr["command"], "run_dir": str(run),
         "machine": machine(), "versions": versions(),
     }
     path = write_json(args.out, result)

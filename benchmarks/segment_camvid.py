@@ -20,10 +20,7 @@ Writes ``benchmarks/results/segment_camvid.json`` and ``segment_camvid.png`` (mI
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _common import RESULTS, machine, versions, write_json
+from _common import RESULTS, cli_train, machine, versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next((p / "shared" / "datasets" for p in REPO.parents if (p / "shared" / "datasets").is_dir()),
@@ -110,24 +107,12 @@ def evaluate_run(run: Path, root: Path) -> dict:
     return {**scores(conf), "eval_img_s": n / (time.perf_counter() - t0)}
 
 
-def train_run(out: Path, root: Path, budget: str, overrides: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", str(root), "--out", str(out),
-           f"engine.time_budget={budget}", *overrides]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    run_info = json.loads((out / "run.json").read_text())
-    return {"wall_s": wall, "summary": summary, "run_info": run_info, "stdout_tail": proc.stdout[-2000:]}
-
-
 def row(head: str, backbone: str, budget: str, root: Path, run_root: Path, extra: list[str]) -> dict:
     from vitkit.engine.budget import parse_duration
 
     out = run_root / f"{head}-{budget}"
-    tr = train_run(out, root, budget, [f"model.name={backbone}", f"model.head={head}", *extra])
+    tr = cli_train(str(root), out, [f"engine.time_budget={budget}", f"model.name={backbone}", f"model.head={head}",
+                                    *extra])
     ev = evaluate_run(out, root)
     s = tr["summary"]
     return {
@@ -165,6 +150,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from vitkit.engine.budget import parse_duration
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="an extracted camvid/ folder (default: the shared archive)")
     ap.add_argument("--heads", default=",".join(HEADS))
@@ -200,18 +187,12 @@ def main() -> None:
     if args.no_flag_budget != "skip":
         extra = [] if args.no_flag_budget == "plan" else [f"engine.time_budget={args.no_flag_budget}"]
         out = run_root / "no-flag"
-        cmd = [sys.executable, "-m", "vitkit.cli.main", "train", "--data", str(root), "--out", str(out), *extra]
         t = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"no-flag training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        tr = cli_train(str(root), out, extra)
         ev = evaluate_run(out, root)
-        run_info = json.loads((out / "run.json").read_text())
-        cfg_budget = run_info.get("plan", {}) or {}
-        from vitkit.engine.budget import parse_duration
-
-        budget_s = parse_duration(args.no_flag_budget) if extra else (cfg_budget.get("values", {}) or {}).get(
-            "engine.time_budget_s")
+        run_info = tr["run_info"]
+        planned = ((run_info.get("plan") or {}).get("engine.time_budget") or {}).get("value")
+        budget_s = parse_duration(args.no_flag_budget if extra else planned) if (extra or planned) else None
         result["no_flag"] = {"miou": ev["miou"], "per_class_iou": ev["per_class_iou"], "pixel_acc": ev["pixel_acc"],
                              "wall_s": time.time() - t, "budget_s": budget_s, "plan": run_info.get("plan"),
                              "run_dir": str(out)}

@@ -266,6 +266,17 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     else:
         plan.set("engine.ema_decay", None, f"~{steps:.0f} steps: the annealed weights need no average")
 
+    set_run_length(plan, epochs, n, budget_s, user)
+
+    _class_notes(info, plan)
+    for k in [k for k in plan.values if k in user]:
+        del plan.values[k], plan.reasons[k]
+    return plan
+
+
+def set_run_length(plan: Plan, epochs: float, n: int, budget_s: float | None, user) -> None:
+    """``engine.epochs`` and ``engine.eval_every`` for ~``epochs`` passes over ``n`` images: under a time
+    budget the epochs are only a cap; without one (a GPU) they are the run's length."""
     if budget_s is not None:
         plan.set("engine.epochs", max(2, math.ceil(3 * epochs)), "a cap only: the time budget ends the run")
         plan.set("engine.eval_every", max(1, math.ceil(epochs / 2)),
@@ -274,11 +285,6 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
         if "engine.epochs" not in user:
             plan.set("engine.epochs", round(epochs), f"GPU: about {round(epochs)} passes over {n:,} images")
         plan.set("engine.eval_every", max(1, round(epochs / 10)), "about 10 evaluations over the run")
-
-    _class_notes(info, plan)
-    for k in [k for k in plan.values if k in user]:
-        del plan.values[k], plan.reasons[k]
-    return plan
 
 
 def _class_notes(info: DatasetInfo, plan: Plan) -> None:

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from .engine.budget import parse_duration
 from .engine.runtime import autocast, resolve_amp
-from .plan import Calibration, Plan, aug_strength, user_values
+from .plan import Calibration, Plan, aug_strength, set_run_length, user_values
 
 BACKBONE = "vit_nano_convstem_patch8_64"
 # Most capable first; those the registry does not serve for the task are skipped.
@@ -403,14 +403,7 @@ def make_dense_plan(info: DenseInfo, calib: DenseCalibration, user: dict[str, ob
              else "depth: no photometric change, shading is a depth cue")
     plan.set("model.drop_path_rate", round(0.1 * s, 2), f"~{epochs:.0f} epochs: drop path grows with the passes")
     plan.set("engine.ema_decay", None, "the annealed one-cycle weights need no average")
-    if budget_s is not None:
-        plan.set("engine.epochs", max(2, math.ceil(3 * epochs)), "a cap only: the time budget ends the run")
-        plan.set("engine.eval_every", max(1, math.ceil(epochs / 2)),
-                 "evaluate about once midway and at the end: the budget goes to training")
-    else:
-        if "engine.epochs" not in user:
-            plan.set("engine.epochs", round(epochs), f"GPU: about {round(epochs)} passes over {n:,} images")
-        plan.set("engine.eval_every", max(1, round(epochs / 10)), "about 10 evaluations over the run")
+    set_run_length(plan, epochs, n, budget_s, user)
 
     crop = int(user.get("data.img_size") or calib.crop)
     if "window" in objective_keys and "objective.window" not in user and max(h, w) > 2 * crop:
