@@ -176,14 +176,6 @@ def main() -> None:
     result["baseline_location_prior"] = base["miou"]
     result["baseline_detail"] = base
     print(f"location prior: val mIoU {base['miou']:.4f}", flush=True)
-    plan = [(h, args.budget) for h in args.heads.split(",") if h]
-    plan += [(h, args.long_budget) for h in args.long_heads.split(",") if h]
-    for head, budget in plan:
-        r = row(head, args.backbone, budget, root, run_root, args.set)
-        result["rows"].append(r)
-        print(f"{head} ({budget}): val mIoU {r['miou']:.4f}, pixel acc {r['pixel_acc']:.4f}, "
-              f"{r['train_img_s']} img/s, {r['epochs']} epochs", flush=True)
-        write_json(args.out, {**result, "wall_s": time.time() - t0})
     if args.no_flag_budget != "skip":
         extra = [] if args.no_flag_budget == "plan" else [f"engine.time_budget={args.no_flag_budget}"]
         out = run_root / "no-flag"
@@ -197,6 +189,15 @@ def main() -> None:
                              "wall_s": time.time() - t, "budget_s": budget_s, "plan": run_info.get("plan"),
                              "run_dir": str(out)}
         print(f"no-flag: val mIoU {ev['miou']:.4f}", flush=True)
+        write_json(args.out, {**result, "wall_s": time.time() - t0})
+    plan = [(h, args.budget) for h in args.heads.split(",") if h]
+    plan += [(h, args.long_budget) for h in args.long_heads.split(",") if h]
+    for head, budget in plan:
+        r = row(head, args.backbone, budget, root, run_root, args.set)
+        result["rows"].append(r)
+        print(f"{head} ({budget}): val mIoU {r['miou']:.4f}, pixel acc {r['pixel_acc']:.4f}, "
+              f"{r['train_img_s']} img/s, {r['epochs']} epochs", flush=True)
+        write_json(args.out, {**result, "wall_s": time.time() - t0})
     result.update({"wall_s": time.time() - t0, "complete": True})
     path = write_json(args.out, result)
     plot(result, RESULTS / Path(args.out).with_suffix(".png"))
