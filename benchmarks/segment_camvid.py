@@ -104,7 +104,8 @@ def evaluate_run(run: Path, root: Path) -> dict:
         pred = loaded.dense(img[None]).argmax(1)[0].cpu().numpy()
         conf += confusion(pred, np.asarray(Image.open(mask_path)))
         n += 1
-    return {**scores(conf), "eval_img_s": n / (time.perf_counter() - t0)}
+    params = sum(p.numel() for p in loaded.model.parameters())
+    return {**scores(conf), "eval_img_s": n / (time.perf_counter() - t0), "params": params}
 
 
 def row(head: str, backbone: str, budget: str, root: Path, run_root: Path, extra: list[str]) -> dict:
@@ -117,7 +118,7 @@ def row(head: str, backbone: str, budget: str, root: Path, run_root: Path, extra
     s = tr["summary"]
     return {
         "head": head, "backbone": backbone, "init": "random (from scratch)", "miou": ev["miou"],
-        "per_class_iou": ev["per_class_iou"], "pixel_acc": ev["pixel_acc"], "params": s.get("params"),
+        "per_class_iou": ev["per_class_iou"], "pixel_acc": ev["pixel_acc"], "params": ev["params"],
         "train_img_s": s.get("train_img_per_s"), "eval_img_s": ev["eval_img_s"], "wall_s": tr["wall_s"],
         "budget_s": parse_duration(budget), "steps": s.get("steps"), "epochs": s.get("epochs"),
         "crop": tr["run_info"].get("img_size"), "run_dir": str(out),
@@ -186,6 +187,7 @@ def main() -> None:
         planned = ((run_info.get("plan") or {}).get("engine.time_budget") or {}).get("value")
         budget_s = parse_duration(args.no_flag_budget if extra else planned) if (extra or planned) else None
         result["no_flag"] = {"miou": ev["miou"], "per_class_iou": ev["per_class_iou"], "pixel_acc": ev["pixel_acc"],
+                             "params": ev["params"], "train_img_s": tr["summary"].get("train_img_per_s"),
                              "wall_s": time.time() - t, "budget_s": budget_s, "plan": run_info.get("plan"),
                              "run_dir": str(out)}
         print(f"no-flag: val mIoU {ev['miou']:.4f}", flush=True)
