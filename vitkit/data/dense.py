@@ -33,7 +33,7 @@ from PIL import Image
 from ..errors import ConfigError, DataError, PathNotFoundError
 from .dense_formats import DENSE_LAYOUTS, DEPTH_LAYOUTS, DenseLayout, find_depth_layout, find_segment_layout
 from .images import BadImageError, decode_image
-from .skips import SkipCounter
+from .skips import SkipCounter, leave_out
 
 IGNORE = 255
 _MASK_MODES = ("L", "P", "1")
@@ -178,11 +178,7 @@ class DenseDataset:
         self.bad_files: list[str] = []
 
     def exclude(self, names) -> DenseDataset:
-        names = set(names)
-        bad = [j for j in self.indices if self.source.name(j) in names]
-        self.bad_files = sorted(self.bad_files + [self.source.name(j) for j in bad])
-        self.indices = [j for j in self.indices if self.source.name(j) not in names]
-        return self
+        return leave_out(self, names)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from .shapes import _BACKGROUNDS, _SPLIT_STREAM, DEFAULT_CLASSES, _background, _draw_mask, _pick_colour
-from .skips import SkipCounter
+from .skips import SkipCounter, leave_out
 
 SCENE_CLASSES = ("background",) + DEFAULT_CLASSES
 SCENE_TASKS = ("segment", "detect", "caption", "promptable")
@@ -204,11 +204,7 @@ class ProceduralDataset(Dataset):
 
     def exclude(self, names) -> ProceduralDataset:
         """Leave out the items whose source name is in ``names``; they go to ``bad_files``."""
-        names = set(names)
-        dropped = [j for j in self.indices if self.source.name(j) in names]
-        self.bad_files = sorted(self.bad_files + [self.source.name(j) for j in dropped])
-        self.indices = [j for j in self.indices if self.source.name(j) not in names]
-        return self
+        return leave_out(self, names)
 
     def render(self, i: int) -> dict:
         """The full rendered sample ``i`` as numpy arrays (image uint8 (H, W, 3))."""

@@ -66,3 +66,13 @@ class SkipCounter:
     def summary(self) -> dict:
         """``{"seen", "skipped", "bad_files"}`` for the run summary."""
         return {"seen": self.seen, "skipped": self.skipped, "bad_files": list(self.bad_files)}
+
+
+def leave_out(ds, names):
+    """Drop from ``ds.indices`` the items whose ``ds.source.name(j)`` is in ``names`` (broken files) and
+    add those names to ``ds.bad_files``; returns ``ds``. Shared by the datasets that index a source."""
+    names = set(names)
+    bad = [j for j in ds.indices if ds.source.name(j) in names]
+    ds.bad_files = sorted(ds.bad_files + [ds.source.name(j) for j in bad])
+    ds.indices = [j for j in ds.indices if ds.source.name(j) not in names]
+    return ds
