@@ -119,10 +119,27 @@ def test_frozen_batch_norm_equals_batch_norm_in_eval_and_loads_its_state():
         bn.running_var.uniform_(0.5, 2.0)
     bn.eval()
     frozen = FrozenBatchNorm2d(5)
-    frozen.load_state_dict(bn.state_dict())  # num_batches_tracked is dropped, strict load passes
+    assert frozen.state_dict().keys() == bn.state_dict().keys()
+    frozen.load_state_dict(bn.state_dict())
     x = torch.randn(2, 5, 4, 4)
     assert torch.allclose(frozen(x), bn(x), atol=1e-6)
     assert not list(frozen.parameters())
+    # Checkpoints of frozen BatchNorm elsewhere (HF, the reference) have no counter: they load too.
+    no_counter = {k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    FrozenBatchNorm2d(5).load_state_dict(no_counter)
+
+
+def test_a_classifier_checkpoint_loads_into_the_frozen_backbone():
+    from vitkit import create_model
+    from vitkit.convert.weights import load_weights
+
+    src = perturb(create_model("test_resnet", num_classes=0))  # trained-looking BatchNorm statistics
+    m = tiny("test_resnet")
+    load_weights(m.backbone, src.state_dict(), verbose=False)
+    m.train()  # frozen statistics: the same as the classifier's eval mode, even in training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m.backbone.forward_features(x), src.forward_features(x), rtol=1e-5, atol=1e-5)
 
 
 def test_backbone_freezing_follows_the_reference():

@@ -105,6 +105,9 @@ def convert_hf_detr(state_dict: dict[str, torch.Tensor], config) -> tuple[dict, 
         prefix = next((p for p in _BACKBONE_PREFIXES if key.startswith(p)), None)
         if prefix is not None:
             out["backbone." + key[len(prefix):]] = v
+            if key.endswith(".running_var"):
+                # HF's frozen BatchNorm has no counter; vitkit's keeps BatchNorm2d's keys.
+                out["backbone." + key[len(prefix):-len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
             continue
         m = _LAYER.match(key)
         if m:

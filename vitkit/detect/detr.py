@@ -31,8 +31,9 @@ class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (buffers, never trained).
 
     DETR's backbones train with batches of one or two large images, too few for batch
-    statistics, so the ImageNet statistics stay fixed. The state dict is BatchNorm2d's without
-    ``num_batches_tracked`` (dropped on load), so BatchNorm checkpoints load unchanged.
+    statistics, so the ImageNet statistics stay fixed. The state dict is BatchNorm2d's (with an
+    unused ``num_batches_tracked``), so backbone checkpoints load unchanged; checkpoints without
+    that counter (Hugging Face's, the reference's) load too.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
@@ -42,9 +43,10 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)
+        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,6 +72,7 @@ def freeze_batch_norm(module: nn.Module) -> int:
                 if child.running_mean is not None:
                     frozen.running_mean.copy_(child.running_mean)
                     frozen.running_var.copy_(child.running_var)
+                    frozen.num_batches_tracked.copy_(child.num_batches_tracked)
             setattr(module, name, frozen)
             count += 1
         else:
