@@ -241,8 +241,11 @@ class DETR(Detector):
             reference's 1e-5 / 1e-4 = 0.1); read as :attr:`backbone_lr_mult` and
             :meth:`param_groups_hint`.
 
-    Inputs of any size work: images (and ``pixel_mask``) are padded bottom/right to a multiple
-    of :attr:`stride`, the padding masked out of attention and positions.
+    A built backbone is changed in place (BatchNorm frozen, stages frozen). Inputs of any size
+    work: images (and ``pixel_mask``) are padded bottom/right to a multiple of :attr:`stride`
+    (the backbone's deepest stride, 32 for ResNet), the padding masked out of attention and
+    positions like the batch padding the reference adds; at multiples of the stride the model
+    is exactly the reference.
     """
 
     def __init__(self, backbone="resnet50", num_classes: int = 91, *, num_queries: int = 100, d_model: int = 256,
@@ -256,6 +259,8 @@ class DETR(Detector):
         if num_queries < 1 or dec_layers < 1 or enc_layers < 0:
             raise ConfigError(f"DETR needs num_queries >= 1, dec_layers >= 1 and enc_layers >= 0, got "
                               f"{num_queries}, {dec_layers}, {enc_layers}")
+        if frozen_stages < 0:
+            raise ConfigError(f"frozen_stages counts the first backbone stages to freeze: 0 or more, got {frozen_stages}")
         if d_model % 2:
             raise ConfigError(f"d_model must be even (half the channels encode y, half x), got {d_model}")
         self.backbone = _build_backbone(backbone, backbone_args)
