@@ -196,6 +196,9 @@ def test_model_args_rebuild_and_bad_input():
     rebuilt = create_detector(**m.model_args)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
     assert rebuilt.model_args == m.model_args and m.model_args["backbone_args"] == {"drop_path_rate": 0.1}
+    assert len(m.block_modules()) == len(m.backbone.blocks) + 4
+    m.set_grad_checkpointing(True)
+    assert m.backbone.grad_checkpointing
     with pytest.raises(ValueError, match="pixel_mask"):
         m(torch.randn(1, 3, 32, 32), torch.ones(1, 16, 16, dtype=torch.bool))
     with pytest.raises(ConfigError, match="divisible"):

@@ -330,6 +330,16 @@ class DETR(Detector):
         (DETR trains its backbone at 1e-5 against 1e-4 for the rest)."""
         return {"backbone.": self.backbone_lr_mult}
 
+    # ------------------------------------------------------------------ training hooks
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's activations in backward instead of storing them."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def block_modules(self) -> list[nn.Module]:
+        """The backbone's repeated blocks and the transformer's layers (FSDP shards each one)."""
+        fn = getattr(self.backbone, "block_modules", None)
+        return [*(fn() if callable(fn) else ()), *self.transformer.encoder.layers, *self.transformer.decoder.layers]
+
     # ------------------------------------------------------------------ forward
     def _features(self, images: Tensor) -> Tensor:
         return self.backbone.forward_intermediates(images, indices=1, norm=True, intermediates_only=True)[-1]
