@@ -21,13 +21,14 @@ from .dense_formats import (
     list_names,
     subfolders,
 )
+from .det_formats import DETECT_LAYOUTS, coco_keys, find_detection_layout
 
 TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
 _CAPTION_FIELDS = ("caption", "text", "captions")
 _BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
              "depth-scenes": ("depth",)}
 _WORDS = {"classify": "classification", "segment": "segmentation", "depth": "depth estimation"}
-_DETECT_LAYOUTS = "a COCO JSON with boxes (annotations with 'bbox') or Pascal VOC Annotations/*.xml"
+_DETECT_LAYOUTS = DETECT_LAYOUTS
 _CAPTION_LAYOUTS = "a .jsonl or .csv whose rows have a 'caption' or 'text' field"
 
 
@@ -39,25 +40,7 @@ class TaskChoice:
     reason: str
 
 
-def _coco(path: str) -> dict | None:
-    """Which annotation kinds a COCO-style JSON holds, found by its key names (streamed, not parsed:
-    a COCO file can be hundreds of megabytes)."""
-    keys = {b'"annotations"': False, b'"bbox"': False, b'"segmentation"': False}
-    tail = b""
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                block = tail + chunk
-                for k in keys:
-                    keys[k] = keys[k] or k in block
-                if all(keys.values()):
-                    break
-                tail = block[-16:]
-    except OSError:
-        return None
-    if not keys[b'"annotations"']:
-        return None
-    return {"boxes": keys[b'"bbox"'], "masks": keys[b'"segmentation"']}
+_coco = coco_keys
 
 
 def _caption_listing(path: str) -> bool:
@@ -79,18 +62,10 @@ def _caption_listing(path: str) -> bool:
 
 
 def _detect_signal(root: str) -> str | None:
-    dirs = subfolders(root)
-    if "annotations" in dirs:
-        ann = os.path.join(root, dirs["annotations"])
-        if any(n.lower().endswith(".xml") for n in list_names(ann)[:50]):
-            return "Pascal VOC boxes in Annotations/*.xml"
-        for n in list_names(ann):
-            if n.lower().endswith(".json") and (c := _coco(os.path.join(ann, n))) and c["boxes"]:
-                return f"COCO boxes in annotations/{n}"
-    for n in list_names(root):
-        if n.lower().endswith(".json") and (c := _coco(os.path.join(root, n))) and c["boxes"]:
-            return f"COCO boxes in {n}"
-    return None
+    layout = find_detection_layout(root)
+    if layout is None:
+        return None
+    return layout.where + (f" ({layout.note})" if layout.note else "")
 
 
 def _coco_masks(root: str) -> bool:
@@ -137,8 +112,9 @@ def _found(path: str) -> dict[str, str]:
 def detect_task(path: str, task: str | None = None) -> TaskChoice:
     """The task to train on the data at ``path``: ``task`` when given, else detected.
 
-    Precedence without ``task``: detection data (a COCO JSON with boxes, or VOC
-    ``Annotations/*.xml``) -> ``detect``; mask folders -> ``segment``; depth folders -> ``depth``;
+    Precedence without ``task``: detection data (a COCO JSON with boxes, or VOC XML in
+    ``Annotations/``, beside the images or in a folder next to them; where both are there the
+    COCO JSON is read and the reason says so) -> ``detect``; mask folders -> ``segment``; depth folders -> ``depth``;
     a caption listing (JSONL/CSV rows with a caption/text field) -> ``caption``; anything else
     (class folders and every format :func:`~vitkit.data.build_dataset` reads) -> ``classify``.
     COCO masks with prompts serve ``promptable`` only when asked. Built-ins: ``shapes`` ->
