@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError, PathNotFoundError
-from .dense import DenseDataset
+from .dense import DenseDataset, _builtin
 from .det_formats import (
     DETECT_LAYOUTS,
     DetLayout,
@@ -213,14 +213,8 @@ def _seeded_split(recs: list[Record], split: str, num_classes: int, val_fraction
 
 
 def _scenes(path: str, split: str, seed: int, in_chans: int) -> SceneDetection:
-    count = path.partition(":")[2]
-    try:
-        n = int(count) if count else 2000
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise DataError(f"{path!r}: expected 'scenes' or 'scenes:N' with N a positive number of training images")
-    return SceneDetection(n if split == "train" else max(50, n // 5), split=split, seed=seed, in_chans=in_chans)
+    scenes = _builtin(path, "detect", split, seed, in_chans)  # parses scenes[:N] and sizes the split
+    return SceneDetection(len(scenes), split=split, seed=seed, img_size=scenes.img_size, in_chans=in_chans)
 
 
 def build_detection_dataset(path: str, split: str = "train", *, val_fraction: float = 0.1, seed: int = 0,
