@@ -305,3 +305,30 @@ def test_detect_task_precedence(tmp_path):
         build_detection_dataset(str(other), "train")
     with pytest.raises(ConfigError, match="no data reader"):
         prepare_data("scenes:10", task="caption")
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc"])
+def test_split_folders_with_their_own_annotations(tmp_path, fmt):
+    # As Roboflow exports: train/ and valid/ each hold their images with a COCO JSON or XML files.
+    for split, n in (("train", 3), ("valid", 2)):
+        for k in range(n):  # the same names in both folders: the split is by folder, not by name
+            _png(tmp_path / split / f"x{k}.png")
+            if fmt == "voc":
+                _voc_xml(tmp_path / split / f"x{k}.xml", f"x{k}.png", [("car", (0, 1, 9 + k, 9))])
+        if fmt == "coco":
+            _coco_json(tmp_path / split / "_annotations.coco.json", [(k, f"x{k}.png", (48, 32)) for k in range(n)],
+                       [{"image_id": k, "category_id": 3, "bbox": [0, 1, 9 + k, 8]} for k in range(n)])
+    assert detect_task(str(tmp_path)).task == "detect"
+    train = build_detection_dataset(str(tmp_path), "train")
+    val = build_detection_dataset(str(tmp_path), "val")
+    assert (train.format, len(train), len(val)) == (fmt, 3, 2)
+    assert [r.file for r in val.source.records] == [str(tmp_path / "valid" / f"x{k}.png") for k in range(2)]
+    assert sorted(val.load(i)[1]["boxes"].tolist()[0][2] for i in range(2)) == [9, 10]
+
+
+def test_a_json_that_is_not_coco_is_a_clear_error(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({"images": [{"file_name": "a.png"}],
+                                                     "annotations": [{"bbox": [0, 0, 1, 1]}], "categories": []}))
+    with pytest.raises(DataError, match="not a COCO detection JSON"):
+        build_detection_dataset(str(tmp_path), "train")

@@ -1,14 +1,14 @@
 """Finding and reading detection annotations: COCO JSON and Pascal VOC XML.
 
-:func:`find_detection_layout` looks at names only; :func:`read_layout` parses the annotations
-into one :class:`Record` per image (boxes xyxy in pixels, class indices 0..C-1), with every bad
-annotation cleaned the same way for both formats (:class:`Problems`):
+:func:`find_detection_layout` looks at names only; :func:`read_coco` / :func:`read_voc` parse
+the annotations into one :class:`~vitkit.data.det_annotations.Record` per image (boxes xyxy in
+pixels, class indices 0..C-1), bad annotations cleaned as :mod:`.det_annotations` says; an
+image whose file is missing (or whose VOC XML cannot be parsed) is left out.
 
-- a box partly outside its image is clipped to it (by more than :data:`EDGE_TOLERANCE` pixels:
-  counted), a box wholly outside is dropped;
-- a box of zero or negative width or height, one that is not four finite numbers, or one of a
-  category the dataset does not list is dropped;
-- an image whose file is missing (or whose VOC XML cannot be parsed) is left out.
+Layouts: COCO ``instances_{train,val}*.json`` in ``annotations/`` or the folder itself (one
+JSON: split by a seeded fraction); Pascal VOC ``Annotations/`` + ``JPEGImages/`` with
+``ImageSets/Main/{train,val}.txt``, or XML files beside the images or in a folder next to
+``images/``, split by ``{train,val}.txt`` where the folder has them.
 
 COCO: ``bbox`` is ``[x, y, w, h]``; crowd annotations (``iscrowd: 1``) are left out, as DETR's
 reference loader does; categories sorted by id become classes 0..C-1 (``category_ids`` maps
@@ -20,37 +20,21 @@ Classes come from ``classes.txt`` when the folder has one, else the sorted objec
 from __future__ import annotations
 
 import json
-import logging
 import os
 import xml.etree.ElementTree as ET
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from ..errors import DataError
 from .dense_formats import SPLIT_NAMES, _read_classes, dataset_root, list_names, subfolders
+from .det_annotations import Problems, Record, header_size, make_record
 from .images import IMAGE_EXTENSIONS
 
-log = logging.getLogger("vitkit.data")
-
-# Exported boxes often overshoot the edge by a rounding error: clipped without a report.
-EDGE_TOLERANCE = 1.0
 DETECT_LAYOUTS = ("COCO JSON (annotations/instances_{train,val}.json, or one JSON split by a seeded fraction), "
                   "Pascal VOC (Annotations/ + JPEGImages/ + ImageSets/Main/{train,val}.txt, or XML files beside the "
                   "images or in a folder next to them)")
 _IMAGE_DIRS = ("images", "jpegimages", "imgs", "img")
-_KINDS = {
-    "clipped": "boxes partly outside the image, clipped",
-    "outside": "boxes wholly outside the image, dropped",
-    "zero_area": "boxes of zero width or height, dropped",
-    "malformed": "boxes that are not 4 finite numbers, dropped",
-    "unknown_category": "boxes of an unknown category, dropped",
-    "unknown_image": "annotations of an image id not listed in 'images', dropped",
-    "missing_image": "images whose file is missing, left out",
-    "bad_xml": "XML files that cannot be parsed, their images left out",
-}
 
 
 def coco_keys(path: str) -> dict | None:
@@ -75,88 +59,10 @@ def coco_keys(path: str) -> dict | None:
 
 
 @dataclass
-class Record:
-    """One image: its file (None when missing), boxes float32 (K, 4) xyxy, labels int64 (K,), id, (H, W)."""
-
-    file: str | None
-    boxes: np.ndarray
-    labels: np.ndarray
-    image_id: int
-    size: tuple[int, int] | None
-    name: str
-
-
-@dataclass
-class Problems:
-    """Bad annotations by kind (see the module notes), with a few example names each."""
-
-    counts: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    images: set = field(default_factory=set)  # names of images with any problem
-
-    def add(self, kind: str, name: str, n: int = 1, image: bool = True) -> None:
-        self.counts[kind] += n
-        ex = self.examples.setdefault(kind, [])
-        if len(ex) < 3 and name not in ex:
-            ex.append(name)
-        if image:
-            self.images.add(name)
-
-    def lines(self) -> list[str]:
-        return [f"{self.counts[k]} {_KINDS[k]} (e.g. {', '.join(self.examples[k])})" for k in _KINDS if self.counts[k]]
-
-    def check(self, n_images: int, max_bad_fraction: float, where: str) -> None:
-        bad = len(self.images)
-        if n_images and bad / n_images > max_bad_fraction:
-            raise DataError(
-                f"{where}: {bad} of {n_images} images ({bad / n_images:.1%}) have bad annotations, more than "
-                f"data.max_bad_fraction={max_bad_fraction}:\n  " + "\n  ".join(self.lines())
-                + "\nFix the annotations (boxes in pixels of the image, categories listed, files present), or "
-                "raise data.max_bad_fraction to train without them")
-
-
-def clean_boxes(raw: np.ndarray, known: np.ndarray, size: tuple[int, int] | None, name: str,
-                problems: Problems) -> np.ndarray:
-    """The rows of ``raw`` (float (K, 4) xyxy) to keep, clipped in place to ``size`` (H, W); see the module notes."""
-    keep = known.copy()
-    if (~known).any():
-        problems.add("unknown_category", name, int((~known).sum()))
-    finite = np.isfinite(raw).all(1)
-    if (~finite & keep).any():
-        problems.add("malformed", name, int((~finite & keep).sum()))
-    keep &= finite
-    flat = keep & ((raw[:, 2] <= raw[:, 0]) | (raw[:, 3] <= raw[:, 1]))
-    if flat.any():
-        problems.add("zero_area", name, int(flat.sum()))
-    keep &= ~flat
-    if size is not None:
-        h, w = size
-        over = np.maximum.reduce([-raw[:, 0], -raw[:, 1], raw[:, 2] - w, raw[:, 3] - h])
-        raw[:, 0::2] = np.clip(raw[:, 0::2], 0, w)
-        raw[:, 1::2] = np.clip(raw[:, 1::2], 0, h)
-        gone = keep & ((raw[:, 2] <= raw[:, 0]) | (raw[:, 3] <= raw[:, 1]))
-        if gone.any():
-            problems.add("outside", name, int(gone.sum()))
-        keep &= ~gone
-        clipped = keep & (over > EDGE_TOLERANCE)
-        if clipped.any():
-            problems.add("clipped", name, int(clipped.sum()))
-    return keep
-
-
-def header_size(path: str) -> tuple[int, int] | None:
-    """(H, W) from the image file's header (not decoded), or None when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except Exception:  # noqa: BLE001 - a broken file is the scan's to report
-        return None
-
-
-@dataclass
 class DetLayout:
     """Where a folder's detection annotations are: COCO JSON files by split (``"all"`` when one file
-    is split by a seeded fraction) or VOC (image, XML) pairs with split stems when listed."""
+    is split by a seeded fraction) or VOC (image, XML) pairs, with the XML files of each split
+    when the folder lists them."""
 
     format: str
     root: str
@@ -167,10 +73,21 @@ class DetLayout:
     note: str = ""
 
 
+_SPLIT_WORDS = {w: s for s, words in SPLIT_NAMES.items() for w in words}
+
+
+def _split_dirs(root: str) -> dict[str, str]:
+    """"train"/"val" -> the folder of that split in ``root`` (``train/``, ``valid/`` ...)."""
+    return {_SPLIT_WORDS[k]: os.path.join(root, d) for k, d in subfolders(root).items() if k in _SPLIT_WORDS}
+
+
 def _json_files(root: str) -> list[str]:
     folders = [root] + [os.path.join(root, d) for k, d in subfolders(root).items() if k == "annotations"]
-    return [os.path.join(f, n) for f in folders for n in list_names(f)
-            if n.lower().endswith(".json") and (c := coco_keys(os.path.join(f, n))) and c["boxes"]]
+    folders += list(_split_dirs(root).values())  # one JSON per split folder (as Roboflow exports)
+    found = [os.path.join(f, n) for f in folders for n in list_names(f)
+             if n.lower().endswith(".json") and (c := coco_keys(os.path.join(f, n))) and c["boxes"]]
+    # COCO's own annotation folders also hold person_keypoints_*.json with boxes: instances_* first.
+    return sorted(found, key=lambda f: not os.path.basename(f).lower().startswith("instances"))
 
 
 def _split_of(name: str) -> str | None:
@@ -185,7 +102,7 @@ def _coco_files(root: str) -> dict[str, str]:
     files = _json_files(root)
     named = {}
     for f in files:
-        s = _split_of(f)
+        s = _split_of(os.path.relpath(f, root).replace(os.sep, "_"))
         if s and s not in named:
             named[s] = f
     if "train" in named and "val" in named:
@@ -214,7 +131,24 @@ def _stems(folder: str, exts: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _voc_split_folders(root: str) -> DetLayout | None:
+    """XML beside the images in ``train/`` and ``val/`` (or ``valid/``) folders."""
+    dirs = _split_dirs(root)
+    if len(dirs) < 2 or not all(any(n.lower().endswith(".xml") for n in list_names(d)) for d in dirs.values()):
+        return None
+    pairs, splits = [], {}
+    for s, d in sorted(dirs.items()):
+        xmls, images = _stems(d, (".xml",)), _stems(d, IMAGE_EXTENSIONS)
+        pairs += [(images.get(k), x) for k, x in sorted(xmls.items())]
+        splits[s] = set(xmls.values())
+    names = " and ".join(f"{os.path.basename(d)}/" for _, d in sorted(dirs.items()))
+    return DetLayout("voc", root, f"Pascal VOC boxes in XML files beside the images in {names}", voc_pairs=pairs,
+                     voc_splits=splits)
+
+
 def _voc(root: str) -> DetLayout | None:
+    if layout := _voc_split_folders(root):
+        return layout
     dirs = subfolders(root)
     xml_dirs = _xml_folders(root)
     if not xml_dirs:
@@ -237,7 +171,7 @@ def _voc(root: str) -> DetLayout | None:
         if all(os.path.isfile(p) for p in files.values()):
             for s, p in files.items():
                 with open(p, encoding="utf-8") as fh:
-                    splits[s] = {line.split()[0] for line in fh if line.strip()}
+                    splits[s] = {xmls[k] for line in fh if line.strip() and (k := line.split()[0]) in xmls}
             break
     rel = os.path.relpath(xml_dir, root)
     where = "Pascal VOC boxes in " + ("XML files beside the images" if rel == "." else f"{rel}/*.xml")
@@ -295,50 +229,21 @@ def read_coco(root: str, files: dict[str, str], problems: Problems):
         if not isinstance(data[key], dict) or not isinstance(data[key].get("images"), list):
             raise DataError(f"{f}: not a COCO detection JSON (no 'images' list)")
     cats: dict[int, str] = {}
-    for d in data.values():
+    for f, d in zip(files.values(), data.values()):
         for c in d.get("categories") or []:
-            cats.setdefault(int(c["id"]), str(c.get("name", c["id"])))
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int):
+                raise DataError(f"{f}: a category without an integer 'id': {c!r}")
+            cats.setdefault(c["id"], str(c.get("name", c["id"])))
     ids = sorted(cats)
     index = {c: i for i, c in enumerate(ids)}
     out = {}
     for key, d in data.items():
-        images = d["images"]
-        folder = _image_dir(root, files[key], [str(im.get("file_name", "")) for im in images])
-        anns: dict[int, list] = {}
-        known_ids = {im.get("id") for im in images}
-        for a in d.get("annotations") or []:
-            if a.get("iscrowd", 0):
-                continue
-            if a.get("image_id") not in known_ids:
-                problems.add("unknown_image", f"image id {a.get('image_id')}", image=False)
-                continue
-            anns.setdefault(a["image_id"], []).append(a)
-        recs = []
-        for im in images:
-            name = str(im.get("file_name", ""))
-            path = os.path.join(folder, name)
-            if not name or not os.path.isfile(path):
-                problems.add("missing_image", name or f"image id {im.get('id')}")
-                continue
-            size = (int(im["height"]), int(im["width"])) if im.get("height") and im.get("width") else None
-            size = size or header_size(path)
-            raw, cat = [], []
-            for a in anns.get(im["id"], []):
-                b = a.get("bbox")
-                ok = isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
-                x, y, w, h = (float(v) for v in b) if ok else (np.nan,) * 4
-                raw.append((x, y, x + w, y + h))
-                cat.append(index.get(a.get("category_id"), -1))
-            recs.append(_record(path, raw, cat, int(im["id"]), size, problems))
-        out[key] = recs
+        try:
+            out[key] = _coco_records(root, files[key], d, index, problems)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{files[key]}: not a COCO detection JSON ({type(e).__name__}: {e}); images need "
+                            "'id' and 'file_name', annotations 'image_id', 'category_id' and 'bbox'") from None
     return out, [cats[c] for c in ids], ids
-
-
-def _record(path, raw, cat, image_id, size, problems) -> Record:
-    raw = np.asarray(raw, np.float64).reshape(-1, 4)
-    labels = np.asarray(cat, np.int64).reshape(-1)
-    keep = clean_boxes(raw, labels >= 0, size, path, problems)
-    return Record(path, raw[keep].astype(np.float32), labels[keep], image_id, size, path)
 
 
 def _parse_xml(path: str) -> tuple[str, tuple[int, int] | None, list[tuple[str, list]]]:
@@ -383,13 +288,39 @@ def read_voc(layout: DetLayout, problems: Problems):
     # 1-based devkit indices move to pixel edges; a file with a box at 0 was written 0-based.
     one_based = not any(c[0] == 0 or c[1] == 0 for *_, objs in parsed for _, c in objs)
     recs = []
-    for image_id, img, _xml, size, objs in parsed:
+    for image_id, img, xml, size, objs in parsed:
         raw = [[c[0] - one_based, c[1] - one_based, c[2], c[3]] for _, c in objs]
-        recs.append(_record(img, raw, [index.get(n, -1) for n, _ in objs], image_id, size, problems))
+        recs.append(make_record(img, raw, [index.get(n, -1) for n, _ in objs], image_id, size, problems, ann=xml))
     return recs, classes, list(range(1, len(classes) + 1)), one_based
 
 
-def report(problems: Problems, where: str) -> None:
-    """Log the bad annotations once, one line per kind."""
-    for line in problems.lines():
-        log.warning(f"{where}: {line}")
+
+def _coco_records(root: str, json_path: str, d: dict, index: dict[int, int], problems: Problems) -> list[Record]:
+    images = d["images"]
+    folder = _image_dir(root, json_path, [str(im.get("file_name", "")) for im in images])
+    anns: dict[int, list] = {}
+    known_ids = {im["id"] for im in images}
+    for a in d.get("annotations") or []:
+        if a.get("iscrowd", 0):
+            continue
+        if a.get("image_id") not in known_ids:
+            problems.add("unknown_image", f"image id {a.get('image_id')}", image=False)
+            continue
+        anns.setdefault(a["image_id"], []).append(a)
+    recs = []
+    for im in images:
+        name = str(im.get("file_name", ""))
+        path = os.path.join(folder, name)
+        if not name or not os.path.isfile(path):
+            problems.add("missing_image", name or f"image id {im['id']}")
+            continue
+        size = (int(im["height"]), int(im["width"])) if im.get("height") and im.get("width") else None
+        raw, cat = [], []
+        for a in anns.get(im["id"], []):
+            b = a.get("bbox")
+            ok = isinstance(b, list | tuple) and len(b) == 4 and all(isinstance(v, int | float) for v in b)
+            x, y, w, h = (float(v) for v in b) if ok else (np.nan,) * 4
+            raw.append((x, y, x + w, y + h))
+            cat.append(index.get(a.get("category_id"), -1))
+        recs.append(make_record(path, raw, cat, int(im["id"]), size or header_size(path), problems))
+    return recs

@@ -1,7 +1,7 @@
 """Object detection datasets: images with boxes and class labels.
 
 ``build_detection_dataset`` opens COCO JSON or Pascal VOC XML (see :mod:`.det_formats` for the
-layouts and how bad annotations are cleaned) or the built-in ``scenes[:N]``, and returns a
+layouts, :mod:`.det_annotations` for how bad annotations are cleaned) or the built-in ``scenes[:N]``, and returns a
 dataset whose ``load(i)`` gives ``(image, {"boxes": float32 (K, 4) xyxy pixels, "labels": int64
 (K,) in [0, num_classes), "image_id": int}, bad_files)``. Classes never include a background;
 ``category_ids[c]`` is the COCO id of class ``c`` (1..C for VOC and scenes).
@@ -21,16 +21,8 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError, PathNotFoundError
 from .dense import DenseDataset, _builtin
-from .det_formats import (
-    DETECT_LAYOUTS,
-    DetLayout,
-    Problems,
-    Record,
-    find_detection_layout,
-    read_coco,
-    read_voc,
-    report,
-)
+from .det_annotations import Problems, Record, report
+from .det_formats import DETECT_LAYOUTS, DetLayout, find_detection_layout, read_coco, read_voc
 from .images import BadImageError, decode_image
 from .inspect import _GRAY_TOLERANCE, DatasetInfo
 from .scenes import SCENE_CLASSES, ScenesDataset
@@ -249,8 +241,7 @@ def build_detection_dataset(path: str, split: str = "train", *, val_fraction: fl
     if split in recs:
         chosen = recs[split]
     elif layout.voc_splits:
-        stems = layout.voc_splits[split]
-        chosen = [r for r in recs["all"] if os.path.splitext(os.path.basename(r.file))[0] in stems]
+        chosen = [r for r in recs["all"] if r.ann in layout.voc_splits[split]]
     else:
         chosen = _seeded_split(recs["all"], split, len(classes), val_fraction, seed)
     if not chosen:
