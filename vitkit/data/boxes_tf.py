@@ -72,7 +72,9 @@ class BoxTrainTransform:
             [1 - s, 1 + s], as :class:`~vitkit.data.joint.JointTrainTransform`); 0 for none.
         in_chans: 1 or 3; the image is converted first.
         min_box_px: boxes the crop cut that end narrower or lower than this (in output pixels) are dropped.
-        sizes: long sides to draw from per image (multi-scale); None for ``size`` only.
+        sizes: long sides to draw from per image (multi-scale); None for ``size`` only. DETR draws
+            the short side and caps the long one; drawing the long side keeps every image within
+            a ``max(sizes)`` square.
         interpolation: resampling of the image.
     """
 
