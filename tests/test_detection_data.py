@@ -332,3 +332,24 @@ def test_a_json_that_is_not_coco_is_a_clear_error(tmp_path):
                                                      "annotations": [{"bbox": [0, 0, 1, 1]}], "categories": []}))
     with pytest.raises(DataError, match="not a COCO detection JSON"):
         build_detection_dataset(str(tmp_path), "train")
+
+
+def test_voc_class_list_unknown_names_and_broken_xml(tmp_path, caplog):
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    for k in range(4):
+        _png(tmp_path / "images" / f"v{k}.png")
+    _voc_xml(tmp_path / "images" / "v0.xml", "v0.png", [("cat", (2, 3, 9, 9)), ("horse", (2, 2, 8, 8))])
+    _voc_xml(tmp_path / "images" / "v1.xml", "v1.png", [("dog", (2, 3, 9, 9))])
+    _voc_xml(tmp_path / "images" / "v2.xml", "v2.png", [("dog", (6, 5, 4, 9))])  # xmax < xmin
+    (tmp_path / "images" / "v3.xml").write_text("<annotation><object>")
+    with caplog.at_level(logging.WARNING, logger="vitkit.data"):
+        train = build_detection_dataset(str(tmp_path), "train", val_fraction=0.3, max_bad_fraction=1.0)
+        val = build_detection_dataset(str(tmp_path), "val", val_fraction=0.3, max_bad_fraction=1.0)
+    assert train.classes == ["dog", "cat"]  # the order of classes.txt
+    recs = {r.file.rsplit("/", 1)[-1]: r for ds in (train, val) for r in (ds.source.records[j] for j in ds.indices)}
+    assert sorted(recs) == ["v0.png", "v1.png", "v2.png"]  # v3's XML cannot be parsed: left out
+    assert recs["v0.png"].boxes.tolist() == [[1, 2, 9, 9]] and recs["v0.png"].labels.tolist() == [1]
+    assert recs["v2.png"].boxes.shape == (0, 4)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for kind in ("unknown category", "zero width", "cannot be parsed"):
+        assert text.count(kind) == 1, kind

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DataError
-from .dense_formats import SPLIT_NAMES, _read_classes, dataset_root, list_names, subfolders
+from .dense_formats import SPLIT_NAMES, _files, _read_classes, dataset_root, list_names, subfolders
 from .det_annotations import Problems, Record, header_size, make_record
 from .images import IMAGE_EXTENSIONS
 
@@ -122,15 +122,6 @@ def _xml_folders(root: str) -> list[str]:
     return [f for f in dict.fromkeys(cands) if any(n.lower().endswith(".xml") for n in list_names(f))]
 
 
-def _stems(folder: str, exts: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for n in list_names(folder):
-        stem, ext = os.path.splitext(n)
-        if ext.lower() in exts:
-            out.setdefault(stem, os.path.join(folder, n))
-    return out
-
-
 def _voc_split_folders(root: str) -> DetLayout | None:
     """XML beside the images in ``train/`` and ``val/`` (or ``valid/``) folders."""
     dirs = _split_dirs(root)
@@ -138,7 +129,7 @@ def _voc_split_folders(root: str) -> DetLayout | None:
         return None
     pairs, splits = [], {}
     for s, d in sorted(dirs.items()):
-        xmls, images = _stems(d, (".xml",)), _stems(d, IMAGE_EXTENSIONS)
+        xmls, images = _files(d, (".xml",)), _files(d, IMAGE_EXTENSIONS)
         pairs += [(images.get(k), x) for k, x in sorted(xmls.items())]
         splits[s] = set(xmls.values())
     names = " and ".join(f"{os.path.basename(d)}/" for _, d in sorted(dirs.items()))
@@ -157,10 +148,10 @@ def _voc(root: str) -> DetLayout | None:
         xml_dir = os.path.join(root, dirs["annotations"])
     else:
         xml_dir = xml_dirs[0]
-    xmls = _stems(xml_dir, (".xml",))
+    xmls = _files(xml_dir, (".xml",))
     images: dict[str, str] = {}
     for f in [xml_dir, root] + [os.path.join(root, dirs[k]) for k in _IMAGE_DIRS if k in dirs]:
-        for s, p in _stems(f, IMAGE_EXTENSIONS).items():
+        for s, p in _files(f, IMAGE_EXTENSIONS).items():
             images.setdefault(s, p)
     if not set(xmls) & set(images) and os.path.basename(xml_dir).lower() != "annotations":
         return None  # XML files of something else (no image shares a name)

@@ -172,13 +172,21 @@ class SceneDetection(ScenesDataset):
         return np.bincount(np.concatenate(labels), minlength=self.num_classes).tolist() if labels else []
 
 
-_PARSED: dict[tuple, tuple] = {}
+_PARSED: dict[tuple, list] = {}
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def _parse(layout: DetLayout, max_bad_fraction: float):
     """Records by split key, classes, ids and notes; parsed, judged and reported once per files."""
     files = sorted(layout.coco.values()) if layout.format == "coco" else [x for _, x in layout.voc_pairs]
-    key = (layout.format, layout.root, tuple((f, os.path.getmtime(f)) for f in files if os.path.exists(f)))
+    stat = [(f, st.st_mtime_ns, st.st_size) for f in files if (st := _stat(f))]
+    key = (layout.format, layout.root, tuple(stat))
     if key not in _PARSED:
         problems = Problems()
         notes = [layout.note] if layout.note else []
