@@ -14,7 +14,8 @@ COCO: ``bbox`` is ``[x, y, w, h]``; crowd annotations (``iscrowd: 1``) are left 
 reference loader does; categories sorted by id become classes 0..C-1 (``category_ids`` maps
 back). Pascal VOC: the devkit's pixel indices are 1-based and inclusive, so ``xmin``/``ymin``
 move by -1 (as Detectron2 reads them), unless some box starts at 0 (a file written 0-based).
-Classes come from ``classes.txt`` when the folder has one, else the sorted object names.
+Classes come from ``classes.txt`` when the folder has one, else the sorted object names;
+objects marked ``difficult`` are kept as boxes to learn.
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ _CAPTION_FIELDS = ("caption", "text", "captions")
 _BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
              "depth-scenes": ("depth",)}
 _WORDS = {"classify": "classification", "segment": "segmentation", "depth": "depth estimation"}
-_DETECT_LAYOUTS = DETECT_LAYOUTS
 _CAPTION_LAYOUTS = "a .jsonl or .csv whose rows have a 'caption' or 'text' field"
 
 
@@ -38,9 +37,6 @@ class TaskChoice:
 
     task: str
     reason: str
-
-
-_coco = coco_keys
 
 
 def _caption_listing(path: str) -> bool:
@@ -62,6 +58,7 @@ def _caption_listing(path: str) -> bool:
 
 
 def _detect_signal(root: str) -> str | None:
+    """Where the detection annotations are, or None; the note when two formats describe the images."""
     layout = find_detection_layout(root)
     if layout is None:
         return None
@@ -73,7 +70,7 @@ def _coco_masks(root: str) -> bool:
     ann = subfolders(root).get("annotations")
     if ann:
         files += [os.path.join(root, ann, n) for n in list_names(os.path.join(root, ann)) if n.lower().endswith(".json")]
-    return any((c := _coco(f)) and c["masks"] for f in files)
+    return any((c := coco_keys(f)) and c["masks"] for f in files)
 
 
 def _caption_signal(root: str) -> str | None:
@@ -88,7 +85,7 @@ def _found(path: str) -> dict[str, str]:
     if os.path.isfile(path):
         low = path.lower()
         if low.endswith(".json"):
-            c = _coco(path) or {}
+            c = coco_keys(path) or {}
             return {**({"detect": "COCO boxes in the JSON: detection"} if c.get("boxes") else {}),
                     **({"promptable": "COCO masks in the JSON"} if c.get("masks") else {})}
         if _caption_listing(path):
@@ -114,7 +111,8 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
 
     Precedence without ``task``: detection data (a COCO JSON with boxes, or VOC XML in
     ``Annotations/``, beside the images or in a folder next to them; where both are there the
-    COCO JSON is read and the reason says so) -> ``detect``; mask folders -> ``segment``; depth folders -> ``depth``;
+    COCO JSON is read and the reason says so) -> ``detect``; mask folders -> ``segment``;
+    depth folders -> ``depth``;
     a caption listing (JSONL/CSV rows with a caption/text field) -> ``caption``; anything else
     (class folders and every format :func:`~vitkit.data.build_dataset` reads) -> ``classify``.
     COCO masks with prompts serve ``promptable`` only when asked. Built-ins: ``shapes`` ->
@@ -147,7 +145,7 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
     if task is not None:
         if task == "classify" or task in found:
             return TaskChoice(task, f"--task {task}" + (f" ({found[task]})" if task in found else ""))
-        layouts = {"segment": DENSE_LAYOUTS, "depth": DEPTH_LAYOUTS, "detect": _DETECT_LAYOUTS,
+        layouts = {"segment": DENSE_LAYOUTS, "depth": DEPTH_LAYOUTS, "detect": DETECT_LAYOUTS,
                    "caption": _CAPTION_LAYOUTS, "promptable": "a COCO JSON with segmentation masks"}[task]
         what = {"segment": "no masks", "depth": "no depth maps", "detect": "no boxes", "caption": "no captions",
                 "promptable": "no COCO masks"}[task]
