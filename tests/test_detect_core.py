@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +34,7 @@ from vitkit.detect.boxes import (
     nms,
     normalize_boxes,
 )
-from vitkit.detect.criterion import SetCriterion, sigmoid_focal_loss
+from vitkit.detect.criterion import SetCriterion, normalize_targets, sigmoid_focal_loss
 from vitkit.detect.evaluate import CocoEvaluator
 from vitkit.detect.matcher import HungarianMatcher
 from vitkit.detect.postprocess import set_postprocess
@@ -310,6 +311,33 @@ def test_focal_loss_by_hand_and_criterion_checks_class_count():
         SetCriterion(3, HungarianMatcher())(rand_outputs(g, 1, 4, 4), rand_targets(g, [1], 3))
     with pytest.raises(ConfigError, match="unknown loss weights"):
         SetCriterion(3, HungarianMatcher(), weights={"cls": 1.0})
+
+
+def test_criterion_input_checks_and_pixel_targets():
+    g = torch.Generator().manual_seed(10)
+    crit = SetCriterion(3, HungarianMatcher())
+    with pytest.raises(DataError, match="class 3, outside the 3 classes"):
+        crit(rand_outputs(g, 1, 4, 3), [{"labels": torch.tensor([3]), "boxes": rand_cxcywh(g, 1)}])
+    # a detector's pixel targets: x by the width 200, y by the height 100
+    pix = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "size": torch.tensor([100, 200])}]
+    (t,) = normalize_targets(pix)
+    assert torch.allclose(t["boxes"], torch.tensor([[0.2, 0.3, 0.2, 0.4]])) and torch.equal(t["labels"], pix[0]["labels"])
+    # a diverged prediction gives a non-finite loss (the trainer's to report), not a box error
+    out = rand_outputs(g, 1, 4, 3)
+    out["pred_boxes"][:] = float("nan")
+    assert not torch.isfinite(crit(out, [t])["loss"])
+
+
+def test_missing_detection_extra_is_a_config_error(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    with pytest.raises(ConfigError, match=r"pip install 'vitkit\[detect\]'"):
+        HungarianMatcher()(rand_outputs(g, 1, 3, 2), rand_targets(g, [1], 2))
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)
+    ev = CocoEvaluator(["a"])
+    ev.update(batch_of([HALF], [[0, 0]], [[200, 200]], [[400, 400]]), {"detections": [dets_of(HALF, [1, 1], [0, 0])]})
+    with pytest.raises(ConfigError, match=r"pip install 'vitkit\[detect\]'"):
+        ev.compute()
 
 
 # ---- postprocess -----------------------------------------------------------------------------------

@@ -50,8 +50,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 
 def _check_corners(boxes: Tensor, name: str) -> None:
     # A box with x1 < x0 gives a negative area and a meaningless (even > 1) GIoU: fail loudly.
-    if boxes.numel() and not (boxes[:, 2:] >= boxes[:, :2]).all():
-        bad = (boxes[:, 2:] < boxes[:, :2]).any(-1).nonzero()[0].item()
+    # NaN passes: a diverged prediction shows as a non-finite loss, which the trainer reports.
+    inverted = (boxes[:, 2:] < boxes[:, :2]).any(-1)
+    if boxes.numel() and inverted.any():
+        bad = inverted.nonzero()[0].item()
         raise DataError(
             f"{name} must be xyxy boxes with x1 >= x0 and y1 >= y0; box {bad} is {boxes[bad].tolist()}: "
             "convert centre-size boxes with box_cxcywh_to_xyxy and drop degenerate ones"

@@ -7,8 +7,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.distributed import all_reduce_sum, get_world_size
-from ..errors import ConfigError
-from .boxes import box_cxcywh_to_xyxy, generalized_box_iou
+from ..errors import ConfigError, DataError
+from .boxes import box_cxcywh_to_xyxy, generalized_box_iou, normalize_boxes
+
+
+def normalize_targets(targets: list[dict]) -> list[dict]:
+    """A detector's targets (``"boxes"`` xyxy pixels, ``"labels"``, ``"size"`` (h, w)) as the
+    matcher and :class:`SetCriterion` take them: ``"labels"`` and ``"boxes"`` cxcywh in [0, 1]."""
+    return [{"labels": t["labels"], "boxes": normalize_boxes(t["boxes"], t["size"])} for t in targets]
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25,
@@ -107,7 +113,15 @@ class SetCriterion(nn.Module):
         return {f"loss_ce{suffix}": w["ce"] * ce, f"loss_bbox{suffix}": w["bbox"] * l1,
                 f"loss_giou{suffix}": w["giou"] * giou}
 
+    def check_labels(self, targets: list[dict]) -> None:
+        labels = torch.cat([t["labels"].flatten() for t in targets]) if targets else torch.zeros(0)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = int(labels.min() if labels.min() < 0 else labels.max())
+            raise DataError(f"a target has class {bad}, outside the {self.num_classes} classes "
+                            f"0..{self.num_classes - 1}: the detector's num_classes and the data's classes disagree")
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        self.check_labels(targets)
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         losses = self._losses(outputs, targets, num_boxes, "")
         if self.aux:
