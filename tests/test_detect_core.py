@@ -379,6 +379,25 @@ def test_postprocess_focal_takes_top_k_over_queries_and_classes():
     assert len(set_postprocess(out, sizes, focal=True, top_k=1000)[0]["scores"]) == q * c
 
 
+@pytest.mark.peer("transformers")
+@pytest.mark.parametrize("focal", [False, True])
+def test_postprocess_matches_hf_image_processors(focal):
+    tr = require_peer("transformers")
+    proc = tr.DeformableDetrImageProcessor() if focal else tr.DetrImageProcessor()
+    g = torch.Generator().manual_seed(11)
+    out = rand_outputs(g, 2, 30, 5, focal=focal)
+    sizes = torch.tensor([[50, 70], [20, 30]])
+    theirs = proc.post_process_object_detection(
+        SimpleNamespace(logits=out["pred_logits"], pred_boxes=out["pred_boxes"]), threshold=0.0,
+        target_sizes=sizes, **({"top_k": 40} if focal else {}))
+    ours = set_postprocess(out, sizes, focal=focal, top_k=40 if focal else 100)
+    for a, b in zip(ours, theirs):
+        order = b["scores"].argsort(descending=True, stable=True)  # DETR's keeps query order
+        assert torch.allclose(a["scores"], b["scores"][order], atol=1e-6)
+        assert torch.equal(a["labels"], b["labels"][order])
+        assert torch.allclose(a["boxes"], b["boxes"][order], atol=1e-4)
+
+
 # ---- COCO evaluator --------------------------------------------------------------------------------
 
 
