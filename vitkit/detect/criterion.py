@@ -54,9 +54,11 @@ class SetCriterion(nn.Module):
 
     ``forward(outputs, targets)``: outputs as the matcher takes them, plus optionally
     ``"aux_outputs"`` (a list of such dicts, one per earlier decoder layer; used with ``aux``) and
-    ``"enc_outputs"`` (Deformable DETR's two-stage proposals, matched as one foreground class).
-    Each gets the same losses, matched on its own, keys suffixed ``_{i}`` / ``_enc``. Returns the
-    weighted parts (``weights`` by "ce", "bbox", "giou") and ``"loss"``, their sum.
+    ``"enc_outputs"`` (Deformable DETR's two-stage proposals: every target becomes class 0, so
+    only the first logit column is ever positive). Each gets the same losses, matched on its own,
+    keys suffixed ``_{i}`` / ``_enc``. Returns the weighted parts (``weights`` by "ce", "bbox",
+    "giou") and ``"loss"``, their sum. The defaults are DETR's (and YOLOS'); Deformable DETR's
+    recipe is ``focal=True, weights={"ce": 2}`` with a ``HungarianMatcher(cost_class=2, focal=True)``.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, *, eos_coef: float = 0.1, focal: bool = False,
