@@ -468,6 +468,24 @@ def test_coco_perfect_none_and_empty():
         ev.compute()
 
 
+def test_coco_counts_a_repeated_image_once_and_unknown_ids_always():
+    hit = {"detections": [dets_of(HALF, [0.9, 0.8], [0, 0])]}
+    miss = {"detections": [dets_of([], [], [])]}
+    ev = CocoEvaluator(["thing"])
+    for ids, outputs in [([-1], hit), ([-1], miss)]:  # unknown ids: two images, one missed
+        ev.update(batch_of([HALF], [[0, 0]], [[200, 200]], [[400, 400]], ids), outputs)
+    assert ev.compute()["ar100"] == pytest.approx(0.5)
+    ev.reset()
+    for ids, outputs in [([7], hit), ([7], miss)]:  # the same image twice: its first showing counts
+        ev.update(batch_of([HALF], [[0, 0]], [[200, 200]], [[400, 400]], ids), outputs)
+    assert ev.compute()["ar100"] == pytest.approx(1.0)
+    ev.reset()
+    for outputs in (hit, miss):  # no image ids: the dataset index identifies the image
+        batch = batch_of([HALF], [[0, 0]], [[200, 200]], [[400, 400]])
+        ev.update({**batch, "index": torch.tensor([3])}, outputs)
+    assert ev.compute()["ar100"] == pytest.approx(1.0)
+
+
 def test_coco_evaluator_equals_pycocotools_on_the_same_json(tmp_path):
     coco_mod = require_peer("pycocotools.coco")
     cocoeval_mod = require_peer("pycocotools.cocoeval")

@@ -30,6 +30,14 @@ def _np(x, shape=None) -> np.ndarray:
     return a.reshape(shape) if shape is not None else a
 
 
+def _key(ids, i: int, kind: str):
+    """The identity of image ``i`` of a batch by ``ids`` (image ids or dataset indices); None when unknown (< 0)."""
+    if ids is None:
+        return None
+    v = int(ids[i].item() if isinstance(ids[i], torch.Tensor) else ids[i])
+    return (kind, v) if v >= 0 else None
+
+
 class CocoEvaluator(Evaluator):
     """COCO box AP of a detector over a validation set, as pycocotools' ``COCOeval`` computes it.
 
@@ -37,9 +45,11 @@ class CocoEvaluator(Evaluator):
     with ``"boxes"`` (N, 4) xyxy, ``"scores"`` and ``"labels"`` (in ``[0, C)``), in pixels of
     the batch's images; the batch holds the ground truth ``"boxes"`` / ``"labels"`` (lists of
     per-image tensors), ``"size"`` (B, 2) each image's true (h, w) in the batch and
-    ``"orig_size"`` (B, 2) its original (h, w); ``"image_id"`` (optional) identifies an image
-    seen twice (once counted). Boxes are scaled back to the original image per axis, so areas
-    (small < 32², medium, large > 96²) are COCO's. Category ids are 1..C, no crowd regions.
+    ``"orig_size"`` (B, 2) its original (h, w). ``"image_id"`` (or else the dataset's
+    ``"index"``; optional, negative for unknown) identifies an image seen twice (a distributed
+    sampler pads its shards with repeats), counted once. Boxes are scaled back to the original
+    image per axis, so areas (small < 32², medium, large > 96²) are COCO's. Category ids are
+    1..C, no crowd regions.
 
     ``compute()`` returns ``ap`` (IoU 0.50:0.95, the primary), ``ap50``, ``ap75``, ``ap_small``,
     ``ap_medium``, ``ap_large`` and ``ar100``; pycocotools' -1 marks a metric without ground
@@ -69,16 +79,12 @@ class CocoEvaluator(Evaluator):
             raise DataError(f"the detector returned {len(dets)} detection lists for a batch of {n} images")
         size = _np(batch["size"], (n, 2))
         orig = _np(batch["orig_size"], (n, 2)) if "orig_size" in batch else size
-        ids = batch.get("image_id")
+        ids, index = batch.get("image_id"), batch.get("index")
         for i in range(n):
             h, w = size[i]
             scale = np.array([orig[i, 1] / w, orig[i, 0] / h] * 2)
             d = dets[i]
-            image_id = ids[i] if ids is not None else None
-            if image_id is None:
-                key = ("anon", get_rank(), self._seen)
-            else:
-                key = int(image_id.item() if isinstance(image_id, torch.Tensor) else image_id)
+            key = _key(ids, i, "image") or _key(index, i, "index") or ("anon", get_rank(), self._seen)
             self._seen += 1
             self.records.append({
                 "key": key,
