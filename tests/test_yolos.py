@@ -207,3 +207,13 @@ def test_postprocess_gives_pixel_boxes_best_first():
         h, w = sizes[i].tolist()
         want = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
         assert torch.allclose(d["boxes"][0], want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["test_vit_reg", "test_deit_distilled", "test_vit_gap"])
+def test_other_vit_layouts_train_every_parameter(name):
+    # Register / distillation tokens stay in front; a pooled ViT's fc_norm normalises the detection tokens.
+    model = create_detector("yolos", name, num_classes=2, num_det_tokens=4, pe_size=(32, 32),
+                            use_mid_position_embeddings=True)
+    out = model(torch.randn(1, 3, 45, 61))
+    (out["pred_logits"].sum() + out["pred_boxes"].sum()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

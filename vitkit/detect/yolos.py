@@ -190,10 +190,6 @@ class YOLOS(Detector):
         prefix = 0 if fresh.no_embed_class else fresh.num_prefix_tokens
         sd["pos_embed"] = _resample_grid(sd["pos_embed"], self.pe_grid, tuple(fresh.patch_embed.grid_size), prefix)
         self.backbone.load_state_dict(sd)
-        if self.layer_norm_eps != 1e-6:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.LayerNorm):
-                    m.eps = self.layer_norm_eps
         return report
 
     @property
@@ -252,8 +248,17 @@ class YOLOS(Detector):
                 tokens = bb.run_blocks(tokens, ctx, i, i + 1)
                 if i < depth - 1:
                     tokens = tokens + mid[i]
-        det = bb.norm(tokens)[:, -self.num_det_tokens:]
+        det = self._final_norm(tokens[:, -self.num_det_tokens:])
         return {"pred_logits": self.class_embed(det), "pred_boxes": self.bbox_embed(det).sigmoid()}
+
+    def _final_norm(self, x: Tensor) -> Tensor:
+        # A pooled-feature ViT (global_pool="avg") keeps its final norm as fc_norm, after pooling:
+        # here it normalises each detection token, as the token-pooled ViT's norm does.
+        bb = self.backbone
+        fc_norm = getattr(bb, "fc_norm", None)
+        if isinstance(bb.norm, nn.Identity) and isinstance(fc_norm, nn.Module):
+            return fc_norm(x)
+        return bb.norm(x)
 
     # ------------------------------------------------------------------ loss and boxes
     @property
