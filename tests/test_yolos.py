@@ -18,6 +18,12 @@ from vitkit.errors import ConfigError
 transformers = lazy_peer("transformers")
 
 
+def _needs_set_loss() -> None:
+    # DETR's criterion, matcher and postprocess are vitkit.detect's own modules, merged beside this one.
+    for mod in ("vitkit.detect.criterion", "vitkit.detect.matcher", "vitkit.detect.postprocess"):
+        pytest.importorskip(mod, reason=f"{mod} is not on this branch yet")
+
+
 def _hf_yolos(mid: bool, eps: float = 1e-12):
     torch.manual_seed(0)
     cfg = transformers.YolosConfig(
@@ -73,6 +79,7 @@ def test_hf_parity_needs_the_configs_layer_norm_eps():
 
 @pytest.mark.peer
 def test_loss_equals_transformers_detr_loss():
+    _needs_set_loss()
     peer = _hf_yolos(True)
     model, _ = _converted(peer)
     g = torch.Generator().manual_seed(2)
@@ -168,6 +175,7 @@ def test_backbone_starts_from_vit_weights(how):
 
 
 def test_train_steps_reduce_loss():
+    _needs_set_loss()
     model = _tiny(num_det_tokens=6).train()
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 32, 48, generator=g)
@@ -189,6 +197,7 @@ def test_train_steps_reduce_loss():
 
 
 def test_postprocess_gives_pixel_boxes_best_first():
+    _needs_set_loss()
     model = _tiny().eval()
     x = torch.randn(2, 3, 32, 48)
     sizes = torch.tensor([[32, 48], [30, 40]])

@@ -62,7 +62,8 @@ class YOLOS(Detector):
         eos_coef, cost_class, cost_bbox, cost_giou, weight_bbox, weight_giou: DETR's loss (no-object
             weight of the cross-entropy, matching costs, L1 and GIoU loss weights).
 
-    ``forward`` pads the input bottom/right to a multiple of the patch size. ``pixel_mask`` is
+    ``forward`` pads the input bottom/right to a multiple of the patch size (the reference and
+    transformers drop the last partial patch instead; at multiples of the patch they agree). ``pixel_mask`` is
     ignored, as in the reference: the ViT attends to the padding too, and boxes are normalised by
     each image's true size, so the model learns where an image ends from its content.
     """
