@@ -4,6 +4,8 @@ transformers' DETR loss, training on a fixed batch, and starting the backbone fr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,20 @@ def test_loss_equals_transformers_detr_loss():
         assert abs(got[part].item() - weight * ref.loss_dict[part].item()) < 1e-5, part
 
 
+@pytest.mark.peer
+def test_converter_takes_config_json_and_rejects_what_it_cannot_convert():
+    peer = _hf_yolos(True)
+    sd = peer.state_dict()
+    args_obj, _ = convert_hf_yolos(sd, peer.config)
+    args_json, _ = convert_hf_yolos(sd, json.loads(json.dumps(peer.config.to_dict())))
+    assert args_json == args_obj
+    assert args_obj["backbone_args"]["embed_dim"] == 32 and args_obj["backbone_args"]["mlp_ratio"] == 2.0
+    with pytest.raises(ConfigError, match="no class_labels_classifier"):
+        convert_hf_yolos({k: v for k, v in sd.items() if k.startswith("vit.")}, peer.config)
+    with pytest.raises(ConfigError, match="gelu"):
+        convert_hf_yolos(sd, {**peer.config.to_dict(), "hidden_act": "relu"})
+
+
 def _tiny(**kw) -> YOLOS:
     torch.manual_seed(0)
     args = dict(num_det_tokens=8, pe_size=(32, 48))
@@ -112,7 +128,7 @@ def test_registered_with_the_papers_backbone_and_rebuilds_from_model_args():
     assert detector_entry("yolos").cls is YOLOS
     assert detector_entry("yolos").default_backbone == "vit_tiny_patch16_224"
     model = _tiny(use_mid_position_embeddings=True, backbone_args={"depth": 3})
-    again = create_detector(**model.model_args)
+    again = create_detector(**json.loads(json.dumps(model.model_args)))  # run configs store them as JSON/YAML
     assert again.model_args == model.model_args
     again.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(1, 3, 40, 56)
