@@ -88,6 +88,8 @@ class _TransformedStream(IterableDataset):
 # Padding of each dense field where the samples of a batch differ in size (evaluation at full
 # resolution): images black, depth invalid, masks the sample's ignore index.
 _DENSE_FIELDS = ("image", "mask", "depth")
+# Per-sample box counts differ: these stay lists even when every sample of a batch has as many.
+_LIST_FIELDS = ("boxes", "labels")
 
 
 def _pad_stack(tensors: list[torch.Tensor], values: list[float]) -> torch.Tensor:
@@ -110,13 +112,15 @@ def _collate_dense(samples: list[dict]) -> dict:
         if key in _DENSE_FIELDS:
             pad = [s.get("ignore_index", 255) for s in samples] if key == "mask" else [0] * len(samples)
             batch[key] = _pad_stack(vals, pad)
+        elif key in _LIST_FIELDS:
+            batch[key] = vals
         elif isinstance(vals[0], torch.Tensor) and all(v.shape == vals[0].shape for v in vals):
             batch[key] = torch.stack(vals)
         else:
             batch[key] = vals  # per-sample lists (boxes, captions, ...) stay lists
     if "ignore_index" in samples[0]:
         batch["ignore_index"] = int(samples[0]["ignore_index"])
-    if len(set(sizes)) > 1:
+    if len(set(sizes)) > 1 or "boxes" in samples[0]:
         batch["size"] = torch.tensor(sizes, dtype=torch.long)
     return batch
 
@@ -131,6 +135,9 @@ def collate(samples: list[dict]) -> dict:
     largest size in the batch (image 0, mask the sample's ``"ignore_index"``, depth 0), and then
     ``"size"`` (B, 2) holds each sample's true (h, w). ``"ignore_index"`` becomes one int; other
     tensor fields of equal shape are stacked, the rest kept as per-sample lists.
+
+    Detection samples (``"boxes"``): ``"boxes"`` and ``"labels"`` are always per-sample lists and
+    ``"size"`` is always present.
     """
     common = {
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .dense import build_dense_dataset
+from .detection import build_detection_dataset, describe_detection
 from .formats import build_dataset
 from .inspect import DatasetInfo, describe_datasets, describe_dense, with_counts
 from .scan import ScanReport, scan_files
@@ -37,7 +38,7 @@ class DataStage:
         if self.scan is None:
             return None
         found = f"{len(self.scan.bad)} broken, left out (listed in bad_files.txt)" if self.scan.bad else "none broken"
-        what = "image files" if self.task == "classify" else "image pairs"
+        what = "image files" if self.task in ("classify", "detect") else "image pairs"
         return f"checked {self.scan.scanned} {what} in {self.scan_s:.1f} s: {found}"
 
 
@@ -48,8 +49,11 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
 
     ``task`` None detects the task from the data (:func:`~vitkit.data.task.detect_task`).
     ``in_chans`` None takes the channels the images have (1 when all are gray); the split is
-    ``build_dataset``'s (``build_dense_dataset``'s for segment/depth, with ``ignore_index``)
-    with ``val_fraction`` and ``seed``. Dense data is scanned by image/target pairs.
+    ``build_dataset``'s (``build_dense_dataset``'s for segment/depth, with ``ignore_index``;
+    ``build_detection_dataset``'s for detect) with ``val_fraction`` and ``seed``. Dense data is
+    scanned by image/target pairs, detection data by images (each checked against the size its
+    annotations give); ``info`` of detection data is a :class:`~vitkit.data.detection.DetectionInfo`
+    (box counts, boxes per image, median box area).
 
     Raises:
         PathNotFoundError, DataError: see ``build_dataset`` and ``scan_files``.
@@ -58,9 +62,11 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
     choice = detect_task(path, task)
     if choice.task in ("segment", "depth"):
         return _prepare_dense(path, choice, val_fraction, seed, in_chans, max_bad_fraction, ignore_index)
+    if choice.task == "detect":
+        return _prepare_detect(path, choice, val_fraction, seed, in_chans, max_bad_fraction)
     if choice.task != "classify":
         raise ConfigError(f"{path}: task {choice.task!r} ({choice.reason}) has no data reader in this version "
-                          "of vitkit; pass --task classify|segment|depth")
+                          "of vitkit; pass --task classify|segment|depth|detect")
     # Built with RGB decoding: the description judges gray from colour images; the channels the
     # run wants are set once they are known.
     train, val = (
@@ -79,18 +85,30 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
 
 
 def _prepare_dense(path, choice, val_fraction, seed, in_chans, max_bad_fraction, ignore_index) -> DataStage:
-    train, val = (
-        build_dense_dataset(path, choice.task, split, val_fraction=val_fraction, seed=seed,
-                            ignore_index=ignore_index, max_bad_fraction=max_bad_fraction)
-        for split in ("train", "val")
-    )
+    def build(split):
+        return build_dense_dataset(path, choice.task, split, val_fraction=val_fraction, seed=seed,
+                                   ignore_index=ignore_index, max_bad_fraction=max_bad_fraction)
+    return _prepare_split(path, choice, build, describe_dense, seed, in_chans, max_bad_fraction)
+
+
+def _prepare_detect(path, choice, val_fraction, seed, in_chans, max_bad_fraction) -> DataStage:
+    def build(split):
+        return build_detection_dataset(path, split, val_fraction=val_fraction, seed=seed,
+                                       max_bad_fraction=max_bad_fraction)
+    return _prepare_split(path, choice, build, describe_detection, seed, in_chans, max_bad_fraction)
+
+
+def _prepare_split(path, choice, build, describe, seed, in_chans, max_bad_fraction) -> DataStage:
+    """Both splits of dense or detection data: scanned (pairs, or images with their boxes), broken
+    items left out, then described."""
+    train, val = build("train"), build("val")
     t0 = time.perf_counter()
     scan = scan_files([train, val], max_bad_fraction=max_bad_fraction)
     scan_s = time.perf_counter() - t0
     for ds in (train, val):
         if scan is not None and scan.bad:
             ds.exclude(scan.bad_files)
-    info = describe_dense(train, val, seed=seed, where=path)
+    info = describe(train, val, seed=seed, where=path)
     for ds in (train, val):
         ds.in_chans = in_chans or info.in_chans
     return DataStage(train, val, info, scan, scan_s, choice.task, choice.reason)

@@ -21,13 +21,13 @@ from .dense_formats import (
     list_names,
     subfolders,
 )
+from .det_formats import DETECT_LAYOUTS, coco_keys, find_detection_layout
 
 TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
 _CAPTION_FIELDS = ("caption", "text", "captions")
 _BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
              "depth-scenes": ("depth",)}
 _WORDS = {"classify": "classification", "segment": "segmentation", "depth": "depth estimation"}
-_DETECT_LAYOUTS = "a COCO JSON with boxes (annotations with 'bbox') or Pascal VOC Annotations/*.xml"
 _CAPTION_LAYOUTS = "a .jsonl or .csv whose rows have a 'caption' or 'text' field"
 
 
@@ -37,27 +37,6 @@ class TaskChoice:
 
     task: str
     reason: str
-
-
-def _coco(path: str) -> dict | None:
-    """Which annotation kinds a COCO-style JSON holds, found by its key names (streamed, not parsed:
-    a COCO file can be hundreds of megabytes)."""
-    keys = {b'"annotations"': False, b'"bbox"': False, b'"segmentation"': False}
-    tail = b""
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                block = tail + chunk
-                for k in keys:
-                    keys[k] = keys[k] or k in block
-                if all(keys.values()):
-                    break
-                tail = block[-16:]
-    except OSError:
-        return None
-    if not keys[b'"annotations"']:
-        return None
-    return {"boxes": keys[b'"bbox"'], "masks": keys[b'"segmentation"']}
 
 
 def _caption_listing(path: str) -> bool:
@@ -79,18 +58,11 @@ def _caption_listing(path: str) -> bool:
 
 
 def _detect_signal(root: str) -> str | None:
-    dirs = subfolders(root)
-    if "annotations" in dirs:
-        ann = os.path.join(root, dirs["annotations"])
-        if any(n.lower().endswith(".xml") for n in list_names(ann)[:50]):
-            return "Pascal VOC boxes in Annotations/*.xml"
-        for n in list_names(ann):
-            if n.lower().endswith(".json") and (c := _coco(os.path.join(ann, n))) and c["boxes"]:
-                return f"COCO boxes in annotations/{n}"
-    for n in list_names(root):
-        if n.lower().endswith(".json") and (c := _coco(os.path.join(root, n))) and c["boxes"]:
-            return f"COCO boxes in {n}"
-    return None
+    """Where the detection annotations are, or None; the note when two formats describe the images."""
+    layout = find_detection_layout(root)
+    if layout is None:
+        return None
+    return layout.where + (f" ({layout.note})" if layout.note else "")
 
 
 def _coco_masks(root: str) -> bool:
@@ -98,7 +70,7 @@ def _coco_masks(root: str) -> bool:
     ann = subfolders(root).get("annotations")
     if ann:
         files += [os.path.join(root, ann, n) for n in list_names(os.path.join(root, ann)) if n.lower().endswith(".json")]
-    return any((c := _coco(f)) and c["masks"] for f in files)
+    return any((c := coco_keys(f)) and c["masks"] for f in files)
 
 
 def _caption_signal(root: str) -> str | None:
@@ -113,7 +85,7 @@ def _found(path: str) -> dict[str, str]:
     if os.path.isfile(path):
         low = path.lower()
         if low.endswith(".json"):
-            c = _coco(path) or {}
+            c = coco_keys(path) or {}
             return {**({"detect": "COCO boxes in the JSON: detection"} if c.get("boxes") else {}),
                     **({"promptable": "COCO masks in the JSON"} if c.get("masks") else {})}
         if _caption_listing(path):
@@ -137,8 +109,10 @@ def _found(path: str) -> dict[str, str]:
 def detect_task(path: str, task: str | None = None) -> TaskChoice:
     """The task to train on the data at ``path``: ``task`` when given, else detected.
 
-    Precedence without ``task``: detection data (a COCO JSON with boxes, or VOC
-    ``Annotations/*.xml``) -> ``detect``; mask folders -> ``segment``; depth folders -> ``depth``;
+    Precedence without ``task``: detection data (a COCO JSON with boxes, or VOC XML in
+    ``Annotations/``, beside the images or in a folder next to them; where both are there the
+    COCO JSON is read and the reason says so) -> ``detect``; mask folders -> ``segment``;
+    depth folders -> ``depth``;
     a caption listing (JSONL/CSV rows with a caption/text field) -> ``caption``; anything else
     (class folders and every format :func:`~vitkit.data.build_dataset` reads) -> ``classify``.
     COCO masks with prompts serve ``promptable`` only when asked. Built-ins: ``shapes`` ->
@@ -171,7 +145,7 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
     if task is not None:
         if task == "classify" or task in found:
             return TaskChoice(task, f"--task {task}" + (f" ({found[task]})" if task in found else ""))
-        layouts = {"segment": DENSE_LAYOUTS, "depth": DEPTH_LAYOUTS, "detect": _DETECT_LAYOUTS,
+        layouts = {"segment": DENSE_LAYOUTS, "depth": DEPTH_LAYOUTS, "detect": DETECT_LAYOUTS,
                    "caption": _CAPTION_LAYOUTS, "promptable": "a COCO JSON with segmentation masks"}[task]
         what = {"segment": "no masks", "depth": "no depth maps", "detect": "no boxes", "caption": "no captions",
                 "promptable": "no COCO masks"}[task]
