@@ -3,8 +3,6 @@ reference, any input size, cross-attention capture, and a training step that lea
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from helpers import lazy_peer, max_diff, perturb
@@ -214,8 +212,6 @@ def _targets():
     ]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vitkit.detect.criterion") is None,
-                    reason="vitkit.detect.criterion (the set criterion) is not on this branch yet")
 def test_training_steps_reduce_the_set_loss(one_thread):
     torch.manual_seed(0)
     m = tiny("test_resnet", dropout=0.0, frozen_stages=0)
