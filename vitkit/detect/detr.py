@@ -22,7 +22,10 @@ from ..layers.capture import _MapList
 from ..models import create_model, get_model_card
 from ..models._base import check_image
 from .base import Detector
+from .criterion import SetCriterion, normalize_targets
 from .layers import MLP, sine_positions
+from .matcher import HungarianMatcher
+from .postprocess import set_postprocess
 from .registry import register_detector
 
 
@@ -290,7 +293,7 @@ class DETR(Detector):
         self.transformer = Transformer(d_model, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        self._criterion = None
+        self.__dict__["_criterion"] = None  # built on first use, not a submodule: no state, no device of its own
 
     def _freeze_backbone(self, train_backbone: bool, frozen_stages: int) -> None:
         params = list(self.backbone.named_parameters())
@@ -395,34 +398,23 @@ class DETR(Detector):
         """DETR's set criterion (Hungarian matching on class 1, L1 5, GIoU 2; loss weights the
         same, "no object" weighted ``eos_coef``), built on first use and kept out of the state dict."""
         if self._criterion is None:
-            from .criterion import SetCriterion
-            from .matcher import HungarianMatcher
-
             matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)
-            self._criterion = [SetCriterion(self.num_classes, matcher, eos_coef=self.eos_coef,
-                                            weights={"ce": 1, "bbox": 5, "giou": 2}, aux=self.aux_loss)]
-        return self._criterion[0]
+            self.__dict__["_criterion"] = SetCriterion(self.num_classes, matcher, eos_coef=self.eos_coef,
+                                                       weights={"ce": 1, "bbox": 5, "giou": 2}, aux=self.aux_loss)
+        return self._criterion
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict:
         """Set loss of ``outputs`` against ``targets`` (xyxy pixel boxes, labels, true ``size``
         per image; see :class:`~vitkit.detect.Detector`)."""
-        from .boxes import normalize_boxes
-
         device = outputs["pred_logits"].device
-        crit = self.criterion().to(device)
-        norm_targets = []
-        for t in targets:
-            boxes = torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
-            size = torch.as_tensor(t["size"], device=device)
-            norm_targets.append({"labels": torch.as_tensor(t["labels"], dtype=torch.int64, device=device),
-                                 "boxes": normalize_boxes(boxes, size)})
-        return crit(outputs, norm_targets)
+        targets = [{"boxes": torch.as_tensor(t["boxes"], dtype=torch.float32, device=device).reshape(-1, 4),
+                    "labels": torch.as_tensor(t["labels"], dtype=torch.int64, device=device),
+                    "size": torch.as_tensor(t["size"], device=device)} for t in targets]
+        return self.criterion().to(device)(outputs, normalize_targets(targets))
 
     def postprocess(self, outputs: dict, sizes: Tensor, top_k: int = 100) -> list[dict]:
         """Per image: softmax over the classes, "no object" dropped, each query's best class;
         boxes in pixels of the unpadded input (``sizes`` (B, 2) true (h, w)), best first."""
-        from .postprocess import set_postprocess
-
         return set_postprocess(outputs, sizes, focal=False, top_k=top_k)
 
     def extra_repr(self) -> str:
