@@ -35,8 +35,8 @@ def tiny(backbone="test_resnet", **kw) -> DETR:
     return create_detector("detr", backbone, num_classes=3, **{**TINY, **kw})
 
 
-def hf_detr():
-    cfg = transformers.DetrConfig(**TINY_HF)
+def hf_detr(**kw):
+    cfg = transformers.DetrConfig(**{**TINY_HF, **kw})
     model = transformers.DetrForObjectDetection(cfg)
     model.set_attn_implementation("eager")  # the attention weights come back only from the eager path
     perturb(model, scale=0.3)
@@ -58,24 +58,52 @@ def _masked_batch():
     return x, mask
 
 
-@needs_hf
-def test_hf_parity_logits_boxes_and_cross_attention(one_thread):
-    hf, cfg = hf_detr()
+def _converted(hf, cfg) -> DETR:
     args, sd = convert_hf_detr(hf.state_dict(), cfg)
     assert args["backbone"] == "resnet18" and args["num_classes"] == 3
     ours = create_detector(**args)
     ours.load_state_dict(sd, strict=True)
-    ours.eval()
+    return ours.eval()
+
+
+@needs_hf
+def test_hf_parity_logits_boxes_and_cross_attention(one_thread):
+    hf, cfg = hf_detr()
+    ours = _converted(hf, cfg)
     x, mask = _masked_batch()
+    first = []  # the first decoder layer's raw output, for the auxiliary head below
+    hook = hf.model.decoder.layers[0].register_forward_hook(lambda m, i, o: first.append(o))
     with torch.no_grad():
         ref = hf(pixel_values=x, pixel_mask=mask, output_attentions=True)
         out = ours(x, mask.bool(), return_attention=True)
+    hook.remove()
     assert max_diff(out["pred_logits"], ref.logits) < 1e-5
     assert max_diff(out["pred_boxes"], ref.pred_boxes) < 1e-5
+    # The reference's auxiliary outputs: each earlier layer's output through the shared decoder norm and the heads.
+    with torch.no_grad():
+        inter = hf.model.decoder.layernorm(first[0])
+        assert max_diff(out["aux_outputs"][0]["pred_logits"], hf.class_labels_classifier(inter)) < 1e-5
+        assert max_diff(out["aux_outputs"][0]["pred_boxes"], hf.bbox_predictor(inter).sigmoid()) < 1e-5
     # The last decoder layer's cross-attention, averaged over heads, is what `vitkit explain` shows.
     h, w = out["feature_size"]
     assert (h, w) == (2, 3)
     assert max_diff(out["cross_attention"], ref.cross_attentions[-1].mean(1)) < 1e-5
+
+
+@needs_hf
+def test_hf_parity_of_checkpoints_trained_with_auxiliary_losses(one_thread):
+    # HF decodes differently with auxiliary_loss=True; the converter asks for that decoding.
+    hf, cfg = hf_detr(auxiliary_loss=True)
+    ours = _converted(hf, cfg)
+    assert ours.model_args["hf_aux_norm"] and "hf_aux_norm" not in _converted(*hf_detr()).model_args
+    x, mask = _masked_batch()
+    with torch.no_grad():
+        ref = hf(pixel_values=x, pixel_mask=mask)
+        inter = hf.model(pixel_values=x, pixel_mask=mask).intermediate_hidden_states[0]
+        out = ours(x, mask.bool())
+    assert max_diff(out["pred_logits"], ref.logits) < 1e-5
+    assert max_diff(out["pred_boxes"], ref.pred_boxes) < 1e-5
+    assert max_diff(out["aux_outputs"][0]["pred_logits"], hf.class_labels_classifier(inter)) < 1e-5
 
 
 @needs_hf

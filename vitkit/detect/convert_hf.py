@@ -142,6 +142,8 @@ def convert_hf_detr(state_dict: dict[str, torch.Tensor], config) -> tuple[dict, 
         enc_layers=int(cfg.get("encoder_layers", 6)), dec_layers=int(cfg.get("decoder_layers", 6)),
         nheads=int(cfg.get("encoder_attention_heads", 8)), dim_feedforward=int(cfg.get("encoder_ffn_dim", 2048)),
         dropout=float(cfg.get("dropout", 0.1)),
+        # HF decodes differently with auxiliary losses on; a checkpoint trained so needs the same decoding.
+        **({"hf_aux_norm": True} if cfg.get("auxiliary_loss") else {}),
         backbone_args={"in_chans": in_chans} if in_chans != 3 else {},
     )
     return model_args, out

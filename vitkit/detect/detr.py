@@ -172,11 +172,17 @@ class _Stack(nn.Module):
 
 class Transformer(nn.Module):
     """DETR's encoder-decoder. ``forward`` returns the decoder output after every layer, each
-    through the one shared decoder norm, stacked (L, B, Q, d), and the memory (B, h*w, d)."""
+    through the one shared decoder norm, stacked (L, B, Q, d), and the memory (B, h*w, d).
+
+    ``hf_aux_norm`` reproduces Hugging Face's ``DetrForObjectDetection`` with
+    ``auxiliary_loss=True``, which feeds each decoder layer the normalised output of the one
+    before and normalises the last output twice (the reference feeds the raw output on).
+    """
 
     def __init__(self, d_model: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1):
+                 dim_feedforward: int = 2048, dropout: float = 0.1, hf_aux_norm: bool = False):
         super().__init__()
+        self.hf_aux_norm = hf_aux_norm
         self.encoder = _Stack([EncoderLayer(d_model, nheads, dim_feedforward, dropout) for _ in range(enc_layers)])
         self.decoder = _Stack([DecoderLayer(d_model, nheads, dim_feedforward, dropout) for _ in range(dec_layers)],
                               nn.LayerNorm(d_model))
@@ -195,6 +201,10 @@ class Transformer(nn.Module):
         for layer in self.decoder.layers:
             tgt = layer(tgt, memory, pos, query_pos, padding)
             hs.append(self.decoder.norm(tgt))
+            if self.hf_aux_norm:
+                tgt = hs[-1]
+        if self.hf_aux_norm:
+            hs[-1] = self.decoder.norm(hs[-1])
         return torch.stack(hs), memory
 
 
@@ -243,6 +253,8 @@ class DETR(Detector):
         backbone_lr_mult: the backbone's learning rate as a fraction of the transformer's (the
             reference's 1e-5 / 1e-4 = 0.1); read as :attr:`backbone_lr_mult` and
             :meth:`param_groups_hint`.
+        hf_aux_norm: decode as Hugging Face's DETR does with ``auxiliary_loss=True`` (see
+            :class:`Transformer`), for checkpoints trained that way; False is the reference.
 
     A built backbone is changed in place (BatchNorm frozen, stages frozen). Inputs of any size
     work: images (and ``pixel_mask``) are padded bottom/right to a multiple of :attr:`stride`
@@ -255,7 +267,7 @@ class DETR(Detector):
                  enc_layers: int = 6, dec_layers: int = 6, nheads: int = 8, dim_feedforward: int = 2048,
                  dropout: float = 0.1, aux_loss: bool = True, eos_coef: float = 0.1, frozen_bn: bool = True,
                  train_backbone: bool = True, frozen_stages: int = 1, backbone_lr_mult: float = 0.1,
-                 backbone_args: dict | None = None):
+                 hf_aux_norm: bool = False, backbone_args: dict | None = None):
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"DETR needs at least one object class, got num_classes={num_classes}")
@@ -281,6 +293,8 @@ class DETR(Detector):
                           nheads=nheads, dim_feedforward=dim_feedforward, dropout=dropout, aux_loss=aux_loss,
                           eos_coef=eos_coef, frozen_bn=frozen_bn, train_backbone=train_backbone,
                           frozen_stages=frozen_stages, backbone_lr_mult=backbone_lr_mult)
+        if hf_aux_norm:
+            self._args["hf_aux_norm"] = True
         self._backbone_args = dict(backbone_args or {})
 
         cnn = any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in bb.modules())
@@ -290,7 +304,7 @@ class DETR(Detector):
 
         self.input_proj = nn.Conv2d(bb.feature_info[-1]["num_chs"], d_model, 1)
         self.query_embed = nn.Embedding(num_queries, d_model)
-        self.transformer = Transformer(d_model, nheads, enc_layers, dec_layers, dim_feedforward, dropout)
+        self.transformer = Transformer(d_model, nheads, enc_layers, dec_layers, dim_feedforward, dropout, hf_aux_norm)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         self.__dict__["_criterion"] = None  # built on first use, not a submodule: no state, no device of its own
