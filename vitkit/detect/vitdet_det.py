@@ -5,7 +5,8 @@ Object Detection"): the last map of the ViT (stride 16 for patch 16) becomes the
 strides 8/16/32 by a stride-2 deconvolution, the identity and a 2x2 max pool, each followed by a
 1x1 and a 3x3 conv with LayerNorm; stride 64 is the max-pool subsampling of the stride-32
 level (their top block). A hierarchical backbone (Swin, PVT, ConvNeXt, ...) gives its own maps
-at those strides instead, with the same 1x1/3x3 convs on top.
+at those strides instead (a missing one: the nearest finer map, max-pooled), with the same
+1x1/3x3 convs on top.
 
 The head is FCOS (Tian et al., 2019; "FCOS: A Simple and Strong Anchor-free Object Detector",
 2020) with the improvements of its reference code: shared 4-conv GroupNorm towers for
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..engine.distributed import all_reduce_sum, get_world_size
 from ..errors import ConfigError
 from ..layers.norm import LayerNorm2d
+from ..layers.pyramid import pyramid_plan
 from .base import Detector
 from .nms import batched_nms
 from .registry import register_detector
@@ -172,34 +174,25 @@ class SimpleFeaturePyramid(nn.Module):
                 f"vitdet_fcos: strides must double from level to level and start at most at {_MAX_BUILT_STRIDE} "
                 f"(the paper's are 8, 16, 32, 64), got {list(strides)}"
             )
+        # A plain ViT's pyramid is its last map resampled: ViTDet learns that resampling from the map
+        # itself. A hierarchical backbone gives a map per stride; missing strides come from the
+        # nearest finer one (vitkit's pyramid plan).
         self.isotropic = len({f["module"] for f in info}) == 1
+        srcs = [backbone.feature_info[-1]] if self.isotropic else info
+        self.sources = []
         self.stages = nn.ModuleList()
-        if self.isotropic:
-            last = backbone.feature_info[-1]
-            dim, red = last["num_chs"], last["reduction"]
-            for s in built:
-                scale = red / s
-                if scale > 1 and (scale != 2 ** round(math.log2(scale)) or dim % round(scale)):
-                    raise ConfigError(
-                        f"vitdet_fcos: {name}'s last map has stride {red}; stride {s} would need an upsampling by "
-                        f"{scale}, which the simple pyramid does by powers of two. Use strides at or above {red} / 4"
-                    )
-                if scale < 1 and Fraction(1 / scale).denominator != 1:
-                    raise ConfigError(f"vitdet_fcos: stride {s} is not a whole multiple of {name}'s stride {red}")
-                resample, chs = _rescale(dim, scale)
-                self.stages.append(nn.Sequential(resample, _conv_ln(chs, channels, 1), _conv_ln(channels, channels, 3)))
-            self.sources = None
-        else:
-            reds = [f["reduction"] for f in info]
-            missing = [s for s in built if s not in reds]
-            if missing:
+        for s, (i, scale) in zip(built, pyramid_plan([f["reduction"] for f in srcs], tuple(built))):
+            red, dim = srcs[i]["reduction"], srcs[i]["num_chs"]
+            if scale > 1 and (scale != 2 ** round(math.log2(scale)) or dim % round(scale)):
                 raise ConfigError(
-                    f"vitdet_fcos: {name}'s pyramid has strides {reds}, not {missing}: choose strides among them"
+                    f"vitdet_fcos: {name}'s finest map has stride {red}; stride {s} would need an upsampling by "
+                    f"{scale}, which the simple pyramid does by powers of two. Use strides at or above {red} / 4"
                 )
-            self.sources = [reds.index(s) for s in built]
-            for i in self.sources:
-                chs = info[i]["num_chs"]
-                self.stages.append(nn.Sequential(_conv_ln(chs, channels, 1), _conv_ln(channels, channels, 3)))
+            if scale < 1 and Fraction(1 / scale).denominator != 1:
+                raise ConfigError(f"vitdet_fcos: stride {s} is not a whole multiple of {name}'s stride {red}")
+            resample, chs = _rescale(dim, scale)
+            self.sources.append(i)
+            self.stages.append(nn.Sequential(resample, _conv_ln(chs, channels, 1), _conv_ln(channels, channels, 3)))
         self.num_top = len(self.strides) - len(built)
         # Inputs padded to the coarsest built stride (and the backbone's own multiple) tile every level.
         multiple = _MAX_BUILT_STRIDE if self.num_top else built[-1]
@@ -209,11 +202,10 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, backbone: nn.Module, x: Tensor) -> list[Tensor]:
         if self.isotropic:
-            last = backbone.forward_intermediates(x, indices=1, intermediates_only=True)[0]
-            outs = [stage(last) for stage in self.stages]
+            maps = backbone.forward_intermediates(x, indices=1, intermediates_only=True)
         else:
             maps = backbone.forward_intermediates(x, pyramid=True, intermediates_only=True)
-            outs = [stage(maps[i]) for stage, i in zip(self.stages, self.sources)]
+        outs = [stage(maps[i]) for stage, i in zip(self.stages, self.sources)]
         for _ in range(self.num_top):
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         return outs
@@ -231,10 +223,12 @@ class Scale(nn.Module):
 
 
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    # FCOS's 32 groups; narrow heads keep two channels per group, so that the 1x1 top level of a
+    # small image never normalises a single value.
+    groups = math.gcd(32, channels // 2 if channels < 64 else channels) or 1
     layers = []
     for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1),
-                   nn.GroupNorm(math.gcd(32, channels), channels), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
