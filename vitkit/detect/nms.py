@@ -7,17 +7,6 @@ import torch
 from torch import Tensor
 
 
-def _pairwise_iou(boxes: Tensor) -> Tensor:
-    """(N, N) IoU of xyxy boxes with each other; zero-area boxes overlap nothing."""
-    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area[:, None] + area[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
-
-
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS: indices (int64) of the boxes kept, highest score first.
 
@@ -30,15 +19,24 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    over = (_pairwise_iou(boxes[order].float()) > iou_threshold).cpu().numpy()
-    # The scan over kept boxes is sequential by nature; rows as numpy keep it cheap.
+    # Sequential by nature: each kept box is compared with the boxes after it only, in numpy,
+    # whose small-array steps cost far less than an (N, N) IoU matrix or per-step tensor ops.
+    x1, y1, x2, y2 = boxes[order].detach().float().cpu().numpy().T
+    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
     removed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
         if removed[i]:
             continue
         keep.append(i)
-        removed |= over[i]
+        rest = slice(i + 1, None)
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        union = area[i] + area[rest] - inter
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, inter / union, 0.0)  # zero-area boxes overlap nothing
+        removed[rest] |= iou > iou_threshold
     return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]
 
 
