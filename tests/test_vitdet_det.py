@@ -20,7 +20,7 @@ from vitkit.detect.vitdet_det import (
     giou_loss_ltrb,
     level_locations,
 )
-from vitkit.errors import ConfigError
+from vitkit.errors import ConfigError, DataError
 
 TINY = dict(channels=32, num_convs=2)
 
@@ -350,3 +350,18 @@ def test_registry_rebuild_and_backbones():
         tiny(size_ranges=[(0, 64)])
     with pytest.raises(ConfigError, match="images"):
         model(torch.randn(1, 1, 32, 32))
+
+
+def test_layer_groups_and_bad_labels():
+    from vitkit.engine.optim import layer_ids
+
+    model = tiny()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ids, n = layer_ids(names, model.group_matcher())
+    depth = len(model.backbone.blocks)
+    assert ids["backbone.blocks.0.attn.qkv.weight"] < ids[f"backbone.blocks.{depth - 1}.attn.qkv.weight"]
+    assert ids["head.cls_logits.weight"] == ids["neck.stages.0.1.0.weight"] == n - 1
+    images, targets = synthetic(1)
+    targets[0]["labels"] = torch.tensor([0, 2])
+    with pytest.raises(DataError, match="labels"):
+        model.loss(model(images), targets)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.distributed import all_reduce_sum, get_world_size
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..layers.norm import LayerNorm2d
 from ..layers.pyramid import pyramid_plan
 from .base import Detector
@@ -375,6 +375,21 @@ class ViTDetFCOS(Detector):
                 p.requires_grad_(False)
         return ["backbone." + n for n in unused]
 
+    @property
+    def group_matcher(self):
+        """The backbone's layer groups under ``backbone.`` (pyramid and head form the last group),
+        for layer-wise lr decay as ViTDet trains (0.7 for ViT-B); absent when the backbone has none."""
+        fn = getattr(self.backbone, "group_matcher", None)
+        if not callable(fn):
+            raise AttributeError(f"{type(self.backbone).__name__} has no group_matcher")
+        from ..dense.model import _prefixed
+
+        def group_matcher(coarse: bool = False) -> dict:
+            return {key: [(_prefixed(rx, "backbone."), sfx) for rx, sfx in spec] if isinstance(spec, (list, tuple))
+                    else _prefixed(spec, "backbone.") for key, spec in fn(coarse).items()}
+
+        return group_matcher
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the backbone's activations in backward instead of storing them."""
         self.backbone.set_grad_checkpointing(enable)
@@ -408,6 +423,13 @@ class ViTDetFCOS(Detector):
         locations, levels = outputs["locations"], outputs["levels"]
         strides = torch.tensor(self.strides, device=locations.device, dtype=torch.float32)[levels]
         ranges = self.size_ranges.to(locations.device)[levels]
+        for t in targets:
+            labels = torch.as_tensor(t["labels"])
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise DataError(
+                    f"vitdet_fcos: target labels must lie in [0, {self.num_classes}) (object classes, no background), "
+                    f"got {sorted(set(labels.tolist()))}: check the dataset's classes against num_classes"
+                )
         cls, reg = zip(*(fcos_targets(locations, strides, ranges, t["boxes"], t["labels"], self.num_classes,
                                       self.center_radius) for t in targets))
         return torch.stack(cls), torch.stack(reg)
