@@ -4,6 +4,7 @@ computations, NMS against brute force, and a tiny detector that overfits two ima
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -337,7 +338,7 @@ def test_registry_rebuild_and_backbones():
     assert vit.frozen_unused == ["backbone.norm.weight", "backbone.norm.bias"]
     with torch.no_grad():
         assert vit.eval()(torch.randn(1, 3, 40, 24))["locations"].shape[0] == 2 * 16 + 2 * 4 + 2 + 1
-    assert create_detector(**vit.model_args).model_args == vit.model_args
+    assert create_detector(**json.loads(json.dumps(vit.model_args))).model_args == vit.model_args
     # A hierarchical backbone gives its own stage maps.
     swin = tiny(backbone="test_swin")
     assert not swin.neck.isotropic

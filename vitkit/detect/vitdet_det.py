@@ -34,6 +34,7 @@ from ..errors import ConfigError, DataError
 from ..layers.norm import LayerNorm2d
 from ..layers.pyramid import pyramid_plan
 from .base import Detector
+from .criterion import sigmoid_focal_loss
 from .nms import batched_nms
 from .registry import register_detector
 
@@ -124,14 +125,10 @@ def giou_loss_ltrb(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def focal_loss_sum(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Sigmoid focal loss (Lin et al., 2017) of one-hot ``targets``, summed over everything."""
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss.sum()
+    """Sigmoid focal loss (Lin et al., 2017) of 0/1 ``targets``, summed over every location and
+    class (FCOS divides the sum by the positives itself)."""
+    # sigmoid_focal_loss averages over dim 1 before summing; dividing by 1 / its size undoes that.
+    return sigmoid_focal_loss(logits, targets, 1.0 / logits.shape[1], alpha, gamma)
 
 
 # ---------------------------------------------------------------------- pyramid and head
