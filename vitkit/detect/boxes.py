@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .nms import batched_nms, nms  # noqa: F401  (box ops live together for users)
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -95,32 +96,3 @@ def normalize_boxes(boxes: Tensor, size: Tensor) -> Tensor:
 def denormalize_boxes(boxes: Tensor, size: Tensor) -> Tensor:
     """cxcywh boxes normalised by ``size`` (h, w) -> xyxy pixels; shapes as :func:`normalize_boxes`."""
     return box_cxcywh_to_xyxy(boxes) * _scale(size, boxes)
-
-
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression of (N, 4) xyxy boxes: indices kept (int64), best score first.
-
-    A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou_threshold``
-    (torchvision's ``nms`` rule), in pure PyTorch.
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    order = scores.argsort(descending=True)
-    iou = box_iou(boxes[order], boxes[order])[0]
-    over = (iou > iou_threshold).cpu()
-    n = len(order)
-    keep = torch.ones(n, dtype=torch.bool)
-    for i in range(n):
-        if keep[i]:
-            keep[i + 1:] &= ~over[i, i + 1:]
-    return order[keep.to(order.device)]
-
-
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """:func:`nms` within each group (class) ``idxs`` (N,); indices kept, best score first."""
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    # Shifting each group by more than the extent of all boxes makes boxes of different groups
-    # disjoint, so one pass suppresses within groups only.
-    shift = idxs.to(boxes) * (boxes.max() - boxes.min() + 1)
-    return nms(boxes + shift[:, None], scores, iou_threshold)
