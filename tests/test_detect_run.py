@@ -199,9 +199,11 @@ def test_side_follows_image_and_object_sizes():
     # Small objects keep the full resolution, capped for the device.
     assert side_for(det_info(size=(480, 640), frac=0.002), 16) == 384
     assert side_for(det_info(size=(480, 640), frac=0.002), 16, "cuda") == 640
-    # Never above the images' own size, never below four strides.
+    # Never above the images' own size (rounded up to the stride), else never below four strides.
     assert side_for(det_info(size=(64, 64), frac=0.01), 16) == 64
-    assert side_for(det_info(size=(20, 30), frac=0.5), 16) == 64
+    assert side_for(det_info(size=(64, 64), frac=0.01), 32) == 64
+    assert side_for(det_info(size=(20, 30), frac=0.5), 16) == 32
+    assert side_for(det_info(size=(416, 416), frac=0.9), 32) == 128
     assert side_for(det_info(size=(416, 416), frac=0.3), 32) == 192
 
 

@@ -16,7 +16,8 @@ on this machine, so no dataset is special-cased:
 - **Image size.** The long side of the typical image, in multiples of the detector's stride,
   at most ``MAX_SIDE`` (for the device), and no larger than needed for the median box to span
   ``OBJECT_PX`` pixels (large objects train at a lower resolution, so more epochs fit); at least
-  ``MIN_STRIDES`` strides.
+  ``MIN_STRIDES`` strides, unless the images themselves are smaller (they are never upsampled
+  beyond the next multiple of the stride).
 - **Length.** On a CPU the dense plan's budget (20 min up to 1,000 images, proportionally more
   beyond, at most an hour); on a GPU epochs (more passes for fewer images). The batch gives an
   epoch at least 30 steps (:func:`~vitkit.plan_dense.planned_dense_batch`).
@@ -150,13 +151,15 @@ def choose_backbone(detector: str, device: str, init_name: str | None) -> tuple[
 
 def side_for(info: DetectInfo, stride: int, device: str = "cpu") -> int:
     """The training long side: the typical long side (at most MAX_SIDE), no larger than needed for the
-    median box to span OBJECT_PX, in multiples of ``stride``, at least MIN_STRIDES strides."""
+    median box to span OBJECT_PX, in multiples of ``stride``, at least MIN_STRIDES strides unless the images
+    themselves are smaller."""
     native = max(info.typical_size)
     side = min(native, MAX_SIDE.get(device, MAX_SIDE["cpu"]))
     if info.box_area_frac > 0:
         side = min(side, OBJECT_PX / math.sqrt(info.box_area_frac))
+    full = math.ceil(native / stride) * stride  # the images' own size: never upsampled beyond it
     side = math.ceil(side / stride) * stride
-    return int(max(MIN_STRIDES * stride, min(side, math.ceil(native / stride) * stride)))
+    return int(min(full, max(MIN_STRIDES * stride, side)))
 
 
 def init_architecture(init: str | None) -> str | None:
