@@ -284,9 +284,13 @@ def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: st
         result["confusion_png"] = str(plot_confusion(
             cm, classes, plots / "confusion_matrix.png", cells="fractions",
             title=f"{Path(str(data)).name} ({split}), mIoU {result['miou']:.1%}"))
-    args = lm.model.model_args
+    return _write_result(result, lm, data, split, out, lm.model.model_args.get("head"))
+
+
+def _write_result(result: dict, lm: LoadedModel, data: str, split: str, out: Path, head) -> dict:
+    """``result`` with where the model, weights, data and outputs are, written to ``out/eval.json``."""
     result.update({
-        "model": f"{args.get('backbone')} + {args.get('head')}",
+        "model": f"{lm.model.model_args.get('backbone')} + {head}",
         "weights": str(lm.weights) if lm.weights is not None else None, "data": str(data), "split": split,
         "eval_json": str(out / "eval.json"),
     })
@@ -341,13 +345,6 @@ def evaluate_detect(lm: LoadedModel, data: str, *, batch_size: int = 8, split: s
               "per_class_ap": {str(c): (None if v is None or v != v or v < 0 else float(v))
                                for c, v in per_class.items()},
               "classes": classes, "classes_matched_by_name": mapping is not None}
-    args = lm.model.model_args
     out = Path(out_dir) if out_dir is not None else lm.home
     out.mkdir(parents=True, exist_ok=True)
-    result.update({
-        "model": f"{args.get('backbone')} + {args.get('name')}",
-        "weights": str(lm.weights) if lm.weights is not None else None, "data": str(data), "split": split,
-        "eval_json": str(out / "eval.json"),
-    })
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return _write_result(result, lm, data, split, out, lm.model.model_args.get("name"))

@@ -26,17 +26,14 @@ on this machine, so no dataset is special-cased:
 from __future__ import annotations
 
 import math
-import random
-import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .engine.budget import parse_duration
 from .engine.runtime import autocast, resolve_amp
 from .plan import Calibration, Plan, set_run_length, user_values
-from .plan_dense import dense_budget_s, planned_dense_batch
+from .plan_dense import apply_dense_plan, dense_budget_s, planned_dense_batch, time_transform, timed_rate
 
 ONE_STAGE = "vitdet_fcos"
 SET_DETECTORS = ("deformable_detr", "detr")  # preferred first
@@ -240,18 +237,11 @@ def time_detector(model, side: int, in_chans: int, num_classes: int, batch: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn, seconds: float) -> float:
-        t0, n = time.perf_counter(), 0
-        while n < 2 or (n < max_steps and time.perf_counter() - t0 < seconds):
-            fn()
-            n += 1
-        return batch * n / (time.perf_counter() - t0)
-
     step()
-    train_rate = timed(step, min_s)
+    train_rate = timed_rate(step, batch, min_s, max_steps, device)
     model.eval()
     with torch.no_grad(), autocast(amp_dtype, device):
-        eval_rate = timed(lambda: model(x, mask), min_s / 3)
+        eval_rate = timed_rate(lambda: model(x, mask), batch, min_s / 3, max_steps, device)
     return train_rate, eval_rate
 
 
@@ -259,16 +249,7 @@ def time_box_decode(dataset, side: int, in_chans: int, n: int = 16) -> float:
     """Seconds to read, decode and randomly resize, crop and flip one image with its boxes."""
     from .data.boxes_tf import BoxTrainTransform
 
-    if len(dataset) == 0:
-        return 0.0
-    tf = BoxTrainTransform(side, in_chans=in_chans)
-    idx = np.random.default_rng(0).permutation(len(dataset))[:n]
-    rng = random.Random(0)
-    t0 = time.perf_counter()
-    for i in idx:
-        img, target, _ = dataset.load(int(i))
-        tf(img, target, rng)
-    return (time.perf_counter() - t0) / len(idx)
+    return time_transform(dataset, BoxTrainTransform(side, in_chans=in_chans), n)
 
 
 def calibrate_detect(info: DetectInfo, dataset, cfg, user: dict, device) -> DetectCalibration:
@@ -364,14 +345,8 @@ def make_detect_plan(info: DetectInfo, calib: DetectCalibration, user: dict[str,
     return plan
 
 
-def apply_detect_plan(cfg, plan: Plan) -> None:
-    """Write the plan's values into ``cfg`` (``objective.*`` keys into the objective section)."""
-    for key, value in plan.values.items():
-        section, name = key.split(".", 1)
-        if section == "objective":
-            cfg.objective[name] = value
-        else:
-            setattr(getattr(cfg, section), name, value)
+# Writing a plan into the config is the dense plan's step (``objective.*`` keys into the objective section).
+apply_detect_plan = apply_dense_plan
 
 
 def plan_detect_run(cfg, info: DetectInfo, dataset, user_keys, device, verbose: bool = True) -> Plan:
