@@ -109,7 +109,7 @@ def detect_info(data) -> DetectInfo:
         format=str(_get(info, "format") or getattr(train, "format", "")),
         boxes_per_image=float(stats.get("boxes_per_image", _get(info, "boxes_per_image", 0.0)) or 0.0),
         box_area_frac=float(stats.get("box_area_frac", _get(info, "box_area_frac", 0.0)) or 0.0),
-        notes=tuple(n for n in (getattr(train, "note", None), *(_get(info, "notes") or ())) if n),
+        notes=tuple(dict.fromkeys(n for n in (getattr(train, "note", None), *(_get(info, "notes") or ())) if n)),
         reason=str(getattr(data, "reason", "") or ""),
     )
 
@@ -357,8 +357,10 @@ def plan_detect_run(cfg, info: DetectInfo, dataset, user_keys, device, verbose: 
         calib = calibrate_detect(info, dataset, cfg, user, device)
     plan = make_detect_plan(info, calib, user, init_name)
     apply_detect_plan(cfg, plan)
-    plan.notes[:0] = [f"task detect ({info.reason or info.format}): {info.n_train:,} training and {info.n_val:,} "
-                      f"validation images, typically {info.typical_size[0]}x{info.typical_size[1]}", *info.notes]
+    reason = info.reason or info.format
+    plan.notes[:0] = [f"task detect ({reason}): {info.n_train:,} training and {info.n_val:,} validation images, "
+                      f"typically {info.typical_size[0]}x{info.typical_size[1]}",
+                      *(n for n in info.notes if n not in reason)]
     plan.notes.append(f"calibration on {calib.device} at {calib.img_size} px: "
                       + ", ".join(f"{k} {v:.1f} img/s" for k, v in calib.img_per_s.items())
                       + f" ({calib.params / 1e6:.1f}M params); decode+crop {calib.decode_s * 1e3:.1f} ms/image")
