@@ -143,6 +143,10 @@ def test_backbone_lr_multiplier_becomes_two_lr_groups():
     assert [g["lr"] for g in opt2.param_groups] == pytest.approx([1e-3] * len(opt2.param_groups))
     with pytest.raises(ConfigError, match="backbone_lr"):
         Detect(BoxRegressor(), backbone_lr=2.0)
+    # With optim.layer_decay the backbone's own blocks set the lr groups: this stand-in backbone has none.
+    obj3 = Detect(BoxRegressor(backbone_lr_mult=0.1))
+    with pytest.raises(ConfigError, match="group_matcher"):
+        build_optimizer(obj3, obj3.optim_config(OptimConfig(layer_decay=0.75)), 16)
 
 
 def test_detect_objective_needs_a_detector():
@@ -356,8 +360,11 @@ def test_detr_run_saves_weights_that_explain_their_queries(tmp_path):
         assert -1 <= d["box"][0] <= d["box"][2] <= 71 and -1 <= d["box"][1] <= d["box"][3] <= 51
     fcos = train(_det_cfg(tmp_path / "fcos", "vitdet_fcos", "engine.max_steps=1", "engine.epochs=1", data=voc),
                  verbose=False)
-    with pytest.raises(ConfigError, match="explain shows them for DETR"):
+    with pytest.raises(ConfigError, match="cross-attention for DETR runs"):
         explain_queries(load_model(fcos["out_dir"]), [tmp_path / "a.png"], tmp_path / "explain")
+    x = run_vitkit("explain", tmp_path / "run", tmp_path / "a.png", "--out", tmp_path / "cli", "--topk", "2",
+                   check=True)
+    assert "a_queries.png" in x.stdout and (tmp_path / "cli" / "a_queries.png").is_file()
 
 
 # ---- the no-flag CLI on tiny VOC and COCO folders ------------------------------------------------------

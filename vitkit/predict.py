@@ -204,8 +204,8 @@ def explain_queries(lm: LoadedModel, images: list[str | os.PathLike | Image.Imag
     name = getattr(lm.model, "detector_name", type(lm.model).__name__)
     if not has_query_attention(lm):
         raise ConfigError(
-            f"{name} has no decoder queries with cross-attention to show: vitkit explain shows them for DETR runs "
-            "(model.head=detr). See this model's boxes with vitkit predict RUN IMAGE"
+            f"{name} does not return decoder cross-attention: vitkit explain shows each query's cross-attention for "
+            "DETR runs (model.head=detr). See this model's boxes with vitkit predict RUN IMAGE"
         )
     if queries < 1:
         raise ConfigError(f"queries must be >= 1, got {queries}")
