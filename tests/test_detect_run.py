@@ -243,6 +243,13 @@ def test_plan_keeps_user_keys_and_uses_init_weights_architecture():
     p2 = make_detect_plan(det_info(), det_calib(), {}, init_name="vit_small_patch16_224")
     assert p2.values["model.name"] == "vit_small_patch16_224" and "init" in p2.reasons["model.name"]
     assert p2.values["optim.lr"] < p.values["optim.lr"]  # fine-tuning takes smaller steps
+    # Photos with ImageNet weights at hand: DeiT-Tiny from them (the user's init or backbone wins).
+    c = det_calib()
+    c.pretrained = "hub/deit-tiny"
+    p3 = make_detect_plan(det_info(), c, {})
+    assert p3.values["model.init"] == "hub/deit-tiny" and p3.values["model.name"] == "deit_tiny_patch16_224"
+    assert p3.values["optim.lr"] == p2.values["optim.lr"]
+    assert "model.init" not in make_detect_plan(det_info(), c, {"model.name": "test_vitdet"}).values
 
 
 def test_plan_generalises_to_many_small_objects():

@@ -12,7 +12,9 @@ on this machine, so no dataset is special-cased:
   dense per-location targets give every image many positive samples, so it learns from a few
   hundred images in minutes.
 - **Backbone.** With ``model.init`` weights that name their architecture, that backbone (and
-  those weights); else the detector's own on a GPU, and ``CPU_BACKBONE`` (ViTDet-Tiny) on a CPU.
+  those weights); for photos, DeiT-Tiny with its ImageNet weights when they are cached or the hub
+  answers (as the classification plan); else the detector's own on a GPU, and ``CPU_BACKBONE``
+  (ViTDet-Tiny, from scratch) on a CPU.
 - **Image size.** The long side of the typical image, in multiples of the detector's stride,
   at most ``MAX_SIDE`` (for the device), and no larger than needed for the median box to span
   ``OBJECT_PX`` pixels (large objects train at a lower resolution, so more epochs fit); at least
@@ -32,12 +34,14 @@ import torch
 
 from .engine.budget import parse_duration
 from .engine.runtime import autocast, resolve_amp
-from .plan import Calibration, Plan, set_run_length, user_values
+from .plan import MEDIUM_SIDE, Calibration, Plan, set_run_length, user_values
+from .plan_calibrate import PRETRAINED_MODEL, find_pretrained
 from .plan_dense import apply_dense_plan, dense_budget_s, planned_dense_batch, time_transform, timed_rate
 
 ONE_STAGE = "vitdet_fcos"
 SET_DETECTORS = ("deformable_detr", "detr")  # preferred first
 SET_MIN_IMAGES = 10_000
+PHOTO_SIDE = MEDIUM_SIDE  # larger images are photos: ImageNet weights help when they are at hand
 CPU_BACKBONE = "vitdet_tiny_patch16_224"
 MAX_SIDE = {"cpu": 384, "cuda": 800}
 OBJECT_PX = 96  # the median box's side at the planned size: enough pixels to place its edges
@@ -258,7 +262,12 @@ def calibrate_detect(info: DetectInfo, dataset, cfg, user: dict, device) -> Dete
 
     dev = device.type
     detector = str(user.get("model.head") or choose_detector(info, dev)[0])
-    backbone = user.get("model.name") or choose_backbone(detector, dev, init_architecture(cfg.model.init))[0]
+    init_name = init_architecture(cfg.model.init)
+    pretrained = None
+    if max(info.typical_size) > PHOTO_SIDE and not (user.get("model.name") or cfg.model.init or init_name):
+        pretrained = find_pretrained()
+    backbone = user.get("model.name") or (PRETRAINED_MODEL if pretrained else
+                                          choose_backbone(detector, dev, init_name)[0])
     in_chans = 3  # detectors read RGB; gray images are expanded
     num_classes = max(1, info.num_classes)
     model = create_detector(detector, backbone, num_classes=num_classes, **detector_kwargs(cfg))
@@ -269,7 +278,7 @@ def calibrate_detect(info: DetectInfo, dataset, cfg, user: dict, device) -> Dete
     train_rate, eval_rate = time_detector(model, side, in_chans, num_classes, batch, device, amp_dtype)
     return DetectCalibration(dev, {detector: train_rate}, time_box_decode(dataset, side, in_chans),
                              eval_img_per_s={detector: eval_rate}, stride=stride, img_size=side,
-                             params=sum(p.numel() for p in model.parameters()))
+                             params=sum(p.numel() for p in model.parameters()), pretrained=pretrained)
 
 
 def make_detect_plan(info: DetectInfo, calib: DetectCalibration, user: dict[str, object],
@@ -289,9 +298,14 @@ def make_detect_plan(info: DetectInfo, calib: DetectCalibration, user: dict[str,
     else:
         plan.set("model.head", detector, why_detector)
     backbone, why_backbone = choose_backbone(detector, device, init_name)
+    pretrained = calib.pretrained if not (init_name or "model.init" in user or "model.name" in user) else None
+    if pretrained:
+        backbone, why_backbone = PRETRAINED_MODEL, f"{h}x{w} photos: a backbone with ImageNet weights ({pretrained})"
+        plan.set("model.init", pretrained, "ImageNet weights (cached or reachable): few images train far better "
+                                           "from them")
     if "model.name" not in user and backbone is not None:
         plan.set("model.name", backbone, why_backbone)
-    finetune = init_name is not None or "model.init" in user
+    finetune = init_name is not None or "model.init" in user or bool(pretrained)
     set_family = detector in SET_DETECTORS or detector.startswith(("detr", "deformable", "yolos"))
 
     if "engine.time_budget" in user:
