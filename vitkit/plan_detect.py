@@ -191,12 +191,14 @@ def detector_kwargs(cfg) -> dict:
 
 
 def choose_detect(cfg, info: DetectInfo, device: str = "cpu", stride: int | None = None) -> DetectChoice:
-    """Detector, backbone and image size from the config, else the plan's rules for this data (no timing)."""
+    """Detector, backbone and image size from the config (the plan wrote its choices there), else defaults:
+    the plan's detector rule, the detector's own backbone, the size rule (no timing)."""
     from .detect import detector_entry
 
     detector = cfg.model.head or choose_detector(info, device)[0]
     entry = detector_entry(detector)  # an unknown name is a ConfigError listing the known ones
-    backbone = cfg.model.name or choose_backbone(detector, device, init_architecture(cfg.model.init))[0]
+    # Without a plan (or when it left model.name unset) the detector's own backbone, or the init weights'.
+    backbone = cfg.model.name or init_architecture(cfg.model.init)
     in_chans = 3  # detectors read RGB (the paper's backbones); gray images are expanded
     if cfg.data.img_size:
         side, how = int(cfg.data.img_size), "as configured"
