@@ -32,7 +32,8 @@ class DataConfig:
     ``task`` None detects it from the data (class folders: classify; mask folders: segment; depth
     maps: depth; see ``vitkit.data.task.detect_task``); naming one wins. ``ignore_index`` None
     takes the data's (the mask value that marks unlabelled pixels: CamVid 11, VOC 255). For dense
-    tasks ``img_size`` is the side of the square training crop.
+    tasks ``img_size`` is the side of the square training crop; for detection the long side images
+    are resized to (keeping their aspect).
     """
 
     path: str = "shapes"
@@ -69,7 +70,9 @@ class ModelConfig:
     ``init`` is any weights ``load_weights`` accepts (file, folder, hub id) to fine-tune
     from; the head is replaced when the class count differs. For dense tasks ``name`` is the
     backbone, ``head`` the registered dense head (``vitkit.dense.list_heads()``; None: the plan's)
-    and ``head_args`` its constructor arguments.
+    and ``head_args`` its constructor arguments. For detection ``head`` is the detector
+    (``vitkit.detect.list_detectors()``: detr, deformable_detr, yolos, vitdet_fcos), ``name`` its
+    backbone (None: the plan's, or the detector's own) and ``head_args`` the detector's arguments.
     """
 
     name: str | None = None
@@ -215,12 +218,14 @@ def validate(cfg: TrainConfig, objective_named: bool = True) -> None:
     try:
         objective_config(cfg.objective)  # unknown objective or key -> ConfigError naming its keys
     except ConfigError:
-        if objective_named or not any(_fits_objective(cfg.objective, t) for t in DENSE_OBJECTIVES):
+        if objective_named or not any(_fits_objective(cfg.objective, t) for t in TASK_OBJECTIVES):
             raise
 
 
 # The objective a dense task trains with when objective.name is not set.
 DENSE_OBJECTIVES = ("segment", "depth")
+# Objectives the data's task picks when objective.name is not set (their keys may be set without it).
+TASK_OBJECTIVES = DENSE_OBJECTIVES + ("detect",)
 
 
 def _fits_objective(section: dict, name: str) -> bool:

@@ -76,7 +76,7 @@ def evaluate(
     """Evaluate a model on ``split`` of the dataset at ``data``; writes ``eval.json`` and ``confusion_matrix.png``.
 
     A segmentation or depth model is evaluated by :func:`evaluate_dense` (mIoU, per-class IoU and
-    pixel accuracy; AbsRel, RMSE and delta1 for depth).
+    pixel accuracy; AbsRel, RMSE and delta1 for depth), a detector by :func:`evaluate_detect` (COCO AP).
 
     Args:
         source: a run directory, checkpoint directory or weights file, or a loaded model.
@@ -107,6 +107,11 @@ def evaluate(
         # Full-resolution images: a classifier's batch of 256 would hold hundreds of feature maps at once.
         return evaluate_dense(lm, data, batch_size=min(batch_size, 16), split=split, num_workers=num_workers,
                               out_dir=out_dir)
+    if lm.is_detect:
+        if tta != "none":
+            raise ConfigError(f"tta={tta!r} is for classifiers; a detector is evaluated without it")
+        return evaluate_detect(lm, data, batch_size=min(batch_size, 16), split=split, num_workers=num_workers,
+                               out_dir=out_dir)
     s = lm.settings
     ds = build_dataset(
         data, split, val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0), in_chans=lm.in_chans,
@@ -279,11 +284,67 @@ def evaluate_dense(lm: LoadedModel, data: str, *, batch_size: int = 8, split: st
         result["confusion_png"] = str(plot_confusion(
             cm, classes, plots / "confusion_matrix.png", cells="fractions",
             title=f"{Path(str(data)).name} ({split}), mIoU {result['miou']:.1%}"))
-    args = lm.model.model_args
+    return _write_result(result, lm, data, split, out, lm.model.model_args.get("head"))
+
+
+def _write_result(result: dict, lm: LoadedModel, data: str, split: str, out: Path, head) -> dict:
+    """``result`` with where the model, weights, data and outputs are, written to ``out/eval.json``."""
     result.update({
-        "model": f"{args.get('backbone')} + {args.get('head')}",
+        "model": f"{lm.model.model_args.get('backbone')} + {head}",
         "weights": str(lm.weights) if lm.weights is not None else None, "data": str(data), "split": split,
         "eval_json": str(out / "eval.json"),
     })
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def evaluate_detect(lm: LoadedModel, data: str, *, batch_size: int = 8, split: str = "val",
+                    num_workers: int | None = None, out_dir: str | os.PathLike | None = None,
+                    top_k: int = 100) -> dict:
+    """A detector's COCO AP on ``split`` of detection ``data`` (COCO JSON, Pascal VOC, ``scenes``).
+
+    Images are resized keeping their aspect as in training; detections and ground truth are
+    compared in each image's original pixels by pycocotools' COCOeval (bbox). Classes are matched
+    to the model's by name. Returns ``{"task": "detect", "n" (images), "ap", "ap50", "ap75",
+    "ap_small", "ap_medium", "ap_large", "ar100", "per_class_ap" (class name -> AP, None for a
+    class absent from the data), "model", "weights", "data", "split", "eval_json"}``.
+    """
+    from .data import build_loader
+    from .data.boxes_tf import BoxEvalTransform
+    from .data.detection import build_detection_dataset
+    from .objectives.detect import Detect
+
+    s = lm.settings
+    ds = build_detection_dataset(data, split, val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0),
+                                 in_chans=3, max_bad_fraction=s.get("max_bad_fraction", 0.05))
+    k = lm.num_classes
+    data_classes = [str(c) for c in getattr(ds, "classes", None) or []]
+    mapping = class_mapping(data_classes, lm.labels, k)
+    classes = list(lm.labels) or (data_classes if len(data_classes) == k else [str(i) for i in range(k)])
+    workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+    loader = build_loader(ds, batch_size, train=False, transform=BoxEvalTransform(lm.transform.size, in_chans=3),
+                          num_workers=workers, max_bad_fraction=s.get("max_bad_fraction", 0.05))
+    objective = Detect(lm.model, classes, top_k=top_k)
+    metric = objective.evaluator()
+    remap = torch.tensor(mapping) if mapping is not None else None
+    n = 0
+    for batch in loader:
+        n += len(batch["image"])
+        if remap is not None:
+            batch["labels"] = [remap[lab.long()] for lab in batch["labels"]]
+        batch = {key: v.to(lm.device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+        batch["image"] = lm.normalize(batch["image"])
+        metric.update(batch, objective.eval_outputs(batch, lm.model))
+    if n == 0:
+        raise DataError(f"split {split!r} of {data} has no images to evaluate")
+    m = metric.compute()
+    per_class = getattr(metric, "per_class_ap", None) or {}
+    if not isinstance(per_class, dict):
+        per_class = dict(zip(classes, per_class))
+    result = {"task": "detect", "n": n, **{key: float(v) for key, v in m.items() if isinstance(v, (int, float))},
+              "per_class_ap": {str(c): (None if v is None or v != v or v < 0 else float(v))
+                               for c, v in per_class.items()},
+              "classes": classes, "classes_matched_by_name": mapping is not None}
+    out = Path(out_dir) if out_dir is not None else lm.home
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_result(result, lm, data, split, out, lm.model.model_args.get("name"))

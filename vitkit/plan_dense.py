@@ -227,15 +227,6 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn, seconds: float) -> float:
-        t0, n = time.perf_counter(), 0
-        while n < 2 or (n < max_steps and time.perf_counter() - t0 < seconds):
-            fn()
-            n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return batch * n / (time.perf_counter() - t0)
-
     t0 = time.perf_counter()
     step()  # the first steps pay for kernel selection and allocation
     first_s = time.perf_counter() - t0
@@ -244,12 +235,12 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
         train_rate = eval_rate = batch / first_s
     else:
         step()
-        train_rate = timed(step, min_s)
+        train_rate = timed_rate(step, batch, min_s, max_steps, device)
     model.eval()
     with torch.no_grad(), autocast(amp_dtype, device):
         native = model.head(model.backbone, x[:1]).shape[-2]  # before DenseModel upsamples to the input
         if first_s <= SLOW_STEP * min_s:
-            eval_rate = timed(lambda: model(x), min_s / 3)
+            eval_rate = timed_rate(lambda: model(x), batch, min_s / 3, max_steps, device)
     params = sum(p.numel() for p in model.parameters())
     return HeadTiming(train_rate, eval_rate, crop / max(1, native), params, {"head_args": dict(head_args or {})})
 
@@ -258,9 +249,14 @@ def time_joint_decode(dataset, crop: int, in_chans: int, ignore_index: int, n: i
     """Seconds to read, decode and randomly scale, crop and flip one image with its target."""
     from .data.joint import JointTrainTransform
 
+    return time_transform(dataset, JointTrainTransform(crop, in_chans, ignore_index=ignore_index), n)
+
+
+def time_transform(dataset, tf, n: int = 16) -> float:
+    """Seconds to read and decode one image of ``dataset`` (``load(i) -> (img, target, bad)``) and pass it
+    with its target through ``tf(img, target, rng)``, over ``n`` random images."""
     if len(dataset) == 0:
         return 0.0
-    tf = JointTrainTransform(crop, in_chans, ignore_index=ignore_index)
     idx = np.random.default_rng(0).permutation(len(dataset))[:n]
     rng = random.Random(0)
     t0 = time.perf_counter()
@@ -268,6 +264,18 @@ def time_joint_decode(dataset, crop: int, in_chans: int, ignore_index: int, n: i
         img, target, _ = dataset.load(int(i))
         tf(img, target, rng)
     return (time.perf_counter() - t0) / len(idx)
+
+
+def timed_rate(fn, batch: int, seconds: float, max_steps: int, device) -> float:
+    """Images per second of ``fn`` (one batch of ``batch`` per call), called 2 to ``max_steps`` times for at
+    least ``seconds``."""
+    t0, n = time.perf_counter(), 0
+    while n < 2 or (n < max_steps and time.perf_counter() - t0 < seconds):
+        fn()
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * n / (time.perf_counter() - t0)
 
 
 @dataclass

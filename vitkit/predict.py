@@ -1,5 +1,6 @@
 """`predict(source, images)`: class probabilities for images, from a run dir, a weights file or any
-source :func:`vitkit.load_model` accepts; for a segmentation or depth model, mask and depth files.
+source :func:`vitkit.load_model` accepts; for a segmentation or depth model, mask and depth files;
+for a detector, boxes (in the image's own pixels) and a PNG with them drawn.
 
 >>> from vitkit.predict import predict
 >>> predict("runs/my-run", ["cat.jpg"], topk=3)
@@ -21,7 +22,7 @@ from .data.images import read_image
 from .errors import ConfigError, PathNotFoundError
 from .source import LoadedModel, check_task, load_model
 
-__all__ = ["LoadedModel", "load_model", "predict", "predict_dense", "read_image"]
+__all__ = ["LoadedModel", "explain_queries", "load_model", "predict", "predict_dense", "predict_detect", "read_image"]
 
 
 def predict(
@@ -32,8 +33,10 @@ def predict(
     batch_size: int = 64,
     out_dir: str | os.PathLike | None = None,
     task: str | None = None,
+    threshold: float = 0.3,
 ) -> list[dict]:
-    """Top-``topk`` class probabilities for each image; a dense model's files (see :func:`predict_dense`).
+    """Top-``topk`` class probabilities for each image; a dense model's files (see :func:`predict_dense`);
+    a detector's boxes scoring at least ``threshold`` (see :func:`predict_detect`).
 
     Args:
         source: anything :func:`vitkit.load_model` accepts, or a
@@ -57,6 +60,8 @@ def predict(
             raise PathNotFoundError(f"no such file: image {image}")
     if lm.is_dense:
         return predict_dense(lm, images, out_dir=out_dir)
+    if lm.is_detect:
+        return predict_detect(lm, images, out_dir=out_dir, threshold=threshold)
     labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
     k = min(topk, lm.num_classes)
     results = []
@@ -133,3 +138,109 @@ def depth_space(lm: LoadedModel) -> str:
     loss = section.get("loss", DepthConfig.loss) if section.get("name") == "depth" else DepthConfig.loss
     space = section.get("space") if section.get("name") == "depth" else None
     return space or ("disparity" if loss == "ssi" else "depth")
+
+
+def _original_frame(det: dict, orig: tuple[int, int], seen: tuple[int, int]) -> np.ndarray:
+    """Boxes (N, 4) xyxy in the pixels the model saw -> the original image's pixels (per axis)."""
+    sy, sx = orig[0] / seen[0], orig[1] / seen[1]
+    boxes = det["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
+    return boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+
+
+def predict_detect(lm: LoadedModel, images: list[str | os.PathLike | Image.Image], *,
+                   out_dir: str | os.PathLike | None = None, threshold: float = 0.3, top_k: int = 100) -> list[dict]:
+    """A detector's boxes for each image, and ``<name>_boxes.png`` (boxes, class names and scores drawn).
+
+    Each image is resized keeping its aspect as in training; the boxes come back in the original
+    image's pixels. Returns per image ``{"path", "boxes_png", "detections": [{"label", "class_id",
+    "score", "box": [x0, y0, x1, y1]}, ...]}``, best first, scores >= ``threshold``.
+    """
+    from .detect.plots import draw_detections
+
+    if not 0 <= threshold <= 1:
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+    out = Path(out_dir) if out_dir is not None else Path.cwd()
+    out.mkdir(parents=True, exist_ok=True)
+    labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
+    results = []
+    for k, image in enumerate(images):
+        pil = read_image(image, 3)
+        x = lm.transform(pil)  # (3, h, w) uint8, long side as trained
+        det = lm.detect(x[None], top_k=top_k)[0]
+        boxes = _original_frame(det, (pil.height, pil.width), tuple(x.shape[-2:]))
+        scores = det["scores"].float().cpu().numpy()
+        ids = det["labels"].long().cpu().numpy()
+        keep = np.flatnonzero(scores >= threshold)
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        png = out / f"{_stem(image, k)}_boxes.png"
+        draw_detections(pil, boxes[keep], ids[keep], scores[keep], labels).save(png)
+        path = (getattr(image, "filename", "") or None) if isinstance(image, Image.Image) else str(image)
+        dets = [{"label": labels[int(ids[i])] if 0 <= ids[i] < len(labels) else str(int(ids[i])),
+                 "class_id": int(ids[i]), "score": round(float(scores[i]), 4),
+                 "box": [round(float(v), 2) for v in boxes[i]]} for i in keep]
+        results.append({"path": path, "boxes_png": str(png), "detections": dets})
+    return results
+
+
+def has_query_attention(lm: LoadedModel) -> bool:
+    """Whether the detector returns its decoder cross-attention (``forward(..., return_attention=True)``: DETR)."""
+    import inspect
+
+    return lm.is_detect and "return_attention" in inspect.signature(lm.model.forward).parameters
+
+
+def explain_queries(lm: LoadedModel, images: list[str | os.PathLike | Image.Image], out_dir: str | os.PathLike,
+                    queries: int = 6) -> list[dict]:
+    """Where each of a DETR run's ``queries`` best queries looks: its last decoder layer's cross-attention
+    (averaged over heads) over the image, with its box, class and score, as ``<name>_queries.png``.
+
+    Raises:
+        ConfigError: the model is not a detector that returns its cross-attention.
+    """
+    from .detect.boxes import box_cxcywh_to_xyxy
+    from .detect.plots import query_attention_figure
+    from .objectives.detect import pixel_mask
+
+    name = getattr(lm.model, "detector_name", type(lm.model).__name__)
+    if not has_query_attention(lm):
+        raise ConfigError(
+            f"{name} does not return decoder cross-attention: vitkit explain shows each query's cross-attention for "
+            "DETR runs (model.head=detr). See this model's boxes with vitkit predict RUN IMAGE"
+        )
+    if queries < 1:
+        raise ConfigError(f"queries must be >= 1, got {queries}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = lm.labels or tuple(str(i) for i in range(lm.num_classes))
+    results = []
+    for k, image in enumerate(images):
+        pil = read_image(image, 3)
+        x = lm.transform(pil)[None]
+        h, w = x.shape[-2:]
+        with torch.no_grad():
+            xn = lm.normalize(x.to(lm.device))
+            outputs = lm.model(xn, pixel_mask(xn, None), return_attention=True)
+        attn = outputs["cross_attention"].float()
+        if attn.ndim == 4:  # (B, heads, Q, h*w): average the heads
+            attn = attn.mean(1)
+        fh, fw = outputs["feature_size"]
+        logits = outputs["pred_logits"][0].float()
+        # DETR: softmax with the last class "no object"; a sigmoid (focal) model has no such class.
+        probs = logits.softmax(-1)[:, :-1] if logits.shape[-1] == lm.num_classes + 1 else logits.sigmoid()
+        scores, ids = probs.max(-1)
+        top = scores.argsort(descending=True)[:queries].tolist()
+        xyxy = box_cxcywh_to_xyxy(outputs["pred_boxes"][0].float().cpu()).numpy()
+        # Boxes are normalised to the real image; the attention grid covers the padded input.
+        boxes = xyxy[top] * np.array([pil.width, pil.height, pil.width, pil.height], dtype=np.float32)
+        maps = attn[0, top].reshape(len(top), fh, fw).cpu().numpy()
+        s = lm.model.stride if getattr(lm.model, "stride", None) else 1
+        ph, pw = -(-h // s) * s, -(-w // s) * s  # the padded input the grid covers
+        gh, gw = max(1, round(fh * h / ph)), max(1, round(fw * w / pw))
+        maps = maps[:, :gh, :gw]
+        titles = [f"query {q}: {labels[int(ids[q])]} {float(scores[q]):.2f}" for q in top]
+        png = query_attention_figure(pil, maps, boxes, titles, out / f"{_stem(image, k)}_queries.png")
+        path = (getattr(image, "filename", "") or None) if isinstance(image, Image.Image) else str(image)
+        results.append({"path": path, "queries_png": str(png),
+                        "queries": [{"query": q, "label": labels[int(ids[q])], "score": round(float(scores[q]), 4)}
+                                    for q in top]})
+    return results

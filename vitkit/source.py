@@ -16,6 +16,9 @@ distillation teacher go through :func:`load_model`. A source is
 A segmentation or depth run (or its final weights file) gives a :class:`~vitkit.dense.DenseModel`:
 ``task`` says which, ``transform`` keeps the image at its own size (the model pads to its
 stride and predicts every pixel), and :meth:`LoadedModel.dense` returns the per-pixel output.
+A detection run (or its weights file) gives its :class:`~vitkit.detect.Detector` (``task`` is
+``"detect"``): ``transform`` resizes the image keeping its aspect (long side as trained) and
+:meth:`LoadedModel.detect` returns boxes, scores and labels.
 
 >>> from vitkit import load_model
 >>> lm = load_model("runs/my-run")
@@ -41,6 +44,27 @@ from .rundir import STATE_FILE, WEIGHTS, RunDir
 from .weights_io import is_hub_id, read_metadata, read_state_dict
 
 DENSE_TASKS = ("segment", "depth")
+
+
+class LongSide:
+    """PIL image -> uint8 (C, h, w) resized keeping its aspect so that the long side is ``size``
+    (what a detector was evaluated on during training)."""
+
+    def __init__(self, size: int, in_chans: int = 3):
+        self.size, self.in_chans = int(size), in_chans
+
+    def __call__(self, img, rng=None) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        from .data.boxes_tf import BoxEvalTransform
+
+        empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64), "image_id": 0}
+        return BoxEvalTransform(self.size, in_chans=self.in_chans)(img, empty, rng or random.Random(0))["image"]
+
+    def __repr__(self) -> str:
+        return f"LongSide(size={self.size}, in_chans={self.in_chans})"
 
 
 class FullImage:
@@ -98,6 +122,10 @@ class LoadedModel:
         return self.task in DENSE_TASKS
 
     @property
+    def is_detect(self) -> bool:
+        return self.task == "detect"
+
+    @property
     def in_chans(self) -> int:
         return self.transform.in_chans
 
@@ -119,6 +147,15 @@ class LoadedModel:
         from .dense.infer import dense_predict
 
         return dense_predict(self.model, self.normalize(images.to(self.device)), window=self.window).float()
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor, sizes: torch.Tensor | None = None, top_k: int = 100) -> list[dict]:
+        """uint8 (B, C, H, W) from ``transform`` (padded bottom/right; ``sizes`` (B, 2) the true (h, w), None:
+        all real) -> per image ``boxes`` (N, 4) xyxy pixels of the transformed image, ``scores``, ``labels``."""
+        from .objectives.detect import detect
+
+        sizes = sizes.to(self.device) if sizes is not None else None
+        return detect(self.model, self.normalize(images.to(self.device)), sizes, top_k)
 
 
 def check_task(lm: LoadedModel, task: str | None) -> None:
@@ -173,6 +210,50 @@ def _dense_args(weights: Path, run: RunDir | None) -> dict | None:
     return None
 
 
+def _detect_args(weights: Path, run: RunDir | None) -> dict | None:
+    """The ``create_detector`` arguments of detection weights: from the file's metadata, else the run's run.json."""
+    if weights.is_file() and weights.suffix == ".safetensors":
+        args = json.loads(read_metadata(weights).get("model_args") or "{}")
+        if "name" in args and "num_classes" in args and "head" not in args:
+            from .detect import list_detectors
+
+            if args["name"] in list_detectors():
+                return args
+    if run is not None and run.is_run():
+        info = run.read_run_info()
+        if info.get("task") == "detect":
+            return dict(info["model_args"])
+    return None
+
+
+def is_detect_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a weights file that ``save_weights`` wrote for a detector."""
+    p = Path(path).expanduser()
+    return p.is_file() and p.suffix == ".safetensors" and _detect_args(p, None) is not None
+
+
+def _detect_from(weights: Path, args: dict, run: RunDir | None) -> nn.Module:
+    """The detector ``args`` describe, with ``weights`` loaded; its card carries the classes and eval size."""
+    from .detect import create_detector
+
+    model = create_detector(**args)
+    load_dense_weights(model, weights)
+    card = model.card
+    if run is not None and run.is_run() and card is not None:
+        info = run.read_run_info()
+        size = int(info.get("img_size") or card.input_size[1])
+        card = replace(card, labels=tuple(info.get("classes") or card.labels), mean=tuple(info["mean"]),
+                       std=tuple(info["std"]), input_size=(3, size, size))
+    elif weights.suffix == ".safetensors" and card is not None:
+        saved = json.loads(read_metadata(weights).get("card") or "{}")
+        size = saved.get("input_size") or card.input_size
+        card = replace(card, labels=tuple(saved.get("labels") or ()), input_size=tuple(size),
+                       mean=tuple(saved.get("mean") or card.mean), std=tuple(saved.get("std") or card.std))
+    if card is not None:
+        model.backbone.card = card
+    return model
+
+
 def is_dense_weights(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a weights file that ``save_weights`` wrote for a dense model."""
     p = Path(path).expanduser()
@@ -180,16 +261,17 @@ def is_dense_weights(path: str | os.PathLike) -> bool:
 
 
 def load_dense_weights(model: nn.Module, weights: str | os.PathLike) -> None:
-    """Load a dense model's own weights file strictly, keeping its ``backbone.``/``head.`` names.
+    """Load a dense model's (or a detector's) own weights file strictly, keeping its ``backbone.``/``head.`` names.
 
     (``load_weights`` reads the weights of a backbone and strips a ``backbone.`` prefix.)
     """
     sd, where = read_state_dict(weights)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
+        args = getattr(model, "model_args", {}) or {}
         raise WeightsError(
-            f"{where} does not fit {type(model).__name__} ({getattr(model, 'model_args', {}).get('backbone')} + "
-            f"{getattr(model, 'model_args', {}).get('head')}): missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            f"{where} does not fit {type(model).__name__} ({args.get('backbone')} + "
+            f"{args.get('head') or args.get('name')}): missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "build the model with the arguments the file was saved with"
         )
 
@@ -243,6 +325,9 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
            img_size: int | None) -> tuple[nn.Module, Path | None, RunDir | None]:
     if Path(source).expanduser().exists():
         weights, run = resolve_weights(source, use_ema)
+        detect = _detect_args(weights, run)
+        if detect is not None:
+            return _detect_from(weights, detect, run), weights, run
         dense = _dense_args(weights, run)
         if dense is not None:
             return _dense_from(weights, dense, run), weights, run
@@ -305,14 +390,16 @@ def load_model(
     if "seed" in cfg.get("engine", {}):
         settings["seed"] = cfg["engine"]["seed"]
     task = getattr(model, "task", "classify") if hasattr(model, "head") and hasattr(model, "stride") else "classify"
+    if getattr(model, "task", None) == "detect" and callable(getattr(model, "postprocess", None)):
+        task = "detect"
     dense = task in DENSE_TASKS
     if dense:
         in_chans = model.model_args.get("in_chans", in_chans)
         settings["ignore_index"] = data_cfg.get("ignore_index")  # the raw void value the user named, if any
     return LoadedModel(
         model=model.to(dev).eval(),
-        transform=FullImage(in_chans) if dense else EvalTransform(
-            (height, width), in_chans, crop_pct=crop_pct, interpolation=card.interpolation),
+        transform=FullImage(in_chans) if dense else LongSide(max(height, width), 3) if task == "detect" else
+        EvalTransform((height, width), in_chans, crop_pct=crop_pct, interpolation=card.interpolation),
         normalize=Normalize(card.mean, card.std),
         labels=labels,
         weights=weights,

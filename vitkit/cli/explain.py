@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="repeatable: rollout, grad-rollout, heads, attention, pos-embed, patch-grid, pca "
                         "(default: all but attention, skipping those the model cannot show)")
     p.add_argument("--out", default="explain", help="folder for the PNGs and index.html (default: ./explain)")
-    p.add_argument("--topk", type=int, default=5, help="classes to show per image")
+    p.add_argument("--topk", type=int, default=5, help="classes to show per image (a DETR run: queries to show)")
     p.add_argument("--head-fusion", default="mean", choices=("mean", "max", "min"), help="rollout: how heads combine")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: lowest fraction of weights to drop")
     p.add_argument("--mass", type=float, default=0.6, help="heads: outline the top patches holding this attention mass")
@@ -39,6 +39,13 @@ def run_explain(args: argparse.Namespace) -> int:
     from ..source import load_model
 
     lm = load_model(args.source)
+    if lm.is_detect:
+        from ..predict import explain_queries
+
+        for entry in explain_queries(lm, args.images, args.out, queries=args.topk):
+            best = ", ".join(f"query {q['query']} {q['label']} {q['score']:.2f}" for q in entry["queries"][:3])
+            print(f"{entry['path']}: wrote {entry['queries_png']} (decoder cross-attention; {best})")
+        return 0
     if lm.is_dense:
         raise ConfigError(
             f"{args.source} is a {lm.task} model; explain shows where a classifier looks. See its predictions with "

@@ -1,5 +1,6 @@
 """`vitkit predict WEIGHTS|RUN_DIR IMAGE...`: the most probable classes of each image; for a segmentation
-run a mask PNG and a coloured overlay per image, for a depth run a 16-bit depth PNG and a coloured one."""
+run a mask PNG and a coloured overlay per image, for a depth run a 16-bit depth PNG and a coloured one, for
+a detector a PNG with the boxes drawn (and the boxes as JSON on stdout)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image")
     p.add_argument("--out", help="where mask, overlay and depth files go (default: the current folder)")
-    p.add_argument("--task", help="the task the model must have (classify, segment or depth)")
+    p.add_argument("--task", help="the task the model must have (classify, segment, depth or detect)")
+    p.add_argument("--threshold", type=float, default=0.3, help="detectors: the lowest score of a box to keep")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run_predict)
 
@@ -21,8 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from ..predict import predict
 
-    results = predict(args.source, args.images, topk=args.topk, out_dir=args.out, task=args.task)
-    if args.json:
+    results = predict(args.source, args.images, topk=args.topk, out_dir=args.out, task=args.task,
+                      threshold=args.threshold)
+    if args.json or (results and "detections" in results[0]):  # a detector's boxes are JSON
         print(json.dumps(results, indent=2))
         return 0
     if results and "top" not in results[0]:

@@ -25,10 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="recipe name or YAML file")
     p.add_argument("--data", help="dataset path, or 'shapes[:N]' / 'scenes[:N]' / 'depth-scenes[:N]' for the "
                                   "built-in data (data.path)")
-    p.add_argument("--task", help="what to train (data.task): classify, segment or depth; default: detected from "
-                                  "the data (class folders: classify; mask folders: segment; depth maps: depth)")
+    p.add_argument("--task", help="what to train (data.task): classify, segment, depth or detect; default: detected "
+                                  "from the data (class folders: classify; mask folders: segment; depth maps: depth; "
+                                  "COCO JSON or VOC XML boxes: detect)")
     p.add_argument("--model", help="model name (model.name); default: chosen from the data")
-    p.add_argument("--head", help="dense head for segment/depth (model.head); default: chosen from the data")
+    p.add_argument("--head", help="dense head for segment/depth, or the detector for detect (model.head); "
+                                  "default: chosen from the data")
     p.add_argument("--out", help="run directory (engine.out_dir); default: runs/<time>-<model>-<data>")
     p.add_argument("--init", help="weights to start from: file, folder or hub id (model.init)")
     p.add_argument(
@@ -94,6 +96,9 @@ def _metrics_line(summary: dict) -> str:
     task = summary.get("task", "classify")
     if task == "segment":
         return f"val mIoU {_pct(summary.get('val_miou'))}, pixel accuracy {_pct(summary.get('val_pixel_acc'))}"
+    if task == "detect":
+        v = [summary.get(f"val_{k}") for k in ("ap", "ap50", "ap75")]
+        return "val " + ", ".join(f"{k} {'n/a' if x is None else f'{x:.3f}'}" for k, x in zip(("AP", "AP50", "AP75"), v))
     if task == "depth":
         v = [summary.get(f"val_{k}") for k in ("absrel", "rmse", "delta1")]
         return "val " + ", ".join(f"{k} {'n/a' if x is None else f'{x:.3f}'}" for k, x in zip(("AbsRel", "RMSE"), v)) + \

@@ -26,10 +26,15 @@ from .mocov3 import MoCoV3, MoCoV3Config  # noqa: E402  isort: skip
 # Dense objectives (segmentation, depth).
 from .dense import Depth, DepthConfig, Segment, SegmentConfig  # noqa: E402  isort: skip
 
+# Object detection (any registered detector).
+from .detect import Detect, DetectConfig  # noqa: E402  isort: skip
+
 __all__ = [
     "DINO",
     "Depth",
     "DepthConfig",
+    "Detect",
+    "DetectConfig",
     "DINOConfig",
     "IBOT",
     "IBOTConfig",
