@@ -178,9 +178,32 @@ def test_defaults_are_the_papers():
     assert not model["with_box_refine"] and not model["two_stage"]
 
 
-def test_two_stage_needs_box_refinement():
+def test_bad_settings_and_inputs_are_clear_errors():
     with pytest.raises(ConfigError, match="with_box_refine"):
-        create_detector("deformable_detr", "resnet18", num_classes=3, two_stage=True, **TINY)
+        create_detector("deformable_detr", "test_resnet", num_classes=3, two_stage=True, **TINY)
+    with pytest.raises(ConfigError, match="num_feature_levels=2"):
+        create_detector("deformable_detr", "test_resnet", num_classes=3, num_feature_levels=2, **TINY)
+    model = create_detector("deformable_detr", "test_resnet", num_classes=3, **TINY)
+    with pytest.raises(ValueError, match="pixel_mask"):
+        model(torch.randn(1, 3, 32, 32), torch.ones(1, 16, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_initialisation_is_the_references(refine):
+    torch.manual_seed(0)
+    model = create_detector("deformable_detr", "test_resnet", num_classes=3, with_box_refine=refine, **TINY)
+    heads = list(model.class_embed) if refine else [model.class_embed]
+    boxes = list(model.bbox_embed) if refine else [model.bbox_embed]
+    for head in heads:  # every class starts at probability 0.01
+        torch.testing.assert_close(head.bias.sigmoid(), torch.full((3,), 0.01))
+    for i, head in enumerate(boxes):  # only the first box head starts small; refinements start at zero
+        assert not head.layers[-1].weight.any()
+        assert head.layers[-1].bias.tolist() == [0, 0] + ([-2, -2] if i == 0 else [0, 0])
+    attn = model.encoder[0].self_attn  # head h's k-th point starts k + 1 steps along angle 2 pi h / heads
+    bias = attn.sampling_offsets.bias.view(2, 4, 2, 2)
+    torch.testing.assert_close(bias[0, :, 1], torch.tensor([2.0, 0.0]).expand(4, 2))
+    torch.testing.assert_close(bias[1, :, 0], torch.tensor([-1.0, 0.0]).expand(4, 2), atol=1e-6, rtol=0)
+    assert not attn.attention_weights.weight.any() and not attn.attention_weights.bias.any()
 
 
 def test_frozen_backbone_norms_and_stem():
@@ -194,17 +217,23 @@ def test_frozen_backbone_norms_and_stem():
     assert torch.equal(model.backbone.layer2[0].bn1.running_mean, before)
 
 
-@pytest.mark.parametrize("backbone,size", [("resnet18", (50, 77)), ("test_vit", (40, 56))])
-def test_any_input_size(backbone, size):
-    """Any H, W (padded to the stride inside); a plain ViT feeds its simple pyramid."""
+@pytest.mark.parametrize("backbone,size,variant", [
+    ("resnet18", (50, 77), {}),
+    ("test_vit", (40, 56), {}),
+    ("test_resnet", (24, 30), {"with_box_refine": True, "two_stage": True, "num_queries": 30}),
+])
+def test_any_input_size(backbone, size, variant):
+    """Any H, W (padded to the stride inside); a plain ViT feeds its simple pyramid; two-stage on an
+    image with fewer positions than queries proposes from all of them."""
     torch.manual_seed(0)
-    model = create_detector("deformable_detr", backbone, num_classes=3, **TINY).eval()
+    model = create_detector("deformable_detr", backbone, num_classes=3, **{**TINY, **variant}).eval()
+    n_queries = 22 if variant else 10  # padded to 32x32: 4x4 + 2x2 + 1 + 1 positions at strides 8 to 64
     h, w = size
     mask = torch.ones(2, h, w, dtype=torch.bool)
     mask[0, h // 2:] = False
     with torch.no_grad():
         out = model(torch.randn(2, 3, h, w), mask)
-    assert out["pred_logits"].shape == (2, 10, 3) and out["pred_boxes"].shape == (2, 10, 4)
+    assert out["pred_logits"].shape == (2, n_queries, 3) and out["pred_boxes"].shape == (2, n_queries, 4)
     assert torch.isfinite(out["pred_logits"]).all()
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
     assert len(out["aux_outputs"]) == 1

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models import create_model
 from .base import Detector
 from .layers import MLP, sine_positions
 from .ms_deform_attn import MSDeformAttn
@@ -162,11 +163,10 @@ class DeformableDETR(Detector):
                               "boxes in every decoder layer); set both")
         if d_model % 32:
             raise ConfigError(f"d_model={d_model} must be a multiple of 32 (the projections use GroupNorm(32))")
-        if num_feature_levels < 1:
-            raise ConfigError(f"num_feature_levels must be at least 1, got {num_feature_levels}")
+        if num_feature_levels == 2 or num_feature_levels < 1:
+            raise ConfigError(f"num_feature_levels={num_feature_levels}: use 1 (the stride-32 map) or 3 and more "
+                              "(strides 8/16/32, then one stride-2 conv per extra level; the paper uses 4)")
         if isinstance(backbone, str):
-            from ..models import create_model
-
             backbone_name = backbone
             backbone = create_model(backbone, num_classes=0)
         else:
@@ -185,7 +185,7 @@ class DeformableDETR(Detector):
         self.with_box_refine, self.two_stage, self.aux_loss = with_box_refine, two_stage, aux_loss
         self.focal_alpha, self.loss_weights = focal_alpha, (cls_weight, bbox_weight, giou_weight)
 
-        self._levels, channels, reductions = self._backbone_levels(num_feature_levels)
+        self._levels, self._indices, channels, reductions = self._backbone_levels(num_feature_levels)
         self.stride = int(math.ceil(max(reductions)))
         if frozen_bn:
             _freeze_batchnorm(self.backbone)
@@ -226,7 +226,7 @@ class DeformableDETR(Detector):
         self._reset_parameters()
 
     # ------------------------------------------------------------------ construction
-    def _backbone_levels(self, n_levels: int) -> tuple[str, list[int], list[float]]:
+    def _backbone_levels(self, n_levels: int) -> tuple[str, list[int], list[int], list[float]]:
         """Which backbone maps feed the levels: ("stages", ...) for a model with stride 8/16/32
         feature points, else ("pyramid", ...) for the last three of its simple pyramid."""
         wanted = (8, 16, 32) if n_levels > 1 else (32,)
@@ -234,17 +234,16 @@ class DeformableDETR(Detector):
         red = [f["reduction"] for f in info]
         if all(r in red for r in wanted):
             idx = [max(i for i, r in enumerate(red) if r == s) for s in wanted]
-            self._indices = idx
-            return "stages", [info[i]["num_chs"] for i in idx], [float(red[i]) for i in idx]
+            return "stages", idx, [info[i]["num_chs"] for i in idx], [float(red[i]) for i in idx]
         if not hasattr(self.backbone, "pyramid_info"):
             raise ConfigError(f"backbone {type(self.backbone).__name__} has neither stride 8/16/32 stages "
                               "(feature_info) nor a pyramid (pyramid_info()); choose another backbone")
         pinfo = self.backbone.pyramid_info()[-len(wanted):]
-        return "pyramid", [p["num_chs"] for p in pinfo], [float(p["reduction"]) for p in pinfo]
+        return "pyramid", [], [p["num_chs"] for p in pinfo], [float(p["reduction"]) for p in pinfo]
 
     def _reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            if p.dim() > 1 and not name.startswith(("backbone.", "input_proj.", "class_embed", "bbox_embed")):
+            if p.dim() > 1 and not name.startswith(("backbone.", "input_proj.", "query_embed.", "class_embed", "bbox_embed")):
                 nn.init.xavier_uniform_(p)
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
@@ -263,8 +262,10 @@ class DeformableDETR(Detector):
         for head in self._heads(self.bbox_embed):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
-            if not self.two_stage:
-                nn.init.constant_(head.layers[-1].bias[2:], -2.0)
+        if not self.two_stage:
+            # Boxes start small (sigmoid(-2) ~ 0.12 of the image); with refinement only the first
+            # layer predicts sizes from scratch, the later ones start as "keep the previous box".
+            nn.init.constant_(self._head(self.bbox_embed, 0).layers[-1].bias[2:], -2.0)
 
     @staticmethod
     def _heads(m) -> list[nn.Module]:
@@ -284,6 +285,8 @@ class DeformableDETR(Detector):
         B, _, H, W = images.shape
         if pixel_mask is None:
             pixel_mask = torch.ones(B, H, W, dtype=torch.bool, device=images.device)
+        if pixel_mask.shape != (B, H, W):
+            raise ValueError(f"pixel_mask must be (B, H, W) = {(B, H, W)} like the images, got {tuple(pixel_mask.shape)}")
         pixel_mask = pixel_mask.bool()
         pad_h, pad_w = -H % self.stride, -W % self.stride
         if pad_h or pad_w:
@@ -341,7 +344,8 @@ class DeformableDETR(Detector):
 
     def _two_stage_queries(self, memory: Tensor, padding: Tensor, shapes):
         """Every encoder position proposes a box (a level-sized square at its centre, refined by
-        the extra head); the top ``num_queries`` by their first class logit seed the decoder."""
+        the extra head); the top ``num_queries`` by their first class logit seed the decoder
+        (all positions where the maps hold fewer)."""
         B = memory.shape[0]
         proposals, start = [], 0
         for lvl, (h, w) in enumerate(shapes):
@@ -365,7 +369,8 @@ class DeformableDETR(Detector):
 
         enc_logits = self.class_embed[-1](query)
         enc_coords = self.bbox_embed[-1](query) + proposals
-        top = torch.topk(enc_logits[..., 0], self.num_queries, dim=1)[1]
+        # An image smaller than the query count proposes from every position it has.
+        top = torch.topk(enc_logits[..., 0], min(self.num_queries, enc_logits.shape[1]), dim=1)[1]
         top_coords = torch.gather(enc_coords, 1, top[..., None].expand(-1, -1, 4)).detach()
         pos = self.pos_trans_norm(self.pos_trans(_proposal_positions(top_coords, self.d_model)))
         query_pos, tgt = pos.split(self.d_model, dim=2)
