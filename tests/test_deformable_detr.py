@@ -217,6 +217,28 @@ def test_frozen_backbone_norms_and_stem():
     assert torch.equal(model.backbone.layer2[0].bn1.running_mean, before)
 
 
+def test_backbone_options_and_rebuilding():
+    import json
+
+    import vitkit
+
+    model = create_detector("deformable_detr", "test_resnet", num_classes=3, backbone_args={"drop_path_rate": 0.1},
+                            **TINY)
+    again = create_detector(**json.loads(json.dumps(model.model_args)))  # run configs store them as JSON/YAML
+    assert again.model_args == model.model_args and again.model_args["backbone_args"] == {"drop_path_rate": 0.1}
+    assert again.state_dict().keys() == model.state_dict().keys()
+    assert model.backbone_lr_mult == 0.1 and model.param_groups_hint() == {"backbone.": 0.1}
+    # A classifier checkpoint of the backbone loads into the frozen norms unchanged.
+    source = vitkit.create_model("test_resnet", num_classes=0)
+    model.backbone.load_state_dict(source.state_dict(), strict=True)
+    # A built backbone is used as is; train_backbone=False freezes it whole.
+    frozen = create_detector("deformable_detr", source, num_classes=3, train_backbone=False, **TINY)
+    assert frozen.backbone is source and not any(p.requires_grad for p in source.parameters())
+    assert frozen.model_args["backbone"] == "test_resnet"
+    with pytest.raises(ConfigError, match="backbone_args"):
+        create_detector("deformable_detr", source, num_classes=3, backbone_args={"drop_path_rate": 0.1}, **TINY)
+
+
 @pytest.mark.parametrize("backbone,size,variant", [
     ("resnet18", (50, 77), {}),
     ("test_vit", (40, 56), {}),

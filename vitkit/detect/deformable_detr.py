@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models import create_model
+from ..models import create_model, get_model_card
+from ..models._base import check_image
 from .base import Detector
 from .layers import MLP, sine_positions
 from .ms_deform_attn import MSDeformAttn
@@ -33,37 +34,55 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 class _FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (buffers), as the reference freezes
-    the CNN backbone's norms: detection batches are too small for batch statistics."""
+    the CNN backbone's norms: detection batches are too small for batch statistics. The state
+    dict is BatchNorm2d's, so backbone checkpoints load after freezing; ones without the unused
+    ``num_batches_tracked`` (Hugging Face's) load too."""
 
     def __init__(self, n: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
             self.register_buffer(name, torch.full((n,), fill))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)
+        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = _FrozenBatchNorm2d(child.num_features, child.eps)
+        if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            frozen = _FrozenBatchNorm2d(child.num_features, child.eps).to(child.running_mean.device)
             with torch.no_grad():
-                frozen.weight.copy_(child.weight if child.weight is not None else torch.ones_like(frozen.weight))
-                frozen.bias.copy_(child.bias if child.bias is not None else torch.zeros_like(frozen.bias))
-                if child.running_mean is not None:
-                    frozen.running_mean.copy_(child.running_mean)
-                    frozen.running_var.copy_(child.running_var)
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
             setattr(module, name, frozen)
         else:
             _freeze_batchnorm(child)
+
+
+def _build_backbone(backbone, backbone_args: dict | None) -> nn.Module:
+    if isinstance(backbone, str):
+        args = dict(backbone_args or {})
+        if "num_classes" in args:
+            raise ConfigError("backbone_args may not set num_classes: a detector's backbone has no classifier")
+        return create_model(backbone, num_classes=0, **args)
+    if isinstance(backbone, nn.Module):
+        if backbone_args:
+            raise ConfigError("backbone_args apply to a backbone given by name; this backbone is already built")
+        if getattr(backbone, "num_classes", 0) and callable(getattr(backbone, "reset_classifier", None)):
+            backbone.reset_classifier(0)
+        return backbone
+    raise ConfigError(f"backbone must be a registered model name or a built backbone, got {type(backbone).__name__}")
 
 
 class _EncoderLayer(nn.Module):
@@ -142,9 +161,20 @@ class DeformableDETR(Detector):
     A CNN or hierarchical backbone gives its stride 8/16/32 stages; an isotropic ViT its simple
     pyramid (``pyramid_info()``). Each map is projected to ``d_model`` (1x1 conv + GroupNorm(32));
     with ``num_feature_levels=4`` a 3x3 stride-2 conv on the last stage adds the stride-64 level.
-    ``frozen_bn`` freezes the backbone's BatchNorms (and a ResNet's stem and first stage), as the
-    reference does. The defaults are the paper's: 300 queries, 6+6 layers, 8 heads, 4 points,
-    FFN 1024, focal loss with class/L1/GIoU weights 2/5/2 (matching costs the same).
+    The defaults are the paper's: 300 queries, 6+6 layers, 8 heads, 4 points, FFN 1024, focal loss
+    with class/L1/GIoU weights 2/5/2 (matching costs the same).
+
+    Backbone options (as DETR's): ``backbone`` a registered name (built with ``num_classes=0`` and
+    ``backbone_args``) or a built vitkit backbone (changed in place); ``frozen_bn`` replaces its
+    BatchNorms by frozen ones; ``frozen_stages`` freezes a CNN's stem and that many first stages
+    (the reference: ResNet's stem and ``layer1``); ``train_backbone=False`` freezes it whole;
+    ``backbone_lr_mult`` is the backbone's learning rate as a fraction of the rest (the
+    reference's 2e-5 / 2e-4). The reference's 0.1x learning rate on ``sampling_offsets`` and
+    ``reference_points`` is not applied.
+
+    Any input size works: images and mask are padded bottom/right to a multiple of :attr:`stride`
+    (32 for ResNet), the padding masked like batch padding; at multiples of it the model is
+    exactly the reference.
 
     ``forward`` returns ``"pred_logits"`` (B, Q, num_classes) sigmoid logits, ``"pred_boxes"``
     (B, Q, 4) normalised cxcywh, ``"aux_outputs"`` (the earlier decoder layers) and, with
@@ -155,8 +185,9 @@ class DeformableDETR(Detector):
                  enc_layers: int = 6, dec_layers: int = 6, nheads: int = 8, dim_feedforward: int = 1024,
                  dropout: float = 0.1, num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
                  with_box_refine: bool = False, two_stage: bool = False, aux_loss: bool = True,
-                 frozen_bn: bool = True, focal_alpha: float = 0.25, cls_weight: float = 2.0,
-                 bbox_weight: float = 5.0, giou_weight: float = 2.0):
+                 focal_alpha: float = 0.25, cls_weight: float = 2.0, bbox_weight: float = 5.0,
+                 giou_weight: float = 2.0, frozen_bn: bool = True, train_backbone: bool = True,
+                 frozen_stages: int = 1, backbone_lr_mult: float = 0.1, backbone_args: dict | None = None):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ConfigError("two_stage=True needs with_box_refine=True (the reference's two-stage variant refines "
@@ -166,33 +197,33 @@ class DeformableDETR(Detector):
         if num_feature_levels == 2 or num_feature_levels < 1:
             raise ConfigError(f"num_feature_levels={num_feature_levels}: use 1 (the stride-32 map) or 3 and more "
                               "(strides 8/16/32, then one stride-2 conv per extra level; the paper uses 4)")
-        if isinstance(backbone, str):
-            backbone_name = backbone
-            backbone = create_model(backbone, num_classes=0)
-        else:
-            backbone_name = getattr(backbone, "model_name", None) or type(backbone).__name__
-        self.backbone = backbone
+        if frozen_stages < 0:
+            raise ConfigError(f"frozen_stages counts the first backbone stages to freeze: 0 or more, got {frozen_stages}")
+        self.backbone = _build_backbone(backbone, backbone_args)
         self.num_classes = num_classes
-        self.model_args = dict(
-            name=self.detector_name, backbone=backbone_name, num_classes=num_classes, num_queries=num_queries,
-            d_model=d_model, enc_layers=enc_layers, dec_layers=dec_layers, nheads=nheads,
+        self.backbone_lr_mult = backbone_lr_mult
+        self._backbone_args = dict(backbone_args or {})
+        self._args = dict(
+            num_queries=num_queries, d_model=d_model, enc_layers=enc_layers, dec_layers=dec_layers, nheads=nheads,
             dim_feedforward=dim_feedforward, dropout=dropout, num_feature_levels=num_feature_levels,
             enc_n_points=enc_n_points, dec_n_points=dec_n_points, with_box_refine=with_box_refine,
-            two_stage=two_stage, aux_loss=aux_loss, frozen_bn=frozen_bn, focal_alpha=focal_alpha,
-            cls_weight=cls_weight, bbox_weight=bbox_weight, giou_weight=giou_weight,
+            two_stage=two_stage, aux_loss=aux_loss, focal_alpha=focal_alpha, cls_weight=cls_weight,
+            bbox_weight=bbox_weight, giou_weight=giou_weight, frozen_bn=frozen_bn, train_backbone=train_backbone,
+            frozen_stages=frozen_stages, backbone_lr_mult=backbone_lr_mult,
         )
         self.num_queries, self.d_model, self.num_feature_levels = num_queries, d_model, num_feature_levels
         self.with_box_refine, self.two_stage, self.aux_loss = with_box_refine, two_stage, aux_loss
         self.focal_alpha, self.loss_weights = focal_alpha, (cls_weight, bbox_weight, giou_weight)
 
         self._levels, self._indices, channels, reductions = self._backbone_levels(num_feature_levels)
-        self.stride = int(math.ceil(max(reductions)))
+        from ..dense.model import input_stride
+
+        # Every level's map covers the padded image exactly (as the reference's batches do).
+        self.stride = math.lcm(input_stride(self.backbone, None), int(math.ceil(max(reductions))))
+        cnn = any(isinstance(m, (nn.BatchNorm2d, _FrozenBatchNorm2d)) for m in self.backbone.modules())
         if frozen_bn:
             _freeze_batchnorm(self.backbone)
-            if hasattr(self.backbone, "layer1"):  # a ResNet: the reference trains layer2-4 only
-                for name, p in self.backbone.named_parameters():
-                    if not name.startswith(("layer2", "layer3", "layer4")):
-                        p.requires_grad_(False)
+        self._freeze_backbone(train_backbone, frozen_stages if cnn else 0)
 
         proj = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model)) for c in channels]
         in_chs = channels[-1]
@@ -226,6 +257,42 @@ class DeformableDETR(Detector):
         self._reset_parameters()
 
     # ------------------------------------------------------------------ construction
+    def _freeze_backbone(self, train_backbone: bool, frozen_stages: int) -> None:
+        params = list(self.backbone.named_parameters())
+        if not train_backbone:
+            for _, p in params:
+                p.requires_grad_(False)
+            return
+        if frozen_stages <= 0:
+            return
+        # The stages are the feature points past the stem (stride > 2); everything registered
+        # before the first trainable stage (stem, frozen stages) is frozen.
+        stages = [f["module"] for f in self.backbone.feature_info if f["reduction"] > 2]
+        first = stages[frozen_stages] + "." if frozen_stages < len(stages) else None
+        for name, p in params:
+            if first is not None and name.startswith(first):
+                break
+            p.requires_grad_(False)
+
+    @property
+    def model_args(self) -> dict:
+        """The arguments of :func:`~vitkit.detect.create_detector` that rebuild this model (fresh weights)."""
+        name = getattr(self.backbone, "model_name", None)
+        if name is not None:
+            card = get_model_card(name).config
+            args = {k: v for k, v in (getattr(self.backbone, "model_args", {}) or {}).items()
+                    if k != "num_classes" and (k not in card or card[k] != v)}
+            if "img_size" in args and isinstance(args["img_size"], tuple):
+                args["img_size"] = list(args["img_size"])
+        else:
+            args = self._backbone_args
+        return dict(name=self.detector_name, backbone=name, num_classes=self.num_classes, **self._args,
+                    backbone_args=args)
+
+    def param_groups_hint(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix: ``{"backbone.": backbone_lr_mult}``."""
+        return {"backbone.": self.backbone_lr_mult}
+
     def _backbone_levels(self, n_levels: int) -> tuple[str, list[int], list[int], list[float]]:
         """Which backbone maps feed the levels: ("stages", ...) for a model with stride 8/16/32
         feature points, else ("pyramid", ...) for the last three of its simple pyramid."""
@@ -282,12 +349,13 @@ class DeformableDETR(Detector):
         return maps[-(3 if self.num_feature_levels > 1 else 1):]
 
     def forward(self, images: Tensor, pixel_mask: Tensor | None = None) -> dict:
+        check_image(images, getattr(self.backbone, "in_chans", 3))
         B, _, H, W = images.shape
         if pixel_mask is None:
             pixel_mask = torch.ones(B, H, W, dtype=torch.bool, device=images.device)
         if pixel_mask.shape != (B, H, W):
             raise ValueError(f"pixel_mask must be (B, H, W) = {(B, H, W)} like the images, got {tuple(pixel_mask.shape)}")
-        pixel_mask = pixel_mask.bool()
+        pixel_mask = pixel_mask.to(device=images.device, dtype=torch.bool)
         pad_h, pad_w = -H % self.stride, -W % self.stride
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
