@@ -86,43 +86,41 @@ def _build_backbone(backbone, backbone_args: dict | None) -> nn.Module:
 
 
 class _EncoderLayer(nn.Module):
+    """Post-norm: deformable self-attention over all levels, then the FFN (the reference's names)."""
+
     def __init__(self, d_model, d_ffn, dropout, n_levels, n_heads, n_points):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
     def forward(self, src, pos, reference_points, shapes, padding_mask):
-        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, reference_points, src, shapes, padding_mask)))
-        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        src = self.norm1(src + self.dropout(self.self_attn(src + pos, reference_points, src, shapes, padding_mask)))
+        return self.norm2(src + self.ffn(src))
 
 
-class _DecoderLayer(nn.Module):
+class _DecoderLayer(_EncoderLayer):
+    """Post-norm: self-attention among the queries (standard multi-head attention, ``norm2``),
+    deformable cross-attention around the reference points (``norm1``), the FFN (``norm3``)."""
+
     def __init__(self, d_model, d_ffn, dropout, n_levels, n_heads, n_points):
-        super().__init__()
+        super().__init__(d_model, d_ffn, dropout, n_levels, n_heads, n_points)
+        self.cross_attn = self.self_attn
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout3 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, shapes, padding_mask):
         q = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, q, tgt, need_weights=False)[0]))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, shapes, padding_mask)
-        tgt = self.norm1(tgt + self.dropout1(tgt2))
-        return self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+        tgt = self.norm1(tgt + self.dropout(tgt2))
+        return self.norm3(tgt + self.ffn(tgt))
 
 
 def _encoder_reference_points(shapes, valid_ratios: Tensor) -> Tensor:
