@@ -296,9 +296,15 @@ def test_postprocess_gives_pixel_boxes_best_first():
     sizes = torch.tensor([[64, 96], [40, 50]])
     dets = model.postprocess(out, sizes, top_k=5)
     assert len(dets) == 2
-    for det, (h, w) in zip(dets, sizes.tolist()):
+    for det in dets:
         assert det["boxes"].shape == (5, 4) and det["labels"].dtype == torch.int64
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
-        assert (det["boxes"][:, 0::2] <= w + 1e-4).all() and (det["boxes"][:, 1::2] <= h + 1e-4).all()
-    # Sigmoid scores over every (query, class) pair: the best is the largest logit's probability.
-    assert torch.isclose(dets[0]["scores"][0], out["pred_logits"][0].sigmoid().max())
+    # Sigmoid scores over every (query, class) pair: the best is the largest logit's probability,
+    # its box that query's, scaled to the image's true size.
+    for i, (h, w) in enumerate(sizes.tolist()):
+        best = out["pred_logits"][i].flatten().argmax()
+        q, c = divmod(best.item(), 3)
+        assert torch.isclose(dets[i]["scores"][0], out["pred_logits"][i].sigmoid().max()) and dets[i]["labels"][0] == c
+        cx, cy, bw, bh = out["pred_boxes"][i, q].tolist()
+        want = torch.tensor([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h])
+        torch.testing.assert_close(dets[i]["boxes"][0], want)
