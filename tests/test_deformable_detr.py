@@ -124,11 +124,13 @@ def _hf_model(**kw):
 
 
 @needs_hf
-@pytest.mark.parametrize("variant", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True}],
-                         ids=["plain", "box_refine", "two_stage"])
+@pytest.mark.parametrize("variant", [{}, {"with_box_refine": True}, {"with_box_refine": True, "two_stage": True},
+                                     {"num_feature_levels": 1}],
+                         ids=["plain", "box_refine", "two_stage", "single_scale"])
 def test_parity_with_transformers(variant):
     hf, cfg = _hf_model(**variant)
     args, state = convert_hf_deformable_detr(hf.state_dict(), cfg)
+    assert convert_hf_deformable_detr(hf.state_dict(), cfg.to_dict())[0] == args  # a config.json dict converts alike
     assert args["backbone"] == "resnet18" and args["num_classes"] == 3
     model = create_detector(**args).eval()
     model.load_state_dict(state, strict=True)
@@ -152,10 +154,16 @@ def test_parity_with_transformers(variant):
 
 
 @needs_hf
-def test_convert_refuses_a_backbone_it_cannot_map():
+def test_convert_refuses_what_it_cannot_map():
     cfg = transformers.DeformableDetrConfig(use_timm_backbone=False, backbone_config={"model_type": "resnet"})
     with pytest.raises(ConfigError, match="timm"):
         convert_hf_deformable_detr({}, cfg)
+    hf, cfg = _hf_model()
+    state = hf.state_dict()
+    with pytest.raises(ConfigError, match="no place"):
+        convert_hf_deformable_detr({**state, "model.extra.weight": torch.zeros(1)}, cfg)
+    with pytest.raises(ConfigError, match="bare DeformableDetrModel"):
+        convert_hf_deformable_detr({k: v for k, v in state.items() if not k.startswith("class_embed")}, cfg)
 
 
 # ---- the model in vitkit -----------------------------------------------------------------------------------

@@ -33,8 +33,11 @@ def _model_args(config) -> dict:
     if (_get(config, "decoder_attention_heads"), _get(config, "decoder_ffn_dim")) != (heads, ffn):
         raise ConfigError("the encoder and decoder must share their head count and FFN width")
     two_stage = bool(_get(config, "two_stage"))
+    if not (_get(config, "num_labels") or _get(config, "id2label")):
+        raise ConfigError("the config names no classes (num_labels or id2label): cannot size the class heads")
     return dict(
-        name="deformable_detr", backbone=_get(bb, "backbone"), num_classes=_get(config, "num_labels"),
+        name="deformable_detr", backbone=_get(bb, "backbone"),
+        num_classes=_get(config, "num_labels") or len(_get(config, "id2label")),
         num_queries=_get(config, "two_stage_num_proposals" if two_stage else "num_queries"),
         d_model=_get(config, "d_model"), enc_layers=_get(config, "encoder_layers"),
         dec_layers=_get(config, "decoder_layers"), nheads=heads, dim_feedforward=ffn,
@@ -57,6 +60,7 @@ def convert_hf_deformable_detr(state_dict: dict[str, torch.Tensor], config) -> t
     per_layer = args["with_box_refine"]
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -85,14 +89,23 @@ def convert_hf_deformable_detr(state_dict: dict[str, torch.Tensor], config) -> t
             continue
         if key.startswith("model.") and key[len("model."):].startswith(_SAME):
             out[key[len("model."):]] = value
+        elif not key.startswith(("class_embed.", "bbox_embed.", "model.decoder.class_embed.", "model.decoder.bbox_embed.")):
+            unknown.append(key)
+    if unknown:
+        raise ConfigError(f"{len(unknown)} weights of this checkpoint have no place in vitkit's Deformable DETR "
+                          f"(e.g. {unknown[:3]}): is it a DeformableDetrForObjectDetection state dict?")
     for name, parts in qkv.items():
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
 
     for head in ("class_embed", "bbox_embed"):
         for i in range(n_heads if per_layer else 1):
-            src = f"model.decoder.{head}.{i}." if f"model.decoder.{head}.{i}.{'weight' if head == 'class_embed' else 'layers.0.weight'}" in state_dict else f"{head}.{i}."
             dst = f"{head}.{i}." if per_layer else f"{head}."
-            for key, value in state_dict.items():
-                if key.startswith(src):
-                    out[dst + key[len(src):]] = value
+            src = f"model.decoder.{head}.{i}."
+            if not any(k.startswith(src) for k in state_dict):
+                src = f"{head}.{i}."
+            found = {dst + k[len(src):]: v for k, v in state_dict.items() if k.startswith(src)}
+            if not found:
+                raise ConfigError(f"the checkpoint has no {head}.{i}: convert a DeformableDetrForObjectDetection, "
+                                  "not the bare DeformableDetrModel")
+            out.update(found)
     return args, out
