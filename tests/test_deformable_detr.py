@@ -273,7 +273,6 @@ def test_any_input_size(backbone, size, variant):
 
 @pytest.mark.parametrize("variant", [{}, {"with_box_refine": True, "two_stage": True}], ids=["plain", "two_stage"])
 def test_training_steps_reduce_the_loss(variant):
-    pytest.importorskip("vitkit.detect.criterion", reason="the set criterion is not on this branch yet")
     torch.manual_seed(0)
     model = create_detector("deformable_detr", "test_resnet", num_classes=3, dropout=0.0, **{**TINY, **variant}).train()
     images = torch.randn(2, 3, 64, 64)
@@ -296,7 +295,6 @@ def test_training_steps_reduce_the_loss(variant):
 
 
 def test_postprocess_gives_pixel_boxes_best_first():
-    pytest.importorskip("vitkit.detect.postprocess", reason="the set postprocess is not on this branch yet")
     torch.manual_seed(0)
     model = create_detector("deformable_detr", "resnet18", num_classes=3, **TINY).eval()
     with torch.no_grad():

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..models import create_model, get_model_card
 from ..models._base import check_image
 from .base import Detector
+from .criterion import SetCriterion
+from .detr import DETR, FrozenBatchNorm2d, _build_backbone, _input_stride, freeze_batch_norm
 from .layers import MLP, sine_positions
+from .matcher import HungarianMatcher
 from .ms_deform_attn import MSDeformAttn
+from .postprocess import set_postprocess
 from .registry import register_detector
 
 
@@ -30,59 +33,6 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x), clamped so that boxes at 0 or 1 stay finite."""
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-class _FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters (buffers), as the reference freezes
-    the CNN backbone's norms: detection batches are too small for batch statistics. The state
-    dict is BatchNorm2d's, so backbone checkpoints load after freezing; ones without the unused
-    ``num_batches_tracked`` (Hugging Face's) load too."""
-
-    def __init__(self, n: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
-            self.register_buffer(name, torch.full((n,), fill))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "num_batches_tracked", self.num_batches_tracked)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
-
-
-def _freeze_batchnorm(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            frozen = _FrozenBatchNorm2d(child.num_features, child.eps).to(child.running_mean.device)
-            with torch.no_grad():
-                if child.affine:
-                    frozen.weight.copy_(child.weight)
-                    frozen.bias.copy_(child.bias)
-                frozen.running_mean.copy_(child.running_mean)
-                frozen.running_var.copy_(child.running_var)
-            setattr(module, name, frozen)
-        else:
-            _freeze_batchnorm(child)
-
-
-def _build_backbone(backbone, backbone_args: dict | None) -> nn.Module:
-    if isinstance(backbone, str):
-        args = dict(backbone_args or {})
-        if "num_classes" in args:
-            raise ConfigError("backbone_args may not set num_classes: a detector's backbone has no classifier")
-        return create_model(backbone, num_classes=0, **args)
-    if isinstance(backbone, nn.Module):
-        if backbone_args:
-            raise ConfigError("backbone_args apply to a backbone given by name; this backbone is already built")
-        if getattr(backbone, "num_classes", 0) and callable(getattr(backbone, "reset_classifier", None)):
-            backbone.reset_classifier(0)
-        return backbone
-    raise ConfigError(f"backbone must be a registered model name or a built backbone, got {type(backbone).__name__}")
 
 
 class _EncoderLayer(nn.Module):
@@ -214,13 +164,11 @@ class DeformableDETR(Detector):
         self.focal_alpha, self.loss_weights = focal_alpha, (cls_weight, bbox_weight, giou_weight)
 
         self._levels, self._indices, channels, reductions = self._backbone_levels(num_feature_levels)
-        from ..dense.model import input_stride
-
         # Every level's map covers the padded image exactly (as the reference's batches do).
-        self.stride = math.lcm(input_stride(self.backbone, None), int(math.ceil(max(reductions))))
-        cnn = any(isinstance(m, (nn.BatchNorm2d, _FrozenBatchNorm2d)) for m in self.backbone.modules())
+        self.stride = math.lcm(_input_stride(self.backbone), int(math.ceil(max(reductions))))
+        cnn = any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in self.backbone.modules())
         if frozen_bn:
-            _freeze_batchnorm(self.backbone)
+            freeze_batch_norm(self.backbone)
         self._freeze_backbone(train_backbone, frozen_stages if cnn else 0)
 
         proj = [nn.Sequential(nn.Conv2d(c, d_model, 1), nn.GroupNorm(32, d_model)) for c in channels]
@@ -255,41 +203,17 @@ class DeformableDETR(Detector):
         self._reset_parameters()
 
     # ------------------------------------------------------------------ construction
-    def _freeze_backbone(self, train_backbone: bool, frozen_stages: int) -> None:
-        params = list(self.backbone.named_parameters())
-        if not train_backbone:
-            for _, p in params:
-                p.requires_grad_(False)
-            return
-        if frozen_stages <= 0:
-            return
-        # The stages are the feature points past the stem (stride > 2); everything registered
-        # before the first trainable stage (stem, frozen stages) is frozen.
-        stages = [f["module"] for f in self.backbone.feature_info if f["reduction"] > 2]
-        first = stages[frozen_stages] + "." if frozen_stages < len(stages) else None
-        for name, p in params:
-            if first is not None and name.startswith(first):
-                break
-            p.requires_grad_(False)
+    # The backbone is handled as DETR handles it: the same options, freezing, rebuilding
+    # arguments, learning-rate hint and gradient checkpointing.
+    _freeze_backbone = DETR._freeze_backbone
+    model_args = DETR.model_args
+    param_groups_hint = DETR.param_groups_hint
+    set_grad_checkpointing = DETR.set_grad_checkpointing
 
-    @property
-    def model_args(self) -> dict:
-        """The arguments of :func:`~vitkit.detect.create_detector` that rebuild this model (fresh weights)."""
-        name = getattr(self.backbone, "model_name", None)
-        if name is not None:
-            card = get_model_card(name).config
-            args = {k: v for k, v in (getattr(self.backbone, "model_args", {}) or {}).items()
-                    if k != "num_classes" and (k not in card or card[k] != v)}
-            if "img_size" in args and isinstance(args["img_size"], tuple):
-                args["img_size"] = list(args["img_size"])
-        else:
-            args = self._backbone_args
-        return dict(name=self.detector_name, backbone=name, num_classes=self.num_classes, **self._args,
-                    backbone_args=args)
-
-    def param_groups_hint(self) -> dict[str, float]:
-        """Learning-rate multipliers by parameter-name prefix: ``{"backbone.": backbone_lr_mult}``."""
-        return {"backbone.": self.backbone_lr_mult}
+    def block_modules(self) -> list[nn.Module]:
+        """The backbone's repeated blocks and the encoder and decoder layers (FSDP shards each one)."""
+        fn = getattr(self.backbone, "block_modules", None)
+        return [*(fn() if callable(fn) else ()), *self.encoder, *self.decoder]
 
     def _backbone_levels(self, n_levels: int) -> tuple[str, list[int], list[int], list[float]]:
         """Which backbone maps feed the levels: ("stages", ...) for a model with stride 8/16/32
@@ -444,20 +368,27 @@ class DeformableDETR(Detector):
         return query_pos, tgt, top_coords.sigmoid(), enc_out
 
     # ------------------------------------------------------------------ loss and boxes
-    def loss(self, outputs: dict, targets: list[dict]) -> dict:
-        from .boxes import normalize_boxes
-        from .criterion import SetCriterion
-        from .matcher import HungarianMatcher
+    def criterion(self) -> SetCriterion:
+        """Deformable DETR's set criterion: sigmoid focal classification (``focal_alpha``, gamma 2),
+        L1 and GIoU, weighted and matched 2 / 5 / 2; the two-stage proposals as one class. Built on
+        first use, kept out of the state dict."""
+        if self.__dict__.get("_criterion") is None:
+            cls_w, bbox_w, giou_w = self.loss_weights
+            matcher = HungarianMatcher(cost_class=cls_w, cost_bbox=bbox_w, cost_giou=giou_w, focal=True,
+                                       alpha=self.focal_alpha)
+            self.__dict__["_criterion"] = SetCriterion(
+                self.num_classes, matcher, focal=True, focal_alpha=self.focal_alpha,
+                weights={"ce": cls_w, "bbox": bbox_w, "giou": giou_w}, aux=self.aux_loss)
+        return self.__dict__["_criterion"]
 
-        cls_w, bbox_w, giou_w = self.loss_weights
-        matcher = HungarianMatcher(cost_class=cls_w, cost_bbox=bbox_w, cost_giou=giou_w, focal=True,
-                                   alpha=self.focal_alpha)
-        criterion = SetCriterion(self.num_classes, matcher, focal=True, focal_alpha=self.focal_alpha,
-                                 weights={"ce": cls_w, "bbox": bbox_w, "giou": giou_w}, aux=self.aux_loss)
-        norm = [{"labels": t["labels"], "boxes": normalize_boxes(t["boxes"].float(), t["size"])} for t in targets]
-        return criterion(outputs, norm)
+    # Targets to the criterion's frame (cxcywh in [0, 1] of each image's true size), as DETR does.
+    loss = DETR.loss
 
     def postprocess(self, outputs: dict, sizes: Tensor, top_k: int = 100) -> list[dict]:
-        from .postprocess import set_postprocess
-
+        """Per image the ``top_k`` best (query, class) pairs by sigmoid score, a query possibly with
+        several classes; boxes in pixels of the unpadded input (``sizes`` (B, 2) true (h, w))."""
         return set_postprocess(outputs, sizes, focal=True, top_k=top_k)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_queries={self.num_queries}, levels={self.num_feature_levels}, "
+                f"stride={self.stride}")
