@@ -294,7 +294,8 @@ class DeformableDETR(Detector):
         pos_flat = torch.cat([(sine_positions(m, self.d_model // 2, offset=0.5).to(s.dtype).flatten(2).transpose(1, 2)
                                + self.level_embed[lvl].view(1, 1, -1)) for lvl, (s, m) in enumerate(zip(srcs, masks))], 1)
         padding = ~torch.cat([m.flatten(1) for m in masks], 1)
-        valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1).to(src_flat.dtype)
+        # Reference points and proposals stay float32 under autocast: sampling positions need the precision.
+        valid_ratios = torch.stack([_valid_ratio(m) for m in masks], 1)
 
         memory = src_flat
         enc_refs = _encoder_reference_points(shapes, valid_ratios)
@@ -341,11 +342,11 @@ class DeformableDETR(Detector):
         for lvl, (h, w) in enumerate(shapes):
             pad = padding[:, start:start + h * w].view(B, h, w)
             valid_h, valid_w = (~pad[:, :, 0]).sum(1), (~pad[:, 0, :]).sum(1)
-            gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=memory.dtype, device=memory.device),
-                                    torch.linspace(0, w - 1, w, dtype=memory.dtype, device=memory.device),
+            gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, device=memory.device),
+                                    torch.linspace(0, w - 1, w, device=memory.device),
                                     indexing="ij")
             grid = torch.stack([gx, gy], -1)
-            scale = torch.stack([valid_w, valid_h], -1).to(memory.dtype).view(B, 1, 1, 2)
+            scale = torch.stack([valid_w, valid_h], -1).float().view(B, 1, 1, 2)
             grid = (grid[None].expand(B, -1, -1, -1) + 0.5) / scale
             wh = torch.full_like(grid, 0.05 * 2.0 ** lvl)
             proposals.append(torch.cat([grid, wh], -1).view(B, -1, 4))
