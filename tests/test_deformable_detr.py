@@ -189,6 +189,10 @@ def test_defaults_are_the_papers():
 def test_bad_settings_and_inputs_are_clear_errors():
     with pytest.raises(ConfigError, match="with_box_refine"):
         create_detector("deformable_detr", "test_resnet", num_classes=3, two_stage=True, **TINY)
+    with pytest.raises(ConfigError, match="not divisible by nheads"):
+        create_detector("deformable_detr", "test_resnet", num_classes=3, **{**TINY, "nheads": 3})
+    with pytest.raises(ConfigError, match="needs a vitkit backbone"):
+        create_detector("deformable_detr", torch.nn.Conv2d(3, 8, 3), num_classes=3, **TINY)
     with pytest.raises(ConfigError, match="num_feature_levels=2"):
         create_detector("deformable_detr", "test_resnet", num_classes=3, num_feature_levels=2, **TINY)
     model = create_detector("deformable_detr", "test_resnet", num_classes=3, **TINY)

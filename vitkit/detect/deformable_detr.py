@@ -137,6 +137,14 @@ class DeformableDETR(Detector):
                  giou_weight: float = 2.0, frozen_bn: bool = True, train_backbone: bool = True,
                  frozen_stages: int = 1, backbone_lr_mult: float = 0.1, backbone_args: dict | None = None):
         super().__init__()
+        if num_classes < 1:
+            raise ConfigError(f"Deformable DETR needs at least one object class, got num_classes={num_classes}")
+        if num_queries < 1 or dec_layers < 1 or enc_layers < 0 or nheads < 1 or min(enc_n_points, dec_n_points) < 1:
+            raise ConfigError(f"Deformable DETR needs num_queries, dec_layers, nheads and the point counts >= 1 and "
+                              f"enc_layers >= 0, got {num_queries}, {dec_layers}, {nheads}, {enc_n_points}/"
+                              f"{dec_n_points} and {enc_layers}")
+        if d_model % nheads:
+            raise ConfigError(f"d_model {d_model} is not divisible by nheads {nheads}")
         if two_stage and not with_box_refine:
             raise ConfigError("two_stage=True needs with_box_refine=True (the reference's two-stage variant refines "
                               "boxes in every decoder layer); set both")
@@ -148,6 +156,9 @@ class DeformableDETR(Detector):
         if frozen_stages < 0:
             raise ConfigError(f"frozen_stages counts the first backbone stages to freeze: 0 or more, got {frozen_stages}")
         self.backbone = _build_backbone(backbone, backbone_args)
+        if not callable(getattr(self.backbone, "forward_intermediates", None)):
+            raise ConfigError(f"{type(self.backbone).__name__} has no forward_intermediates: Deformable DETR needs a "
+                              "vitkit backbone")
         self.num_classes = num_classes
         self.backbone_lr_mult = backbone_lr_mult
         self._backbone_args = dict(backbone_args or {})
