@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from vitkit.config import load_config
-from vitkit.detect import Detector, list_detectors, register_detector
+from vitkit.detect import Detector, register_detector
 from vitkit.engine.config import OptimConfig
 from vitkit.engine.optim import build_optimizer
 from vitkit.errors import ConfigError
@@ -28,16 +28,6 @@ from vitkit.plan_detect import (
     make_detect_plan,
     side_for,
 )
-
-
-def _needs(*names: str):
-    """Skip until the named detectors (and the detection data readers) are merged."""
-    from importlib.util import find_spec
-
-    missing = [n for n in names if n not in list_detectors()]
-    if missing or find_spec("vitkit.data.detection") is None or find_spec("vitkit.detect.evaluate") is None:
-        pytest.skip(f"needs the detection data readers, CocoEvaluator and detectors {names}")
-
 
 # ---- a tiny detector of our own: the objective's contract, independent of the real detectors ------------
 
@@ -173,10 +163,6 @@ def test_detection_weights_describe_themselves_and_load_back(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(lm.model.state_dict()[k], v)
     # The transform resizes keeping the aspect: long side 48.
-    from importlib.util import find_spec
-
-    if find_spec("vitkit.data.boxes_tf") is None:
-        return  # the box-aware transforms come with the detection data readers
     x = lm.transform(Image.new("RGB", (100, 50)))
     assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 24, 48)
     dets = lm.detect(x[None])
@@ -312,7 +298,13 @@ ENGINE = ["engine.amp=none", "engine.tensorboard=false", "engine.plots=false", "
 TINY = {"vitdet_fcos": ["model.name=test_vitdet", "model.head_args.channels=16", "model.head_args.num_convs=1"],
         "detr": ["model.name=test_vit", "model.head_args.d_model=16", "model.head_args.enc_layers=1",
                  "model.head_args.dec_layers=1", "model.head_args.nheads=2", "model.head_args.dim_feedforward=32",
-                 "model.head_args.num_queries=8"]}
+                 "model.head_args.num_queries=8"],
+        # d_model 64: at 32 GroupNorm has one channel per group and a 1x1 stride-64 map of one image fails.
+        "deformable_detr": ["model.name=test_resnet", "model.head_args.d_model=64", "model.head_args.enc_layers=1",
+                            "model.head_args.dec_layers=2", "model.head_args.nheads=2",
+                            "model.head_args.dim_feedforward=32", "model.head_args.num_queries=8",
+                            "model.head_args.enc_n_points=2", "model.head_args.dec_n_points=2"],
+        "yolos": ["model.name=test_vit", "model.head_args.num_det_tokens=8", "model.head_args.pe_size=[64,64]"]}
 
 
 def _det_cfg(out, detector, *extra, data):
@@ -321,18 +313,18 @@ def _det_cfg(out, detector, *extra, data):
                                   f"engine.out_dir={out}", *ENGINE, *extra], plan=False)
 
 
-def test_fcos_run_resumes_bitwise(tmp_path):
-    _needs("vitdet_fcos")
+@pytest.mark.parametrize("detector", sorted(TINY))
+def test_detector_run_resumes_bitwise(tmp_path, detector):
     from vitkit.train import build_run
 
     write_voc(tmp_path / "voc")
 
     def trainer(out, hooks=()):
-        cfg = _det_cfg(out, "vitdet_fcos", "engine.max_steps=4", "engine.ckpt_every_steps=2", "engine.epochs=4",
+        cfg = _det_cfg(out, detector, "engine.max_steps=4", "engine.ckpt_every_steps=2", "engine.epochs=4",
                        "data.batch_size=3", data=tmp_path / "voc")
         torch.manual_seed(cfg.engine.seed)
         tr, info = build_run(cfg, verbose=False)
-        assert info["task"] == "detect" and info["head"] == "vitdet_fcos"
+        assert info["task"] == "detect" and info["head"] == detector
         tr.hooks = list(hooks)
         return tr
 
@@ -344,7 +336,6 @@ def test_fcos_run_resumes_bitwise(tmp_path):
 
 
 def test_detr_run_saves_weights_that_explain_their_queries(tmp_path):
-    _needs("detr", "vitdet_fcos")
     from vitkit import load_model
     from vitkit.predict import explain_queries, predict
     from vitkit.train import train
@@ -427,7 +418,6 @@ FAST = ["data.num_workers=0", "engine.tensorboard=false", "engine.max_steps=2"]
 
 @pytest.mark.e2e
 def test_no_flag_train_then_eval_on_a_voc_folder(tmp_path):
-    _needs("vitdet_fcos")
     write_voc(tmp_path / "voc")
     r = run_vitkit("train", "--data", tmp_path / "voc", "--out", tmp_path / "run", "engine.time_budget=20s", *FAST,
                    check=True, timeout=300)
@@ -443,7 +433,6 @@ def test_no_flag_train_then_eval_on_a_voc_folder(tmp_path):
 
 @pytest.mark.e2e
 def test_no_flag_train_then_predict_on_a_coco_json(tmp_path):
-    _needs("vitdet_fcos")
     write_coco(tmp_path / "coco")
     run_vitkit("train", "--data", tmp_path / "coco", "--out", tmp_path / "run", "engine.time_budget=20s", *FAST,
                check=True, timeout=300)
