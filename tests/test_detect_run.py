@@ -167,6 +167,14 @@ def test_detection_weights_describe_themselves_and_load_back(tmp_path):
     assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 24, 48)
     dets = lm.detect(x[None])
     assert dets[0]["boxes"].shape == (1, 4)
+    # Commands made for classifiers say what to use instead of failing inside.
+    from vitkit.export import export
+    from vitkit.probe import probe
+
+    with pytest.raises(ConfigError, match="does not export detectors"):
+        export(path, "onnx", tmp_path / "det.onnx")
+    with pytest.raises(ConfigError, match="vitkit eval"):
+        probe(path, "shapes:20")
 
 
 # ---- the plan: pure rules on made-up statistics and timings -------------------------------------------

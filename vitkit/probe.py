@@ -128,6 +128,12 @@ def probe(
     if method not in PROBE_METHODS:
         raise ConfigError(f"unknown probe method {method!r}: use one of {', '.join(PROBE_METHODS)}")
     lm = source if isinstance(source, LoadedModel) else load_model(source)
+    if lm.task != "classify":
+        raise ConfigError(
+            f"{getattr(source, 'weights', None) or source} is a {lm.task} model; probe fits a classifier on a "
+            f"classification backbone's pooled features. Score it with vitkit eval, or probe the backbone it was "
+            "initialised from"
+        )
     s = lm.settings
     split_kw = dict(val_fraction=s.get("val_fraction", 0.1), seed=s.get("seed", 0), in_chans=lm.in_chans,
                     max_bad_fraction=s.get("max_bad_fraction", 0.05))

@@ -151,6 +151,12 @@ def export(
     out = Path(out)
     if out.suffix != _SUFFIX[fmt]:
         raise ConfigError(f"a {fmt} export is written to a *{_SUFFIX[fmt]} file, got {out.name}")
+    if loaded.is_detect:
+        raise ConfigError(
+            f"{source} is a detector ({type(loaded.model).__name__}); this version of vitkit does not export "
+            "detectors (their outputs are dicts decoded by the model's own postprocess). Its weights file "
+            f"{loaded.weights or 'model.safetensors'} already describes itself: vitkit.load_model reads it"
+        )
     if fmt == "onnx":
         result = export_onnx(loaded.model, out, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size)
     elif fmt == "pt2":

@@ -94,6 +94,11 @@ def build_demo(source, examples: Sequence[str] = ()):
     lm = source if isinstance(source, LoadedModel) else load_model(source)
     if lm.is_dense:
         return _dense_demo(gr, lm, examples)
+    if lm.is_detect:
+        raise ConfigError(
+            "the demo shows classifiers and segmentation or depth models; for a detector, vitkit predict RUN IMAGE "
+            "draws its boxes, labels and scores into a PNG"
+        )
     layers = capturable_modules(lm.model)
     if not layers:
         raise ConfigError(f"{type(lm.model).__name__} has no attention layers to show")
