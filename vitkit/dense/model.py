@@ -55,6 +55,34 @@ def _prefixed(pattern: str, prefix: str) -> str:
     return re.sub(r"(?<!\[)\^", "^" + re.escape(prefix), pattern)
 
 
+def freeze_unused(owner: nn.Module, backbone: nn.Module, read, side: int, in_chans: int) -> list[str]:
+    """Freeze the ``backbone`` parameters that ``read(x)`` (a scalar from what consumes the backbone:
+    a dense head, a detector's pyramid) never reaches; returns their names under ``backbone.``.
+
+    Found by one traced pass of a zero image ``side`` px square, with ``owner`` in eval mode (no
+    batch-statistics update, no dropout draw). Frozen parameters stay in the state dict, so
+    backbone weights load unchanged, and DDP needs no ``find_unused_parameters``.
+    """
+    params = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+    if not params or torch.is_inference_mode_enabled():
+        return []  # nothing to trace (built under inference_mode, no autograd): nothing frozen
+    first = params[0][1]
+    x = torch.zeros(1, in_chans, side, side, device=first.device, dtype=first.dtype)
+    modes = [(m, m.training) for m in owner.modules()]
+    owner.eval()
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(read(x), [p for _, p in params], allow_unused=True)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    unused = [n for (n, _), g in zip(params, grads) if g is None]
+    for n, p in params:
+        if n in unused:
+            p.requires_grad_(False)
+    return ["backbone." + n for n in unused]
+
+
 class DenseModel(nn.Module):
     """A backbone plus a dense head: ``forward(x)`` returns (B, out, H, W) logits (segment) or
     non-negative depth (depth) at the input's own size.
@@ -82,32 +110,10 @@ class DenseModel(nn.Module):
         card = getattr(backbone, "card", None)
         # The backbone's card (name, normalisation, paper) with the dense model's class count.
         self.card = replace(card, num_classes=num_classes) if card is not None else None
-        self.frozen_unused = self._freeze_unused()
-
-    def _freeze_unused(self) -> list[str]:
-        """Freeze the backbone parameters the head never reads (ConvNeXt's pooled-classifier norm,
-        the final norm that SETR bypasses): optimizers and DDP then skip them, and they stay in
-        the state dict so backbone weights load unchanged. Found by one small traced pass."""
-        params = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
-        if not params or torch.is_inference_mode_enabled():
-            return []  # nothing to trace (built under inference_mode, no autograd): nothing frozen
-        side = max(2 * self.stride, 32)
-        first = params[0][1]
-        x = torch.zeros(1, self.in_chans, side, side, device=first.device, dtype=first.dtype)
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()  # no batch-statistics update, no dropout draw
-        try:
-            with torch.enable_grad():
-                out = self.head(self.backbone, x)
-                grads = torch.autograd.grad(out.sum(), [p for _, p in params], allow_unused=True)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        unused = [n for (n, _), g in zip(params, grads) if g is None]
-        for n, p in params:
-            if n in unused:
-                p.requires_grad_(False)
-        return ["backbone." + n for n in unused]
+        # Backbone parameters the head never reads (ConvNeXt's pooled-classifier norm, the final norm
+        # SETR bypasses) are frozen: optimizers and DDP then skip them.
+        self.frozen_unused = freeze_unused(self, self.backbone, lambda x: self.head(self.backbone, x).sum(),
+                                           max(2 * self.stride, 32), self.in_chans)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,13 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models._base import check_image
-from .base import Detector
 from .criterion import SetCriterion
-from .detr import DETR, FrozenBatchNorm2d, _build_backbone, _input_stride, freeze_batch_norm
 from .layers import MLP, sine_positions
 from .matcher import HungarianMatcher
 from .ms_deform_attn import MSDeformAttn
 from .postprocess import set_postprocess
 from .registry import register_detector
+from .set_detector import FrozenBatchNorm2d, SetDetector, build_backbone, freeze_batch_norm, input_stride
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -103,7 +102,7 @@ def _proposal_positions(proposals: Tensor, d_model: int, temperature: float = 10
 
 
 @register_detector("deformable_detr", default_backbone="resnet50")
-class DeformableDETR(Detector):
+class DeformableDETR(SetDetector):
     """Deformable DETR over any vitkit backbone.
 
     A CNN or hierarchical backbone gives its stride 8/16/32 stages; an isotropic ViT its simple
@@ -155,7 +154,7 @@ class DeformableDETR(Detector):
                               "(strides 8/16/32, then one stride-2 conv per extra level; the paper uses 4)")
         if frozen_stages < 0:
             raise ConfigError(f"frozen_stages counts the first backbone stages to freeze: 0 or more, got {frozen_stages}")
-        self.backbone = _build_backbone(backbone, backbone_args)
+        self.backbone = build_backbone(backbone, backbone_args)
         if not callable(getattr(self.backbone, "forward_intermediates", None)):
             raise ConfigError(f"{type(self.backbone).__name__} has no forward_intermediates: Deformable DETR needs a "
                               "vitkit backbone")
@@ -176,7 +175,7 @@ class DeformableDETR(Detector):
 
         self._levels, self._indices, channels, reductions = self._backbone_levels(num_feature_levels)
         # Every level's map covers the padded image exactly (as the reference's batches do).
-        self.stride = math.lcm(_input_stride(self.backbone), int(math.ceil(max(reductions))))
+        self.stride = math.lcm(input_stride(self.backbone), int(math.ceil(max(reductions))))
         cnn = any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in self.backbone.modules())
         if frozen_bn:
             freeze_batch_norm(self.backbone)
@@ -214,13 +213,6 @@ class DeformableDETR(Detector):
         self._reset_parameters()
 
     # ------------------------------------------------------------------ construction
-    # The backbone is handled as DETR handles it: the same options, freezing, rebuilding
-    # arguments, learning-rate hint and gradient checkpointing.
-    _freeze_backbone = DETR._freeze_backbone
-    model_args = DETR.model_args
-    param_groups_hint = DETR.param_groups_hint
-    set_grad_checkpointing = DETR.set_grad_checkpointing
-
     def block_modules(self) -> list[nn.Module]:
         """The backbone's repeated blocks and the encoder and decoder layers (FSDP shards each one)."""
         fn = getattr(self.backbone, "block_modules", None)
@@ -392,9 +384,6 @@ class DeformableDETR(Detector):
                 self.num_classes, matcher, focal=True, focal_alpha=self.focal_alpha,
                 weights={"ce": cls_w, "bbox": bbox_w, "giou": giou_w}, aux=self.aux_loss)
         return self.__dict__["_criterion"]
-
-    # Targets to the criterion's frame (cxcywh in [0, 1] of each image's true size), as DETR does.
-    loss = DETR.loss
 
     def postprocess(self, outputs: dict, sizes: Tensor, top_k: int = 100) -> list[dict]:
         """Per image the ``top_k`` best (query, class) pairs by sigmoid score, a query possibly with

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dense.model import freeze_unused
 from ..engine.distributed import all_reduce_sum, get_world_size
 from ..errors import ConfigError, DataError
 from ..layers.norm import LayerNorm2d
@@ -332,7 +333,11 @@ class ViTDetFCOS(Detector):
                           center_radius=center_radius, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
                           prior_prob=prior_prob, score_thresh=score_thresh, pre_nms_top_n=pre_nms_top_n,
                           nms_thresh=nms_thresh, backbone_args=dict(backbone_args or {}))
-        self.frozen_unused = self._freeze_unused()
+        # Backbone parameters the pyramid never reads (a plain ViT's final norm) would stall DDP and
+        # waste optimizer state.
+        self.frozen_unused = freeze_unused(self, self.backbone,
+                                           lambda x: sum(f.sum() for f in self.neck(self.backbone, x)),
+                                           max(self.stride, 32), self.in_chans)
 
     @property
     def model_args(self) -> dict:
@@ -348,29 +353,6 @@ class ViTDetFCOS(Detector):
             built.pop("num_classes", None)
             args["backbone_args"] = {k: v for k, v in built.items() if k not in card or card[k] != v}
         return dict(name=self.detector_name, backbone=name, num_classes=self.num_classes, **args)
-
-    def _freeze_unused(self) -> list[str]:
-        # Backbone parameters the pyramid never reads (a plain ViT's final norm) would stall DDP
-        # and waste optimizer state: one small traced pass finds and freezes them.
-        params = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
-        if not params or torch.is_inference_mode_enabled():
-            return []
-        side = max(self.stride, 32)
-        x = torch.zeros(1, self.in_chans, side, side, device=params[0][1].device, dtype=params[0][1].dtype)
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            with torch.enable_grad():
-                out = sum(f.sum() for f in self.neck(self.backbone, x))
-                grads = torch.autograd.grad(out, [p for _, p in params], allow_unused=True)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        unused = [n for (n, p), g in zip(params, grads) if g is None]
-        for n, p in params:
-            if n in unused:
-                p.requires_grad_(False)
-        return ["backbone." + n for n in unused]
 
     @property
     def group_matcher(self):
