@@ -1,11 +1,13 @@
-"""Datasets (classification, segmentation, depth), the task rule, built-in shapes data, transforms, batch augmentation, mixup/cutmix, samplers, loaders."""
+"""Datasets (classification, segmentation, depth, detection), the task rule, built-in shapes data, transforms, batch augmentation, mixup/cutmix, samplers, loaders."""
 
 from __future__ import annotations
 
 from .arrays import read_idx
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, Normalize, random_erase
+from .boxes_tf import BoxEvalTransform, BoxTrainTransform
 from .dataset import ImageDataset
 from .dense import DenseDataset, build_dense_dataset
+from .detection import DetectionDataset, DetectionInfo, build_detection_dataset, describe_detection
 from .formats import SUPPORTED, build_dataset
 from .images import MAX_IMAGE_PIXELS, BadImageError, decode_image, to_channels
 from .inspect import DatasetInfo, describe_datasets, describe_dense, inspect_dataset
@@ -25,6 +27,12 @@ from .transforms import EvalTransform, TrainTransform, pil_to_uint8
 from .webdataset import WebDatasetShards, expand_shards
 
 __all__ = [
+    "BoxTrainTransform",
+    "BoxEvalTransform",
+    "DetectionDataset",
+    "DetectionInfo",
+    "build_detection_dataset",
+    "describe_detection",
     "detect_task",
     "describe_dense",
     "build_dense_dataset",

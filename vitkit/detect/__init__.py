@@ -6,6 +6,11 @@ loss and ``postprocess(outputs, sizes)`` boxes in pixels, scores and labels.
 """
 
 from .base import Detector
+from .criterion import SetCriterion
+from .evaluate import CocoEvaluator
+from .matcher import HungarianMatcher
+from .postprocess import set_postprocess
 from .registry import create_detector, detector_entry, list_detectors, register_detector
 
-__all__ = ["Detector", "create_detector", "detector_entry", "list_detectors", "register_detector"]
+__all__ = ["CocoEvaluator", "Detector", "HungarianMatcher", "SetCriterion", "create_detector", "detector_entry",
+           "list_detectors", "register_detector", "set_postprocess"]
