@@ -1,4 +1,5 @@
-"""Importing peer libraries (timm, transformers, lightly, torchmetrics, onnxruntime) for parity tests and benchmarks.
+"""Importing peer libraries (timm, transformers, open_clip, lightly, torchmetrics, onnxruntime) for parity tests and
+benchmarks.
 
 vitkit itself never needs torchvision. The peers do, and the PyPI torchvision wheel
 is a CUDA build whose C extension cannot load against a CPU-only torch; the import
@@ -48,7 +49,7 @@ def import_peer(name: str):
     """
     top = name.split(".")[0]
     try:
-        if top in ("timm", "transformers", "lightly", "torchmetrics"):  # each imports torchvision
+        if top in ("timm", "transformers", "open_clip", "lightly", "torchmetrics", "peft"):  # each imports torchvision
             ensure_torchvision_importable()
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
