@@ -1,5 +1,6 @@
 """Building blocks for vision transformers, one concept per file."""
 
+from .act import QuickGELU, get_act_layer
 from .attention import Attention, AttentionCore
 from .block import Block
 from .capture import capture_attention, record_attention
@@ -22,8 +23,8 @@ from .tokens import TokenContext
 
 __all__ = [
     "Attention", "AttentionCore", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale",
-    "LinearAttention", "MaxPool2dSame", "Mlp", "MoEMlp", "PatchEmbed", "PerformerAttention", "RMSNorm",
+    "LinearAttention", "MaxPool2dSame", "Mlp", "MoEMlp", "PatchEmbed", "PerformerAttention", "QuickGELU", "RMSNorm",
     "RotaryEmbedding2D", "StdConv2dSame", "SwiGLU", "TokenContext", "apply_rope",
-    "capture_attention", "get_norm_layer", "pad_same", "record_attention", "relative_position_index",
+    "capture_attention", "get_act_layer", "get_norm_layer", "pad_same", "record_attention", "relative_position_index",
     "resample_abs_pos_embed", "simple_pyramid", "sincos_2d_pos_embed",
 ]
