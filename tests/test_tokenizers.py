@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 import subprocess
 import sys
@@ -235,3 +236,25 @@ def test_trained_bpe_bad_inputs():
         train_caption_tokenizer(["a dog"], vocab_size=100)
     with pytest.raises(ConfigError, match="exactly one of"):
         CaptionBpeTokenizer()
+
+
+def _reference_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE encoding as Sennrich et al. define it: merge the adjacent pair learned earliest until none is left."""
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def test_trained_bpe_encodes_like_reference_bpe():
+    tok = train_caption_tokenizer(_shape_captions(), vocab_size=300)
+    model = json.loads(tok.to_config()["tokenizer_json"])["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    ranks = {pair: r for r, pair in enumerate(merges)}
+    text = "a yellow star on a red background with zebras and circles"
+    # Plain lowercase words: byte-level pre-tokenization gives each its leading space as "\u0120".
+    expected = [model["vocab"][s] for w in text.split() for s in _reference_bpe(list("\u0120" + w), ranks)]
+    assert tok.encode_ids([text.upper()])[0] == expected
+    assert len(expected) > len(text.split())  # the unseen words are split into pieces
