@@ -154,6 +154,26 @@ def test_tokenize_uses_the_models_tokenizer(clip_test):
         assert torch.equal(clip_test.encode_text(texts), clip_test.encode_text(ids))
 
 
+def test_a_trained_tokenizer_fits_the_text_tower(tmp_path):
+    from vitkit.text import train_caption_tokenizer
+
+    captions = [f"a {c} {s} on a {b} background" for c in ("red", "blue", "green") for s in ("circle", "square")
+                for b in ("white", "black")]
+    tok = train_caption_tokenizer(captions * 3, vocab_size=300, context_length=16)
+    m = create_clip("clip_test", tokenizer=tok).eval()
+    assert m.text.vocab_size == tok.vocab_size and m.text.token_embedding.num_embeddings == tok.vocab_size
+    # Its end-of-text id is not its largest, so CLIP's argmax pooling would miss it: pool at the id.
+    assert tok.eot_id != tok.vocab_size - 1 and m.text.pool == "eot" and m.text.eot_id == tok.eot_id
+    ids = m.tokenize(captions[:2])
+    assert torch.equal(ids, tok(captions[:2], context_length=16))
+    loaded = load_clip(save_weights(m, tmp_path / "m.safetensors"))  # the vocabulary travels in the file
+    assert torch.equal(loaded.tokenize(captions[:2]), ids)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_text(captions[:2]), m.encode_text(ids))
+    with pytest.raises(ConfigError, match="vocab_size"):
+        create_clip("clip_test", vocab_size=100).set_tokenizer(tok)
+
+
 def test_tokenize_without_tokenizer_is_a_clear_error():
     m = create_clip("siglip_test", tokenizer=None)
     with pytest.raises(ConfigError, match="no tokenizer"):
