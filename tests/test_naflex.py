@@ -277,3 +277,17 @@ def test_timm_naflexvit_parity(pool):
         keep = torch.cat([torch.ones(len(images), npt, dtype=torch.bool), batch["patch_valid"]], dim=1)
         assert max_diff(tokens[keep], ref[keep]) <= ATOL
         assert max_diff(naflex_forward(ours, batch), peer(batch)) <= ATOL
+
+
+def test_kept_tokens_follow_their_images():
+    """MAE-style ``keep`` on a packed batch: each image's kept tokens equal that image's own kept forward."""
+    model = _model("test_vit_modern")
+    images = _images([(2, 5), (3, 2)])
+    batch = pack([patchify(im, 8) for im in images])
+    keep = torch.tensor([[7, 0, 3], [5, 1, 2]])  # valid patches of each image, any order
+    with torch.no_grad():
+        tokens, ctx = naflex_embed(model, batch["patches"], batch["patch_coord"], batch["patch_valid"])
+        packed = model.forward_tokens(tokens, ctx, keep=keep)
+        for i, im in enumerate(images):
+            alone = model.forward_tokens(*model.embed(im[None]), keep=keep[i:i + 1])
+            assert max_diff(packed[i], alone[0]) <= ATOL
