@@ -254,8 +254,10 @@ def _timm_to_vitkit(sd: dict, patch: int, chans: int) -> dict:
 
 
 @needs_timm
-@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("pool", ["token", "avg", "map"])
 def test_timm_naflexvit_parity(pool):
+    if pool not in vitkit.VisionTransformer.pools:
+        pytest.skip(f"this VisionTransformer has no global_pool={pool!r}")
     naflexvit = require_peer("timm.models.naflexvit")
     cls = pool == "token"
     peer = naflexvit.NaFlexVit(
@@ -276,7 +278,10 @@ def test_timm_naflexvit_parity(pool):
         npt = ours.num_prefix_tokens
         keep = torch.cat([torch.ones(len(images), npt, dtype=torch.bool), batch["patch_valid"]], dim=1)
         assert max_diff(tokens[keep], ref[keep]) <= ATOL
-        assert max_diff(naflex_forward(ours, batch), peer(batch)) <= ATOL
+        logits = naflex_forward(ours, batch)
+        assert max_diff(logits, peer(batch)) <= ATOL
+        for i, im in enumerate(images):  # and each image alone, through the plain forward
+            assert max_diff(logits[i], ours(im[None])[0]) <= ATOL
 
 
 def test_kept_tokens_follow_their_images():

@@ -24,8 +24,6 @@ register tokens without position rows, i.e. ``no_embed_class=True``).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,17 +155,6 @@ def naflex_forward_features(
     return vit.forward_tokens(*naflex_embed(vit, patches, patch_coord, patch_valid))
 
 
-def _masked_attn_pool(pool: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    params = inspect.signature(pool.forward).parameters
-    for name in ("attn_bias", "attn_mask"):
-        if name in params:
-            return pool(x, **{name: bias})
-    raise ValueError(
-        f"global_pool='map' with padding needs an attention pool that takes a mask; "
-        f"{type(pool).__name__}.forward accepts neither attn_bias nor attn_mask"
-    )
-
-
 def naflex_pool(vit: VisionTransformer, tokens: torch.Tensor, patch_valid: torch.Tensor) -> torch.Tensor:
     """Pool packed tokens by ``vit.global_pool``, padding excluded: (B, prefix + L, D) -> (B, D).
 
@@ -189,7 +176,7 @@ def naflex_pool(vit: VisionTransformer, tokens: torch.Tensor, patch_valid: torch
     if pool == "map":
         bias = torch.zeros(B, 1, 1, N - npt, device=tokens.device, dtype=tokens.dtype)
         bias = bias.masked_fill(~patch_valid[:, None, None, :], torch.finfo(tokens.dtype).min)
-        return _masked_attn_pool(vit.attn_pool, tokens[:, npt:], bias)
+        return vit.attn_pool(tokens[:, npt:], attn_mask=bias)
     if pool == "":
         return tokens
     raise ValueError(f"NaFlex pooling supports global_pool 'avg', 'token', 'map' or '', not {pool!r}")
