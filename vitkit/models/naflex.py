@@ -187,7 +187,8 @@ def naflex_forward_head(
 ) -> torch.Tensor:
     """The classifier on packed tokens: :func:`naflex_pool`, then the model's fc-norm, dropout and head."""
     if vit.global_pool in ("token", ""):
-        return vit.forward_head(tokens, pre_logits=pre_logits)  # reads no patch token: padding cannot matter
+        # No pooling over patches: the model's own head is exact (with "", rows at padding stay meaningless).
+        return vit.forward_head(tokens, pre_logits=pre_logits)
     x = vit.head_drop(vit.fc_norm(naflex_pool(vit, tokens, patch_valid)))
     return x if pre_logits else vit.get_classifier()(x)
 
