@@ -284,7 +284,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         results.append((all_reduce_sum(loss.clone()) / world, [all_reduce_sum(g) / world for g in grads]))
     ev = RetrievalEvaluator()
     obj = make("clip")
-    batch = {"image": images[rows], "caption": caps[rows], "captions": [[c, c.upper()] for c in caps[rows]]}
+    batch = {"image": images[rows], "caption": caps[rows], "captions": [[c, "a " + c] for c in caps[rows]]}
     ev.update(batch, obj.eval_outputs(batch))
     torch.save({"results": results, "retrieval": ev.compute()}, f"{out}/rank{rank}.pt")
     shutdown_distributed()
@@ -304,7 +304,7 @@ def test_two_process_gloo_equals_one_process_on_the_global_batch(tmp_path):
                 torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-5, msg=f"{name} {cfg} gradient")
     # The evaluator scores the union of the processes' embeddings, the same on every process.
     obj = make("clip")
-    batch = {"image": images, "caption": caps, "captions": [[c, c.upper()] for c in caps]}
+    batch = {"image": images, "caption": caps, "captions": [[c, "a " + c] for c in caps]}
     out = obj.eval_outputs(batch)
     want = retrieval_metrics(out["image_embeds"], out["text_embeds"], out["text_to_image"])
     for r in ranks:
