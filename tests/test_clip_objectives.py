@@ -366,3 +366,28 @@ def test_real_two_tower_models_train_with_their_objectives(model_name, name):
     for part in (model.visual, model.text):
         assert sum(p.grad.abs().sum() for p in part.parameters() if p.grad is not None) > 0
     assert model.logit_scale.grad.abs() > 0
+
+
+class RealPairs(Dataset):
+    """32 px images with a caption each, for the tiny registered models."""
+
+    def __init__(self, n=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.caps = captions(n, seed)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "caption": self.caps[i], "skipped": torch.tensor(False)}
+
+
+def test_real_model_trains_through_the_engine(tmp_path):
+    obj = make_real("siglip_test", "siglip", {})
+    bias0 = obj.model.logit_bias.item()
+    tr = make_trainer(tmp_path, objective=obj, dataset=RealPairs(), val_dataset=RealPairs(6, seed=1), transform=None,
+                      batch_size=4, epochs=1, optim={"lr": 1e-3})
+    summary = tr.fit()
+    assert summary["best_metric"] == "r_mean" and 0.0 <= tr.last_val["r_mean"] <= 1.0
+    assert obj.model.logit_bias.item() != bias0
