@@ -237,3 +237,44 @@ def test_unfrozen_encoder_trains():
     images, captions = batch(2)
     model(images, **model.tokenize(captions))["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_encoder.parameters())
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Images whose colour channel decides the caption, so the image helps predict it."""
+
+    WORDS = ("red", "green", "blue")
+
+    def __init__(self, n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.k = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.randn(n, 3, 32, 32, generator=g) * 0.1
+        self.x[torch.arange(n), self.k] += 1.0
+
+    def __len__(self):
+        return len(self.k)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "caption": f"a {self.WORDS[self.k[i]]} square"}
+
+
+def test_engine_trains_the_projector_only_and_reports_perplexity(tmp_path):
+    from vitkit.engine import EngineConfig, OptimConfig, ScheduleConfig, Trainer
+
+    model = tiny_vlm()
+    lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    obj = build_objective("vlm_connector", model)
+    loader = torch.utils.data.DataLoader(CaptionPairs(32), batch_size=8, shuffle=True)
+    val = torch.utils.data.DataLoader(CaptionPairs(16, seed=1), batch_size=8)
+    tr = Trainer(obj, loader, val, cfg=EngineConfig(epochs=2, amp="none", log_every=2, tensorboard=False, plots=False),
+                 optim_cfg=OptimConfig(lr=1e-2, scale_lr=False), sched_cfg=ScheduleConfig(warmup_steps=1),
+                 out_dir=tmp_path)
+    start = caption_perplexity(model, val)
+    summary = tr.fit()
+    assert summary["best_metric"] == "ppl"
+    end = caption_perplexity(model, val)
+    assert end < start and summary["best_metric_value"] == pytest.approx(end, rel=1e-4)
+    for k, v in model.lm.state_dict().items():
+        assert torch.equal(v, lm_before[k]), k
+    for k, v in model.image_encoder.state_dict().items():
+        assert torch.equal(v, enc_before[k]), k
