@@ -15,7 +15,8 @@ Recipe (both arms get the same wall-clock budget after a shared start):
    (``--clip``: a CLIP run dir or weights file, or any source ``vitkit.source.load_model`` takes;
    features from its second-to-last block, class token dropped) and the LM frozen, only the
    2-layer MLP projector trains;
-   ``connector_tuned`` (with ``--tuned``): the projector and the LM train together (LLaVA's stage 2).
+   ``connector_tuned`` (skip with ``--no-tuned``): the projector and the LM train together (LLaVA's
+   stage 2 on captions). ``ppl_connector`` is the frozen-LM arm, the connector the issue asks about.
 The image features are computed once (eval transform, frozen tower), so the arms' budgets buy
 the same kind of steps. Perplexity: every caption of the 100 held-out images, per token, the
 start token given (``vitkit.vlm.caption_perplexity``).
@@ -130,8 +131,9 @@ def main() -> None:
                                                   "vitkit.source.load_model source")
     ap.add_argument("--data", default=None, help="flickr800 folder or archive (default: the shared archive)")
     ap.add_argument("--lm-budget", type=float, default=600.0, help="seconds of image-blind LM pretraining")
-    ap.add_argument("--budget", type=float, default=600.0, help="seconds per arm after the shared start")
-    ap.add_argument("--tuned", action="store_true", help="also the arm training projector and LM together")
+    ap.add_argument("--budget", type=float, default=300.0, help="seconds per arm after the shared start")
+    ap.add_argument("--tuned", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the arm training projector and LM together")
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
@@ -144,7 +146,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny budgets and sizes; results go to /tmp only")
     args = ap.parse_args()
     if args.smoke:
-        args.lm_budget, args.budget, args.width, args.depth, args.vocab = 15.0, 10.0, 64, 2, 512
+        args.lm_budget, args.budget, args.width, args.depth, args.vocab = 12.0, 8.0, 64, 2, 512
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
