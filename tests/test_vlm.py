@@ -278,3 +278,19 @@ def test_engine_trains_the_projector_only_and_reports_perplexity(tmp_path):
         assert torch.equal(v, lm_before[k]), k
     for k, v in model.image_encoder.state_dict().items():
         assert torch.equal(v, enc_before[k]), k
+
+
+def test_vitkit_caption_tokenizer_feeds_the_lm():
+    require_peer("tokenizers")
+    from vitkit.text import train_caption_tokenizer
+
+    caps = ["a dog runs on the grass", "a man rides a bike", "two dogs play in the snow"] * 4
+    tok = train_caption_tokenizer(caps, vocab_size=300, context_length=16)
+    t = tokenize_captions(tok, ["a dog in the snow", "a man"])
+    ids, mask, labels = t["input_ids"], t["attention_mask"], t["labels"]
+    for row in range(2):
+        n = int(mask[row].sum())
+        assert ids[row, n - 1] == tok.eot_id and tok.eot_id not in ids[row, : n - 1].tolist()
+        assert labels[row, 0] == -100 and torch.equal(labels[row, 1:n], ids[row, 1:n])
+        assert (labels[row, n:] == -100).all()
+    assert tok.decode(ids[0].tolist()).strip() == "a dog in the snow"
