@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 import subprocess
 import sys
@@ -42,7 +43,8 @@ CAPTIONS = [
     "it's they're we've I'm you'll he'd IT'S",
     "numbers 1234567890 and 3.14159 and 1,000,000",
     "UPPER lower MiXeD case",
-    "control\x00chars\x07here and a bell",
+    "control\x00chars\x07here and a bell, \x1b[31mred\x1b[0m text, a\u2028line\u0085break",
+    "&ldquo;entity quotes&rdquo;, &amp;ldquo;twice&amp;rdquo; and ﬃ; halfwidth ｶﾞｷﾞ, nbsp\u00a0here, bom\ufeff",
     "emoji only 🎉🎉🎉 👩‍👩‍👧",
     "",
     "a<end_of_text>b and <start_of_text>",
@@ -234,3 +236,25 @@ def test_trained_bpe_bad_inputs():
         train_caption_tokenizer(["a dog"], vocab_size=100)
     with pytest.raises(ConfigError, match="exactly one of"):
         CaptionBpeTokenizer()
+
+
+def _reference_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE encoding as Sennrich et al. define it: merge the adjacent pair learned earliest until none is left."""
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def test_trained_bpe_encodes_like_reference_bpe():
+    tok = train_caption_tokenizer(_shape_captions(), vocab_size=300)
+    model = json.loads(tok.to_config()["tokenizer_json"])["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    ranks = {pair: r for r, pair in enumerate(merges)}
+    text = "a yellow star on a red background with zebras and circles"
+    # Plain lowercase words: byte-level pre-tokenization gives each its leading space as "\u0120".
+    expected = [model["vocab"][s] for w in text.split() for s in _reference_bpe(list("\u0120" + w), ranks)]
+    assert tok.encode_ids([text.upper()])[0] == expected
+    assert len(expected) > len(text.split())  # the unseen words are split into pieces

@@ -65,6 +65,8 @@ _FIXES = str.maketrans({
     0x3000: " ",  # ideographic space
     # fullwidth ASCII, halfwidth katakana and hangul -> their standard forms
     **{c: n for c in range(0xFF01, 0xFFF0) if (n := unicodedata.normalize("NFKC", chr(c))) != chr(c)},
+    # C1 controls read as the Windows-1252 characters they usually were, as web browsers do
+    **{c: ch for c in range(0x80, 0xA0) if (ch := bytes([c]).decode("cp1252", "ignore"))},
     # control characters nobody means to caption with (tabs and newlines are whitespace, kept)
     **{c: None for c in (*range(0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
                          *range(0xFFF9, 0xFFFD))},
