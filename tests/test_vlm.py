@@ -294,3 +294,23 @@ def test_vitkit_caption_tokenizer_feeds_the_lm():
         assert labels[row, 0] == -100 and torch.equal(labels[row, 1:n], ids[row, 1:n])
         assert (labels[row, n:] == -100).all()
     assert tok.decode(ids[0].tolist()).strip() == "a dog in the snow"
+
+
+def test_two_tower_image_encoder():
+    from vitkit.clip import create_clip
+
+    torch.manual_seed(0)
+    clip = create_clip("clip_test").eval()
+    model = VisionLanguageModel(clip, tiny_lm(), tokenizer=WordTokenizer())
+    assert model.projector.fc1.in_features == clip.visual.feature_info[-2]["num_chs"]
+    images, captions = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(images), image_features(clip.visual, images))  # the backbone path
+        assert image_features(clip, images, drop_prefix=False).shape[1] == 16 + clip.visual.num_prefix_tokens
+    obj = build_objective("vlm_connector", model)
+    obj.freeze()
+    obj.train()
+    assert not clip.training
+    obj({"image": images, "caption": captions})["loss"].backward()
+    assert all(p.grad is None for p in clip.parameters())  # both towers, the temperature: all frozen
+    assert all(p.grad is not None for p in model.projector.parameters())
