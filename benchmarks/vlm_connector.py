@@ -22,7 +22,7 @@ the same kind of steps. Perplexity: every caption of the 100 held-out images, pe
 start token given (``vitkit.vlm.caption_perplexity``).
 
     python benchmarks/vlm_connector.py --clip runs/clip_flickr_best            # the real run
-    python benchmarks/vlm_connector.py --clip test_vit --smoke                # a 1-minute smoke
+    python benchmarks/vlm_connector.py --clip clip_nano --smoke               # a 1-minute smoke
 
 Writes ``benchmarks/results/clip.json``'s ``vlm`` section (merged; ``ppl_blind``,
 ``ppl_connector``) and the details in ``benchmarks/results/vlm_connector.json``.
@@ -73,17 +73,45 @@ def split(root: Path) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
 
 
+def load_encoder(source: str, pretrained: bool):
+    """(model, eval transform, normalisation) of the frozen image tower.
+
+    A two-tower name (``clip_nano``, random weights), a CLIP weights file or run dir
+    (``vitkit.clip.load_clip``), else anything ``vitkit.source.load_model`` takes (a vitkit backbone).
+    """
+    from vitkit.clip import create_clip, list_clip_models, load_clip
+    from vitkit.data.augment import Normalize
+    from vitkit.data.transforms import EvalTransform
+    from vitkit.errors import VitkitError
+    from vitkit.source import load_model
+
+    model = None
+    if source in list_clip_models():
+        model = create_clip(source).eval()
+    elif Path(source).exists():
+        try:
+            model = load_clip(source)
+        except VitkitError as e:
+            print(f"{source} is not a two-tower model ({e}); reading it as an image backbone")
+    if model is None:
+        loaded = load_model(source, device="cpu", pretrained=pretrained)
+        return loaded.model.eval(), loaded.transform, loaded.normalize
+    card = model.card
+    return model, EvalTransform(tuple(card.input_size[1:]), card.input_size[0], crop_pct=card.crop_pct), \
+        Normalize(card.mean, card.std)
+
+
 @torch.no_grad()
-def encode_all(loaded, root: Path, rows: list[dict], layer: int, batch: int = 32) -> torch.Tensor:
+def encode_all(encoder, root: Path, rows: list[dict], layer: int, batch: int = 32) -> torch.Tensor:
     """(N, K, C) frozen-tower features of every image (eval transform, its normalisation)."""
     from vitkit.data.images import read_image
     from vitkit.vlm import image_features
 
-    model = loaded.model.eval()
+    model, transform, normalize = encoder
     out = []
     for i in range(0, len(rows), batch):
-        imgs = torch.stack([loaded.transform(read_image(root / r["image"], loaded.in_chans)) for r in rows[i:i + batch]])
-        out.append(image_features(model, loaded.normalize(imgs.to(loaded.device)), layer).float().cpu())
+        imgs = torch.stack([transform(read_image(root / r["image"], transform.in_chans)) for r in rows[i:i + batch]])
+        out.append(image_features(model, normalize(imgs), layer).float().cpu())
     return torch.cat(out)
 
 
@@ -150,16 +178,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from vitkit.source import load_model
     from vitkit.text import train_caption_tokenizer
     from vitkit.vlm import VisionLanguageModel
 
     root = flickr_root(args.data)
     train_rows, val_rows = split(root)
     t0 = time.perf_counter()
-    loaded = load_model(args.clip, device="cpu", pretrained=not args.smoke)
-    feats_train = encode_all(loaded, root, train_rows, args.layer)
-    feats_val = encode_all(loaded, root, val_rows, args.layer)
+    encoder = load_encoder(args.clip, pretrained=not args.smoke)
+    feats_train = encode_all(encoder, root, train_rows, args.layer)
+    feats_val = encode_all(encoder, root, val_rows, args.layer)
     encode_s = time.perf_counter() - t0
     tok = train_caption_tokenizer([c for r in train_rows for c in r["captions"]], vocab_size=args.vocab,
                                   context_length=args.context)
@@ -167,7 +194,7 @@ def main() -> None:
 
     def vlm(lm_module, *, freeze_lm: bool):
         torch.manual_seed(1)
-        return VisionLanguageModel(loaded.model, lm_module, layer=args.layer, freeze_lm=freeze_lm, tokenizer=tok,
+        return VisionLanguageModel(encoder[0], lm_module, layer=args.layer, freeze_lm=freeze_lm, tokenizer=tok,
                                    context_length=args.context)
 
     base = vlm(lm, freeze_lm=False)
