@@ -28,6 +28,7 @@ from .dense import Depth, DepthConfig, Segment, SegmentConfig  # noqa: E402  iso
 
 # Object detection (any registered detector).
 from .detect import Detect, DetectConfig  # noqa: E402  isort: skip
+from .vlm import PerplexityEvaluator, VlmConnector, VlmConnectorConfig  # noqa: E402, F401  isort: skip
 
 # Image-text two-tower models (CLIP, SigLIP).
 from .clip import Clip, ClipConfig, Siglip, SiglipConfig  # noqa: E402, F401  isort: skip
