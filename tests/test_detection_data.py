@@ -304,7 +304,7 @@ def test_detect_task_precedence(tmp_path):
     with pytest.raises(DataError, match="no detection annotations"):
         build_detection_dataset(str(other), "train")
     with pytest.raises(ConfigError, match="no data reader"):
-        prepare_data("scenes:10", task="caption")
+        prepare_data("scenes:10", task="promptable")
 
 
 @pytest.mark.parametrize("fmt", ["coco", "voc"])

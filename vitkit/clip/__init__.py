@@ -12,9 +12,12 @@ from .registry import (
     read_clip_args,
     register_clip,
 )
+from .retrieval import RetrievalEvaluator, retrieval_metrics
+from .zeroshot import TEMPLATES, ZeroShotEvaluator, zeroshot_classifier, zeroshot_predict
 
 __all__ = [
     "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "SIGLIP_MEAN", "SIGLIP_STD", "TwoTower", "build_two_tower",
     "clip_model_args", "convert_hf_clip", "convert_hf_siglip", "create_clip", "is_clip_weights", "list_clip_models",
-    "load_clip", "read_clip_args", "register_clip",
+    "load_clip", "read_clip_args", "register_clip", "RetrievalEvaluator", "retrieval_metrics", "TEMPLATES",
+    "ZeroShotEvaluator", "zeroshot_classifier", "zeroshot_predict",
 ]

@@ -138,12 +138,19 @@ def collate(samples: list[dict]) -> dict:
 
     Detection samples (``"boxes"``): ``"boxes"`` and ``"labels"`` are always per-sample lists and
     ``"size"`` is always present.
+
+    Image-text samples (``"caption"``): ``"caption"`` (one string per image) and ``"captions"``
+    (every caption of each image) stay lists, ``"label"`` is -1 where an image has no class.
     """
     common = {
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "skipped": torch.tensor([len(s["bad_files"]) for s in samples], dtype=torch.long),
         "bad_files": [name for s in samples for name in s["bad_files"]],
     }
+    if "caption" in samples[0]:  # image-text pairs: captions stay lists of strings
+        from .captions import collate_captions
+
+        return {**collate_captions(samples), **common}
     if "label" not in samples[0]:
         return {**_collate_dense(samples), **common}
     first = samples[0]["image"]

@@ -2,6 +2,7 @@
 
 from .act import QuickGELU, get_act_layer
 from .attention import Attention, AttentionCore
+from .attn_pool import AttentionPoolLatent
 from .block import Block
 from .capture import capture_attention, record_attention
 from .drop import DropPath
@@ -22,7 +23,7 @@ from .std_conv import StdConv2dSame
 from .tokens import TokenContext
 
 __all__ = [
-    "Attention", "AttentionCore", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale",
+    "Attention", "AttentionCore", "AttentionPoolLatent", "Block", "DropPath", "GlobalResponseNorm", "LayerNorm", "LayerNorm2d", "LayerScale",
     "LinearAttention", "MaxPool2dSame", "Mlp", "MoEMlp", "PatchEmbed", "PerformerAttention", "QuickGELU", "RMSNorm",
     "RotaryEmbedding2D", "StdConv2dSame", "SwiGLU", "TokenContext", "apply_rope",
     "capture_attention", "get_act_layer", "get_norm_layer", "pad_same", "record_attention", "relative_position_index",
