@@ -32,6 +32,12 @@ from ..errors import ConfigError, WeightsError
 # are not parameters of the model.
 _IGNORED = ("input_resolution", "context_length", "vocab_size", "attn_mask", "text.attn_mask")
 _STRIP = ("module.", "_orig_mod.")
+# A registered ViT the image tower is created from; the conversion overrides all of its sizes.
+IMAGE_BASE = "vit_base_patch16_224"
+CLIP_BPE_VOCAB = 49408
+# open_clip's defaults when a config has no preprocess_cfg (OPENAI_DATASET_MEAN / _STD).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # open_clip residual block -> vitkit Block.
 _BLOCK = {
@@ -338,15 +344,24 @@ def _text(sd: dict, tcfg: Mapping, quick_gelu: bool, defaults: bool, out: dict) 
     return args
 
 
-def _tokenizer(tcfg: Mapping, context_length: int) -> dict | None:
+def _tokenizer(tcfg: Mapping, context_length: int, vocab_size: int) -> dict | None:
     """The vitkit tokenizer config for an open_clip text config (None when vitkit has none for it)."""
     name = tcfg.get("hf_tokenizer_name")
     if not name:
-        return {"kind": "clip_bpe", "context_length": context_length}
+        # open_clip's default tokenizer is CLIP's BPE, whose ids need its 49408-token vocabulary.
+        return {"kind": "clip_bpe", "context_length": context_length} if vocab_size == CLIP_BPE_VOCAB else None
     # SigLIP's SentencePiece vocabulary lives in the checkpoint's hub repo (``spiece.model``); the
     # loader points ``model_path`` at a copy beside the weights when there is one.
     return {"kind": "sentencepiece", "context_length": context_length, "hub_id": str(name),
             "model_path": None, "lowercase": (tcfg.get("tokenizer_kwargs") or {}).get("clean") == "canonicalize"}
+
+
+def _normalisation(preprocess: Mapping, timm_name: str) -> tuple[list[float], list[float]]:
+    """The image mean and std: the config's ``preprocess_cfg``, else open_clip's defaults (SigLIP's for its trunks)."""
+    siglip = "siglip" in timm_name
+    mean = preprocess.get("mean") or ((0.5, 0.5, 0.5) if siglip else OPENAI_MEAN)
+    std = preprocess.get("std") or ((0.5, 0.5, 0.5) if siglip else OPENAI_STD)
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
 # ---------------------------------------------------------------------- entry point
@@ -358,12 +373,15 @@ def convert_open_clip(
     Args:
         state_dict: an open_clip ``CLIP`` / ``CustomTextCLIP`` state dict (OpenAI-style or timm-trunk
             layout; ``module.`` prefixes and non-parameter buffers are dropped).
-        config: open_clip's model config (the ``model_cfg`` of ``open_clip_config.json``, or the whole
-            file, or a ``model_configs/*.json``). Optional for OpenAI-style checkpoints (then read with
-            OpenAI's settings), required for timm trunks (their heads and activation are named there).
+        config: open_clip's config: the contents of ``open_clip_config.json`` (its ``preprocess_cfg``
+            gives the image normalisation) or its ``model_cfg`` alone (a ``model_configs/*.json``).
+            Optional for OpenAI-style checkpoints (then read with OpenAI's settings), required for
+            timm trunks (their heads and activation are named there).
     Returns:
-        ``model_args``, with which :class:`~vitkit.clip.TwoTower` is rebuilt (see
-        :func:`vitkit.clip.load.build_two_tower`), and the state dict it loads strictly.
+        ``model_args`` (``vitkit.clip.build_two_tower(model_args)`` builds the model) and the state
+        dict that model loads strictly. The converted model does not clamp the temperature
+        (``max_logit_scale=None``): released models may sit above CLIP's training clamp, and the
+        conversion must give the checkpoint's logits.
     """
     sd = _clean(state_dict)
     layout = open_clip_layout(sd)
@@ -380,6 +398,7 @@ def convert_open_clip(
         )
     defaults = cfg is None
     cfg = cfg or {}
+    preprocess = dict((config or {}).get("preprocess_cfg") or {})
     vcfg, tcfg = dict(cfg.get("vision_cfg") or {}), dict(cfg.get("text_cfg") or {})
     quick_gelu = bool(cfg.get("quick_gelu", defaults))
     out: dict[str, torch.Tensor] = {}
@@ -402,24 +421,16 @@ def convert_open_clip(
         out["logit_bias"] = bias.reshape(())
     if sd:
         raise WeightsError(f"unexpected keys in the open_clip checkpoint: {sorted(sd)[:8]}")
-    model_args = _two_tower_args(
-        vision, text, embed_dim=embed_dim, image_proj=image_proj,
-        init_logit_bias=float(out["logit_bias"]) if bias is not None else None,
-        tokenizer=_tokenizer(tcfg, text["context_length"]),
+    mean, std = _normalisation(preprocess, str(vcfg.get("timm_model_name") or ""))
+    model_args = dict(
+        # The image tower is built from a registered ViT whose every size argument is overridden.
+        image={"model": IMAGE_BASE, **vision}, text=text, embed_dim=embed_dim, image_proj=image_proj,
+        init_logit_scale=float(cfg.get("init_logit_scale", math.log(1 / 0.07))),
+        init_logit_bias=float(cfg.get("init_logit_bias", -10.0)) if bias is not None else None,
+        max_logit_scale=None, tokenizer=_tokenizer(tcfg, text["context_length"], text["vocab_size"]),
+        mean=mean, std=std,
     )
     return model_args, out
-
-
-def _two_tower_args(vision: dict, text: dict, *, embed_dim: int, image_proj: str, init_logit_bias: float | None,
-                    tokenizer: dict | None) -> dict:
-    """The towers' arguments in the shape of ``TwoTower.model_args``."""
-    return dict(
-        image_tower=dict(family="vit", args=vision), text_tower=text, embed_dim=embed_dim, image_proj=image_proj,
-        init_logit_bias=init_logit_bias,
-        # Released models may sit above CLIP's training clamp (SigLIP's learned scale does); the
-        # converted model must give the checkpoint's logits.
-        max_logit_scale=None, tokenizer=tokenizer,
-    )
 
 
 __all__ = ["convert_open_clip", "is_open_clip", "model_cfg", "open_clip_layout"]

@@ -129,15 +129,20 @@ def load_clip_weights(path: str | os.PathLike) -> torch.nn.Module:
             )
         model_args, sd = convert_open_clip(sd, config)
     tok = model_args.get("tokenizer")
+    spiece = _spiece(weights.parent)
     if tok and tok.get("kind") == "sentencepiece" and not tok.get("model_path"):
-        tok["model_path"] = _spiece(weights.parent)
+        tok["model_path"] = spiece
+    elif tok is None and kind == "hf" and config.get("model_type") == "siglip" and spiece:
+        # transformers' SigLIP folders carry the SentencePiece model beside the weights.
+        model_args["tokenizer"] = {"kind": "sentencepiece", "model_path": spiece,
+                                   "context_length": model_args["text"]["context_length"]}
     return _build_and_load(model_args, sd, str(weights))
 
 
 def _build_and_load(model_args: dict, sd: dict, where: str) -> torch.nn.Module:
-    from .model import TwoTower
+    from .model import build_two_tower
 
-    model = TwoTower.from_model_args(model_args)
+    model = build_two_tower(model_args)
     target = model.state_dict()
     for key in ("logit_scale", "logit_bias"):
         if key in sd and key in target:
