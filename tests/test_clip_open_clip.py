@@ -124,7 +124,7 @@ def test_openai_checkpoint_without_config(tmp_path):
     bare.parent.mkdir()
     torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, bare)
     model = load_clip_weights(bare)
-    assert model.model_args["text_tower"]["act_layer"] == "quick_gelu"
+    assert model.model_args["text"]["act_layer"] == "quick_gelu"
     tokens = open_clip.tokenize(CAPTIONS[:3], context_length=12)
     _assert_parity(ref, model, torch.randn(2, 3, 32, 32), tokens)
 
@@ -150,7 +150,7 @@ def test_converted_args_and_errors(tmp_path):
         convert_open_clip(ref.state_dict())  # a timm trunk's heads are in the config only
     args, sd = convert_open_clip(ref.state_dict(), {"model_cfg": SIGLIP_CFG})
     assert args["image_proj"] == "none" and args["init_logit_bias"] is not None
-    assert args["text_tower"]["causal"] is False and args["text_tower"]["pool"] == "last"
+    assert args["text"]["causal"] is False and args["text"]["pool"] == "last"
     coca = json.loads(json.dumps(CLIP_CFG))
     coca["vision_cfg"]["attentional_pool"] = True
     with pytest.raises(ConfigError, match="attentional_pool"):
@@ -163,3 +163,31 @@ def test_converted_args_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PathNotFoundError, match="open_clip"):
         load_clip_weights(tmp_path / "empty")
+
+
+@pytest.mark.peer("transformers")
+def test_hf_clip_folder_loads(tmp_path):
+    """A transformers CLIPModel folder (config.json + model.safetensors) loads through the same entry point."""
+    transformers = require_peer("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    ref = perturb(transformers.CLIPModel(cfg))
+    ref.save_pretrained(tmp_path / "hf")
+    model = load_clip_weights(tmp_path / "hf")
+    images, tokens = torch.randn(2, 3, 32, 32), model.tokenize(CAPTIONS[:3])
+    with torch.no_grad():
+        img_ref = ref.get_image_features(pixel_values=images)
+        txt_ref = ref.get_text_features(input_ids=tokens)
+        img_ref, txt_ref = (getattr(t, "pooler_output", t) for t in (img_ref, txt_ref))
+        logits_ref = ref(input_ids=tokens, pixel_values=images).logits_per_image
+        out = model(images, tokens)
+        img, txt = model.encode_image(images), model.encode_text(tokens)
+    assert max_diff(img, img_ref) < ATOL and max_diff(txt, txt_ref) < ATOL
+    logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
+    assert max_diff(logits, logits_ref) < ATOL
