@@ -352,8 +352,10 @@ def _tokenizer(tcfg: Mapping, context_length: int, vocab_size: int) -> dict | No
         return {"kind": "clip_bpe", "context_length": context_length} if vocab_size == CLIP_BPE_VOCAB else None
     # SigLIP's SentencePiece vocabulary lives in the checkpoint's hub repo (``spiece.model``); the
     # loader points ``model_path`` at a copy beside the weights when there is one.
-    return {"kind": "sentencepiece", "context_length": context_length, "hub_id": str(name),
-            "model_path": None, "lowercase": (tcfg.get("tokenizer_kwargs") or {}).get("clean") == "canonicalize"}
+    # open_clip's "canonicalize" cleaning lowercases and strips punctuation, as HF's SiglipTokenizer.
+    canon = (tcfg.get("tokenizer_kwargs") or {}).get("clean") == "canonicalize"
+    return {"kind": "sentencepiece", "model_path": None, "context_length": context_length, "lowercase": canon,
+            "canonicalize": canon, "source": f"the hub repo {name} (spiece.model)"}
 
 
 def _normalisation(preprocess: Mapping, timm_name: str) -> tuple[list[float], list[float]]:

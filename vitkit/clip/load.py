@@ -134,7 +134,7 @@ def load_clip_weights(path: str | os.PathLike) -> torch.nn.Module:
         tok["model_path"] = spiece
     elif tok is None and kind == "hf" and config.get("model_type") == "siglip" and spiece:
         # transformers' SigLIP folders carry the SentencePiece model beside the weights.
-        model_args["tokenizer"] = {"kind": "sentencepiece", "model_path": spiece,
+        model_args["tokenizer"] = {"kind": "sentencepiece", "model_path": spiece, "source": str(weights.parent),
                                    "context_length": model_args["text"]["context_length"]}
     return _build_and_load(model_args, sd, str(weights))
 
