@@ -9,6 +9,7 @@ bias mapped to the wrong place), writes it as open_clip publishes it, loads it w
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -191,3 +192,33 @@ def test_hf_clip_folder_loads(tmp_path):
     assert max_diff(img, img_ref) < ATOL and max_diff(txt, txt_ref) < ATOL
     logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
     assert max_diff(logits, logits_ref) < ATOL
+
+
+SP_CORPUS = [
+    "a photo of a cat sitting on a red sofa", "two dogs playing in the snow near a wooden fence",
+    "a man riding a bicycle down a busy city street", "children playing football in a green park",
+    "a bowl of fresh fruit on a kitchen table", "the sun setting over the ocean with small boats",
+] * 4
+
+
+@pytest.mark.peer("open_clip", "sentencepiece", "transformers")
+def test_siglip_folder_tokenizes_like_open_clip(tmp_path):
+    """An open_clip SigLIP folder with its SentencePiece vocabulary: the loaded model's tokenizer gives
+    open_clip's ids (its HF tokenizer with the 'canonicalize' cleaning)."""
+    spm, transformers = require_peer("sentencepiece"), require_peer("transformers")
+    _register_trunk()
+    cfg = json.loads(json.dumps(SIGLIP_CFG))
+    cfg["text_cfg"].update(hf_tokenizer_name="timm/ViT-B-16-SigLIP", tokenizer_kwargs={"clean": "canonicalize"})
+    _, folder = _open_clip_folder(tmp_path, cfg, seed=3)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS), model_writer=buf, vocab_size=100, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    transformers.SiglipTokenizer(vocab_file=str(folder / "spiece.model")).save_pretrained(folder)
+    texts = ["A photo of a CAT, on a red sofa!", "two dogs   playing\tin the snow?", "Unseen: zebra (qué tal)",
+             "children playing football in a green park with a bowl of fresh fruit on a kitchen table"]
+    model = load_clip_weights(folder)
+    assert model.tokenizer_config["kind"] == "sentencepiece"
+    assert torch.equal(model.tokenize(texts), open_clip.get_tokenizer(f"local-dir:{folder}")(texts))
