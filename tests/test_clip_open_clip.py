@@ -17,6 +17,8 @@ import torch
 from helpers import lazy_peer, max_diff, perturb, require_peer
 from safetensors.torch import save_file
 
+from vitkit import save_weights
+from vitkit.clip import TwoTower, load_clip
 from vitkit.clip.convert_open_clip import convert_open_clip, is_open_clip
 from vitkit.clip.load import load_clip_weights
 from vitkit.errors import ConfigError, PathNotFoundError, WeightsError
@@ -110,11 +112,15 @@ def _assert_parity(ref, model, images: torch.Tensor, tokens: torch.Tensor) -> No
 def test_openai_layout_matches_open_clip(tmp_path):
     ref, folder = _open_clip_folder(tmp_path, CLIP_CFG)
     assert "visual.class_embedding" in ref.state_dict() and is_open_clip(ref.state_dict())
-    model = load_clip_weights(folder)
+    model = load_clip(folder)  # the public entry point hands foreign folders to load_clip_weights
     tokens = open_clip.tokenize(CAPTIONS, context_length=16)
-    _assert_parity(ref, model, torch.randn(3, 3, 32, 32), tokens)
+    images = torch.randn(3, 3, 32, 32)
+    _assert_parity(ref, model, images, tokens)
     # The model's own tokenizer is CLIP's BPE, id for id (the long caption truncated keeping its end token).
     assert torch.equal(model.tokenize(CAPTIONS), tokens)
+    # Saved by vitkit, the converted model rebuilds from the file alone.
+    again = load_clip(save_weights(model, tmp_path / "converted.safetensors"))
+    _assert_parity(ref, again, images, tokens)
 
 
 @needs_open_clip
@@ -190,8 +196,7 @@ def test_hf_clip_folder_loads(tmp_path):
         out = model(images, tokens)
         img, txt = model.encode_image(images), model.encode_text(tokens)
     assert max_diff(img, img_ref) < ATOL and max_diff(txt, txt_ref) < ATOL
-    logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
-    assert max_diff(logits, logits_ref) < ATOL
+    assert max_diff(TwoTower.logits(out), logits_ref) < ATOL
 
 
 SP_CORPUS = [
@@ -222,3 +227,42 @@ def test_siglip_folder_tokenizes_like_open_clip(tmp_path):
     model = load_clip_weights(folder)
     assert model.tokenizer_config["kind"] == "sentencepiece"
     assert torch.equal(model.tokenize(texts), open_clip.get_tokenizer(f"local-dir:{folder}")(texts))
+
+
+@pytest.mark.peer("sentencepiece", "transformers")
+def test_hf_siglip_folder_with_its_vocabulary(tmp_path):
+    """A transformers SiglipModel folder with its spiece.model: embeddings and token ids as transformers'."""
+    spm, transformers = require_peer("sentencepiece"), require_peer("transformers")
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+    )
+    torch.manual_seed(0)
+    ref = perturb(transformers.SiglipModel(cfg))
+    folder = tmp_path / "hf"
+    ref.save_pretrained(folder)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS), model_writer=buf, vocab_size=100, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    hf_tok = transformers.SiglipTokenizer(vocab_file=str(folder / "spiece.model"))
+    texts = ["A photo of a CAT, on a red sofa!", "two dogs playing in the snow near a wooden fence and a park"]
+    model = load_clip_weights(folder)
+    tokens = model.tokenize(texts)
+    expected = hf_tok(texts, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(tokens, expected)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        img_ref = ref.get_image_features(pixel_values=images)
+        txt_ref = ref.get_text_features(input_ids=tokens)
+        # transformers 5 wraps the projected features in an output object, 4 returns them as they are.
+        img_ref, txt_ref = (getattr(t, "pooler_output", t) for t in (img_ref, txt_ref))
+        logits_ref = ref(input_ids=tokens, pixel_values=images).logits_per_image
+        out = model(images, tokens)
+        img, txt = model.encode_image(images), model.encode_text(tokens)
+    assert max_diff(img, img_ref) < ATOL and max_diff(txt, txt_ref) < ATOL
+    assert max_diff(TwoTower.logits(out), logits_ref) < ATOL
