@@ -123,6 +123,35 @@ def test_openai_layout_matches_open_clip(tmp_path):
     _assert_parity(ref, again, images, tokens)
 
 
+# The other OpenAI-style options open_clip configs use: no pre-norm, patch-average pooling with the
+# norm before or after the pool, LayerScale, tanh GELU, eps 1e-6, a biased text projection, a
+# bidirectional text tower pooled at the first end token ("eos").
+VARIANTS = {
+    "avg_ln_after_pool": dict(
+        vision=dict(no_ln_pre=True, pool_type="avg", final_ln_after_pool=True, ls_init_value=0.1,
+                    act_kwargs={"approximate": "tanh"}, norm_kwargs={"eps": 1e-6}),
+        text=dict(pool_type="eos", eos_id=49407, proj_bias=True, no_causal_mask=True, act_kwargs={"approximate": "tanh"}),
+        quick_gelu=False,
+    ),
+    "avg_ln_before_pool": dict(vision=dict(pool_type="avg"), text=dict(pool_type="first"), quick_gelu=False),
+}
+
+
+@needs_open_clip
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_openai_layout_options_match_open_clip(tmp_path, variant):
+    v = VARIANTS[variant]
+    cfg = json.loads(json.dumps(CLIP_CFG))
+    cfg["vision_cfg"].update(v["vision"])
+    cfg["text_cfg"].update(v["text"])
+    cfg["quick_gelu"] = v["quick_gelu"]
+    ref, folder = _open_clip_folder(tmp_path, cfg, seed=4)
+    model = load_clip_weights(folder)
+    tokens = open_clip.tokenize(CAPTIONS, context_length=16)
+    tokens[1, 12:] = 49407  # a second end token after the first: "eos" pools the first
+    _assert_parity(ref, model, torch.randn(2, 3, 32, 32), tokens)
+
+
 @needs_open_clip
 def test_openai_checkpoint_without_config(tmp_path):
     """A bare OpenAI-style ``.bin`` (weights_only) reads with OpenAI's settings, as open_clip reads OpenAI's files."""
