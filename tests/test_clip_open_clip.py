@@ -295,3 +295,11 @@ def test_hf_siglip_folder_with_its_vocabulary(tmp_path):
         img, txt = model.encode_image(images), model.encode_text(tokens)
     assert max_diff(img, img_ref) < ATOL and max_diff(txt, txt_ref) < ATOL
     assert max_diff(TwoTower.logits(out), logits_ref) < ATOL
+
+
+def test_torchscript_archive_is_refused(tmp_path):
+    """OpenAI's original .pt files are TorchScript: refused with where to get loadable weights, never executed."""
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(WeightsError, match="TorchScript"):
+        load_clip_weights(path)
