@@ -162,15 +162,13 @@ def _build_and_load(model_args: dict, sd: dict, where: str) -> torch.nn.Module:
     for key in ("logit_scale", "logit_bias"):
         if key in sd and key in target:
             sd[key] = sd[key].reshape(target[key].shape)
-    missing, unexpected = sorted(set(target) - set(sd)), sorted(set(sd) - set(target))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(sd) & set(target))
-              if sd[k].shape != target[k].shape]
-    if missing or unexpected or shapes:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        # The converters map every key they know; what is left is a part vitkit's towers do not have.
         raise WeightsError(
-            f"the converted checkpoint {where} does not fit the model built from it: missing {first_keys(missing)}; "
-            f"unexpected {first_keys(unexpected)}; shapes {first_keys(shapes)}"
-        )
-    model.load_state_dict(sd, strict=True)
+            f"the checkpoint {where} has parts vitkit's towers do not ({str(e).strip()}); it cannot be converted"
+        ) from None
     return model.eval()
 
 
