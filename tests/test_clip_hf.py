@@ -71,6 +71,19 @@ def test_hf_clip_parity(eos):
     _compare(peer, model, _tokens(VOCAB - 1 if eos == 2 else eos))
 
 
+def test_hf_clip_image_features_are_llavas():
+    """image_features() is what LLaVA feeds its projector: hidden_states[-2] without the class token."""
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(**_tiny(vision=dict(num_hidden_layers=3)))
+    peer = perturb(transformers.CLIPModel(cfg))
+    model = _convert(convert_hf_clip, peer, cfg.to_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = peer.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+        assert max_diff(model.image_features(x), hidden[-2][:, 1:]) <= ATOL
+        assert max_diff(model.image_features(x, layer=0, drop_prefix=False), hidden[1]) <= ATOL
+
+
 def test_hf_clip_from_a_saved_config_with_defaults_left_out(tmp_path):
     """config.json as save_pretrained writes it (only the keys that differ from the defaults)."""
     torch.manual_seed(0)

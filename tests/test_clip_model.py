@@ -68,6 +68,17 @@ def test_map_pool_follows_the_paper():
         assert max_diff(vit.pool(tokens), y) <= ATOL
 
 
+def test_map_pool_mask_leaves_padding_out():
+    """A key mask (packed variable-length inputs) pools as if the padded tokens were not there."""
+    pool = perturb(VisionTransformer(**TINY, num_classes=0, class_token=False, global_pool="map")).attn_pool
+    tokens = torch.randn(2, 16, 64)
+    valid = torch.tensor([[True] * 16, [True] * 9 + [False] * 7])
+    with torch.no_grad():
+        masked = pool(tokens, attn_mask=valid[:, None, None, :])
+        assert max_diff(masked[1], pool(tokens[1:, :9])[0]) <= ATOL
+        assert max_diff(masked[0], pool(tokens[:1])[0]) <= ATOL
+
+
 def test_vit_defaults_unchanged_and_new_options():
     plain = create_model("test_vit")
     assert not any(k.startswith("attn_pool") for k in plain.state_dict())
@@ -80,6 +91,16 @@ def test_vit_defaults_unchanged_and_new_options():
     assert tanh.attn_pool.mlp.act.approximate == "tanh" and tanh.blocks[0].mlp.act.approximate == "tanh"
     with pytest.raises(ValueError, match="unknown activation"):
         create_model("test_vit", act_layer="swish2")
+
+
+def test_map_pool_flops_are_counted():
+    from vitkit.models.info import count_flops
+
+    avg = create_model("test_vit", global_pool="avg", class_token=False).to("meta")
+    mapped = create_model("test_vit", global_pool="map", class_token=False).to("meta")
+    # the pool adds q (1 query), kv (16 tokens), proj and its MLP on one token: 2 * (64*64 + 16*64*128 + ...)
+    extra = 2 * (64 * 64 + 16 * 64 * 128 + 64 * 64 + 2 * 64 * 256)
+    assert count_flops(mapped, (3, 32, 32)) - count_flops(avg, (3, 32, 32)) >= extra
 
 
 def test_map_pool_switching():
@@ -190,6 +211,26 @@ def test_image_features_second_to_last_block(clip_test):
         ref = m.visual.blocks[0](tokens)  # the output of block depth-2 (= 0 for a 2-block tower)
     assert feats.shape == (2, 16, 64) and with_prefix.shape == (2, 17, 64)
     assert max_diff(with_prefix, ref) <= ATOL and max_diff(feats, ref[:, 1:]) <= ATOL
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = create_clip("siglip_test")
+    x, t = torch.randn(2, 3, 32, 32), torch.randint(1, 100, (2, 16))
+
+    def grads():
+        m.zero_grad()
+        out = m(x, t)
+        m.logits(out).logsumexp(-1).sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    m.set_grad_checkpointing(True)
+    assert m.visual.grad_checkpointing and m.text.grad_checkpointing
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() and len(plain) == len(list(m.parameters()))
+    assert all(torch.allclose(plain[n], ckpt[n], atol=1e-6) for n in plain)
+    assert len(m.block_modules()) == 4
 
 
 def test_no_weight_decay_names(clip_test):
