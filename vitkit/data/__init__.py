@@ -1,10 +1,21 @@
-"""Datasets (classification, segmentation, depth, detection), the task rule, built-in shapes data, transforms, batch augmentation, mixup/cutmix, samplers, loaders."""
+"""Datasets (classification, segmentation, depth, detection, image-text), the task rule, built-in shapes data, transforms, batch augmentation, mixup/cutmix, samplers, loaders."""
 
 from __future__ import annotations
 
 from .arrays import read_idx
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, Normalize, random_erase
 from .boxes_tf import BoxEvalTransform, BoxTrainTransform
+from .captions import (
+    CaptionDataset,
+    CaptionInfo,
+    CaptionShards,
+    CaptionTransform,
+    SceneCaptions,
+    ShapesCaptions,
+    build_caption_dataset,
+    collate_captions,
+    describe_captions,
+)
 from .dataset import ImageDataset
 from .dense import DenseDataset, build_dense_dataset
 from .detection import DetectionDataset, DetectionInfo, build_detection_dataset, describe_detection
@@ -18,7 +29,14 @@ from .paths import is_system_path
 from .rand_augment import RandAugment, parse_rand_augment
 from .samplers import RepeatAugSampler, ResumableSampler
 from .scan import ScanReport, scan_files
-from .shapes import DEFAULT_CLASSES, EXTRA_CLASSES, ShapesDataset, render_shape
+from .shapes import (
+    CAPTION_TEMPLATES,
+    DEFAULT_CLASSES,
+    EXTRA_CLASSES,
+    ShapesDataset,
+    render_shape,
+    shape_captions,
+)
 from .skips import SkipCounter
 from .splits import stratified_split
 from .stage import DataStage, prepare_data
@@ -27,6 +45,17 @@ from .transforms import EvalTransform, TrainTransform, pil_to_uint8
 from .webdataset import WebDatasetShards, expand_shards
 
 __all__ = [
+    "CAPTION_TEMPLATES",
+    "CaptionDataset",
+    "CaptionInfo",
+    "CaptionShards",
+    "CaptionTransform",
+    "SceneCaptions",
+    "ShapesCaptions",
+    "build_caption_dataset",
+    "collate_captions",
+    "describe_captions",
+    "shape_captions",
     "BoxTrainTransform",
     "BoxEvalTransform",
     "DetectionDataset",

@@ -7,7 +7,7 @@ Images are generated lazily from ``(seed, split, index)``: the same index always
 same pixels, train and val never share a random stream, and nothing is stored on disk.
 
 ``dataset.sample(i)`` also returns the shape's mask, box and a caption, for dense and
-image-text tasks.
+image-text tasks; :func:`shape_captions` words the same content several ways.
 """
 
 from __future__ import annotations
@@ -121,16 +121,23 @@ def _pick_colour(bg: np.ndarray, rng: np.random.Generator) -> tuple[str, np.ndar
     return name, colour
 
 
-def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
-    """Draw one sample: ``{image: uint8 (size, size, 3), mask: bool (size, size), box, caption}``."""
+def _shape_params(size: int, rng: np.random.Generator) -> dict:
+    """The random draws of one sample before its shape is drawn: background, colour, placement."""
     kind = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
     bg = _background(kind, size, rng)
     name, colour = _pick_colour(bg, rng)
     r = size * rng.uniform(0.21, 0.40)  # diameter 42-80% of the image
     cx, cy = rng.uniform(r, size - r, 2)
     theta = rng.uniform(0, 2 * math.pi)
-    alpha = _draw_mask(shape, size, cx, cy, r, theta, rng)
-    image = bg * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return {"kind": kind, "bg": bg, "name": name, "colour": colour, "r": r, "cx": cx, "cy": cy, "theta": theta}
+
+
+def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
+    """Draw one sample: ``{image: uint8 (size, size, 3), mask: bool (size, size), box, caption, colour,
+    background}`` (``colour`` and ``background`` are the names the caption uses)."""
+    p = _shape_params(size, rng)
+    alpha = _draw_mask(shape, size, p["cx"], p["cy"], p["r"], p["theta"], rng)
+    image = p["bg"] * (1 - alpha[..., None]) + p["colour"] * alpha[..., None]
     mask = alpha > 0.5
     ys, xs = np.nonzero(mask)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (0, 0, 0, 0)
@@ -138,8 +145,33 @@ def render_shape(shape: str, size: int, rng: np.random.Generator) -> dict:
         "image": np.clip(np.rint(image), 0, 255).astype(np.uint8),
         "mask": mask,
         "box": box,
-        "caption": f"a {name} {shape} on a {kind} background",
+        "caption": f"a {p['name']} {shape} on a {p['kind']} background",
+        "colour": p["name"],
+        "background": p["kind"],
     }
+
+
+# Paraphrases of the captioned shapes. None reads like a zero-shot prompt ("a photo of a ..."),
+# so zero-shot accuracy measured with such prompts is not the training captions read back.
+CAPTION_TEMPLATES = (
+    "{a_colour} {colour} {shape} on a {background} background",
+    "a {shape} in {colour} over a {background} background",
+    "{colour} {shape}, {background} background",
+    "there is {a_colour} {colour} {shape} on a {background} backdrop",
+    "a {background} background with {a_colour} {colour} {shape} on it",
+    "the {shape} is {colour} and the background is {background}",
+    "one {colour} {shape} drawn on a {background} pattern",
+    "a drawing of {a_colour} {colour} {shape} against a {background} background",
+)
+
+
+def shape_captions(shape: str, colour: str, background: str, rng: np.random.Generator, n: int = 5) -> list[str]:
+    """``n`` distinct paraphrases (from :data:`CAPTION_TEMPLATES`, drawn with ``rng``) naming the
+    shape, its colour and the background kind."""
+    pick = rng.permutation(len(CAPTION_TEMPLATES))[: max(1, min(n, len(CAPTION_TEMPLATES)))]
+    a = "an" if colour[0] in "aeiou" else "a"
+    return [CAPTION_TEMPLATES[int(k)].format(a_colour=a, colour=colour, shape=shape, background=background)
+            for k in pick]
 
 
 class _ShapesSource:
@@ -157,6 +189,12 @@ class _ShapesSource:
         out = render_shape(self.classes[j % len(self.classes)], self.img_size, rng)
         out["label"] = j % len(self.classes)
         return out
+
+    def caption_fields(self, j: int) -> dict:
+        """``{shape, colour, background}`` of image ``j``, drawn as :meth:`render` draws them but
+        without drawing the shape (a tenth of the time)."""
+        p = _shape_params(self.img_size, np.random.default_rng([self.seed, self.stream, j]))
+        return {"shape": self.classes[j % len(self.classes)], "colour": p["name"], "background": p["kind"]}
 
     def image(self, j: int, in_chans: int) -> Image.Image:
         img = Image.fromarray(self.render(j)["image"], "RGB")

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .captions import build_caption_dataset, describe_captions
 from .dense import build_dense_dataset
 from .detection import build_detection_dataset, describe_detection
 from .formats import build_dataset
@@ -38,7 +39,7 @@ class DataStage:
         if self.scan is None:
             return None
         found = f"{len(self.scan.bad)} broken, left out (listed in bad_files.txt)" if self.scan.bad else "none broken"
-        what = "image files" if self.task in ("classify", "detect") else "image pairs"
+        what = "image files" if self.task in ("classify", "detect", "caption") else "image pairs"
         return f"checked {self.scan.scanned} {what} in {self.scan_s:.1f} s: {found}"
 
 
@@ -53,7 +54,9 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
     ``build_detection_dataset``'s for detect) with ``val_fraction`` and ``seed``. Dense data is
     scanned by image/target pairs, detection data by images (each checked against the size its
     annotations give); ``info`` of detection data is a :class:`~vitkit.data.detection.DetectionInfo`
-    (box counts, boxes per image, median box area).
+    (box counts, boxes per image, median box area). Caption data (``build_caption_dataset``) is
+    scanned by image files; its ``info`` is a :class:`~vitkit.data.captions.CaptionInfo`
+    (``captions_per_image``, ``caption_words``, caption counts, ``classes`` or None).
 
     Raises:
         PathNotFoundError, DataError: see ``build_dataset`` and ``scan_files``.
@@ -64,9 +67,11 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
         return _prepare_dense(path, choice, val_fraction, seed, in_chans, max_bad_fraction, ignore_index)
     if choice.task == "detect":
         return _prepare_detect(path, choice, val_fraction, seed, in_chans, max_bad_fraction)
+    if choice.task == "caption":
+        return _prepare_caption(path, choice, val_fraction, seed, in_chans, max_bad_fraction)
     if choice.task != "classify":
         raise ConfigError(f"{path}: task {choice.task!r} ({choice.reason}) has no data reader in this version "
-                          "of vitkit; pass --task classify|segment|depth|detect")
+                          "of vitkit; pass --task classify|segment|depth|detect|caption")
     # Built with RGB decoding: the description judges gray from colour images; the channels the
     # run wants are set once they are known.
     train, val = (
@@ -98,9 +103,16 @@ def _prepare_detect(path, choice, val_fraction, seed, in_chans, max_bad_fraction
     return _prepare_split(path, choice, build, describe_detection, seed, in_chans, max_bad_fraction)
 
 
+def _prepare_caption(path, choice, val_fraction, seed, in_chans, max_bad_fraction) -> DataStage:
+    def build(split):
+        return build_caption_dataset(path, split, val_fraction=val_fraction, seed=seed,
+                                     max_bad_fraction=max_bad_fraction)
+    return _prepare_split(path, choice, build, describe_captions, seed, in_chans, max_bad_fraction)
+
+
 def _prepare_split(path, choice, build, describe, seed, in_chans, max_bad_fraction) -> DataStage:
-    """Both splits of dense or detection data: scanned (pairs, or images with their boxes), broken
-    items left out, then described."""
+    """Both splits of dense, detection or caption data: scanned (pairs, or images), broken items
+    left out, then described."""
     train, val = build("train"), build("val")
     t0 = time.perf_counter()
     scan = scan_files([train, val], max_bad_fraction=max_bad_fraction)

@@ -22,13 +22,17 @@ from .dense_formats import (
     subfolders,
 )
 from .det_formats import DETECT_LAYOUTS, coco_keys, find_detection_layout
+from .trees import TAR_SUFFIXES
+from .webdataset import expand_shards, shard_fields
 
 TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
 _CAPTION_FIELDS = ("caption", "text", "captions")
 _BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
-             "depth-scenes": ("depth",)}
-_WORDS = {"classify": "classification", "segment": "segmentation", "depth": "depth estimation"}
-_CAPTION_LAYOUTS = "a .jsonl or .csv whose rows have a 'caption' or 'text' field"
+             "depth-scenes": ("depth",), "shapes-captions": ("caption",)}
+_WORDS = {"classify": "classification", "segment": "segmentation", "depth": "depth estimation",
+          "caption": "image-text pairs"}
+CAPTION_LAYOUTS = ("a .jsonl or .csv whose rows have a 'caption', 'captions' or 'text' field (or a folder "
+                    "holding one), or WebDataset shards of key.jpg + key.txt")
 
 
 @dataclass
@@ -73,10 +77,32 @@ def _coco_masks(root: str) -> bool:
     return any((c := coco_keys(f)) and c["masks"] for f in files)
 
 
+def caption_listings(root: str) -> list[str]:
+    """The .jsonl / .csv files directly in ``root`` whose rows carry captions, sorted by name."""
+    return [os.path.join(root, n) for n in list_names(root)
+            if n.lower().endswith((".jsonl", ".csv")) and _caption_listing(os.path.join(root, n))]
+
+
+def caption_shards(path: str) -> list[str]:
+    """The WebDataset shards at ``path`` (a tar, a brace pattern or a folder of tars) when their
+    samples pair an image with a ``.txt`` caption; else an empty list."""
+    try:
+        if "{" in path and ".." in path and not os.path.exists(path):
+            shards = expand_shards(path)
+        elif os.path.isdir(path):
+            shards = [os.path.join(path, n) for n in list_names(path) if n.lower().endswith(TAR_SUFFIXES)]
+        else:
+            shards = [path] if path.lower().endswith(TAR_SUFFIXES) else []
+        return shards if shards and "txt" in shard_fields(shards[0]) else []
+    except (OSError, ValueError):  # missing or corrupt shards: the reader says what is wrong
+        return []
+
+
 def _caption_signal(root: str) -> str | None:
-    for n in list_names(root):
-        if n.lower().endswith((".jsonl", ".csv")) and _caption_listing(os.path.join(root, n)):
-            return f"captions in {n}"
+    if found := caption_listings(root):
+        return f"captions in {os.path.basename(found[0])}"
+    if shards := caption_shards(root):
+        return f"WebDataset shards with .txt captions ({len(shards)} in {os.path.basename(root) or root})"
     return None
 
 
@@ -90,6 +116,8 @@ def _found(path: str) -> dict[str, str]:
                     **({"promptable": "COCO masks in the JSON"} if c.get("masks") else {})}
         if _caption_listing(path):
             return {"caption": f"rows with a caption field in {os.path.basename(path)}: captioning"}
+        if caption_shards(path):
+            return {"caption": f"WebDataset samples with .txt captions in {os.path.basename(path)}: captioning"}
         return {"classify": "a listing or archive of labelled images: classification"}
     root = dataset_root(path)
     found = {}
@@ -113,11 +141,13 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
     ``Annotations/``, beside the images or in a folder next to them; where both are there the
     COCO JSON is read and the reason says so) -> ``detect``; mask folders -> ``segment``;
     depth folders -> ``depth``;
-    a caption listing (JSONL/CSV rows with a caption/text field) -> ``caption``; anything else
+    a caption listing (JSONL/CSV rows with a caption/text field) or WebDataset shards of
+    image + ``.txt`` -> ``caption`` (shards with both ``.cls`` and ``.txt``: pass ``--task classify``
+    to train on the labels); anything else
     (class folders and every format :func:`~vitkit.data.build_dataset` reads) -> ``classify``.
     COCO masks with prompts serve ``promptable`` only when asked. Built-ins: ``shapes`` ->
     classify, ``scenes`` -> segment (also detect, caption, promptable when asked),
-    ``depth-scenes`` -> depth.
+    ``depth-scenes`` -> depth, ``shapes-captions`` -> caption.
 
     Raises:
         PathNotFoundError: ``task`` is a dense, detection or caption task and nothing is at ``path``.
@@ -136,6 +166,8 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
         if task not in serves:
             raise ConfigError(f"the built-in {name} data serves {', '.join(serves)}, not task {task!r}")
         return TaskChoice(task, f"--task {task} on the built-in {name} data")
+    if not os.path.exists(path) and (task in (None, "caption")) and caption_shards(path):
+        return TaskChoice("caption", f"WebDataset shards {os.path.basename(path)} with .txt captions: captioning")
     if not os.path.exists(path):
         # Shard patterns and missing paths: classification's reader explains what it expected.
         if task not in (None, "classify"):
@@ -146,7 +178,7 @@ def detect_task(path: str, task: str | None = None) -> TaskChoice:
         if task == "classify" or task in found:
             return TaskChoice(task, f"--task {task}" + (f" ({found[task]})" if task in found else ""))
         layouts = {"segment": DENSE_LAYOUTS, "depth": DEPTH_LAYOUTS, "detect": DETECT_LAYOUTS,
-                   "caption": _CAPTION_LAYOUTS, "promptable": "a COCO JSON with segmentation masks"}[task]
+                   "caption": CAPTION_LAYOUTS, "promptable": "a COCO JSON with segmentation masks"}[task]
         what = {"segment": "no masks", "depth": "no depth maps", "detect": "no boxes", "caption": "no captions",
                 "promptable": "no COCO masks"}[task]
         raise ConfigError(f"--task {task}: {what} found at {path}; the layouts read are {layouts}")

@@ -1,5 +1,9 @@
 """WebDataset shards: tar files of ``key.jpg|png|webp`` + ``key.cls`` members, streamed.
 
+Image-text shards (``key.jpg`` + ``key.txt``, one caption per non-empty line of the ``.txt``) are
+read the same way with ``captions=True``: each sample's target is then ``{"captions": [...],
+"label": None, "image_id": int}`` instead of the class index.
+
 Nothing is decoded up front: the first use builds an index from the tar headers and the tiny
 ``.cls`` members (an uncompressed ``.tar`` is skipped through by seeking; a ``.tar.gz`` must be
 decompressed once). The index gives exact lengths, so the loader's ``len()`` equals what it
@@ -65,18 +69,28 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def is_webdataset_tar(path: str, probe: int = 20) -> bool:
-    """True if the first members of the tar look like WebDataset samples (a ``.cls`` member among them)."""
+def shard_fields(path: str, probe: int = 20) -> set[str]:
+    """What the first ``probe`` members of the tar hold: ``"cls"`` when a ``.cls`` member is among
+    them, ``"txt"`` when some sample has both an image and a ``.txt`` member (a caption)."""
+    found, images, texts = set(), set(), set()
     try:
         with tarfile.open(path, "r|*") as tf:
             for k, m in enumerate(tf):
-                if m.isfile() and _split_key(m.name)[1] == "cls":
-                    return True
+                if m.isfile() and not is_system_path(m.name):
+                    key, ext = _split_key(m.name)
+                    if ext == "cls":
+                        found.add("cls")
+                    (images if ext in _IMAGE_EXTS else texts if ext == "txt" else set()).add(key)
                 if k >= probe:
                     break
     except _TAR_ERRORS as e:
         raise corrupt_archive(path, e) from None
-    return False
+    return found | ({"txt"} if images & texts else set())
+
+
+def is_webdataset_tar(path: str, probe: int = 20) -> bool:
+    """True if the first members of the tar look like WebDataset samples (a ``.cls`` member among them)."""
+    return "cls" in shard_fields(path, probe)
 
 
 def _members(tf: tarfile.TarFile):
@@ -87,17 +101,25 @@ def _members(tf: tarfile.TarFile):
             yield key, ext, m
 
 
+def _captions(data: bytes) -> tuple[str, ...]:
+    return tuple(line.strip() for line in data.decode("utf-8", errors="replace").splitlines() if line.strip())
+
+
 @functools.lru_cache(maxsize=1024)
-def _shard_index(path: str, mtime: float) -> tuple[tuple[str, int], ...]:
-    """``(key, label)`` of every sample of a shard that has both an image and a ``.cls`` member."""
+def _shard_index(path: str, mtime: float, field: str = "cls") -> tuple[tuple[str, int | tuple[str, ...]], ...]:
+    """``(key, label)`` of every sample of a shard that has both an image and a ``.cls`` member;
+    with ``field="txt"``, ``(key, captions)`` of the samples with an image and a non-empty ``.txt``."""
     has_image: set[str] = set()
-    labels: dict[str, int] = {}
+    labels: dict[str, int | tuple[str, ...]] = {}
     try:
         with tarfile.open(path, "r:*") as tf:
             for key, ext, m in _members(tf):
                 if ext in _IMAGE_EXTS:
                     has_image.add(key)
-                elif ext == "cls":
+                elif ext == "txt" and field == "txt":
+                    if caps := _captions(tf.extractfile(m).read()):
+                        labels[key] = caps
+                elif ext == "cls" and field == "cls":
                     text = tf.extractfile(m).read().decode(errors="replace").strip()
                     try:
                         labels[key] = int(text)
@@ -129,6 +151,7 @@ class WebDatasetShards(IterableDataset):
             (``val_fraction`` of them go to val); None to use every sample (shards already split).
         shuffle: shuffle shard order and, within a buffer of 256, samples, seeded by ``(seed, epoch)``.
         num_classes: the class count; the largest ``.cls`` value + 1 when None.
+        captions: read ``.txt`` captions instead of ``.cls`` labels (image-text shards).
 
     ``len(ds)`` is the number of samples over all ranks; :meth:`worker_counts` what each worker
     of this rank yields.
@@ -145,6 +168,7 @@ class WebDatasetShards(IterableDataset):
         num_classes: int | None = None,
         shuffle: bool | None = None,
         max_bad_fraction: float = 0.05,
+        captions: bool = False,
     ):
         if not shards:
             raise DataError("WebDatasetShards needs at least one shard")
@@ -157,7 +181,8 @@ class WebDatasetShards(IterableDataset):
         self.epoch = 0
         self.format = "webdataset"
         self.skips = SkipCounter(max_bad_fraction)
-        self._num_classes = num_classes
+        self._num_classes = 0 if captions else num_classes
+        self.field = "txt" if captions else "cls"
         self._split_cache: dict[str, list[tuple[str, int]]] = {}
         self.world: tuple[int, int] | None = None  # (world size, rank); None: ask torch.distributed
 
@@ -169,7 +194,7 @@ class WebDatasetShards(IterableDataset):
     def _samples_of(self, shard: str) -> list[tuple[str, int]]:
         """``(key, label)`` of this split's samples in one shard, in tar order."""
         if shard not in self._split_cache:
-            index = _shard_index(shard, os.path.getmtime(shard))
+            index = _shard_index(shard, os.path.getmtime(shard), self.field)
             self._split_cache[shard] = [(k, y) for k, y in index if self._keep(k)]
         return self._split_cache[shard]
 
@@ -242,7 +267,7 @@ class WebDatasetShards(IterableDataset):
                     for key, ext, m in _members(tf):
                         if ext not in _IMAGE_EXTS or key not in mine:
                             continue
-                        label = mine.pop(key)
+                        label = self._target(key, mine.pop(key))
                         try:
                             img = decode_image(tf.extractfile(m).read(), self.in_chans, name=f"{shard}:{key}")
                         except BadImageError as e:
@@ -251,6 +276,12 @@ class WebDatasetShards(IterableDataset):
                         yield key, img, label, None
             except _TAR_ERRORS as e:
                 raise corrupt_archive(shard, e) from None
+
+    def _target(self, key: str, value):
+        """The class index, or for image-text shards the caption target."""
+        if self.field == "cls":
+            return value
+        return {"captions": list(value), "label": None, "image_id": zlib.crc32(key.encode())}
 
     def _padded(self):
         """:meth:`_read` with each broken image replaced by a neighbouring good one, which carries its name."""

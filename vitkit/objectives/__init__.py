@@ -29,6 +29,9 @@ from .dense import Depth, DepthConfig, Segment, SegmentConfig  # noqa: E402  iso
 # Object detection (any registered detector).
 from .detect import Detect, DetectConfig  # noqa: E402  isort: skip
 
+# Image-text two-tower models (CLIP, SigLIP).
+from .clip import Clip, ClipConfig, Siglip, SiglipConfig  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "DINO",
     "Depth",
