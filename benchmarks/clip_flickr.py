@@ -36,8 +36,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS, cli_train, machine, versions
 from clip_shapes import merge_results, step_seconds
+
+from _common import RESULTS, cli_train, machine, versions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = next((p / "shared" / "datasets" for p in REPO.parents if (p / "shared" / "datasets").is_dir()),
