@@ -108,8 +108,8 @@ def figure(run: Path, val_jsonl: Path, rows: list[dict], out: Path, n_queries: i
     picks = random.Random(1).sample(range(len(rows)), n_queries)
     queries = [rows[i]["captions"][0] for i in picks]
     sims = lm.text_embeds(queries) @ emb.T
-    fig, axes = plt.subplots(n_queries, k, figsize=(2.2 * k, 2.4 * n_queries))
-    for q, (i, text) in enumerate(zip(picks, queries)):
+    fig, axes = plt.subplots(n_queries, k, figsize=(2.2 * k, 2.2 * n_queries), gridspec_kw={"hspace": 0.5})
+    for q, i in enumerate(picks):
         top = sims[q].topk(k).indices.tolist()
         for c, j in enumerate(top):
             ax = axes[q][c]
@@ -119,10 +119,16 @@ def figure(run: Path, val_jsonl: Path, rows: list[dict], out: Path, n_queries: i
             for side in ax.spines.values():
                 side.set_edgecolor("limegreen" if j == i else "lightgray")
                 side.set_linewidth(4 if j == i else 1)
+    titles = []
+    for q, (i, text) in enumerate(zip(picks, queries)):
         rank = int((sims[q] > sims[q][i]).sum()) + 1
-        axes[q][0].set_title(f"\"{text[:70]}\" (true image: rank {rank})", loc="left", fontsize=8)
-    fig.suptitle("text -> image on 100 held-out Flickr800 photos (green: the captioned photo)", fontsize=9)
-    fig.tight_layout()
+        titles.append(f"\"{text[:90]}\"  (its photo ranks {rank} of {len(rows)})")
+    fig.suptitle("text -> image, top 5 of the 100 held-out Flickr800 photos (green frame: the captioned photo)",
+                 fontsize=9)
+    for q, title in enumerate(titles):  # above each row, over the whole row (a title would sit under images)
+        box = axes[q][0].get_position()
+        fig.text(box.x0, box.y1 + 0.01, title, fontsize=8, ha="left", va="bottom",
+                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     fig.savefig(out, dpi=110)
     plt.close(fig)
 

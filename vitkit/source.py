@@ -366,7 +366,7 @@ def load_clip_model(source: str | os.PathLike, *, use_ema: bool = False,
         PathNotFoundError: nothing at ``source``.
         ConfigError: ``source`` is a vitkit model of another task (a classifier, a detector...).
     """
-    from .clip import load_clip
+    from .clip import is_clip_weights, load_clip
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -387,7 +387,8 @@ def load_clip_model(source: str | os.PathLike, *, use_ema: bool = False,
         weights, run = resolve_weights(path, use_ema)
     except (RunDirError, WeightsError):
         weights, run = path, None
-    model = load_clip(weights if run is not None or weights.suffix == ".safetensors" else path)
+    # vitkit's own file rebuilds from its metadata; open_clip / HF layouts are read from what was named
+    model = load_clip(weights if is_clip_weights(weights) else path)
     info = run.read_run_info() if run is not None and run.is_run() else {}
     card = getattr(model, "card", None) or getattr(model.visual, "card", None)
     size = int(info.get("img_size") or (card.input_size[-1] if card is not None else 224))
