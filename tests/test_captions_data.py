@@ -196,6 +196,13 @@ def test_webdataset_caption_shards(tmp_path):
         assert out["image"].shape == (3, 8, 8) and out["label"] == -1 and bad == []
         seen.append(key)
     assert len(seen) == len(tr) and tr.classes is None
+    (tmp_path / "labels").mkdir()
+    with tarfile.open(tmp_path / "labels" / "cls-0.tar", "w") as t:
+        for name, data in (("k.jpg", b"x"), ("k.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    assert detect_task(str(tmp_path / "labels")).task == "classify"  # class shards are not captions
     assert tr.stats()["captions_per_image"] == 2.0
 
 
@@ -240,6 +247,8 @@ def test_prepare_data_caption_branch(tmp_path):
     shapes = prepare_data("shapes-captions:30")
     assert shapes.info.classes == DEFAULT_CLASSES and shapes.info.captions_per_image == 5.0
     assert shapes.info.typical_size == (64, 64) and (shapes.info.n_train, shapes.info.n_val) == (30, 100)
+    with pytest.raises(ConfigError, match="no data reader"):  # tasks without a reader still say so
+        prepare_data("scenes:10", task="promptable")
 
 
 def test_collate_captions_keeps_texts_as_lists():

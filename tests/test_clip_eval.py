@@ -221,3 +221,21 @@ def test_clip_objective_evaluates_retrieval_and_zeroshot_when_it_knows_the_class
     assert "zeroshot_acc1" not in run_evaluation(build_objective("clip", model), model,
                                                  build_objective("clip", model).evaluator(), batches,
                                                  lambda b: b, nullcontext)
+
+
+def test_zeroshot_classifier_of_a_real_model():
+    from vitkit.clip import create_clip
+
+    torch.manual_seed(0)
+    model = create_clip("clip_test").eval()
+    names, templates = ["cat", "small dog", "red car"], TEMPLATES[:3]
+    clf = zeroshot_classifier(model, names, templates)
+    assert clf.shape == (3, model.embed_dim)
+    for c, name in enumerate(names):
+        per = torch.stack([F.normalize(model.encode_text(model.tokenize([t.format(name)]))[0], dim=0)
+                           for t in templates])
+        torch.testing.assert_close(clf[c], F.normalize(per.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+    images = torch.randn(2, *model.card.input_size)
+    logits = zeroshot_predict(model, images, clf)
+    want = model.logit_scale.exp() * F.normalize(model.encode_image(images), dim=-1) @ clf.T
+    torch.testing.assert_close(logits, want.detach(), atol=1e-5, rtol=1e-5)

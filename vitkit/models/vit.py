@@ -1,7 +1,8 @@
 """Vision Transformer (ViT), DeiT and the 2023+ block options, in one class.
 
-Covers: class-token / average / no pooling, register tokens, no-embed-class (DeiT III),
-pre-norm before the blocks (CLIP), final norm or fc-norm, DeiT's distillation token,
+Covers: class-token / average / attention (MAP, SigLIP's) / no pooling, register tokens,
+no-embed-class (DeiT III), pre-norm before the blocks (CLIP), the MLP activation by name
+(quick GELU for OpenAI CLIP), final norm or fc-norm, DeiT's distillation token,
 and the modern options (RMSNorm, SwiGLU, MoE MLP, QK-norm, 2D RoPE, LayerScale).
 Parameter names follow the common ViT checkpoint layout (``patch_embed.proj``,
 ``cls_token``, ``pos_embed``, ``blocks.N.attn.qkv``, ``head``) so converting weights is
@@ -23,13 +24,16 @@ from ..layers import (
     MoEMlp,
     PatchEmbed,
     PerformerAttention,
+    RMSNorm,
     RotaryEmbedding2D,
     SwiGLU,
     TokenContext,
+    get_act_layer,
     get_norm_layer,
     resample_abs_pos_embed,
     sincos_2d_pos_embed,
 )
+from ..layers.attn_pool import AttentionPoolLatent
 from ._base import Backbone, Point, check_image, checkpoint_if
 from ._registry import INCEPTION_MEAN, INCEPTION_STD, register_family
 
@@ -50,6 +54,16 @@ def _mlp_layer(name: str, num_experts: int, top_k: int) -> type[nn.Module]:
     if name == "moe":
         return partial(MoEMlp, num_experts=num_experts, top_k=top_k)
     raise ValueError(f"unknown mlp_layer {name!r}; choose 'mlp', 'swiglu' or 'moe'")
+
+
+def _norm_layer(name: str, eps: float | None):
+    """The norm constructor ``norm_layer`` names, with ``eps`` when given (None: the layer's default, 1e-6)."""
+    if eps is None:
+        return get_norm_layer(name)
+    table = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}
+    if name.lower() not in table:
+        raise ValueError(f"unknown norm_layer {name!r}; choose one of {sorted(table)}")
+    return partial(table[name.lower()], eps=eps)
 
 
 _ATTN_TYPES = {"softmax": Attention, "linear": LinearAttention, "performer": PerformerAttention}
@@ -76,7 +90,14 @@ class VisionTransformer(Backbone):
     At an input size other than the build size a learned position embedding is resampled to
     the new grid: ``pos_embed_interp="bicubic"`` (antialiased, as timm) or ``"bilinear"`` (as
     DPT's reference and transformers' DPT, which makes converted DPT models match at any size).
+
+    ``global_pool="map"`` pools with learned-query attention over the patch tokens (SigLIP's
+    MAP head, timm's ``attn_pool`` keys); ``act_layer`` names the MLP activation (``"gelu"``,
+    ``"quick_gelu"`` for OpenAI CLIP, ``"gelu_tanh"`` for SigLIP); ``norm_eps`` sets the norms'
+    epsilon (None: 1e-6; CLIP's towers use 1e-5).
     """
+
+    pools = ("token", "avg", "map", "")
 
     def __init__(
         self,
@@ -117,6 +138,8 @@ class VisionTransformer(Backbone):
         stem_width: int | None = None,
         mask_token: bool = False,
         attn_type: str = "softmax",
+        act_layer: str = "gelu",
+        norm_eps: float | None = None,
     ):
         super().__init__()
         if global_pool not in self.pools:
@@ -140,7 +163,8 @@ class VisionTransformer(Backbone):
                 f"RoPE needs head_dim divisible by 4, but embed_dim {embed_dim} / num_heads {num_heads} "
                 f"= {embed_dim // num_heads}"
             )
-        norm = get_norm_layer(norm_layer)
+        norm = _norm_layer(norm_layer, norm_eps)
+        act = get_act_layer(act_layer)
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
 
         self.num_features = self.embed_dim = embed_dim
@@ -185,11 +209,16 @@ class VisionTransformer(Backbone):
             Block(
                 embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, init_values=init_values,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm,
-                mlp_layer=mlp, post_norm=post_norm, attn_layer=attn,
+                mlp_layer=mlp, post_norm=post_norm, attn_layer=attn, act_layer=act,
             )
             for i in range(depth)
         ])
         self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        # After the blocks and before the classifier, where timm's state dicts list it.
+        self.attn_pool = (
+            AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_layer=norm, act_layer=act)
+            if global_pool == "map" else None
+        )
         self.init_classifier(
             num_classes, drop_rate, distilled, fc_norm=norm(embed_dim) if final_norm and use_fc_norm else None
         )
@@ -209,6 +238,8 @@ class VisionTransformer(Backbone):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.attn_pool is not None:
+            self.attn_pool.init_weights()
         if self.mask_token is not None:
             # Last, so the flag does not change how any other parameter is drawn.
             nn.init.normal_(self.mask_token, std=0.02)
@@ -242,6 +273,23 @@ class VisionTransformer(Backbone):
         super()._check_pool(global_pool)
         if global_pool == "token" and not self.has_class_token:
             raise ValueError(f"global_pool {global_pool!r} is not valid for a model without a class token")
+        # Before the pool is built (in __init__) there is no attribute yet; afterwards it must exist.
+        if global_pool == "map" and getattr(self, "attn_pool", "building") is None:
+            raise ValueError(
+                "global_pool='map' needs the attention pool, which is built with the model: "
+                "create the model with global_pool='map'"
+            )
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "map":
+            # The latent query attends over the patch tokens only, as timm (pool_include_prefix=False).
+            return self.attn_pool(x[:, self.num_prefix_tokens:])
+        return super().pool(x)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if global_pool is not None and global_pool != "map" and self.attn_pool is not None:
+            self.attn_pool = None  # an unused pool would leave parameters without gradients (DDP)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return {
