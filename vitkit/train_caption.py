@@ -141,16 +141,6 @@ def _head_model_args(choice: CaptionChoice, cfg, overrides: dict) -> dict:
             "tokenizer": {"kind": "clip_bpe", "context_length": int(text["context_length"])}, **overrides}
 
 
-def _with_tokenizer(args: dict, tokenizer) -> dict:
-    """``args`` with a trained tokenizer: its vocabulary sizes the text tower, which pools at its end-of-text id
-    (OpenAI's argmax pooling assumes the end token has the largest id, as in CLIP's BPE only)."""
-    text = {**args["text"], "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id,
-            "eot_id": tokenizer.eot_id}
-    if text.get("pool", "argmax") == "argmax":
-        text["pool"] = "eot"
-    return {**args, "text": text, "tokenizer": tokenizer.to_config()}
-
-
 def build_two_tower(choice: CaptionChoice, cfg, data, verbose: bool = True):
     """(TwoTower, trained tokenizer or None) of ``choice``: a registered two-tower model, or ``model.head``
     around an image backbone; ``model.init`` loads the image tower."""
@@ -170,7 +160,7 @@ def build_two_tower(choice: CaptionChoice, cfg, data, verbose: bool = True):
             args = _head_model_args(choice, cfg, overrides)
         if kind == "trained":
             tokenizer = train_tokenizer(data, int(args["text"]["context_length"]), vocab)
-            args = _with_tokenizer(args, tokenizer)
+            args = apply_overrides(args, {"tokenizer": tokenizer})  # sizes the text tower's vocabulary and pooling
         model = build_from_args(args)
     except (TypeError, ValueError) as e:  # the arguments come from the config: a user error, not a bug
         if isinstance(e, VitkitError):
