@@ -137,3 +137,48 @@ def test_bad_input_is_one_clear_line(clip_file, tmp_path):
     assert_user_error(run_vitkit("zeroshot", tmp_path / "nope", "--data", data), "no such file")
     listing, _ = _captions(tmp_path / "cap")
     assert_user_error(run_vitkit("retrieve", clip_file, "--data", listing, "--k", "0,x"), "--k")
+
+
+@pytest.mark.peer("open_clip")
+def test_zeroshot_reads_an_open_clip_folder_as_open_clip_classifies(tmp_path):
+    """open_clip's hub layout through `vitkit zeroshot`: the predictions open_clip itself makes (its encoders,
+    its tokenizer, OpenAI's normalisation) on the images as vitkit's evaluation transform crops them."""
+    from helpers import require_peer
+    from test_clip_open_clip import CLIP_CFG, _open_clip_folder
+
+    from vitkit.source import load_clip_model
+
+    open_clip = require_peer("open_clip")
+    ref, folder = _open_clip_folder(tmp_path, CLIP_CFG)
+    data = _folders(tmp_path / "folders")
+    (tmp_path / "t.txt").write_text("\n".join(TEMPLATES) + "\n")
+    r = run_vitkit("zeroshot", folder, "--data", data, "--templates", tmp_path / "t.txt", "--json", "--workers", "0",
+                   "--out", tmp_path / "out", check=True)
+    res = json.loads(r.stdout)
+    lm = load_clip_model(folder, device="cpu")
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    from vitkit.data import build_dataset
+
+    with torch.no_grad():
+        w = []
+        for name in CLASSES:
+            t = ref.encode_text(open_clip.tokenize([tpl.format(name.replace("_", " ")) for tpl in TEMPLATES],
+                                                   context_length=16), normalize=True)
+            w.append(torch.nn.functional.normalize(t.mean(0), dim=0))
+        w = torch.stack(w)
+        hits = n = 0
+        for split in ("train", "val"):
+            ds = build_dataset(str(data), split, val_fraction=0.1, seed=0, in_chans=3)
+            for i in range(len(ds)):
+                img, label, _ = ds.load(i)
+                x = (lm.transform(img)[None].float() / 255 - mean) / std
+                f = ref.encode_image(x, normalize=True)
+                # what vitkit scores with: the same embedding, its own normalisation of the same crop
+                assert (lm.image_embeds(lm.transform(img)[None]) - f).abs().max() < 1e-5
+                hits += int((f @ w.t()).argmax(1).item() == label)
+                n += 1
+    assert res["n"] == n and res["top1"] == pytest.approx(hits / n)
+    assert (lm.text_embeds([TEMPLATES[0].format("red circle")])
+            - ref.encode_text(open_clip.tokenize([TEMPLATES[0].format("red circle")], context_length=16),
+                              normalize=True)).abs().max() < 1e-5
