@@ -181,6 +181,8 @@ def test_zeroshot_and_retrieve_on_the_run(clip_run, tmp_path):
     assert "image->text" in r.stdout and "R@5" in r.stdout
     res = json.loads((tmp_path / "out" / "retrieve.json").read_text())
     assert res["n_images"] == 6 and res["n_texts"] == 12 and res["chance"]["t2i_r5"] == pytest.approx(5 / 6)
+    # A classifier's commands point at these two instead of failing inside.
+    assert_user_error(run_vitkit("eval", run, "--data", tmp_path / "folders"), "image-text", "vitkit zeroshot")
 
 
 @pytest.mark.e2e
