@@ -93,6 +93,16 @@ def test_vit_defaults_unchanged_and_new_options():
         create_model("test_vit", act_layer="swish2")
 
 
+def test_map_pool_flops_are_counted():
+    from vitkit.models.info import count_flops
+
+    avg = create_model("test_vit", global_pool="avg", class_token=False).to("meta")
+    mapped = create_model("test_vit", global_pool="map", class_token=False).to("meta")
+    # the pool adds q (1 query), kv (16 tokens), proj and its MLP on one token: 2 * (64*64 + 16*64*128 + ...)
+    extra = 2 * (64 * 64 + 16 * 64 * 128 + 64 * 64 + 2 * 64 * 256)
+    assert count_flops(mapped, (3, 32, 32)) - count_flops(avg, (3, 32, 32)) >= extra
+
+
 def test_map_pool_switching():
     vit = create_model("test_vit", num_classes=0)
     with pytest.raises(ValueError, match="global_pool='map'"):

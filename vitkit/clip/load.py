@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -89,6 +90,20 @@ def _spiece(folder: Path) -> str | None:
     return next((str(folder / n) for n in _SPIECE_FILES if (folder / n).is_file()), None)
 
 
+def _refuse_torchscript(path: Path) -> None:
+    """OpenAI's original ``.pt`` files are TorchScript archives, which only ``torch.jit.load`` (running their code) reads."""
+    if path.suffix not in (".pt", ".pth", ".bin") or not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as z:
+        scripted = any(n.split("/", 2)[1:2] == ["code"] for n in z.namelist())
+    if scripted:
+        raise WeightsError(
+            f"{path} is a TorchScript archive (OpenAI's original CLIP release), which vitkit does not execute; use "
+            "open_clip's copy of the weights (e.g. the hub repo timm/vit_base_patch32_clip_224.openai, file "
+            "open_clip_pytorch_model.bin) or re-save its state_dict() with torch.save"
+        )
+
+
 def _hf_convert(sd: dict, config: dict) -> tuple[dict, dict]:
     from .convert_hf import convert_hf_clip, convert_hf_siglip
 
@@ -116,8 +131,8 @@ def load_clip_weights(path: str | os.PathLike) -> torch.nn.Module:
     if not path.exists():
         raise PathNotFoundError(f"no such file or folder: {str(path)!r}")
     kind, weights, config = _find(path)
-    notes: list[str] = []
-    sd = unwrap(read_state_dict(weights)[0], notes)
+    _refuse_torchscript(weights)
+    sd = unwrap(read_state_dict(weights)[0])
     if kind == "hf":
         model_args, sd = _hf_convert(sd, config)
     else:
@@ -147,15 +162,13 @@ def _build_and_load(model_args: dict, sd: dict, where: str) -> torch.nn.Module:
     for key in ("logit_scale", "logit_bias"):
         if key in sd and key in target:
             sd[key] = sd[key].reshape(target[key].shape)
-    missing, unexpected = sorted(set(target) - set(sd)), sorted(set(sd) - set(target))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(sd) & set(target))
-              if sd[k].shape != target[k].shape]
-    if missing or unexpected or shapes:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        # The converters map every key they know; what is left is a part vitkit's towers do not have.
         raise WeightsError(
-            f"the converted checkpoint {where} does not fit the model built from it: missing {first_keys(missing)}; "
-            f"unexpected {first_keys(unexpected)}; shapes {first_keys(shapes)}"
-        )
-    model.load_state_dict(sd, strict=True)
+            f"the checkpoint {where} has parts vitkit's towers do not ({str(e).strip()}); it cannot be converted"
+        ) from None
     return model.eval()
 
 

@@ -62,7 +62,8 @@ class AttentionPoolLatent(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, self.latent_len, h, d).transpose(1, 2)
+        # The query is the same for every image: projected once, then broadcast over the batch.
+        q = self.q(self.latent).reshape(1, self.latent_len, h, d).transpose(1, 2).expand(B, -1, -1, -1)
         k, v = self.kv(x).reshape(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)
