@@ -112,9 +112,15 @@ def _tokenizer_args(cfg) -> tuple[str, int]:
     return kind, int(args.get("vocab_size") or 4096)
 
 
-def train_tokenizer(data, context_length: int, vocab_size: int):
-    """A byte-level BPE trained on the training split's captions (never the validation captions)."""
-    from .text import train_caption_tokenizer
+def train_tokenizer(data, context_length: int, vocab_size: int, out_dir: str | None = None):
+    """A byte-level BPE trained on the training split's captions (never the validation captions); a run
+    being resumed in ``out_dir`` (checkpoints there) keeps the one it saved, so its token ids stay the same."""
+    from .rundir import RunDir
+    from .text import load_tokenizer, train_caption_tokenizer
+
+    saved = Path(out_dir or "") / TOKENIZER_DIR
+    if out_dir and RunDir(out_dir).list_checkpoints() and (saved / "tokenizer_config.json").is_file():
+        return load_tokenizer(saved, context_length=context_length)
 
     captions = data.train.all_captions()
     if not captions:
@@ -159,7 +165,7 @@ def build_two_tower(choice: CaptionChoice, cfg, data, verbose: bool = True):
         else:
             args = _head_model_args(choice, cfg, overrides)
         if kind == "trained":
-            tokenizer = train_tokenizer(data, int(args["text"]["context_length"]), vocab)
+            tokenizer = train_tokenizer(data, int(args["text"]["context_length"]), vocab, cfg.engine.out_dir)
             args = apply_overrides(args, {"tokenizer": tokenizer})  # sizes the text tower's vocabulary and pooling
         model = build_from_args(args)
     except (TypeError, ValueError) as e:  # the arguments come from the config: a user error, not a bug
