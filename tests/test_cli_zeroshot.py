@@ -135,6 +135,7 @@ def test_bad_input_is_one_clear_line(clip_file, tmp_path):
     (tmp_path / "bad.txt").write_text("a photo\n")
     assert_user_error(run_vitkit("zeroshot", clip_file, "--data", data, "--templates", tmp_path / "bad.txt"), "{}")
     assert_user_error(run_vitkit("zeroshot", tmp_path / "nope", "--data", data), "no such file")
+    assert_user_error(run_vitkit("retrieve", clip_file, "--data", tmp_path / "nope.jsonl"), "no such file")
     listing, _ = _captions(tmp_path / "cap")
     assert_user_error(run_vitkit("retrieve", clip_file, "--data", listing, "--k", "0,x"), "--k")
 

@@ -204,6 +204,9 @@ def retrieve(
         raise ConfigError(f"recall cut-offs must be positive integers, got {ks}")
     lm = source if isinstance(source, LoadedModel) else load_clip_model(source, use_ema=use_ema)
     choice = detect_task(data)
+    if choice.task != "caption" and not os.path.exists(data) and "built-in" not in choice.reason:
+        raise PathNotFoundError(f"no such file or folder: {data}: pass captioned images (a captions.jsonl/.csv, a "
+                                "folder holding one, WebDataset jpg+txt shards, or shapes-captions)")
     if choice.task != "caption":
         raise DataError(f"{data} has no captions ({choice.reason}): retrieval needs image-text pairs, e.g. a "
                         "captions.jsonl with lines {\"image\": \"images/a.jpg\", \"captions\": [\"...\", ...]}")
