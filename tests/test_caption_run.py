@@ -221,3 +221,28 @@ def test_bad_input_is_one_clear_line(tmp_path):
     r = run_vitkit("train", "--data", "shapes-captions:32", "--out", tmp_path / "d", "model.name=clip_test",
                    "model.head_args.tokenizer=wordpiece", *FAST)
     assert_user_error(r, "model.head_args.tokenizer")
+
+
+def test_model_init_fills_the_image_tower_only(tmp_path):
+    """model.head=clip around a backbone with model.init: the tower holds the file's weights (its classifier
+    dropped), the text tower and the projections start fresh."""
+    _needs_caption_stack()
+    from vitkit.config import load_config
+    from vitkit.models import create_model
+    from vitkit.plan_caption import CaptionChoice
+    from vitkit.train_caption import build_two_tower
+    from vitkit.weights_io import read_state_dict, save_weights
+
+    torch.manual_seed(0)
+    save_weights(create_model("test_vit", num_classes=5), tmp_path / "tower.safetensors")
+    cfg = load_config(None, ["data.path=shapes-captions:32", "model.name=test_vit", "model.head=clip",
+                             f"model.init={tmp_path / 'tower.safetensors'}", "model.head_args.embed_dim=16",
+                             "model.head_args.text.width=32", "model.head_args.text.depth=1",
+                             "model.head_args.text.num_heads=2"], plan=False)
+    model, tokenizer = build_two_tower(CaptionChoice("test_vit", "clip", 32, "clip", ""), cfg, data=None,
+                                       verbose=False)
+    saved, _ = read_state_dict(tmp_path / "tower.safetensors")
+    tower = model.visual.state_dict()
+    assert tokenizer is None and model.embed_dim == 16 and model.visual.num_classes == 0
+    assert set(tower) == {k for k in saved if not k.startswith("head.")}
+    assert all(torch.equal(tower[k], saved[k]) for k in tower)
