@@ -27,6 +27,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import ConfigError, WeightsError
+from .convert_hf import _mlp_ratio
+from .model import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
 # Buffers and scalars some exports carry (OpenAI's TorchScript archives, older open_clip) that
 # are not parameters of the model.
@@ -35,9 +37,6 @@ _STRIP = ("module.", "_orig_mod.")
 # A registered ViT the image tower is created from; the conversion overrides all of its sizes.
 IMAGE_BASE = "vit_base_patch16_224"
 CLIP_BPE_VOCAB = 49408
-# open_clip's defaults when a config has no preprocess_cfg (OPENAI_DATASET_MEAN / _STD).
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # open_clip residual block -> vitkit Block.
 _BLOCK = {
@@ -121,14 +120,6 @@ def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len(found)
 
 
-def _mlp_ratio(hidden: int, width: int) -> float:
-    """The ratio that gives ``int(width * ratio) == hidden`` (how the blocks size their MLP)."""
-    ratio = hidden / width
-    if int(width * ratio) != hidden:  # 4304 / 1152 * 1152 can land just below 4304
-        ratio = (hidden + 0.5) / width
-    return ratio
-
-
 def _act(cfg_act: Mapping | None, quick_gelu: bool) -> str:
     """open_clip's activation: QuickGELU or GELU, with ``act_kwargs`` (``approximate="tanh"``: SigLIP 2)."""
     approximate = (cfg_act or {}).get("approximate", "none")
@@ -198,7 +189,7 @@ def _openai_visual(sd: dict, vcfg: Mapping, quick_gelu: bool, out: dict) -> tupl
     after_pool = pool == "avg" and bool(vcfg.get("final_ln_after_pool", False))
     args = dict(
         img_size=list(img) if img[0] != img[1] else img[0], patch_size=patch, in_chans=in_chans,
-        embed_dim=width, depth=depth, num_heads=width // head_width, mlp_ratio=_mlp_ratio(hidden, width),
+        embed_dim=width, depth=depth, num_heads=width // head_width, mlp_ratio=_mlp_ratio(width, hidden),
         qkv_bias=True, class_token=True, pre_norm=pre_norm, global_pool="token" if pool == "tok" else "avg",
         fc_norm=after_pool, num_classes=0, act_layer=_act(vcfg.get("act_kwargs"), quick_gelu),
         norm_eps=_eps(vcfg.get("norm_kwargs")),
@@ -267,7 +258,7 @@ def _timm_trunk_visual(sd: dict, vcfg: Mapping, out: dict) -> tuple[dict, str, i
         raise ConfigError(f"vision_cfg.timm_pool {pool!r} is not supported; 'token', 'avg' and 'map' convert")
     args = dict(
         img_size=list(img) if img[0] != img[1] else img[0], patch_size=patch, in_chans=in_chans,
-        embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=_mlp_ratio(hidden, width),
+        embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=_mlp_ratio(width, hidden),
         qkv_bias="blocks.0.attn.qkv.bias" in trunk, class_token=class_token, reg_tokens=reg,
         no_embed_class=rows == grid and prefix > 0, pre_norm="norm_pre.weight" in trunk, global_pool=pool,
         fc_norm="fc_norm.weight" in trunk, final_norm="norm.weight" in trunk or "fc_norm.weight" in trunk,
@@ -335,7 +326,7 @@ def _text(sd: dict, tcfg: Mapping, quick_gelu: bool, defaults: bool, out: dict) 
             raise WeightsError(f"unexpected open_clip text-tower key {k!r}")
     args = dict(
         vocab_size=vocab, context_length=pos.shape[0], width=width, depth=depth, num_heads=heads,
-        mlp_ratio=_mlp_ratio(hidden, width), output_dim=out["text.proj.weight"].shape[0],
+        mlp_ratio=_mlp_ratio(width, hidden), output_dim=out["text.proj.weight"].shape[0],
         act_layer=_act(tcfg.get("act_kwargs"), quick_gelu), norm_eps=_eps(tcfg.get("norm_kwargs")),
         causal=not tcfg.get("no_causal_mask", False), pool="eot" if pool == "eos" else pool,
         eot_id=int(tcfg.get("eos_id", 2)) if pool == "eos" else None, proj_bias=proj_bias,
@@ -361,8 +352,8 @@ def _tokenizer(tcfg: Mapping, context_length: int, vocab_size: int) -> dict | No
 def _normalisation(preprocess: Mapping, timm_name: str) -> tuple[list[float], list[float]]:
     """The image mean and std: the config's ``preprocess_cfg``, else open_clip's defaults (SigLIP's for its trunks)."""
     siglip = "siglip" in timm_name
-    mean = preprocess.get("mean") or ((0.5, 0.5, 0.5) if siglip else OPENAI_MEAN)
-    std = preprocess.get("std") or ((0.5, 0.5, 0.5) if siglip else OPENAI_STD)
+    mean = preprocess.get("mean") or (SIGLIP_MEAN if siglip else OPENAI_CLIP_MEAN)
+    std = preprocess.get("std") or (SIGLIP_STD if siglip else OPENAI_CLIP_STD)
     return [float(m) for m in mean], [float(s) for s in std]
 
 
