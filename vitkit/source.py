@@ -19,6 +19,10 @@ stride and predicts every pixel), and :meth:`LoadedModel.dense` returns the per-
 A detection run (or its weights file) gives its :class:`~vitkit.detect.Detector` (``task`` is
 ``"detect"``): ``transform`` resizes the image keeping its aspect (long side as trained) and
 :meth:`LoadedModel.detect` returns boxes, scores and labels.
+An image-text run (CLIP, SigLIP; or its weights file, or open_clip / Hugging Face two-tower weights)
+gives its :class:`~vitkit.clip.TwoTower` (``task`` is ``"caption"``, see :func:`load_clip_model`):
+``transform`` resizes the shorter side and centre-crops as in training's evaluation, and
+:meth:`LoadedModel.image_embeds` / :meth:`LoadedModel.text_embeds` return normalised embeddings.
 
 >>> from vitkit import load_model
 >>> lm = load_model("runs/my-run")
@@ -115,7 +119,11 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int:
-        return self.model.num_classes
+        return getattr(self.model, "num_classes", len(self.labels))
+
+    @property
+    def is_caption(self) -> bool:
+        return self.task == "caption"
 
     @property
     def is_dense(self) -> bool:
@@ -157,9 +165,27 @@ class LoadedModel:
         sizes = sizes.to(self.device) if sizes is not None else None
         return detect(self.model, self.normalize(images.to(self.device)), sizes, top_k)
 
+    @torch.no_grad()
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Two-tower models: uint8 (B, C, H, W) from ``transform`` -> float32 (B, E), unit norm."""
+        return self.model.encode_image(self.normalize(images.to(self.device)), normalize=True).float()
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Two-tower models: captions -> float32 (N, E), unit norm (tokenized with the model's tokenizer)."""
+        out = [self.model.encode_text(self.model.tokenize(texts[i:i + batch_size]).to(self.device),
+                                      normalize=True).float() for i in range(0, len(texts), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, int(self.model.embed_dim), device=self.device)
+
 
 def check_task(lm: LoadedModel, task: str | None) -> None:
     """``--task`` must name the model's own task: the data is read as what the model predicts."""
+    if lm.task == "caption":
+        raise ConfigError(
+            f"{lm.weights or 'the model'} is an image-text (CLIP/SigLIP) model: it has no classes of its own; use "
+            "`vitkit zeroshot RUN --data CLASS_FOLDERS` (zero-shot classification) or `vitkit retrieve RUN --data "
+            "captions.jsonl` (retrieval)"
+        )
     if task is not None and task != lm.task:
         raise ConfigError(
             f"--task {task}, but the model is a {lm.task} model ({lm.weights or 'a registered model'}): drop "
@@ -293,6 +319,95 @@ def _dense_from(weights: Path, args: dict, run: RunDir | None) -> nn.Module:
     return model
 
 
+def is_clip_source(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is two-tower weights: a caption run (or a checkpoint or weights file of one), a file
+    ``save_weights`` wrote for a :class:`~vitkit.clip.TwoTower`, or an open_clip / Hugging Face two-tower folder."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return False
+    try:
+        weights, run = resolve_weights(path)
+    except (RunDirError, WeightsError):
+        return _foreign_two_tower(path)
+    if run is not None and run.is_run() and run.read_run_info().get("task") == "caption":
+        return True
+    if weights.is_file() and weights.suffix == ".safetensors":
+        meta = read_metadata(weights)
+        args = json.loads(meta.get("model_args") or "{}")
+        return isinstance(args, dict) and {"image", "text", "embed_dim"} <= set(args)  # TwoTower.model_args
+    return _foreign_two_tower(path)
+
+
+def _foreign_two_tower(path: Path) -> bool:
+    """open_clip's hub layout (``open_clip_config.json``) or a Hugging Face CLIP/SigLIP folder."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / "open_clip_config.json").is_file():
+        return True
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            kind = json.loads(config.read_text()).get("model_type", "")
+        except (OSError, ValueError):
+            return False
+        return kind in ("clip", "siglip", "siglip2")
+    return False
+
+
+def load_clip_model(source: str | os.PathLike, *, use_ema: bool = False,
+                    device: str | torch.device | None = None) -> LoadedModel:
+    """A two-tower model (CLIP, SigLIP) ready for zero-shot classification and retrieval.
+
+    ``source``: a caption run directory (its final weights; ``use_ema``: its EMA weights), a checkpoint
+    of one, its ``model.safetensors`` (self-describing: the two-tower config and its tokenizer), or
+    open_clip / Hugging Face two-tower weights (see :func:`vitkit.clip.load_clip`). The transform is
+    training's evaluation transform: shorter side resized, centre crop, the tower's normalisation.
+
+    Raises:
+        PathNotFoundError: nothing at ``source``.
+        ConfigError: ``source`` is a vitkit model of another task (a classifier, a detector...).
+    """
+    from .clip import is_clip_weights, load_clip
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise PathNotFoundError(f"no such file or folder: {source}: pass a CLIP/SigLIP run directory or its "
+                                "model.safetensors")
+    if not is_clip_source(path):
+        try:
+            what = load_model(path, use_ema=use_ema, device="cpu").task
+        except WeightsError:
+            what = None
+        kind = f"a {what} model" if what else "not a two-tower model"
+        raise ConfigError(
+            f"{source} is {kind}, not an image-text (CLIP/SigLIP) model: zero-shot classification and retrieval "
+            "need a run trained on captions (vitkit train --data captions.jsonl, or shapes-captions) or open_clip / "
+            "Hugging Face CLIP weights"
+        )
+    try:
+        weights, run = resolve_weights(path, use_ema)
+    except (RunDirError, WeightsError):
+        weights, run = path, None
+    # vitkit's own file rebuilds from its metadata; open_clip / HF layouts are read from what was named
+    model = load_clip(weights if is_clip_weights(weights) else path)
+    info = run.read_run_info() if run is not None and run.is_run() else {}
+    card = getattr(model, "card", None) or getattr(model.visual, "card", None)
+    size = int(info.get("img_size") or (card.input_size[-1] if card is not None else 224))
+    mean = tuple(info.get("mean") or (card.mean if card is not None else Normalize().mean))
+    std = tuple(info.get("std") or (card.std if card is not None else Normalize().std))
+    interpolation = info.get("interpolation") or (getattr(card, "interpolation", None) or "bicubic")
+    cfg = run.read_config() if run is not None else {}
+    data_cfg = cfg.get("data", {})
+    settings = {k: data_cfg[k] for k in ("val_fraction", "max_bad_fraction") if k in data_cfg}
+    if "seed" in cfg.get("engine", {}):
+        settings["seed"] = cfg["engine"]["seed"]
+    dev = resolve_device(device)
+    return LoadedModel(
+        model=model.to(dev).eval(), transform=EvalTransform(size, 3, crop_pct=1.0, interpolation=interpolation),
+        normalize=Normalize(mean, std), labels=tuple(info.get("classes") or ()), weights=weights,
+        run_dir=run.path if run is not None else None, device=dev, settings=settings, config=cfg, task="caption",
+    )
+
+
 def _self_described(weights: Path) -> bool:
     return weights.is_file() and weights.suffix == ".safetensors" and bool(read_metadata(weights).get("model_name"))
 
@@ -378,6 +493,8 @@ def load_model(
             ones), and the input size to build it at.
     """
     source = str(source)
+    if is_clip_source(source):
+        return load_clip_model(source, use_ema=use_ema, device=device)
     model, weights, run = _build(source, use_ema, model_name, num_classes, pretrained, img_size)
     cfg = run.read_config() if run is not None else {}
     card = model.card

@@ -37,6 +37,7 @@ from .objectives import build_objective, objective_config
 from .objectives.registry import objective_entry
 from .plan import apply_plan, plan_run
 from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
+from .train_caption import build_caption_run, check_caption_config
 from .train_dense import build_dense_run, check_classify_config, default_out_dir, run_budget
 from .train_detect import build_detect_run, check_detect_config
 from .weights_io import save_weights
@@ -134,8 +135,11 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     if verbose and dist.is_main and data.scan is not None:
         print(data.scan_line())
     check_detect_config(cfg, data)
+    check_caption_config(cfg, data)
     if data.task == "detect":  # a registered detector on the backbone
         return build_detect_run(cfg, data, dist, verbose=verbose, start=start)
+    if data.task == "caption":  # an image tower and a text tower, trained contrastively
+        return build_caption_run(cfg, data, dist, verbose=verbose, start=start)
     if data.task != "classify":  # segmentation, depth: a dense head on the backbone
         return build_dense_run(cfg, data, dist, verbose=verbose, start=start)
     check_classify_config(cfg, data)
