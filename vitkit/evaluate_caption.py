@@ -70,15 +70,11 @@ def _datasets(data: str, split: str, lm: LoadedModel, task: str):
 def _loader(ds, lm: LoadedModel, task: str, batch_size: int, num_workers: int | None):
     workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
     kw = dict(num_workers=workers, max_bad_fraction=lm.settings.get("max_bad_fraction", 0.05))
-    if task == "caption":
-        from .data.captions import CaptionTransform
-        from .train_caption import build_caption_loader
-
-        return build_caption_loader(ds, batch_size, train=False,
-                                    transform=CaptionTransform(lm.transform.size[0], train=False), **kw)
     from .data import build_loader
+    from .data.captions import CaptionTransform
 
-    return build_loader(ds, batch_size, train=False, transform=lm.transform, **kw)
+    transform = CaptionTransform(lm.transform.size[0], train=False) if task == "caption" else lm.transform
+    return build_loader(ds, batch_size, train=False, transform=transform, **kw)
 
 
 def _write(result: dict, out_dir, lm: LoadedModel, name: str) -> dict:

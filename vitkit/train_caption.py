@@ -55,31 +55,6 @@ HEAD_TEXT = {"clip": {"act_layer": "gelu", "causal": True, "pool": "argmax"},
 EMBED_DIM = 128
 
 
-def collate_caption_batch(samples: list[dict]) -> dict:
-    """The loader's batch (``image``, ``label``, ``index``, ``skipped``, ``bad_files``) plus the texts:
-    ``caption`` list[str], ``captions`` list[list[str]] and ``image_id`` (B,) int64.
-
-    (The loader's own collate reads a sample with a ``label`` as a classification sample and keeps
-    only its image and label.)
-    """
-    import torch
-
-    from .data.loader import collate
-
-    batch = collate(samples)
-    batch["caption"] = [s["caption"] for s in samples]
-    batch["captions"] = [list(s["captions"]) for s in samples]
-    batch["image_id"] = torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long)
-    return batch
-
-
-def build_caption_loader(dataset, batch_size: int, *, train: bool, transform, **kw):
-    """:func:`~vitkit.data.build_loader` whose batches keep the captions (see :func:`collate_caption_batch`)."""
-    loader = build_loader(dataset, batch_size, train=train, transform=transform, **kw)
-    loader.collate_fn = collate_caption_batch  # read when each pass starts its workers
-    return loader
-
-
 def check_caption_config(cfg, data) -> None:
     """Two-tower settings on data without captions are a ConfigError saying what the data is."""
     if data.task == "caption":
@@ -232,9 +207,9 @@ def build_caption_run(cfg, data, dist, verbose: bool = True, start: float | None
     common = dict(num_workers=workers, seed=cfg.engine.seed, distributed=dist.enabled,
                   max_bad_fraction=d.max_bad_fraction)
     side = choice.img_size
-    train_loader = build_caption_loader(train_ds, d.batch_size, train=True,
+    train_loader = build_loader(train_ds, d.batch_size, train=True,
                                         transform=CaptionTransform(side, train=True, scale=(scale_min, 1.0)), **common)
-    val_loader = build_caption_loader(val_ds, d.eval_batch_size or d.batch_size * 2, train=False,
+    val_loader = build_loader(val_ds, d.eval_batch_size or d.batch_size * 2, train=False,
                                       transform=CaptionTransform(side, train=False), **common)
     if len(train_loader) < cfg.engine.accum_steps:
         raise ConfigError(

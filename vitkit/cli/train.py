@@ -25,9 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="recipe name or YAML file")
     p.add_argument("--data", help="dataset path, or 'shapes[:N]' / 'scenes[:N]' / 'depth-scenes[:N]' for the "
                                   "built-in data (data.path)")
-    p.add_argument("--task", help="what to train (data.task): classify, segment, depth or detect; default: detected "
-                                  "from the data (class folders: classify; mask folders: segment; depth maps: depth; "
-                                  "COCO JSON or VOC XML boxes: detect)")
+    p.add_argument("--task", help="what to train (data.task): classify, segment, depth, detect or caption; default: "
+                                  "detected from the data (class folders: classify; mask folders: segment; depth maps: "
+                                  "depth; COCO JSON or VOC XML boxes: detect; a JSONL/CSV with captions: caption)")
     p.add_argument("--model", help="model name (model.name); default: chosen from the data")
     p.add_argument("--head", help="dense head for segment/depth, or the detector for detect (model.head); "
                                   "default: chosen from the data")
@@ -103,6 +103,10 @@ def _metrics_line(summary: dict) -> str:
         v = [summary.get(f"val_{k}") for k in ("absrel", "rmse", "delta1")]
         return "val " + ", ".join(f"{k} {'n/a' if x is None else f'{x:.3f}'}" for k, x in zip(("AbsRel", "RMSE"), v)) + \
             f", delta1 {_pct(v[2])}"
+    if task == "caption":
+        r = f"val recall (mean of R@1/5/10 both ways) {_pct(summary.get('val_r_mean'))}"
+        zs = summary.get("val_zeroshot_acc1")
+        return r + (f", zero-shot top-1 {_pct(zs)}" if zs is not None else "")
     return f"val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}"
 
 
@@ -114,7 +118,8 @@ def format_summary(summary: dict, data: str) -> str:
         *([f"left out {summary['skipped_files']} broken image files, listed in {run}/{BAD_FILES}"]
           if summary.get("skipped_files") else []),
         "next:",
-        f"  vitkit eval {run} --data {data}",
-        f"  vitkit predict {run} IMAGE",
+        *([f"  vitkit retrieve {run} --data {data}", f"  vitkit zeroshot {run} --data CLASS_FOLDERS"]
+          if summary.get("task") == "caption" else
+          [f"  vitkit eval {run} --data {data}", f"  vitkit predict {run} IMAGE"]),
         f"  vitkit train --resume --reschedule --out {run} engine.epochs=N   (train longer)",
     ])
