@@ -208,9 +208,9 @@ def build_caption_run(cfg, data, dist, verbose: bool = True, start: float | None
                   max_bad_fraction=d.max_bad_fraction)
     side = choice.img_size
     train_loader = build_loader(train_ds, d.batch_size, train=True,
-                                        transform=CaptionTransform(side, train=True, scale=(scale_min, 1.0)), **common)
+                                transform=CaptionTransform(side, train=True, scale=(scale_min, 1.0)), **common)
     val_loader = build_loader(val_ds, d.eval_batch_size or d.batch_size * 2, train=False,
-                                      transform=CaptionTransform(side, train=False), **common)
+                              transform=CaptionTransform(side, train=False), **common)
     if len(train_loader) < cfg.engine.accum_steps:
         raise ConfigError(
             f"{len(train_ds)} training images make {len(train_loader)} full batches of data.batch_size={d.batch_size}"
