@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from .engine.budget import parse_duration
-from .engine.runtime import autocast, resolve_amp
+from .engine.runtime import resolve_amp
 from .plan import Calibration, Plan, set_run_length, user_values
-from .plan_dense import apply_dense_plan, time_transform, timed_rate
+from .plan_dense import apply_dense_plan, time_transform, train_eval_rates
 
 CPU_MODEL, GPU_MODEL = "clip_nano", "clip_vit_b16"
 LARGE_DATA = 50_000
@@ -182,29 +182,17 @@ def time_two_tower(model, side: int, batch: int, device, amp_dtype, min_s: float
     """(training pairs/s, evaluation pairs/s) of a two-tower ``model``: forward both towers on random images
     and tokens, a symmetric InfoNCE over the batch, backward and an update; forward-only for evaluation."""
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     x = torch.randn(batch, 3, side, side, device=device)
     ctx = int(model.text.context_length)
     tokens = torch.randint(1, int(model.text.vocab_size) - 1, (batch, ctx), device=device)
     labels = torch.arange(batch, device=device)
 
-    def step():
-        with autocast(amp_dtype, device):
-            out = model(x, tokens)
-            logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].t()
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def loss():
+        out = model(x, tokens)
+        logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].t()
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
 
-    step()
-    train_rate = timed_rate(step, batch, min_s, max_steps, device)
-    model.eval()
-    with torch.no_grad(), autocast(amp_dtype, device):
-        eval_rate = timed_rate(lambda: model(x, tokens), batch, min_s / 3, max_steps, device)
-    return train_rate, eval_rate
+    return train_eval_rates(model, loss, lambda: model(x, tokens), batch, device, amp_dtype, min_s, max_steps)
 
 
 def calibrate_caption(info: CaptionInfo, dataset, choice: CaptionChoice, model, cfg, user: dict,

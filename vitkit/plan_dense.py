@@ -209,7 +209,6 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
     model = create_dense_model(backbone, head, num_classes=num_classes or None, task=task, img_size=crop,
                                in_chans=in_chans, backbone_args=dict(backbone_args or {}),
                                head_args=dict(head_args or {})).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, in_chans, crop, crop, device=device)
     if task == "segment":
         y = torch.randint(0, max(1, num_classes), (batch, crop, crop), device=device)
@@ -217,16 +216,7 @@ def time_dense(backbone: str, head: str, crop: int, task: str, in_chans: int, nu
     else:
         y = torch.rand(batch, 1, crop, crop, device=device)
         loss_fn = F.l1_loss
-
-    def step():
-        with autocast(amp_dtype, device):
-            loss = loss_fn(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
+    step = update_step(model, lambda: loss_fn(model(x).float(), y), device, amp_dtype)
     t0 = time.perf_counter()
     step()  # the first steps pay for kernel selection and allocation
     first_s = time.perf_counter() - t0
@@ -264,6 +254,35 @@ def time_transform(dataset, tf, n: int = 16) -> float:
         img, target, _ = dataset.load(int(i))
         tf(img, target, rng)
     return (time.perf_counter() - t0) / len(idx)
+
+
+def update_step(model, loss_fn, device, amp_dtype, lr: float = 1e-4):
+    """A training step to time: ``loss_fn()`` under autocast, backward, an AdamW update (waiting for the device)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        with autocast(amp_dtype, device):
+            loss = loss_fn()
+        loss.float().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def train_eval_rates(model, loss_fn, eval_fn, batch: int, device, amp_dtype, min_s: float,
+                     max_steps: int) -> tuple[float, float]:
+    """(training, evaluation) items/s of ``model``: one untimed :func:`update_step` of ``loss_fn``, then timed
+    steps for at least ``min_s`` s (2 to ``max_steps``); ``eval_fn()`` without gradients for a third of that."""
+    step = update_step(model, loss_fn, device, amp_dtype)
+    step()  # the first step pays for kernel selection and allocation
+    train_rate = timed_rate(step, batch, min_s, max_steps, device)
+    model.eval()
+    with torch.no_grad(), autocast(amp_dtype, device):
+        eval_rate = timed_rate(eval_fn, batch, min_s / 3, max_steps, device)
+    return train_rate, eval_rate
 
 
 def timed_rate(fn, batch: int, seconds: float, max_steps: int, device) -> float:

@@ -33,10 +33,16 @@ from dataclasses import dataclass
 import torch
 
 from .engine.budget import parse_duration
-from .engine.runtime import autocast, resolve_amp
+from .engine.runtime import resolve_amp
 from .plan import MEDIUM_SIDE, Calibration, Plan, set_run_length, user_values
 from .plan_calibrate import PRETRAINED_MODEL, find_pretrained
-from .plan_dense import apply_dense_plan, dense_budget_s, planned_dense_batch, time_transform, timed_rate
+from .plan_dense import (
+    apply_dense_plan,
+    dense_budget_s,
+    planned_dense_batch,
+    time_transform,
+    train_eval_rates,
+)
 
 ONE_STAGE = "vitdet_fcos"
 SET_DETECTORS = ("deformable_detr", "detr")  # preferred first
@@ -222,7 +228,6 @@ def time_detector(model, side: int, in_chans: int, num_classes: int, batch: int,
     (2 to ``max_steps``), each image with two random boxes; forward-only for a third of that.
     """
     model = model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     x = torch.randn(batch, in_chans, side, side, device=device)
     mask = torch.ones(batch, side, side, dtype=torch.bool, device=device)
     g = torch.Generator().manual_seed(0)
@@ -234,21 +239,8 @@ def time_detector(model, side: int, in_chans: int, num_classes: int, batch: int,
                         "labels": torch.randint(0, num_classes, (2,), generator=g).to(device),
                         "size": torch.tensor([side, side], device=device)})
 
-    def step():
-        with autocast(amp_dtype, device):
-            loss = model.loss(model(x, mask), targets)["loss"]
-        loss.float().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step()
-    train_rate = timed_rate(step, batch, min_s, max_steps, device)
-    model.eval()
-    with torch.no_grad(), autocast(amp_dtype, device):
-        eval_rate = timed_rate(lambda: model(x, mask), batch, min_s / 3, max_steps, device)
-    return train_rate, eval_rate
+    return train_eval_rates(model, lambda: model.loss(model(x, mask), targets)["loss"], lambda: model(x, mask),
+                            batch, device, amp_dtype, min_s, max_steps)
 
 
 def time_box_decode(dataset, side: int, in_chans: int, n: int = 16) -> float:

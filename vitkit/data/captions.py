@@ -37,6 +37,7 @@ from .dense_formats import dataset_root
 from .inspect import _GRAY_TOLERANCE, DatasetInfo, _sampled_images
 from .scenes import ScenesDataset
 from .shapes import CAPTION_TEMPLATES, DEFAULT_CLASSES, ShapesDataset, shape_captions
+from .splits import check_split
 from .task import CAPTION_LAYOUTS, caption_listings, caption_shards
 from .transforms import EvalTransform, TrainTransform
 from .webdataset import WebDatasetShards
@@ -254,10 +255,7 @@ def build_caption_dataset(path: str, split: str = "train", *, val_fraction: floa
         DataError: no captions at ``path``, no usable rows, or too many bad rows.
         ConfigError: a bad ``split`` or ``val_fraction``.
     """
-    if split not in ("train", "val"):
-        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_split(split, val_fraction)
     path = str(path)
     name = path.partition(":")[0]
     if name == "shapes-captions" and not os.path.exists(path):

@@ -34,6 +34,7 @@ from ..errors import ConfigError, DataError, PathNotFoundError
 from .dense_formats import DENSE_LAYOUTS, DEPTH_LAYOUTS, DenseLayout, find_depth_layout, find_segment_layout
 from .images import BadImageError, decode_image
 from .skips import SkipCounter, leave_out
+from .splits import check_split
 
 IGNORE = 255
 _MASK_MODES = ("L", "P", "1")
@@ -310,10 +311,7 @@ def build_dense_dataset(path: str, task: str, split: str = "train", *, val_fract
     """
     if task not in ("segment", "depth"):
         raise ConfigError(f"build_dense_dataset reads segmentation or depth data, not task {task!r}")
-    if split not in ("train", "val"):
-        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_split(split, val_fraction)
     if ignore_index is not None and not 0 <= ignore_index <= 255:
         raise ConfigError(f"data.ignore_index must be a mask value 0..255, got {ignore_index}")
     path = str(path)

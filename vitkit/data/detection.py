@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DataError, PathNotFoundError
+from ..errors import DataError, PathNotFoundError
 from .dense import DenseDataset, _builtin
 from .det_annotations import Problems, Record, report
 from .det_formats import DETECT_LAYOUTS, DetLayout, find_detection_layout, read_coco, read_voc
 from .images import BadImageError, decode_image
 from .inspect import _GRAY_TOLERANCE, DatasetInfo
 from .scenes import SCENE_CLASSES, ScenesDataset
-from .splits import stratified_split
+from .splits import check_split, stratified_split
 
 
 @dataclass
@@ -240,10 +240,7 @@ def build_detection_dataset(path: str, split: str = "train", *, val_fraction: fl
             ``max_bad_fraction`` of the images have bad annotations (the message counts each kind).
         ConfigError: a bad ``split`` or ``val_fraction``.
     """
-    if split not in ("train", "val"):
-        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_split(split, val_fraction)
     path = str(path)
     if path.partition(":")[0] == "scenes" and not os.path.exists(path):
         return _scenes(path, split, seed, in_chans)

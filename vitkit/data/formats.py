@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ConfigError, DataError, PathNotFoundError
+from ..errors import DataError, PathNotFoundError
 from .arrays import build_cifar, build_idx, find_cifar, find_idx
 from .paths import SUPPORTED, is_system_path
 from .shapes import ShapesDataset
+from .splits import check_split
 from .trees import TAR_SUFFIXES, build_folder_tree, build_listing, build_tar_tree
 from .webdataset import WebDatasetShards, expand_shards, is_webdataset_tar
 
@@ -50,10 +51,7 @@ def build_dataset(
         PathNotFoundError: nothing exists at ``path``.
         DataError: ``path`` exists but is in no supported format, is empty or corrupt.
     """
-    if split not in ("train", "val"):
-        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_split(split, val_fraction)
     kw = dict(in_chans=in_chans, max_bad_fraction=max_bad_fraction)
     path = str(path)
 

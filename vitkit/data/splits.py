@@ -32,3 +32,11 @@ def class_names(names: list[str], num_classes: int | None) -> list[str]:
     if num_classes < len(names):
         raise ConfigError(f"data.num_classes={num_classes} but the dataset has {len(names)} classes")
     return list(names) + [f"class_{k}" for k in range(len(names), num_classes)]
+
+
+def check_split(split: str, val_fraction: float) -> None:
+    """A ConfigError unless ``split`` is 'train' or 'val' and ``val_fraction`` is in (0, 1): every reader's arguments."""
+    if split not in ("train", "val"):
+        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
