@@ -83,10 +83,16 @@ def init_args(init: str) -> list[str]:
 
     p = Path(init)
     weights = RunDir(p).weights() if p.is_dir() else p
-    name = read_metadata(weights).get("model_name")
+    meta = read_metadata(weights)
+    name = meta.get("model_name")
     if not name:
         raise SystemExit(f"{init}: no architecture in its metadata; pass a vitkit run or a save_weights file")
-    return [f"model.name={name}", "model.head=clip", f"model.init={weights}"]
+    # The tower's shape (e.g. a wider conv stem) comes with the weights; its input size, classes and
+    # regularisation are the caption run's own.
+    skip = {"img_size", "num_classes", "in_chans", "drop_path_rate", "global_pool"}
+    arch = {k: v for k, v in json.loads(meta.get("model_args") or "{}").items() if k not in skip}
+    return [f"model.name={name}", "model.head=clip", f"model.init={weights}",
+            *(f"model.args.{k}={json.dumps(v)}" for k, v in sorted(arch.items()))]
 
 
 def figure(run: Path, val_jsonl: Path, rows: list[dict], out: Path, n_queries: int = 4, k: int = 5) -> None:
