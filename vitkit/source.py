@@ -421,7 +421,7 @@ def _peft_section(run: RunDir | None) -> dict | None:
     if run is None or not run.is_run():
         return None
     section = run.read_config().get("peft") or {}
-    return section if section.get("method") else None
+    return section if section.get("method") not in (None, "none") else None
 
 
 def _weight_keys(weights: Path) -> list[str] | None:
