@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 import yaml
-from helpers import lazy_peer
+from helpers import assert_user_error, lazy_peer
 from helpers import run_vitkit as vitkit
 from safetensors.torch import load_file
 
@@ -177,15 +177,12 @@ def test_load_model_of_a_lora_run_equals_base_plus_adapter_and_merged(tmp_path):
 
 @pytest.mark.peer("timm")
 def test_merged_vit_tiny_loads_in_timm(tmp_path):
-    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method="lora"), name="vit_tiny_patch16_224", img_size=224,
-                                 num_classes=4)
-    r = vitkit("export", run, "--merge", "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout)
-    assert result["format"] == "safetensors" and result["merged"] == "lora" and result["ok"]
-    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4).eval()
+    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method="lora"), name="vit_tiny_patch16_224", num_classes=4)
+    result = export(run, "safetensors", merge=True)
+    assert result["merged"] == "lora" and result["ok"]
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32).eval()
     peer.load_state_dict(load_file(result["path"]), strict=True)
-    x = _x(224, 2)
+    x = _x(32, 2)
     with torch.no_grad():
         assert torch.allclose(peer(x), model(x), atol=1e-4)
 
@@ -221,3 +218,16 @@ def test_merge_peft_leaves_a_plain_model():
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(("qkv", "fc1")))
     with pytest.raises(ConfigError, match="no parameter-efficient fine-tuning applied"):
         merge_peft(model)
+
+
+def test_export_command_merges_a_peft_run(tmp_path):
+    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method="lora"))
+    r = vitkit("export", run, "--merge", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)  # --merge writes safetensors unless --format says otherwise
+    assert result["format"] == "safetensors" and result["path"] == str(run / "model.merged.safetensors")
+    assert result["merged"] == "lora" and result["ok"]
+    with torch.no_grad():
+        assert torch.allclose(create_model(result["path"]).eval()(_x()), model(_x()), atol=1e-5)
+    r = vitkit("export", run, "--format", "safetensors", "--out", tmp_path / "plain.safetensors")
+    assert_user_error(r, "lora", "--merge")
