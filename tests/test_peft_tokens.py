@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vitkit import create_model
 from vitkit.errors import ConfigError
+from vitkit.peft import apply_peft
 from vitkit.peft.adaptformer import apply_adaptformer
 from vitkit.peft.config import PeftConfig
 from vitkit.peft.vpt import apply_vpt
@@ -180,7 +181,7 @@ def _randomise_up(model) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_vit_postnorm", "test_swin", "test_swinv2", "test_vit_moe"])
+@pytest.mark.parametrize("name", ["test_vit", "test_vit_postnorm", "test_swin", "test_swinv2", "test_pvt_v2", "test_vit_moe"])
 def test_adaptformer_equals_base_at_init(name):
     model = _model(name)
     base = copy.deepcopy(model)
@@ -261,10 +262,19 @@ def test_adaptformer_gradients_and_deepcopy():
         assert not torch.allclose(twin(x), model(x), atol=1e-4)  # the copy runs its own adapters
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "test_pvt_v2"])
-def test_adaptformer_refuses_unknown_blocks(name):
-    with pytest.raises(ConfigError, match="AdaptFormer knows Block, SwinBlock"):
-        apply_adaptformer(_model(name), PeftConfig())
+def test_adaptformer_refuses_unknown_blocks():
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.TransformerEncoderLayer(16, 2, 32)])
+
+        def block_modules(self):
+            return list(self.layers)
+
+    with pytest.raises(ConfigError, match="its blocks are TransformerEncoderLayer; AdaptFormer knows Block, SwinBlock"):
+        apply_adaptformer(Encoder(), PeftConfig())
+    with pytest.raises(ConfigError, match="lists no transformer blocks"):
+        apply_adaptformer(_model("test_resnet"), PeftConfig())
 
 
 def test_adaptformer_refuses_twice():
@@ -272,3 +282,25 @@ def test_adaptformer_refuses_twice():
     apply_adaptformer(model, PeftConfig())
     with pytest.raises(ConfigError, match="already"):
         apply_adaptformer(model, PeftConfig())
+
+
+# ---------------------------------------------------------------------- through apply_peft
+@pytest.mark.parametrize("method,n_method", [
+    ("vpt_shallow", 10 * 192), ("vpt_deep", 12 * 10 * 192), ("adaptformer", 12 * (2 * 192 * 64 + 64 + 192)),
+])
+def test_apply_peft_counts_and_freezes_vit_tiny(method, n_method):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", num_classes=10)
+    info = apply_peft(model, PeftConfig(method=method))
+    assert (info.n_method, info.n_head) == (n_method, 192 * 10 + 10)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(info.params) | {"head.weight", "head.bias"}
+    model.train()
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == trainable  # frozen weights stay out of autograd
+
+
+def test_apply_peft_refuses_vpt_on_swin_naming_what_applies():
+    with pytest.raises(ConfigError, match="vpt_deep does not apply.*adaptformer"):
+        apply_peft(_model("test_swin"), PeftConfig(method="vpt_deep"))

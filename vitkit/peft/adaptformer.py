@@ -11,7 +11,7 @@ biases are zero, so the model equals its base until ``up`` trains.
 
 The adapter is a child of its block (``blocks.i.adapter.down|up``, Swin
 ``layers.s.blocks.j.adapter...``); the base keys do not move. Known blocks: vitkit's
-:class:`~vitkit.layers.Block` (ViT, DeiT and the families built from it) and Swin's blocks.
+:class:`~vitkit.layers.Block` (ViT, DeiT and the families built from it), Swin's and PVT v2's blocks.
 In a post-norm block (and Swin v2's res-post-norm) the adapter joins the MLP branch where
 the block adds it to the stream: ``norm2(x + drop_path(ls2(mlp(x))) + s * adapter(x))``.
 """
@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers import Block
+from ..models.pvt import PvtBlock
 from ..models.swin import SwinBlock
 
 
@@ -67,8 +68,15 @@ def _swin_forward(self: SwinBlock, x: torch.Tensor) -> torch.Tensor:
     return x + self.drop_path2(self.mlp(self.norm2(x))) + self.adapter(x)
 
 
+def _pvt_forward(self: PvtBlock, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:meth:`PvtBlock.forward` with the adapter beside the MLP."""
+    x = x + self.drop_path1(self.attn(self.norm1(x), size))
+    return x + self.drop_path2(self.mlp(self.norm2(x), size)) + self.adapter(x)
+
+
 # Block type -> (the method the adapter replaces, its replacement).
-_PATCHES = {Block: ("forward_mlp", _block_forward_mlp), SwinBlock: ("forward", _swin_forward)}
+_PATCHES = {Block: ("forward_mlp", _block_forward_mlp), SwinBlock: ("forward", _swin_forward),
+            PvtBlock: ("forward", _pvt_forward)}
 
 
 def _width(block: nn.Module) -> int:
