@@ -18,7 +18,7 @@ from vitkit import create_model, load_model, save_weights
 from vitkit.errors import ConfigError, WeightsError
 from vitkit.export import export
 from vitkit.peft import PeftConfig, apply_peft
-from vitkit.peft.io import adapter_size, load_adapter, merge_peft, save_adapter
+from vitkit.peft.io import adapter_metadata, adapter_size, load_adapter, merge_peft, save_adapter
 
 timm = lazy_peer("timm")
 
@@ -53,8 +53,7 @@ def _peft_run(tmp_path, peft: PeftConfig, name: str = "test_vit", img_size: int 
     (run / "run.json").write_text(json.dumps({
         "model": name, "num_classes": num_classes, "img_size": img_size, "in_chans": 3, "classes": classes,
         "mean": [0.5] * 3, "std": [0.25] * 3,
-        "peft": {"method": info.method, "n_method": info.n_method, "n_head": info.n_head, "n_base": info.n_base,
-                 "pct": info.pct, "base_sha256": info.base_sha256},
+        "peft": {**info.as_dict(), "base_source": str(base_file), "adapter": "adapter.safetensors"},
     }))
     (run / "config.yaml").write_text(yaml.safe_dump({"peft": asdict(peft), "engine": {"seed": 0}}))
     save_weights(model, run / "model.safetensors")
@@ -151,6 +150,12 @@ def test_load_model_of_a_lora_run_equals_base_plus_adapter_and_merged(tmp_path):
     lm = load_model(run, device="cpu")
     assert lm.model.peft_info.method == "lora" and lm.model.peft_info.base_sha256 == info.base_sha256
     assert lm.labels == ("c0", "c1", "c2")
+    # the loaded run saves the same adapter again, its base's identity and source included
+    again = save_adapter(lm.model, tmp_path / "again.safetensors")
+    assert load_file(again).keys() == load_file(run / "adapter.safetensors").keys()
+    meta, saved = adapter_metadata(again), adapter_metadata(run / "adapter.safetensors")
+    assert meta.pop("card") != saved.pop("card") and meta == saved  # the run's class names travel too
+    assert meta["base_source"] == str(base_file) and meta["base_sha256"] == info.base_sha256
     base = create_model(str(base_file))
     load_adapter(base, run / "adapter.safetensors")
     result = export(run, "safetensors", merge=True)
@@ -189,10 +194,13 @@ def test_merged_vit_tiny_loads_in_timm(tmp_path):
 
 @pytest.mark.parametrize("method", ["bitfit", "vpt_deep", "adaptformer"])
 def test_runs_of_other_methods_load_and_merge_or_refuse(tmp_path, method):
-    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method=method, vpt_prompts=3, adapter_width=8))
+    run, model, base_file, _ = _peft_run(tmp_path, PeftConfig(method=method, vpt_prompts=3, adapter_width=8))
     lm = load_model(run, device="cpu")
+    base = create_model(str(base_file))
+    load_adapter(base, run / "adapter.safetensors")
     with torch.no_grad():
         assert torch.equal(lm.model(_x()), model(_x()))
+        assert torch.equal(base.eval()(_x()), model(_x()))
     if method == "bitfit":  # trains base tensors in place: the merged file is the run's weights
         result = export(run, "safetensors", merge=True)
         assert result["ok"] and result["merge_max_abs_diff"] == 0.0

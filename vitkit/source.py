@@ -448,7 +448,7 @@ def _from_run(weights: Path, run: RunDir, cfg: dict) -> nn.Module:
     if section is not None:
         from .peft.io import apply_saved_peft
 
-        apply_saved_peft(model, section, _weight_keys(weights), (info.get("peft") or {}).get("base_sha256"))
+        apply_saved_peft(model, section, _weight_keys(weights), info.get("peft"))
     load_weights(model, weights, verbose=False)
     model.card = replace(model.card, labels=tuple(info["classes"]), mean=tuple(info["mean"]), std=tuple(info["std"]))
     return model
