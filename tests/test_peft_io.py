@@ -210,6 +210,8 @@ def test_runs_of_other_methods_load_and_merge_or_refuse(tmp_path, method):
         export(run, "safetensors", merge=True)
     with pytest.raises(ConfigError, match="onnx or pt2"):
         export(run, "safetensors")
+    result = export(run, "pt2")  # unmerged, as the refusal advises: the program runs the prompts or adapters
+    assert result["ok"] and result["max_abs_diff"] <= 1e-5
 
 
 def test_merge_peft_leaves_a_plain_model():
