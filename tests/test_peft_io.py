@@ -174,6 +174,8 @@ def test_load_model_of_a_lora_run_equals_base_plus_adapter_and_merged(tmp_path):
         again = load_model(merged_file, device="cpu").model
         assert getattr(again, "peft_info", None) is None
         assert torch.allclose(again(_x()), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"is a lora adapter, not a whole model.*load_adapter"):
+        load_model(run / "adapter.safetensors")
     with pytest.raises(ConfigError, match="pass --merge"):
         export(run, "safetensors", tmp_path / "unmerged.safetensors")
     with pytest.raises(ConfigError, match="nothing to merge"):

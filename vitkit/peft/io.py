@@ -112,6 +112,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_source: str | N
     return path
 
 
+def is_adapter_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an adapter file (written by :func:`save_adapter`)."""
+    path = Path(path).expanduser()
+    return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT
+
+
 def adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of an adapter file; a WeightsError for a file that is not one."""
     path = Path(path).expanduser()
