@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, PathNotFoundError, WeightsError
 from ..weights_io import read_metadata
-from .apply import PeftInfo, apply_peft, state_sha256
+from .apply import PeftInfo, apply_peft, head_names, state_sha256
 from .config import PeftConfig
 from .lora import merge_lora
 
@@ -164,7 +164,7 @@ def config_from_dict(section: dict) -> PeftConfig:
 
 def _fit_head(model: nn.Module, tensors: dict[str, torch.Tensor], card: dict) -> None:
     """Give the base the adapter's classifier: its class count (a fresh head of that size) and class names."""
-    names = [n for n in model.classifier_names() if f"{n}.weight" in tensors]
+    names = [n for n in head_names(model) if f"{n}.weight" in tensors]
     if not names:
         return
     num_classes = int(tensors[f"{names[0]}.weight"].shape[0])
@@ -200,7 +200,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> PeftInfo:
             "model it was trained on (a fresh vitkit.create_model(...) with the base weights)"
         )
     cfg = config_from_dict(json.loads(meta["config"]))
-    sha = state_sha256(model, exclude=model.classifier_names())
+    sha = state_sha256(model, exclude=head_names(model))
     if sha != meta["base_sha256"]:
         raise ConfigError(
             f"adapter {path} was trained on base {meta['base_sha256'][:12]} ({meta.get('base_source', 'unknown')}), "
