@@ -264,3 +264,17 @@ def test_state_sha256_identifies_the_base_without_its_head(tmp_path):
     assert state_sha256(_tiny_vit(seed=1), exclude=["head"]) != sha
     info = apply_peft(model, PeftConfig(method="lora"))
     assert info.base_sha256 == sha and model.peft_info is info and model.peft_config.method == "lora"
+
+
+def test_a_run_config_section_applies_and_is_saved_as_plain_data():
+    import dataclasses
+    import json
+
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.merge(OmegaConf.structured(PeftConfig), OmegaConf.from_dotlist(["method=lora", "lora_targets=[qkv,fc2]"]))
+    model = _tiny_vit()
+    info = apply_peft(model, section)
+    assert info.n_method == 2 * 8 * (64 + 3 * 64) + 2 * 8 * (256 + 64)  # qkv 64->192 and fc2 256->64 in 2 blocks
+    assert json.loads(json.dumps(dataclasses.asdict(model.peft_config)))["lora_targets"] == ["qkv", "fc2"]
+    assert not OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PeftConfig), {"method": "none"})).active
