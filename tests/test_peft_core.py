@@ -89,6 +89,14 @@ def test_swin_tiny_hand_counts():
     assert info.n_method == blocks + merging + 2 * 96 + 768 == 52_224
     assert not any("relative_position_bias_table" in n for n in info.params)
 
+    # partial-1: the last block of the last stage (d = 768, 24 heads, 7x7 windows) and the final norm.
+    d = 768
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * (2 * d) + 13 * 13 * 24
+    model, info = _peft("swin_tiny_patch4_window7_224", "partial", partial_k=1)
+    assert info.n_method == block + 2 * d == 7_093_464
+    assert all(n.startswith(("layers.3.blocks.1.", "norm.")) for n in info.params)
+    assert _trainable(model) == set(info.params) | set(info.head)
+
 
 # ---------------------------------------------------------------------- LoRA
 def _tiny_vit(seed: int = 0, name: str = "test_vit") -> nn.Module:
