@@ -213,8 +213,17 @@ def test_adaptformer_matches_paper_equation_vit():
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
 
 
-def test_adaptformer_matches_paper_equation_swin():
-    model = _model("test_swin")
+# x' (the stream entering the MLP branch) from the base block's attention half, per family.
+_AFTER_ATTN = {
+    "test_swin": lambda m, a: a[0] + m._attn(m.norm1(a[0])),
+    "test_swinv2": lambda m, a: a[0] + m.norm1(m._attn(a[0])),
+    "test_pvt_v2": lambda m, a: a[0] + m.attn(m.norm1(a[0]), a[1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_AFTER_ATTN))
+def test_adaptformer_matches_paper_equation_hierarchical(name):
+    model = _model(name)
     base = copy.deepcopy(model)
     apply_adaptformer(model, PeftConfig(adapter_width=8))
     _randomise_up(model)
@@ -224,7 +233,7 @@ def test_adaptformer_matches_paper_equation_swin():
         for blk in base.block_modules():
             ablk = adapted[id(blk)]
             blk.register_forward_hook(
-                lambda m, args, out, a=ablk: out + _adapter_ref(a.adapter, args[0] + m._attn(m.norm1(args[0])), 0.1)
+                lambda m, args, out, a=ablk: out + _adapter_ref(a.adapter, _AFTER_ATTN[name](m, args), 0.1)
             )
         ref = base(x)
         out = model(x)
