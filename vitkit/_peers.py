@@ -49,7 +49,8 @@ def import_peer(name: str):
     """
     top = name.split(".")[0]
     try:
-        if top in ("timm", "transformers", "open_clip", "lightly", "torchmetrics", "peft"):  # each imports torchvision
+        if top in ("timm", "transformers", "open_clip", "lightly", "torchmetrics", "peft", "segment_anything"):
+            # each imports torchvision
             ensure_torchvision_importable()
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
