@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from segment_camvid import camvid_root
 
 from _common import RESULTS, machine, versions, write_json
-from segment_camvid import camvid_root
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID_OBJECTS = {"car": 8, "pedestrian": 9}

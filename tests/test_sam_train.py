@@ -58,12 +58,12 @@ def test_boxes_are_tight_and_the_noise_is_sams():
     big[0, 50:550, 100:500] = True
     g = torch.Generator().manual_seed(1)
     tight = mask_box(big, 0.0)[0]
-    noisy = torch.stack([mask_box(big, 0.1, 20, g)[0] for _ in range(400)])
+    noisy = mask_box(big.expand(400, -1, -1), 0.1, 20, g)  # 400 independent draws
     delta = noisy - tight
     assert delta.abs().max() <= 20 + 1e-4 and (delta.abs() > 19.99).float().mean() > 0.5  # std 40-50 px, clipped
-    small = torch.zeros(1, 600, 600, dtype=torch.bool)
+    small = torch.zeros(1, 200, 400, dtype=torch.bool)
     small[0, 100:151, 200:301] = True  # 50 x 100 px: std 5 in y, 10 in x, rarely clipped
-    d = torch.stack([mask_box(small, 0.1, 20, g)[0] for _ in range(2000)]) - mask_box(small, 0.0)[0]
+    d = mask_box(small.expand(2000, -1, -1), 0.1, 20, g) - mask_box(small, 0.0)[0]
     std = d.std(0)
     assert abs(std[0] - 10) < 1.0 and abs(std[2] - 10) < 1.0 and abs(std[1] - 5) < 0.5 and abs(std[3] - 5) < 0.5
 
@@ -130,7 +130,7 @@ def test_focal_dice_and_iou_follow_their_definitions():
             ref = 1 - (2 * inter + 1) / (float(p[i, j].sum()) + float(target[i, j].sum()) + 1)
             assert abs(mask_dice(logits, target)[i, j].item() - ref) < 1e-10
             a, b = (logits[i, j] > 0).numpy(), target[i, j].numpy() > 0.5
-            assert abs(mask_iou(logits[i, j] > 0, target[i, j] > 0.5).item() - (a & b).sum() / (a | b).sum()) < 1e-12
+            assert abs(mask_iou(logits[i, j] > 0, target[i, j] > 0.5).item() - (a & b).sum() / (a | b).sum()) < 1e-6
 
 
 class StandIn(nn.Module):
@@ -227,7 +227,8 @@ def test_objective_rejects_a_model_that_is_not_promptable():
     with pytest.raises(ConfigError, match="SAM model"):
         Sam(nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="mask_only_rounds"):
-        Sam(StandIn(), SamConfig(iters=2, mask_only_rounds=2))
+        Sam(StandIn(), SamConfig(mask_only_rounds=-1))
+    assert Sam(StandIn(), SamConfig(iters=2))._plan_rounds(torch.Generator()) == [False]
 
 
 # ---- instance data --------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ characters from ``'0'``, bit 0x20 meaning "more groups follow", bit 0x10 of the 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from ..errors import DataError
 
@@ -91,18 +90,28 @@ def encode_rle(mask: np.ndarray) -> dict:
 def polygons_to_mask(polygons, h: int, w: int) -> np.ndarray:
     """COCO polygons (a list of flat ``[x, y, ...]`` lists) -> bool mask (h, w), their union.
 
-    Filled with PIL at pixel centres: COCO's vertex ``(x, y)`` is a continuous coordinate, so it is
-    moved by half a pixel onto PIL's pixel-centre grid.
+    A pixel is inside a polygon when its centre is (even-odd rule; a centre on a left or top edge
+    counts, on a right or bottom edge not), which is how pycocotools rasterises up to its 1/5-pixel
+    rounding of the vertices.
     """
-    img = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(img)
+    out = np.zeros((h, w), bool)
+    yc = np.arange(h, dtype=np.float64)[:, None] + 0.5  # (h, 1) pixel-centre rows
     for poly in polygons:
         pts = np.asarray(poly, np.float64).reshape(-1)
         if pts.size < 6 or pts.size % 2 or not np.isfinite(pts).all():
             raise DataError(f"a COCO polygon needs at least 3 (x, y) vertices as finite numbers, got {list(poly)[:8]}")
-        xy = (pts.reshape(-1, 2) - 0.5).tolist()
-        draw.polygon([tuple(p) for p in xy], fill=1, outline=1)
-    return np.asarray(img, bool)
+        x0, y0 = pts[0::2], pts[1::2]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        crosses = ((y0 <= yc) & (yc < y1)) | ((y1 <= yc) & (yc < y0))  # (h, E): half-open in y
+        rows, edges = np.nonzero(crosses)
+        t = (yc[rows, 0] - y0[edges]) / (y1[edges] - y0[edges])
+        x = x0[edges] + t * (x1[edges] - x0[edges])
+        # The first pixel whose centre is at or right of the crossing toggles inside/outside.
+        cols = np.clip(np.ceil(x - 0.5), 0, w).astype(np.int64)
+        toggles = np.zeros((h, w + 1), np.int64)
+        np.add.at(toggles, (rows, cols), 1)
+        out |= np.cumsum(toggles[:, :w], 1) % 2 == 1
+    return out
 
 
 def segmentation_mask(segmentation, h: int, w: int) -> np.ndarray:

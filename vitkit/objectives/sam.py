@@ -44,7 +44,8 @@ class SamConfig:
     """``objective.*`` keys of ``sam``.
 
     ``max_masks``: instances prompted per image (SAM: 64). ``iters``: prompt rounds per instance,
-    the first included (SAM: 11); ``mask_only_rounds`` of the later ones add no click (SAM: 2).
+    the first included (SAM: 11); ``mask_only_rounds`` of the later ones add no click (SAM: 2; at
+    most ``iters - 1``: with ``iters=2`` the one later round adds only the mask).
     ``box_prob``: chance that the first prompt is a box rather than a point. ``box_noise``,
     ``box_max_noise``: the box noise's standard deviation as a fraction of the side, and its
     bound in pixels (SAM: 0.1, 20). ``focal_weight``, ``dice_weight``, ``iou_weight``: the terms'
@@ -135,9 +136,8 @@ class Sam(Objective):
                                   f"{type(model).__name__} has no {fn}(): set model.name to a SAM model")
         if cfg.max_masks < 1 or cfg.iters < 1:
             raise ConfigError(f"objective.max_masks and objective.iters must be >= 1, got {cfg.max_masks}, {cfg.iters}")
-        if not 0 <= cfg.mask_only_rounds <= max(cfg.iters - 1, 0):
-            raise ConfigError(f"objective.mask_only_rounds={cfg.mask_only_rounds} must be in 0..iters-1 "
-                              f"(iters={cfg.iters})")
+        if cfg.mask_only_rounds < 0:
+            raise ConfigError(f"objective.mask_only_rounds must be >= 0, got {cfg.mask_only_rounds}")
         if not 0.0 <= cfg.box_prob <= 1.0:
             raise ConfigError(f"objective.box_prob must be in [0, 1], got {cfg.box_prob}")
         self.model, self.cfg, self.seed = model, cfg, int(seed)
@@ -159,7 +159,7 @@ class Sam(Objective):
         """For rounds 1..iters-1: True where the round adds a click, False where it adds only the mask."""
         later = self.cfg.iters - 1
         clicks = [True] * later
-        k = self.cfg.mask_only_rounds
+        k = min(self.cfg.mask_only_rounds, later)
         if k:
             clicks[-1] = False
             free = torch.randperm(later - 1, generator=g)[: k - 1].tolist() if later > 1 else []
