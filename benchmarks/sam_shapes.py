@@ -225,7 +225,7 @@ def main() -> None:
     overrides = list(args.set)
     if args.smoke:
         args.budget, args.n_train, args.n_val, args.camvid_images = "15s", 16, 4, 2
-        overrides += ["engine.max_steps=3", "objective.iters=2", "objective.mask_only_rounds=1",
+        overrides += ["engine.max_steps=3", "objective.name=sam", "objective.iters=2", "objective.mask_only_rounds=1",
                       "data.batch_size=2", "data.num_workers=0", "engine.eval_every=1000"]
     run = Path(args.run_root or REPO / "runs" / f"sam-shapes-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()

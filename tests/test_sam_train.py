@@ -306,19 +306,21 @@ def test_scenes_serve_instances():
 ENGINE = ["engine.amp=none", "engine.tensorboard=false", "engine.plots=false", "data.num_workers=0"]
 
 
-def _cfg(out, *extra):
+def _cfg(out, data, *extra):
     from vitkit.config import load_config
 
-    return load_config(overrides=["data.path=scenes:8", "model.name=sam_test", "data.batch_size=2",
-                                  "data.eval_batch_size=4", "objective.iters=3", "objective.max_masks=3",
+    return load_config(overrides=[f"data.path={data}", "data.val_fraction=0.25", "model.name=sam_test", "data.batch_size=2",
+                                  "data.eval_batch_size=4", "objective.name=sam", "objective.iters=3", "objective.max_masks=3",
                                   f"engine.out_dir={out}", *ENGINE, *extra], plan=False)
 
 
 def test_sam_run_trains_and_resumes_bitwise(tmp_path):
     from vitkit.train import build_run
 
+    _write_instances(tmp_path / "d", n=8)
+
     def trainer(out, hooks=()):
-        cfg = _cfg(out, "engine.max_steps=4", "engine.ckpt_every_steps=2", "engine.epochs=2")
+        cfg = _cfg(out, tmp_path / "d", "engine.max_steps=4", "engine.ckpt_every_steps=2", "engine.epochs=2")
         torch.manual_seed(cfg.engine.seed)
         tr, info = build_run(cfg, verbose=False)
         assert info["task"] == "promptable" and info["model"] == "sam_test"

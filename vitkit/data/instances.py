@@ -211,8 +211,9 @@ class InstanceTransform:
         masks = np.asarray(target["instance_masks"], bool)
         labels = np.asarray(target["labels"], np.int64)
         img = img.resize((w, h), Image.BILINEAR)
-        if len(masks) and masks.shape[1:] != (h, w):
-            masks = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in masks])
+        if masks.shape[1:] != (h, w):
+            masks = np.stack([np.asarray(Image.fromarray(m).resize((w, h), Image.NEAREST)) for m in masks]) \
+                if len(masks) else np.zeros((0, h, w), bool)
         if rng is not None and self.hflip > 0 and rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
             masks = masks[:, :, ::-1]
