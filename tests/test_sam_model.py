@@ -174,8 +174,37 @@ def test_model_args_rebuild_and_save_load_round_trip(sam, tmp_path):
         torch.testing.assert_close(bare(x, points=pts)[0], sam(x, points=pts)[0])
     with pytest.raises(PathNotFoundError):
         load_sam(tmp_path / "missing.safetensors")
+    with pytest.raises(WeightsError, match="does not fit sam_nano.*other shapes"):
+        load_sam(dict(sam.state_dict()), name="sam_nano")
     with pytest.raises(WeightsError, match="not a SAM checkpoint"):
         load_sam({"blocks.0.weight": torch.zeros(2)})
+
+
+def test_load_sam_reads_run_directories(sam, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    import vitkit
+
+    x = torch.randn(1, 3, 64, 64)
+    box = torch.tensor([[5.0, 5.0, 40.0, 30.0]])
+    with torch.no_grad():
+        expect = sam(x, boxes=box)[0]
+    # A finished run: model.safetensors carries the model config.
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "run.json").write_text(json.dumps({"model": "sam_test"}))
+    vitkit.save_weights(sam, done / "model.safetensors")
+    # Weights without a config (as checkpoints are): the run's config.yaml names the variant.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "run.json").write_text("{}")
+    (bare / "config.yaml").write_text("model:\n  name: sam_test\n  args: {decoder_heads: 2}\n")
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(bare / "model.safetensors"))
+    for run in (done, bare):
+        with torch.no_grad():
+            torch.testing.assert_close(load_sam(run)(x, boxes=box)[0], expect)
 
 
 def test_nano_config_is_the_cpu_size():

@@ -181,24 +181,34 @@ def _hf_config_args(folder: Path) -> dict:
 
 
 def _weights_file(path: Path) -> Path | None:
-    if path.is_file():
-        return path
-    run = RunDir(path)
-    if run.is_run():
-        return run.weights()
-    return path / WEIGHTS if (path / WEIGHTS).is_file() else None
+    """The weights file ``path`` names: itself, a run's weights, or a folder's model.safetensors."""
+    if path.is_dir():
+        folder_weights = path / WEIGHTS
+        return RunDir(path).weights() if RunDir(path).is_run() else folder_weights if folder_weights.is_file() else None
+    return path
 
 
 def read_sam_args(path: str | os.PathLike) -> dict | None:
     """The SAM ``model_args`` a vitkit weights file (or run directory) carries, else None."""
     weights = _weights_file(Path(path).expanduser())
-    if weights is None or weights.suffix != ".safetensors":
-        return None
+    meta = read_metadata(weights) if weights is not None and weights.suffix == ".safetensors" else {}
     try:
-        args = json.loads(read_metadata(weights).get("model_args") or "{}")
+        args = json.loads(meta.get("model_args") or "{}")
     except json.JSONDecodeError:
-        return None
+        args = None
     return args if isinstance(args, dict) and {"prompt_dim", "decoder_depth"} <= set(args) else None
+
+
+def _run_config_args(path: Path) -> dict | None:
+    """build_sam arguments from the config.yaml of the run ``path`` is (or holds a checkpoint of):
+    checkpoint weights carry no config of their own."""
+    run = RunDir(path) if RunDir(path).is_run() else RunDir.of_checkpoint(path)
+    model = (run.read_config().get("model") or {}) if run is not None else {}
+    name = model.get("name")
+    if name not in SAM_CONFIGS:
+        return None
+    extra = {k: v for k, v in (model.get("args") or {}).items() if k in SAM_DEFAULTS}
+    return sam_model_args(name, **extra)
 
 
 def sam_state_dict(state: dict, **overrides) -> tuple[dict[str, torch.Tensor], dict]:
@@ -212,15 +222,16 @@ def sam_state_dict(state: dict, **overrides) -> tuple[dict[str, torch.Tensor], d
 def load_into(model: Sam, sd: dict[str, torch.Tensor], where: str) -> Sam:
     """Strict load with a message that names what does not fit."""
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
-              if sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise WeightsError(
-            f"{where} does not fit {model.model_name}: missing {first_keys(missing, 5)}, unexpected "
-            f"{first_keys(unexpected, 5)}, other shapes {shapes[:3]}; pass name= or the sizes the weights were "
-            "trained with"
-        )
+    problems = {
+        "missing": sorted(set(own) - set(sd)),
+        "unexpected": sorted(set(sd) - set(own)),
+        "other shapes": [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                         if k in sd and sd[k].shape != v.shape],
+    }
+    found = "; ".join(f"{what}: {first_keys(keys, 5)}" for what, keys in problems.items() if keys)
+    if found:
+        raise WeightsError(f"{where} does not fit {model.model_name} ({found}); pass name= or the sizes the weights "
+                           "were trained with")
     model.load_state_dict(sd)
     return model
 
@@ -247,9 +258,9 @@ def load_sam(path_or_run: str | os.PathLike | dict, name: str | None = None, **o
                 f"no such file or folder: {str(path_or_run)!r}; pass a SAM weights file (.safetensors or .pth), "
                 "a transformers SamModel folder or a SAM run directory"
             )
-        args = read_sam_args(p)
+        args = read_sam_args(p) or _run_config_args(p)
         weights = _weights_file(p)
-        source = weights if args is not None and weights is not None else p
+        source = weights if weights is not None else p
         if p.is_dir():
             overrides = {**_hf_config_args(p), **overrides}
     raw, where = read_state_dict(source)

@@ -54,7 +54,11 @@ def sam_model_args(name: str, **overrides) -> dict:
     unknown = sorted(set(overrides) - set(SAM_DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown SAM argument(s) {unknown}; valid: {', '.join(sorted(SAM_DEFAULTS))}")
-    return dict(copy.deepcopy(SAM_DEFAULTS), **copy.deepcopy(SAM_CONFIGS[name]), **overrides, name=name)
+    args = copy.deepcopy(SAM_DEFAULTS)
+    args.update(copy.deepcopy(SAM_CONFIGS[name]))
+    args.update(overrides)
+    args["name"] = name
+    return args
 
 
 def build_sam(model_args: dict) -> Sam:
