@@ -106,7 +106,7 @@ def prompt_masks(model, image: np.ndarray, masks: list[np.ndarray]) -> list[dict
 
 def auto_recall(model, image: np.ndarray, masks: list[np.ndarray]) -> float | None:
     try:
-        from vitkit.sam import generate_masks
+        from vitkit.sam.auto import generate_masks
     except ImportError:
         return None
     found = [r["segmentation"] for r in generate_masks(model, image)]
@@ -224,7 +224,7 @@ def main() -> None:
 
     overrides = list(args.set)
     if args.smoke:
-        args.budget, args.n_train, args.n_val, args.camvid_images = "15s", 16, 4, 2
+        args.budget, args.n_train, args.n_val, args.camvid_images = "15s", 16, 2, 1
         overrides += ["engine.max_steps=3", "objective.name=sam", "objective.iters=2", "objective.mask_only_rounds=1",
                       "data.batch_size=2", "data.num_workers=0", "engine.eval_every=1000"]
     run = Path(args.run_root or REPO / "runs" / f"sam-shapes-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -233,7 +233,7 @@ def main() -> None:
     model = load_sam(str(run)).eval()
     shapes, shown = shapes_scores(model, args.n_val, args.img_size, with_auto=not args.smoke)
     camvid = camvid_scores(model, camvid_root(args.data), args.camvid_images)
-    small = timing(model, 2 if args.smoke else 10)
+    small = timing(model, 1 if args.smoke else 10)
     big = None if args.smoke else timing(create_sam("sam_vit_b").eval(), 3)
     summary, run_info = tr["summary"], tr["run_info"]
     result = {
@@ -250,8 +250,13 @@ def main() -> None:
                     f"components >= {MIN_AREA} px of the val masks",
         "machine": machine(), "versions": versions(),
     }
-    path = write_json(args.out if not args.smoke else "sam_smoke.json", result)
-    overlay(shown, RESULTS / ("sam_overlay.png" if not args.smoke else "sam_smoke_overlay.png"))
+    if args.smoke:  # a check of the script, not a result: it stays beside its run
+        path = run / "sam_smoke.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        overlay(shown, run / "sam_smoke_overlay.png")
+    else:
+        path = write_json(args.out, result)
+        overlay(shown, RESULTS / "sam_overlay.png")
     print(f"shapes point mIoU {shapes['point_miou']:.3f} (oracle {shapes['point_miou_oracle']:.3f}), box "
           f"{shapes['box_miou']:.3f}; camvid {camvid}; wrote {path}")
 
