@@ -367,3 +367,21 @@ def test_a_sam_model_name_picks_promptable_segmentation():
     assert wants_promptable(cfg("model.name=sam_nano")) and wants_promptable(cfg("data.task=promptable"))
     assert not wants_promptable(cfg("model.name=vit_tiny_patch16_224"))
     assert not wants_promptable(cfg("model.name=sam_nano", "data.task=segment"))
+
+
+def test_bad_promptable_data_and_objectives_say_what_to_do(tmp_path):
+    from vitkit.config import load_config
+    from vitkit.data.instances import prepare_instances
+    from vitkit.errors import ConfigError, DataError, PathNotFoundError
+    from vitkit.train_promptable import _objective
+
+    (tmp_path / "cls" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cls" / "a" / "x.png")
+    with pytest.raises(DataError, match="no instance masks"):
+        prepare_instances(str(tmp_path / "cls"))
+    with pytest.raises(PathNotFoundError, match="no such file"):
+        prepare_instances(str(tmp_path / "missing"))
+    cfg = load_config(overrides=["data.path=scenes:8", "data.task=promptable", "objective.name=supervised"],
+                      plan=False)
+    with pytest.raises(ConfigError, match="objective.name=sam"):
+        _objective(cfg)
