@@ -40,6 +40,7 @@ from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
 from .train_caption import build_caption_run, check_caption_config
 from .train_dense import build_dense_run, check_classify_config, default_out_dir, run_budget
 from .train_detect import build_detect_run, check_detect_config
+from .train_promptable import build_promptable_run, wants_promptable
 from .weights_io import save_weights
 
 
@@ -129,6 +130,11 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     """
     dist = init_distributed()
     d = cfg.data
+    if wants_promptable(cfg):  # SAM on instance masks: points, boxes and correction clicks
+        from .data.instances import prepare_instances
+
+        data = prepare_instances(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans)
+        return build_promptable_run(cfg, data, dist, verbose=verbose, start=start)
     # Broken files are found and judged before training, then left out.
     data = prepare_data(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans,
                         max_bad_fraction=d.max_bad_fraction, task=d.task, ignore_index=d.ignore_index)

@@ -88,9 +88,17 @@ def build_demo(source, examples: Sequence[str] = ()):
     """The Gradio Blocks app for a run directory, weights file or :class:`LoadedModel`.
 
     A segmentation run shows the image overlaid with its predicted classes and each class's
-    share of the pixels; a depth run shows the coloured depth map.
+    share of the pixels; a depth run shows the coloured depth map; a promptable-segmentation (SAM)
+    run or weights file (or a loaded SAM model) shows the mask of the points clicked on the image.
     """
+    from ..segment import is_sam_source, load_sam_source
+    from .sam_demo import sam_demo
+
     gr = _gradio()
+    if hasattr(source, "encode_image"):  # a SAM model already loaded
+        return sam_demo(gr, source, type(source).__name__, examples)
+    if is_sam_source(source):
+        return sam_demo(gr, load_sam_source(source), str(source), examples)
     lm = source if isinstance(source, LoadedModel) else load_model(source)
     if lm.is_dense:
         return _dense_demo(gr, lm, examples)

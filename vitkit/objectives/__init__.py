@@ -33,6 +33,9 @@ from .vlm import PerplexityEvaluator, VlmConnector, VlmConnectorConfig  # noqa: 
 # Image-text two-tower models (CLIP, SigLIP).
 from .clip import Clip, ClipConfig, Siglip, SiglipConfig  # noqa: E402, F401  isort: skip
 
+# Promptable segmentation (SAM).
+from .sam import Sam, SamConfig  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "DINO",
     "Depth",

@@ -1,0 +1,124 @@
+"""`vitkit demo` on SAM weights in a real browser: serve on loopback, upload an image with headless
+Chromium, click on it, and check that the mask overlay appears; a second click updates it and
+"Reset clicks" clears it.
+
+As ``test_demo_browser.py``: Debian's Chromium driven by Playwright; without Chromium, playwright
+or gradio the test skips and says so, in CI (``CI=true``) it fails instead. ``VITKIT_CHROMIUM``
+names another executable; ``VITKIT_DEMO_SCREENSHOT`` copies the screenshot there.
+"""
+
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from helpers import IN_CI, perturb, require_peer
+from PIL import Image, ImageDraw
+
+import vitkit
+from vitkit.sam import create_sam
+
+
+def _chromium() -> str | None:
+    if os.environ.get("VITKIT_CHROMIUM"):
+        return os.environ["VITKIT_CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+CHROMIUM = _chromium()
+_NO_CHROMIUM = (
+    "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
+    ".ci/run installs it where apt-get can"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+INFO = "#prediction textarea, #prediction input"
+
+# The overlay is done when its status tracker is hidden and its <img> holds a served file that loaded.
+_MAP_READY = """prev => {
+    const tracker = document.querySelector('#map [data-testid="status-tracker"]');
+    const img = document.querySelector('#map img');
+    return tracker && tracker.classList.contains('hide') && img && img.complete && img.naturalWidth > 0
+        && img.src.includes('file=') && img.src !== prev;
+}"""
+
+
+def _wait_for_map(page, previous: str) -> str:
+    page.wait_for_function(_MAP_READY, arg=previous, timeout=90_000)
+    return page.locator("#map img").get_attribute("src")
+
+
+def _click_image(page, fx: float, fy: float) -> None:
+    """Click the uploaded image at a fraction (fx, fy) of its shown width and height."""
+    img = page.locator("#input-image img").first
+    img.wait_for(state="visible", timeout=90_000)
+    page.wait_for_function("() => { const i = document.querySelector('#input-image img');"
+                           " return i && i.complete && i.naturalWidth > 0; }", timeout=90_000)
+    box = img.bounding_box()
+    img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+
+
+def test_sam_demo_click_shows_the_mask(tmp_path):
+    if CHROMIUM is None and IN_CI:
+        pytest.fail(_NO_CHROMIUM, pytrace=False)
+    if CHROMIUM is None:
+        pytest.skip(_NO_CHROMIUM)
+    require_peer("gradio")
+    sync_playwright = require_peer("playwright.sync_api").sync_playwright
+
+    from vitkit.interpret.demo import launch_demo
+
+    source = os.environ.get("VITKIT_DEMO_SOURCE") or str(
+        vitkit.save_weights(perturb(create_sam("sam_test"), scale=0.3), tmp_path / "sam.safetensors"))
+    image = tmp_path / "shapes.png"
+    pil = Image.new("RGB", (192, 144), (200, 200, 190))
+    ImageDraw.Draw(pil).rectangle([30, 30, 100, 110], fill=(220, 40, 40))
+    pil.save(image)
+    port = _free_port()
+    demo = launch_demo(source, port=port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+            )
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            # Not "networkidle": the page may ask for web fonts that a machine offline never gets.
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
+            upload = page.locator("#input-image input[type=file]")
+            upload.wait_for(state="attached", timeout=90_000)
+            upload.set_input_files(str(image))
+            page.wait_for_function("text => document.querySelector(text)?.value === 'click on an object'", arg=INFO,
+                                   timeout=90_000)  # the upload encoded the image
+            _click_image(page, 0.35, 0.45)  # on the red rectangle
+            first = _wait_for_map(page, previous="")
+            text = page.locator(INFO).first.input_value()
+            _click_image(page, 0.8, 0.8)  # a second click: the overlay of both points replaces the first
+            _wait_for_map(page, previous=first)
+            page.wait_for_function("text => document.querySelector(text)?.value.startsWith('2 clicks')", arg=INFO,
+                                   timeout=90_000)
+            page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
+            shot = tmp_path / "demo.png"
+            page.screenshot(path=str(shot), full_page=True)
+            served = page.locator("#map img").get_attribute("src")
+            page.locator("#reset").click()
+            page.wait_for_function("() => !document.querySelector('#map img')", timeout=90_000)
+            browser.close()
+    finally:
+        demo.close()
+    assert text.startswith("1 click: mask of") and "predicted IoU" in text, text
+    assert "file=" in served
+    with Image.open(shot) as im:
+        assert im.size[0] >= 1000
+        assert np.asarray(im).std() > 5  # a real page, not a blank one
+    if os.environ.get("VITKIT_DEMO_SCREENSHOT"):
+        shutil.copy(shot, os.environ["VITKIT_DEMO_SCREENSHOT"])
