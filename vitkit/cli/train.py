@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="recipe name or YAML file")
     p.add_argument("--data", help="dataset path, or 'shapes[:N]' / 'scenes[:N]' / 'depth-scenes[:N]' for the "
                                   "built-in data (data.path)")
-    p.add_argument("--task", help="what to train (data.task): classify, segment, depth, detect or caption; default: "
+    p.add_argument("--task", help="what to train (data.task): classify, segment, depth, detect, caption or "
+                                  "promptable (SAM-style masks from points and boxes); default: "
                                   "detected from the data (class folders: classify; mask folders: segment; depth maps: "
                                   "depth; COCO JSON or VOC XML boxes: detect; a JSONL/CSV with captions: caption)")
     p.add_argument("--model", help="model name (model.name); default: chosen from the data")
@@ -107,7 +108,10 @@ def _metrics_line(summary: dict) -> str:
         r = f"val recall (mean of R@1/5/10 both ways) {_pct(summary.get('val_r_mean'))}"
         zs = summary.get("val_zeroshot_acc1")
         return r + (f", zero-shot top-1 {_pct(zs)}" if zs is not None else "")
-    return f"val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}"
+    if task == "promptable":
+        return (f"val point mIoU {_pct(summary.get('val_point_miou'))} (oracle {_pct(summary.get('val_point_miou_oracle'))}),"
+                f" box mIoU {_pct(summary.get('val_box_miou'))}")
+    return f"val_acc {_pct(summary.get('val_acc'))}, best_val_acc {_pct(summary.get('best_val_acc'))}"
 
 
 def format_summary(summary: dict, data: str) -> str:
@@ -120,6 +124,8 @@ def format_summary(summary: dict, data: str) -> str:
         "next:",
         *([f"  vitkit retrieve {run} --data {data}", f"  vitkit zeroshot {run} --data CLASS_FOLDERS"]
           if summary.get("task") == "caption" else
+          [f"  vitkit segment {run} IMAGE --point X,Y   (or --box X0,Y0,X1,Y1, or --auto)"]
+          if summary.get("task") == "promptable" else
           [f"  vitkit eval {run} --data {data}", f"  vitkit predict {run} IMAGE"]),
         f"  vitkit train --resume --reschedule --out {run} engine.epochs=N   (train longer)",
     ])
