@@ -207,6 +207,23 @@ def test_load_sam_reads_run_directories(sam, tmp_path):
             torch.testing.assert_close(load_sam(run)(x, boxes=box)[0], expect)
 
 
+def test_plain_vit_weights_load_into_the_image_encoder(tmp_path):
+    import vitkit
+
+    vit = perturb(vitkit.create_model("test_vit", embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=64))
+    path = vitkit.save_weights(vit, tmp_path / "vit.safetensors")
+    m = create_sam("sam_test")
+    neck = {k: v.clone() for k, v in m.image_encoder.neck.state_dict().items()}
+    report = vitkit.load_weights(m.image_encoder, str(path), verbose=False)  # strict
+    assert any("neck" in n for n in report.notes) and any("final norm" in n for n in report.notes)
+    enc, ref = m.image_encoder.state_dict(), vit.state_dict()
+    for k in ("blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "patch_embed.proj.weight"):
+        torch.testing.assert_close(enc[k], ref[k])
+    torch.testing.assert_close(enc["pos_embed"], ref["pos_embed"][:, 1:])  # the class token's row dropped
+    for k, v in neck.items():
+        torch.testing.assert_close(enc[f"neck.{k}"], v)
+
+
 def test_nano_config_is_the_cpu_size():
     cfg = SAM_CONFIGS["sam_nano"]
     m = create_sam("sam_nano")

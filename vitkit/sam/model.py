@@ -58,6 +58,20 @@ class SamImageEncoder(ViTDet):
             LayerNorm2d(out_chans, eps=1e-6),
         )
 
+    def checkpoint_filter(self, state_dict: dict[str, torch.Tensor], log) -> dict[str, torch.Tensor]:
+        """A plain ViT checkpoint (an MAE run) -> this encoder: as ViTDet's, and its final norm is
+        dropped (SAM's encoder has none; the neck normalises) and a missing neck keeps its fresh init."""
+        sd = {k: v for k, v in state_dict.items() if not k.startswith(("norm.", "fc_norm."))}
+        if len(sd) < len(state_dict):
+            log.notes.append("checkpoint's final norm dropped: SAM's image encoder has none (its neck normalises)")
+        sd = super().checkpoint_filter(sd, log)
+        own = self.state_dict()
+        fresh = [k for k in own if k.startswith("neck.") and k not in sd]
+        sd.update({k: own[k] for k in fresh})
+        if fresh:
+            log.notes.append(f"checkpoint has no neck ({len(fresh)} tensors); it starts from its initialisation")
+        return sd
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(B, 3, H, W) normalised images -> (B, out_chans, H/p, W/p) image embeddings."""
         tokens, ctx = self.embed(x)
