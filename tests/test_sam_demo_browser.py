@@ -9,11 +9,10 @@ names another executable; ``VITKIT_DEMO_SCREENSHOT`` copies the screenshot there
 
 import os
 import shutil
-import socket
 
 import numpy as np
 import pytest
-from helpers import IN_CI, perturb, require_peer
+from helpers import IN_CI, free_port, perturb, require_peer
 from PIL import Image, ImageDraw
 
 import vitkit
@@ -34,12 +33,6 @@ _NO_CHROMIUM = (
     "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
     ".ci/run installs it where apt-get can"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 INFO = "#prediction textarea, #prediction input"
@@ -84,7 +77,7 @@ def test_sam_demo_click_shows_the_mask(tmp_path):
     pil = Image.new("RGB", (192, 144), (200, 200, 190))
     ImageDraw.Draw(pil).rectangle([30, 30, 100, 110], fill=(220, 40, 40))
     pil.save(image)
-    port = _free_port()
+    port = free_port()
     demo = launch_demo(source, port=port, block=False)
     try:
         with sync_playwright() as p:

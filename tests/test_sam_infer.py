@@ -325,6 +325,20 @@ def test_segment_command_box_single_and_auto(sam_files, tmp_path, capsys):
         assert entry["bbox"] == rec["bbox"] and entry["stability_score"] == pytest.approx(rec["stability_score"])
 
 
+@pytest.mark.peer("segment_anything")
+def test_segment_command_reads_segment_anything_checkpoints(tmp_path):
+    ref, model = _reference_pair()
+    torch.save(ref.state_dict(), tmp_path / "sam_tiny.pth")
+    image = tmp_path / "scene.png"
+    Image.fromarray(_scene()).save(image)
+    assert main(["segment", str(tmp_path / "sam_tiny.pth"), str(image), "--point", "60,40", "--single", "--out",
+                 str(tmp_path / "out")]) == 0
+    predictor = SamPredictor(model)
+    predictor.set_image(_scene())
+    masks, _, _ = predictor.predict(points=[[60, 40]], multimask=False)
+    assert np.array_equal(_load_png(tmp_path / "out" / "mask_0.png") > 0, masks[0])
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--point", "81,10"], "outside the 80x60 image"),
     (["--box", "30,10,20,40"], "0 <= x0 < x1"),

@@ -12,6 +12,7 @@ What ``vitkit segment`` runs:
 
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 from collections.abc import Sequence
@@ -24,21 +25,26 @@ from .errors import ConfigError, PathNotFoundError
 
 # Prompt markers as the SAM demos draw them: green for foreground clicks, red for background ones.
 POINT_COLOURS = {1: (0, 200, 60), 0: (230, 30, 30)}
-BOX_COLOUR = (40, 160, 255)
+BOX_COLOUR = (255, 200, 0)
+
+
+def mask_colours(n: int) -> np.ndarray:
+    """uint8 (n, 3) bright, well separated colours: hues a golden-ratio step apart, the first SAM's demo blue."""
+    hues = (0.58 + 0.618034 * np.arange(n)) % 1.0
+    return np.array([[round(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0)] for h in hues],
+                    dtype=np.uint8).reshape(n, 3)
 
 
 def draw_masks(image, masks: Sequence[np.ndarray] | np.ndarray, points=None, labels=None, box=None,
                alpha: float = 0.5) -> Image.Image:
     """``image`` (PIL or uint8 (H, W, 3)) with each bool mask (H, W) blended in its own colour (the largest
-    first, so smaller masks stay visible on top), foreground points green, background points red, the box blue."""
-    from .detect.plots import box_colours
-
+    first, so smaller masks stay visible on top), foreground points green, background points red, the box yellow."""
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image).astype(np.float32)
     masks = [np.asarray(m, dtype=bool) for m in masks]
     for m in masks:
         if m.shape != rgb.shape[:2]:
             raise ValueError(f"mask {m.shape} and image {rgb.shape[:2]} differ in size")
-    colours = box_colours(max(len(masks), 1)).astype(np.float32)
+    colours = mask_colours(len(masks)).astype(np.float32)
     out = rgb.copy()
     for k in sorted(range(len(masks)), key=lambda i: -int(masks[i].sum())):
         m = masks[k]
@@ -178,4 +184,4 @@ def segment(source, image, points=None, labels=None, box=None, *, auto: bool = F
     return result
 
 
-__all__ = ["draw_masks", "is_sam_source", "load_sam_source", "segment"]
+__all__ = ["draw_masks", "is_sam_source", "load_sam_source", "mask_colours", "segment"]

@@ -42,12 +42,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="three candidate masks per prompt (default)")
     mm.add_argument("--single", dest="multimask", action="store_false", help="one mask per prompt")
     auto = p.add_argument_group("--auto options (segment-anything's defaults)")
-    auto.add_argument("--points-per-side", type=int, default=32)
-    auto.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    auto.add_argument("--stability-score-thresh", type=float, default=0.95)
-    auto.add_argument("--box-nms-thresh", type=float, default=0.7)
-    auto.add_argument("--min-mask-region-area", type=int, default=0,
-                      help="fill holes and drop islands smaller than this many pixels")
+    auto.add_argument("--points-per-side", type=int, default=32, metavar="N", help="grid of N x N points (32)")
+    auto.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="T",
+                      help="keep masks whose predicted IoU is above T (0.88)")
+    auto.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="T",
+                      help="keep masks whose stability score is at least T (0.95)")
+    auto.add_argument("--box-nms-thresh", type=float, default=0.7, metavar="T",
+                      help="drop a mask whose box overlaps a better one's by IoU above T (0.7)")
+    auto.add_argument("--min-mask-region-area", type=int, default=0, metavar="PX",
+                      help="fill holes and drop islands smaller than PX pixels (0: off)")
     p.add_argument("--json", action="store_true", help="print masks.json on stdout")
     p.set_defaults(func=run_segment)
 
