@@ -225,7 +225,7 @@ def validate(cfg: TrainConfig, objective_named: bool = True) -> None:
 # The objective a dense task trains with when objective.name is not set.
 DENSE_OBJECTIVES = ("segment", "depth")
 # Objectives the data's task picks when objective.name is not set (their keys may be set without it).
-TASK_OBJECTIVES = DENSE_OBJECTIVES + ("detect", "clip", "siglip")
+TASK_OBJECTIVES = DENSE_OBJECTIVES + ("detect", "clip", "siglip", "sam")
 
 
 def _fits_objective(section: dict, name: str) -> bool:

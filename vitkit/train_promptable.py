@@ -121,9 +121,8 @@ def _objective(cfg):
     if "objective.name" in user_keys(cfg) and name != "sam":
         raise ConfigError(f"objective.name={name} cannot train promptable segmentation: use objective.name=sam "
                           "(or drop objective.name)")
-    if name != "sam":
-        section = {"name": "sam"}
-    return objective_config(section)
+    # objective.* keys given without objective.name are the sam objective's (config.validate let them through).
+    return objective_config({**section, "name": "sam"})
 
 
 def build_promptable_run(cfg, data, dist, verbose: bool = True, start: float | None = None):
