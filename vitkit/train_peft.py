@@ -66,5 +66,5 @@ def save_run_adapter(model: nn.Module, run_dir: str | Path) -> Path | None:
     from .peft.io import save_adapter
 
     path = Path(run_dir) / ADAPTER
-    save_adapter(model, path)
+    save_adapter(model, path, base_source=getattr(model, "peft_base_source", None))
     return path
