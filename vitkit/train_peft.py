@@ -45,9 +45,7 @@ def peft_run_info(model: nn.Module) -> dict | None:
     info = getattr(model, "peft_info", None)
     if info is None:
         return None
-    return {"method": info.method, "n_method": info.n_method, "n_head": info.n_head, "n_base": info.n_base,
-            "pct": info.pct, "base_sha256": info.base_sha256,
-            "base_source": getattr(model, "peft_base_source", None), "adapter": ADAPTER}
+    return {**info.as_dict(), "base_source": getattr(model, "peft_base_source", None), "adapter": ADAPTER}
 
 
 def check_peft_task(cfg, task: str) -> None:
