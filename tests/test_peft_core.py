@@ -89,6 +89,14 @@ def test_swin_tiny_hand_counts():
     assert info.n_method == blocks + merging + 2 * 96 + 768 == 52_224
     assert not any("relative_position_bias_table" in n for n in info.params)
 
+    # partial-1: the last block of the last stage (d = 768, 24 heads, 7x7 windows) and the final norm.
+    d = 768
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * (2 * d) + 13 * 13 * 24
+    model, info = _peft("swin_tiny_patch4_window7_224", "partial", partial_k=1)
+    assert info.n_method == block + 2 * d == 7_093_464
+    assert all(n.startswith(("layers.3.blocks.1.", "norm.")) for n in info.params)
+    assert _trainable(model) == set(info.params) | set(info.head)
+
 
 # ---------------------------------------------------------------------- LoRA
 def _tiny_vit(seed: int = 0, name: str = "test_vit") -> nn.Module:
@@ -191,7 +199,9 @@ def test_a_method_that_does_not_apply_names_those_that_do():
     with pytest.raises(ConfigError) as e:
         apply_peft(create_model("test_swin", num_classes=5), PeftConfig(method="vpt_deep"))
     msg = str(e.value)
-    assert "test_swin" in msg and "vpt_deep" in msg and "linear, bitfit, lora, partial" in msg
+    assert "test_swin" in msg and "vpt_deep" in msg and "hierarchical" in msg
+    named = msg.rpartition("Methods that apply to it: ")[2].split(", ")
+    assert {"linear", "bitfit", "lora", "partial"} <= set(named) and not any(m.startswith("vpt") for m in named)
     with pytest.raises(ConfigError, match="Methods that apply to it: linear, bitfit$"):
         apply_peft(create_model("test_resnet", num_classes=5), PeftConfig(method="lora"))
     assert supported_methods(create_model("test_resnet", num_classes=5)) == ["linear", "bitfit"]
@@ -256,3 +266,17 @@ def test_state_sha256_identifies_the_base_without_its_head(tmp_path):
     assert state_sha256(_tiny_vit(seed=1), exclude=["head"]) != sha
     info = apply_peft(model, PeftConfig(method="lora"))
     assert info.base_sha256 == sha and model.peft_info is info and model.peft_config.method == "lora"
+
+
+def test_a_run_config_section_applies_and_is_saved_as_plain_data():
+    import dataclasses
+    import json
+
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.merge(OmegaConf.structured(PeftConfig), OmegaConf.from_dotlist(["method=lora", "lora_targets=[qkv,fc2]"]))
+    model = _tiny_vit()
+    info = apply_peft(model, section)
+    assert info.n_method == 2 * 8 * (64 + 3 * 64) + 2 * 8 * (256 + 64)  # qkv 64->192 and fc2 256->64 in 2 blocks
+    assert json.loads(json.dumps(dataclasses.asdict(model.peft_config)))["lora_targets"] == ["qkv", "fc2"]
+    assert not OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PeftConfig), {"method": "none"})).active

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import lazy_peer
 
 from vitkit import create_model
-from vitkit.peft import PeftConfig, apply_peft
+from vitkit.peft import PeftConfig, apply_peft, merge_lora
 
 peft = lazy_peer("peft")
 
@@ -23,7 +23,7 @@ def _loss(model, x, y):
 @pytest.mark.parametrize("opt", ["sgd", "adamw"])
 def test_one_step_matches_hf_peft_lora(opt):
     torch.manual_seed(0)
-    base = create_model("vit_tiny_patch16_224", img_size=32, num_classes=5).eval()  # dropout-free, 2x2 patches
+    base = create_model("test_vit", num_classes=5).eval()  # 2 blocks of width 64, dropout-free
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]),
     )
@@ -33,7 +33,7 @@ def test_one_step_matches_hf_peft_lora(opt):
     hf_lora = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p
                for n, p in theirs.named_parameters() if "lora_" in n}
     assert sorted(hf_lora) == sorted(info.params)
-    assert sum(p.numel() for p in hf_lora.values()) == info.n_method == 12 * 8 * (192 + 576)
+    assert sum(p.numel() for p in hf_lora.values()) == info.n_method == 2 * 8 * (64 + 3 * 64)
     # The same A as peft drew, and a non-zero B (with B = 0 the step would not reach A).
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -64,3 +64,10 @@ def test_one_step_matches_hf_peft_lora(opt):
         torch.testing.assert_close(mine.grad, p.grad, atol=1e-6, rtol=0)
     head = theirs.base_model.model.head.modules_to_save["default"]
     torch.testing.assert_close(ours.head.weight.grad, head.weight.grad, atol=1e-6, rtol=0)
+
+    # Merging: peft's merge_and_unload folds the same update into the same base keys.
+    merged_theirs = theirs.merge_and_unload().state_dict()
+    merged_ours = merge_lora(ours).state_dict()
+    assert list(merged_ours) == list(merged_theirs) == list(base.state_dict())
+    for k, v in merged_theirs.items():
+        torch.testing.assert_close(merged_ours[k], v, atol=1e-6, rtol=0)

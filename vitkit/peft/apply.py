@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ class PeftInfo:
 
 
 def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:
@@ -194,6 +194,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> PeftInfo:
     if not isinstance(cfg, PeftConfig):  # a mapping, e.g. a run config's ``peft`` section read back
         cfg = PeftConfig(**dict(cfg))
     cfg.check()
+    # A plain list (not an OmegaConf ListConfig), so that the config saved with an adapter is JSON.
+    cfg = replace(cfg, lora_targets=[str(t) for t in cfg.lora_targets])
     if not cfg.active:
         raise ConfigError("apply_peft needs a method: set peft.method to one of " + ", ".join(METHODS))
     if getattr(model, "peft_info", None) is not None:
