@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 import yaml
-from helpers import lazy_peer
+from helpers import assert_user_error, lazy_peer
 from helpers import run_vitkit as vitkit
 from safetensors.torch import load_file
 
@@ -18,7 +18,7 @@ from vitkit import create_model, load_model, save_weights
 from vitkit.errors import ConfigError, WeightsError
 from vitkit.export import export
 from vitkit.peft import PeftConfig, apply_peft
-from vitkit.peft.io import adapter_size, load_adapter, merge_peft, save_adapter
+from vitkit.peft.io import adapter_metadata, adapter_size, load_adapter, merge_peft, save_adapter
 
 timm = lazy_peer("timm")
 
@@ -53,8 +53,7 @@ def _peft_run(tmp_path, peft: PeftConfig, name: str = "test_vit", img_size: int 
     (run / "run.json").write_text(json.dumps({
         "model": name, "num_classes": num_classes, "img_size": img_size, "in_chans": 3, "classes": classes,
         "mean": [0.5] * 3, "std": [0.25] * 3,
-        "peft": {"method": info.method, "n_method": info.n_method, "n_head": info.n_head, "n_base": info.n_base,
-                 "pct": info.pct, "base_sha256": info.base_sha256},
+        "peft": {**info.as_dict(), "base_source": str(base_file), "adapter": "adapter.safetensors"},
     }))
     (run / "config.yaml").write_text(yaml.safe_dump({"peft": asdict(peft), "engine": {"seed": 0}}))
     save_weights(model, run / "model.safetensors")
@@ -151,6 +150,12 @@ def test_load_model_of_a_lora_run_equals_base_plus_adapter_and_merged(tmp_path):
     lm = load_model(run, device="cpu")
     assert lm.model.peft_info.method == "lora" and lm.model.peft_info.base_sha256 == info.base_sha256
     assert lm.labels == ("c0", "c1", "c2")
+    # the loaded run saves the same adapter again, its base's identity and source included
+    again = save_adapter(lm.model, tmp_path / "again.safetensors")
+    assert load_file(again).keys() == load_file(run / "adapter.safetensors").keys()
+    meta, saved = adapter_metadata(again), adapter_metadata(run / "adapter.safetensors")
+    assert meta.pop("card") != saved.pop("card") and meta == saved  # the run's class names travel too
+    assert meta["base_source"] == str(base_file) and meta["base_sha256"] == info.base_sha256
     base = create_model(str(base_file))
     load_adapter(base, run / "adapter.safetensors")
     result = export(run, "safetensors", merge=True)
@@ -169,6 +174,8 @@ def test_load_model_of_a_lora_run_equals_base_plus_adapter_and_merged(tmp_path):
         again = load_model(merged_file, device="cpu").model
         assert getattr(again, "peft_info", None) is None
         assert torch.allclose(again(_x()), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"is a lora adapter, not a whole model.*load_adapter"):
+        load_model(run / "adapter.safetensors")
     with pytest.raises(ConfigError, match="pass --merge"):
         export(run, "safetensors", tmp_path / "unmerged.safetensors")
     with pytest.raises(ConfigError, match="nothing to merge"):
@@ -177,25 +184,25 @@ def test_load_model_of_a_lora_run_equals_base_plus_adapter_and_merged(tmp_path):
 
 @pytest.mark.peer("timm")
 def test_merged_vit_tiny_loads_in_timm(tmp_path):
-    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method="lora"), name="vit_tiny_patch16_224", img_size=224,
-                                 num_classes=4)
-    r = vitkit("export", run, "--merge", "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout)
-    assert result["format"] == "safetensors" and result["merged"] == "lora" and result["ok"]
-    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4).eval()
+    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method="lora"), name="vit_tiny_patch16_224", num_classes=4)
+    result = export(run, "safetensors", merge=True)
+    assert result["merged"] == "lora" and result["ok"]
+    peer = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32).eval()
     peer.load_state_dict(load_file(result["path"]), strict=True)
-    x = _x(224, 2)
+    x = _x(32, 2)
     with torch.no_grad():
         assert torch.allclose(peer(x), model(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["bitfit", "vpt_deep", "adaptformer"])
 def test_runs_of_other_methods_load_and_merge_or_refuse(tmp_path, method):
-    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method=method, vpt_prompts=3, adapter_width=8))
+    run, model, base_file, _ = _peft_run(tmp_path, PeftConfig(method=method, vpt_prompts=3, adapter_width=8))
     lm = load_model(run, device="cpu")
+    base = create_model(str(base_file))
+    load_adapter(base, run / "adapter.safetensors")
     with torch.no_grad():
         assert torch.equal(lm.model(_x()), model(_x()))
+        assert torch.equal(base.eval()(_x()), model(_x()))
     if method == "bitfit":  # trains base tensors in place: the merged file is the run's weights
         result = export(run, "safetensors", merge=True)
         assert result["ok"] and result["merge_max_abs_diff"] == 0.0
@@ -205,6 +212,8 @@ def test_runs_of_other_methods_load_and_merge_or_refuse(tmp_path, method):
         export(run, "safetensors", merge=True)
     with pytest.raises(ConfigError, match="onnx or pt2"):
         export(run, "safetensors")
+    result = export(run, "pt2")  # unmerged, as the refusal advises: the program runs the prompts or adapters
+    assert result["ok"] and result["max_abs_diff"] <= 1e-5
 
 
 def test_merge_peft_leaves_a_plain_model():
@@ -221,3 +230,16 @@ def test_merge_peft_leaves_a_plain_model():
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(("qkv", "fc1")))
     with pytest.raises(ConfigError, match="no parameter-efficient fine-tuning applied"):
         merge_peft(model)
+
+
+def test_export_command_merges_a_peft_run(tmp_path):
+    run, model, _, _ = _peft_run(tmp_path, PeftConfig(method="lora"))
+    r = vitkit("export", run, "--merge", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)  # --merge writes safetensors unless --format says otherwise
+    assert result["format"] == "safetensors" and result["path"] == str(run / "model.merged.safetensors")
+    assert result["merged"] == "lora" and result["ok"]
+    with torch.no_grad():
+        assert torch.allclose(create_model(result["path"]).eval()(_x()), model(_x()), atol=1e-5)
+    r = vitkit("export", run, "--format", "safetensors", "--out", tmp_path / "plain.safetensors")
+    assert_user_error(r, "lora", "--merge")

@@ -424,6 +424,18 @@ def _peft_section(run: RunDir | None) -> dict | None:
     return section if section.get("method") not in (None, "none") else None
 
 
+def _refuse_adapter(weights: Path) -> None:
+    """An adapter file holds a PEFT run's trained tensors alone: the model needs its base too."""
+    from .peft.io import adapter_metadata, is_adapter_file
+
+    if is_adapter_file(weights):
+        meta = adapter_metadata(weights)
+        raise ConfigError(
+            f"{weights} is a {meta['method']} adapter, not a whole model: pass its run directory, or build its base "
+            f"({meta['base_source']}) and call vitkit.peft.io.load_adapter(base, {str(weights)!r})"
+        )
+
+
 def _weight_keys(weights: Path) -> list[str] | None:
     if not (weights.is_file() and weights.suffix == ".safetensors"):
         return None
@@ -448,7 +460,7 @@ def _from_run(weights: Path, run: RunDir, cfg: dict) -> nn.Module:
     if section is not None:
         from .peft.io import apply_saved_peft
 
-        apply_saved_peft(model, section, _weight_keys(weights), (info.get("peft") or {}).get("base_sha256"))
+        apply_saved_peft(model, section, _weight_keys(weights), info.get("peft"))
     load_weights(model, weights, verbose=False)
     model.card = replace(model.card, labels=tuple(info["classes"]), mean=tuple(info["mean"]), std=tuple(info["std"]))
     return model
@@ -470,6 +482,7 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
            img_size: int | None) -> tuple[nn.Module, Path | None, RunDir | None]:
     if Path(source).expanduser().exists():
         weights, run = resolve_weights(source, use_ema)
+        _refuse_adapter(weights)
         detect = _detect_args(weights, run)
         if detect is not None:
             return _detect_from(weights, detect, run), weights, run

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, PathNotFoundError, WeightsError
 from ..weights_io import read_metadata
-from .apply import PeftInfo, apply_peft, state_sha256
+from .apply import PeftInfo, apply_peft, head_names, state_sha256
 from .config import PeftConfig
 from .lora import merge_lora
 
@@ -76,7 +76,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_source: str | N
     """Write the trained part of a PEFT model (see :func:`adapter_names`) to a safetensors file.
 
     base_source: where the base weights came from (the ``--init`` path, a hub id...), recorded for
-    the message that refuses the adapter on another base; by default the model name, noted as
+    the message that refuses the adapter on another base; by default ``model.peft_base_source``
+    (set by training runs and by :func:`vitkit.load_model` of one), else the model name noted as
     unrecorded. The write is atomic (a temporary file renamed over ``path``).
     """
     from safetensors.torch import save_file
@@ -93,7 +94,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_source: str | N
         "method": info.method,
         "config": json.dumps(asdict(cfg)),
         "base_sha256": info.base_sha256,
-        "base_source": base_source or f"{_name(model)} (base source not recorded)",
+        "base_source": base_source or getattr(model, "peft_base_source", None)
+        or f"{_name(model)} (base source not recorded)",
         "model_name": getattr(model, "model_name", ""),
         "n_method": str(info.n_method),
         "n_head": str(info.n_head),
@@ -108,6 +110,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_source: str | N
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def is_adapter_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an adapter file (written by :func:`save_adapter`)."""
+    path = Path(path).expanduser()
+    return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("format") == FORMAT
 
 
 def adapter_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -156,7 +164,7 @@ def config_from_dict(section: dict) -> PeftConfig:
 
 def _fit_head(model: nn.Module, tensors: dict[str, torch.Tensor], card: dict) -> None:
     """Give the base the adapter's classifier: its class count (a fresh head of that size) and class names."""
-    names = [n for n in model.classifier_names() if f"{n}.weight" in tensors]
+    names = [n for n in head_names(model) if f"{n}.weight" in tensors]
     if not names:
         return
     num_classes = int(tensors[f"{names[0]}.weight"].shape[0])
@@ -192,7 +200,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> PeftInfo:
             "model it was trained on (a fresh vitkit.create_model(...) with the base weights)"
         )
     cfg = config_from_dict(json.loads(meta["config"]))
-    sha = state_sha256(model, exclude=model.classifier_names())
+    sha = state_sha256(model, exclude=head_names(model))
     if sha != meta["base_sha256"]:
         raise ConfigError(
             f"adapter {path} was trained on base {meta['base_sha256'][:12]} ({meta.get('base_source', 'unknown')}), "
@@ -216,21 +224,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> PeftInfo:
     return info
 
 
-def apply_saved_peft(model: nn.Module, section: dict, weight_keys=None, base_sha256: str | None = None) -> PeftInfo | None:
+def apply_saved_peft(model: nn.Module, section: dict, weight_keys=None, record: dict | None = None) -> PeftInfo | None:
     """Prepare a freshly built base for the weights a PEFT run saved (its ``model.safetensors`` or checkpoints).
 
     Applies the run's method (``section``: its config's ``peft:`` part) unless ``weight_keys`` (the
     names in the weights file, when known) hold none of the method's own tensors while the method
-    adds some: such a file is a merged export, which the plain model fits. ``base_sha256`` is the
-    run's record of its base (the freshly built weights are not the base). Returns the PeftInfo, or
-    None when the model is left plain.
+    adds some: such a file is a merged export, which the plain model fits. ``record`` is the run's
+    ``run.json`` entry about its base (``base_sha256``, ``base_source``): the freshly built weights
+    are not the base, so the model's ``peft_info`` takes the base's identity from it. Returns the
+    PeftInfo, or None when the model is left plain.
     """
     cfg = config_from_dict(section)
     if weight_keys is not None and cfg.method not in IN_PLACE and set(weight_keys) <= set(model.state_dict()):
         return None
     info = apply_peft(model, cfg)
-    if base_sha256:
-        model.peft_info = info = replace(info, base_sha256=base_sha256)
+    record = record or {}
+    if record.get("base_sha256"):
+        model.peft_info = info = replace(info, base_sha256=record["base_sha256"])
+    if record.get("base_source"):
+        model.peft_base_source = record["base_source"]
     return info
 
 
