@@ -236,3 +236,28 @@ def test_cli_plan_prints_the_choice_the_trainable_count_and_the_adapter(tmp_path
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("peft lora"))
     assert "trainable" in line and f"{DEPTH * 8 * (D + QKV_OUT) + 3 * D + 3:,}" in line, line
     assert "adapter (lora" in r.stdout and (run / "adapter.safetensors").is_file()
+
+
+def test_run_products_agree_base_plus_adapter_equals_the_run(tmp_path, init_file):
+    """What a LoRA run leaves reproduces it: the init base plus adapter.safetensors, and load_model(run)."""
+    from vitkit import create_model, load_model
+    from vitkit.convert import load_weights
+    from vitkit.peft.io import load_adapter
+    from vitkit.train import train
+
+    out = tmp_path / "run"
+    train(_cfg(out, "peft.method=lora", "peft.lora_rank=4", init=init_file), verbose=False)
+    base = create_model("test_vit", num_classes=6, img_size=32)
+    load_weights(base, init_file, verbose=False)  # the backbone from the init file, a 6-class head to be filled
+    load_adapter(base, out / "adapter.safetensors")
+    run = load_model(out).model
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = base.eval()(x), run.eval()(x)
+    assert torch.equal(a, b)
+    # LoRA moved the model away from the base it started on (the comparison is not vacuous).
+    plain = create_model("test_vit", num_classes=6, img_size=32)
+    load_weights(plain, init_file, verbose=False)
+    plain.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith("head.")}, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(plain.eval()(x), a, atol=1e-6)
