@@ -238,17 +238,29 @@ def test_cli_plan_prints_the_choice_the_trainable_count_and_the_adapter(tmp_path
     assert "adapter (lora" in r.stdout and (run / "adapter.safetensors").is_file()
 
 
-def test_run_products_agree_base_plus_adapter_equals_the_run(tmp_path, init_file):
-    """What a LoRA run leaves reproduces it: the init base plus adapter.safetensors, and load_model(run)."""
+@pytest.mark.parametrize("model_name, norm_stats", [("test_vit", "freeze"), ("test_vit_convstem", "freeze"),
+                                                   ("test_vit_convstem", "save")])
+def test_run_products_agree_base_plus_adapter_equals_the_run(tmp_path, model_name, norm_stats):
+    """What a LoRA run leaves reproduces it: the init base plus adapter.safetensors equals load_model(run),
+    with a conv stem's BatchNorm statistics frozen, or trained and saved in the adapter."""
     from vitkit import create_model, load_model
     from vitkit.convert import load_weights
     from vitkit.peft.io import load_adapter
     from vitkit.train import train
+    from vitkit.weights_io import save_weights
 
+    torch.manual_seed(3)
+    init = save_weights(create_model(model_name, num_classes=10, img_size=32), tmp_path / "base.safetensors")
     out = tmp_path / "run"
-    train(_cfg(out, "peft.method=lora", "peft.lora_rank=4", init=init_file), verbose=False)
-    base = create_model("test_vit", num_classes=6, img_size=32)
-    load_weights(base, init_file, verbose=False)  # the backbone from the init file, a 6-class head to be filled
+    train(_cfg(out, f"model.name={model_name}", "peft.method=lora", "peft.lora_rank=4",
+               f"peft.norm_stats={norm_stats}", init=init), verbose=False)
+    final, start = load_file(out / "model.safetensors"), load_file(init)
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert bool(stats) == (model_name == "test_vit_convstem")
+    for k in stats:  # frozen: as loaded; saved: updated by training
+        assert torch.equal(final[k], start[k]) == (norm_stats == "freeze"), k
+    base = create_model(model_name, num_classes=6, img_size=32)
+    load_weights(base, init, verbose=False)  # the backbone from the init file, a 6-class head to be filled
     load_adapter(base, out / "adapter.safetensors")
     run = load_model(out).model
     x = torch.randn(3, 3, 32, 32)
@@ -256,8 +268,8 @@ def test_run_products_agree_base_plus_adapter_equals_the_run(tmp_path, init_file
         a, b = base.eval()(x), run.eval()(x)
     assert torch.equal(a, b)
     # LoRA moved the model away from the base it started on (the comparison is not vacuous).
-    plain = create_model("test_vit", num_classes=6, img_size=32)
-    load_weights(plain, init_file, verbose=False)
+    plain = create_model(model_name, num_classes=6, img_size=32)
+    load_weights(plain, init, verbose=False)
     plain.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith("head.")}, strict=False)
     with torch.no_grad():
         assert not torch.allclose(plain.eval()(x), a, atol=1e-6)
