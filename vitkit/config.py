@@ -21,6 +21,7 @@ from .engine.budget import parse_duration
 from .engine.config import EngineConfig, OptimConfig, ScheduleConfig
 from .errors import ConfigError, PathNotFoundError
 from .objectives import objective_config
+from .peft.config import PeftConfig
 
 
 @dataclass
@@ -90,6 +91,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Parameter-efficient fine-tuning: ``peft.method`` None (or ``none``) trains every weight.
+    peft: PeftConfig = field(default_factory=PeftConfig)
     # --- objective section (engine helper): ``objective.name`` picks a registered objective,
     # its other keys are that objective's config (see vitkit.objectives; checked in validate).
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "supervised"})
@@ -208,6 +211,7 @@ def validate(cfg: TrainConfig, objective_named: bool = True) -> None:
     if e.amp not in ("auto", "bf16", "fp16", "fp32", "none"):
         raise ConfigError(f"engine.amp must be auto, bf16, fp16 or fp32 (none), got {e.amp!r}")
     parse_duration(e.time_budget)  # a bad duration fails here, before any data is read
+    _validate_peft(cfg)
     if d.task is not None:
         from .data.task import TASKS
 
@@ -280,6 +284,17 @@ def _validate_choices(cfg: TrainConfig) -> None:
             parse_rand_augment(d.auto_augment)
         except ValueError as err:
             raise ConfigError(f"data.auto_augment: {err}") from None
+
+
+# Values of ``peft.method`` that mean "no PEFT": a user's explicit way to keep the plan from choosing one.
+PEFT_OFF = ("none", "off", "full")
+
+
+def _validate_peft(cfg: TrainConfig) -> None:
+    method = cfg.peft.method
+    if isinstance(method, str) and method.strip().lower() in PEFT_OFF:
+        cfg.peft.method = None  # recorded as set by the user, so the plan leaves it off
+    cfg.peft.check()
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -16,6 +16,9 @@ Rules, all derived from the scan and the measured speed (no dataset is special-c
   it ``MIN_EPOCHS`` passes, else the faster one. Larger images (photos) fine-tune a pretrained
   DeiT-Tiny with layer-wise lr decay when its weights are cached or the hub answers; offline
   they train from scratch at 64 px, where a CPU can learn from a few thousand images.
+- **Fine-tuning.** From pretrained weights (the plan's, or the user's ``model.init``): batches of
+  at most 32 (64 on a GPU), a lower lr, layer-wise lr decay, clipping, cosine. On few images
+  (:mod:`vitkit.plan_peft`: at most 2,000) LoRA on ``qkv`` instead of every weight, without decay.
 - **Augmentation and regularisation** grow with the expected epochs: light (crop + flip) for a
   short run (up to ``LIGHT_EPOCHS`` passes), then RandAugment, label smoothing, erasing, mixup/cutmix, drop path and an
   EMA of the weights, up to DeiT strength at ``STRONG_EPOCHS`` passes or more.
@@ -34,6 +37,7 @@ from .engine.budget import parse_duration
 from .engine.runtime import resolve_amp
 from .models import create_model
 from .plan_calibrate import PRETRAINED_MODEL, find_pretrained, time_decode, time_model
+from .plan_peft import PEFT_LR_128, plan_peft
 
 SMALL_SIDE, MEDIUM_SIDE = 48, 128
 MIN_EPOCHS = 15  # passes the larger candidate must still get to be chosen
@@ -176,7 +180,8 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     h, w = info.typical_size
     side = max(h, w)
     cands = candidates(info, calib.pretrained)
-    finetune = cands[0].pretrained is not None and "model.name" not in user
+    # Fine-tuning: from the plan's own pretrained weights, or from the user's model.init.
+    finetune = (cands[0].pretrained is not None and "model.name" not in user) or bool(user.get("model.init"))
 
     # Length: a time budget on a CPU, epochs on a GPU.
     budget_s = planned_budget_s(n, user, calib.device)
@@ -201,7 +206,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
                 cand = c
                 break
         tokens = _first_stage_tokens(cand)
-        if finetune:
+        if cand.pretrained:
             why = f"{side} px photos: fine-tune pretrained {cand.pretrained} (weights cached or reachable)"
         elif side > MEDIUM_SIDE:
             why = (f"{side} px photos, no pretrained weights cached and the hub unreachable: from scratch at "
@@ -222,6 +227,8 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     if side <= MEDIUM_SIDE and "data.crop_pct" not in user:
         plan.set("data.crop_pct", 1.0, "small images: evaluate on the whole image, no centre crop")
 
+    init = user.get("model.init") or cand.pretrained
+    peft = plan_peft(plan, n, (cand.name, cand.img_size, user.get("model.args") or dict(cand.args)), user, init)
     batch = int(user.get("data.batch_size") or planned_batch(n, calib.device, finetune))
     if "data.batch_size" not in user:
         plan.set("data.batch_size", batch, f"{n:,} training images: >= 30 steps per epoch, at most "
@@ -232,16 +239,16 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
         # optim.lr is per batch 512 and the engine scales it linearly to the batch.
         return float(f"{lr_128 * math.sqrt(batch / 128) * 512 / batch:.3g}")
 
-    eff = (FINETUNE_LR_128 if finetune else SCRATCH_LR_128) * math.sqrt(batch / 128)
-    lr_why = f"AdamW {eff:.2g} at batch {batch} ({'fine-tuning' if finetune else 'from scratch'}; per 512 in the config)"
-    if finetune:
-        plan.set("optim.lr", lr_per_512(FINETUNE_LR_128), lr_why)
-        if "optim.layer_decay" not in user:
+    lr_128, kind = (PEFT_LR_128, f"{peft}, frozen base") if peft else \
+        (FINETUNE_LR_128, "fine-tuning") if finetune else (SCRATCH_LR_128, "from scratch")
+    lr_why = f"AdamW {lr_128 * math.sqrt(batch / 128):.2g} at batch {batch} ({kind}; per 512 in the config)"
+    plan.set("optim.lr", lr_per_512(lr_128), lr_why)
+    if finetune or peft:
+        if "optim.layer_decay" not in user and not peft:
             plan.set("optim.layer_decay", 0.65, "layer-wise lr decay keeps early pretrained blocks close")
         plan.set("optim.clip_grad", 1.0, "fine-tuning: clip gradients at norm 1")
         plan.set("schedule.name", "cosine", "fine-tuning: linear warmup, cosine decay")
     else:
-        plan.set("optim.lr", lr_per_512(SCRATCH_LR_128), lr_why)
         plan.set("schedule.name", "onecycle", "from scratch: one cycle, annealed at the end of the run")
     warm = round(min(5.0, max(0.3, 0.03 * epochs)), 2)
     plan.set("schedule.warmup_epochs", warm, f"3% of ~{_ep(epochs)} epochs (0.3-5)")
@@ -313,7 +320,7 @@ def calibrate(info: DatasetInfo, dataset, cfg, user: dict[str, object], device) 
     if "model.name" in user:
         cands = [Candidate(str(user["model.name"]), int(user.get("data.img_size") or cands[0].img_size),
                            tuple(dict(cfg.model.args).items()))]
-    finetune = cands[0].pretrained is not None
+    finetune = cands[0].pretrained is not None or bool(user.get("model.init"))
     batch = int(user.get("data.batch_size") or planned_batch(info.n_train, device.type, finetune))
     amp_dtype = resolve_amp(cfg.engine.amp, device)
     in_chans = cfg.data.in_chans or info.in_chans

@@ -13,6 +13,10 @@ distillation teacher go through :func:`load_model`. A source is
   publishes needs no name);
 - a registered model name: its published weights (``pretrained=False``: random weights).
 
+A run fine-tuned with a parameter-efficient method (``peft.method``) gives its model with the
+method applied (``model.peft_info``); a merged export of it (``vitkit export RUN --merge``) is a
+plain weights file.
+
 A segmentation or depth run (or its final weights file) gives a :class:`~vitkit.dense.DenseModel`:
 ``task`` says which, ``transform`` keeps the image at its own size (the model pads to its
 stride and predicts every pixel), and :meth:`LoadedModel.dense` returns the per-pixel output.
@@ -412,13 +416,39 @@ def _self_described(weights: Path) -> bool:
     return weights.is_file() and weights.suffix == ".safetensors" and bool(read_metadata(weights).get("model_name"))
 
 
+def _peft_section(run: RunDir | None) -> dict | None:
+    """The ``peft:`` section of a run that fine-tuned with a parameter-efficient method, else None."""
+    if run is None or not run.is_run():
+        return None
+    section = run.read_config().get("peft") or {}
+    return section if section.get("method") not in (None, "none") else None
+
+
+def _weight_keys(weights: Path) -> list[str] | None:
+    if not (weights.is_file() and weights.suffix == ".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return list(f.keys())
+
+
 def _from_run(weights: Path, run: RunDir, cfg: dict) -> nn.Module:
-    """The model of run.json with ``weights`` loaded and the run's classes and normalisation."""
+    """The model of run.json with ``weights`` loaded and the run's classes and normalisation.
+
+    A run with a ``peft`` method gets it applied before the weights load (they hold the base's
+    tensors and the method's), and ``model.peft_info`` records the base the run started from.
+    """
     info = run.read_run_info()
     model = create_model(
         info["model"], num_classes=info["num_classes"], img_size=info["img_size"], in_chans=info["in_chans"],
         **dict(cfg.get("model", {}).get("args") or {}),
     )
+    section = _peft_section(run)
+    if section is not None:
+        from .peft.io import apply_saved_peft
+
+        apply_saved_peft(model, section, _weight_keys(weights), (info.get("peft") or {}).get("base_sha256"))
     load_weights(model, weights, verbose=False)
     model.card = replace(model.card, labels=tuple(info["classes"]), mean=tuple(info["mean"]), std=tuple(info["std"]))
     return model
@@ -446,6 +476,8 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
         dense = _dense_args(weights, run)
         if dense is not None:
             return _dense_from(weights, dense, run), weights, run
+        if _peft_section(run) is not None:
+            return _from_run(weights, run, run.read_config()), weights, run
         if _self_described(weights):
             return create_model(str(weights)), weights, run
         if run is not None:

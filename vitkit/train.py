@@ -40,6 +40,7 @@ from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
 from .train_caption import build_caption_run, check_caption_config
 from .train_dense import build_dense_run, check_classify_config, default_out_dir, run_budget
 from .train_detect import build_detect_run, check_detect_config
+from .train_peft import apply_run_peft, check_peft_task, peft_run_info, save_run_adapter
 from .weights_io import save_weights
 
 
@@ -109,6 +110,7 @@ def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> 
         report = load_weights(model, cfg.model.init, verbose=verbose)
         if verbose and report is not None:
             print(f"initialised from {cfg.model.init}")
+    apply_run_peft(model, cfg, verbose=verbose)  # freezes the base: after init, with the head sized
     return model
 
 
@@ -136,6 +138,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         print(data.scan_line())
     check_detect_config(cfg, data)
     check_caption_config(cfg, data)
+    check_peft_task(cfg, data.task)
     if data.task == "detect":  # a registered detector on the backbone
         return build_detect_run(cfg, data, dist, verbose=verbose, start=start)
     if data.task == "caption":  # an image tower and a text tower, trained contrastively
@@ -215,6 +218,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         "bad_files": scan.lines() if scan is not None else [],  # "name: reason", each broken file once
         "class_counts": dict(zip(classes, info.class_counts)),
         "plan": plan.to_json() if plan is not None else None,
+        "peft": peft_run_info(model),
     }
     budget = run_budget(cfg, start, plan, info.n_val)
     trainer = Trainer(
@@ -233,7 +237,8 @@ def train(
     The run directory gets ``config.yaml``, ``run.json`` (model, classes, preprocessing),
     ``checkpoints/``, ``metrics.jsonl``, TensorBoard events, plots, ``bad_files.txt`` (the
     broken images left out, if any) and, at the end, ``model.safetensors`` (the final weights
-    with their config and class names). A directory that already holds a run needs ``resume``
+    with their config and class names); a PEFT run (``peft.method``) also writes
+    ``adapter.safetensors``, the trained weights alone, tied to the frozen base by its sha256. A directory that already holds a run needs ``resume``
     (continue it) or ``force`` (delete its files and start over). A resumed run refuses changes
     to the keys that shape the lr schedule unless ``reschedule`` (see :mod:`vitkit.rundir`).
     """
@@ -262,6 +267,7 @@ def train(
     summary = trainer.fit(resume=resume)
     if trainer.is_main:
         save_weights(trainer.objective.export_model(), run.final_weights)
+        save_run_adapter(trainer.objective.export_model(), run.path)  # PEFT runs: the small file
         if len(summary["bad_files"]) > len(run_info["bad_files"]):
             run.write_bad_files(summary["bad_files"])
     return summary
@@ -272,6 +278,8 @@ def _summary_extra(run_info: dict, trainer: Trainer) -> dict:
     extra = {"model": run_info["model"], "out_dir": str(trainer.out_dir), "bad_files": bad, "skipped_files": len(bad)}
     if "task" in run_info:  # dense runs: what eval, predict and the summary line show depends on it
         extra["task"] = run_info["task"]
+    if run_info.get("peft"):  # the CLI's summary points at the adapter file
+        extra["peft"] = run_info["peft"]
     return extra
 
 

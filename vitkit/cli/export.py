@@ -1,4 +1,4 @@
-"""`vitkit export RUN_DIR|WEIGHTS --format onnx|safetensors|pt2`: write a deployable model and check it."""
+"""`vitkit export RUN_DIR|WEIGHTS --format onnx|safetensors|pt2 [--merge]`: write a deployable model and check it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export", help="export a run or weights file to ONNX, torch.export (.pt2) or safetensors, checked against torch",
     )
     p.add_argument("source", metavar="RUN_DIR|WEIGHTS", help="a run directory, checkpoint directory or .safetensors file")
-    p.add_argument("--format", default="onnx", choices=("onnx", "safetensors", "pt2"))
+    p.add_argument("--format", choices=("onnx", "safetensors", "pt2"),
+                   help="default: onnx; with --merge, safetensors")
+    p.add_argument("--merge", action="store_true",
+                   help="a parameter-efficient fine-tuning run as a plain model: LoRA folded into the base weights "
+                        "(loads in timm or vitkit without the run); VPT and AdaptFormer cannot merge")
     p.add_argument("--out", help="output file (default: model.<format> in the run directory or beside the weights)")
     p.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension (onnx, pt2)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
@@ -25,14 +29,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from ..export import export
 
+    fmt = args.format or ("safetensors" if args.merge else "onnx")
     result = export(
-        args.source, args.format, args.out, dynamic_batch=args.dynamic_batch, opset=args.opset,
-        img_size=args.img_size, use_ema=args.ema,
+        args.source, fmt, args.out, dynamic_batch=args.dynamic_batch, opset=args.opset,
+        img_size=args.img_size, use_ema=args.ema, merge=args.merge,
     )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"wrote {result['path']} ({result['format']}, {result['model']})")
+        if "merged" in result:
+            print(f"  {result['merged']} merged into the base weights: max abs diff vs the unmerged model "
+                  f"{result['merge_max_abs_diff']:.3g}")
         print(f"  checked on a batch of {result['checked_batch']}: max abs diff vs torch {result['max_abs_diff']:.3g} "
               f"(tolerance {result['tolerance']:g})")
     if not result["ok"]:

@@ -110,6 +110,11 @@ def _metrics_line(summary: dict) -> str:
     return f"val_acc {_pct(summary['val_acc'])}, best_val_acc {_pct(summary['best_val_acc'])}"
 
 
+def _peft_line(peft: dict, run: str) -> str:
+    return (f"adapter ({peft['method']}: {peft['n_method']:,} + head {peft['n_head']:,} trained parameters): "
+            f"{run}/{peft.get('adapter', 'adapter.safetensors')}, for the base {peft['base_sha256'][:12]}")
+
+
 def format_summary(summary: dict, data: str) -> str:
     run, data = shlex.quote(summary["out_dir"]), shlex.quote(data)
     return "\n".join([
@@ -117,6 +122,7 @@ def format_summary(summary: dict, data: str) -> str:
         f"run dir: {run}",
         *([f"left out {summary['skipped_files']} broken image files, listed in {run}/{BAD_FILES}"]
           if summary.get("skipped_files") else []),
+        *([_peft_line(summary["peft"], run)] if summary.get("peft") else []),
         "next:",
         *([f"  vitkit retrieve {run} --data {data}", f"  vitkit zeroshot {run} --data CLASS_FOLDERS"]
           if summary.get("task") == "caption" else

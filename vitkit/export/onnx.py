@@ -3,6 +3,8 @@
 Every export is verified on the same random input: the exported model runs (onnxruntime for
 ONNX, the loaded program for torch.export, a rebuilt model for safetensors) and the largest
 absolute difference from the eager torch output is reported; float32 exports must agree to 1e-4.
+A parameter-efficient fine-tuning run exports ``merge``d (LoRA folded into the base weights),
+checked against the unmerged model the same way.
 
 >>> from vitkit.export import export
 >>> export("runs/my-run", "onnx", dynamic_batch=True)
@@ -133,19 +135,24 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike) -> dict:
 def export(
     source: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None, *,
     dynamic_batch: bool = False, opset: int = DEFAULT_OPSET, img_size: int | None = None, use_ema: bool = False,
+    merge: bool = False,
 ) -> dict:
     """Export a run directory, checkpoint, weights file or any source of :func:`vitkit.load_model`.
 
     out: the file to write; by default ``model.<suffix>`` beside the weights (in the run
-    directory for a run).
+    directory for a run; ``model.merged.safetensors`` for a merged safetensors export).
+    merge: a parameter-efficient fine-tuning run as a plain model (LoRA folded into the base
+    weights, see :func:`vitkit.peft.io.merge_peft`): its safetensors load in timm or vitkit without
+    the run. The result's ``merge_max_abs_diff`` compares the merged model with the run's.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} must be one of {FORMATS}")
     if opset < 14:
         raise ConfigError(f"opset {opset} is too old for attention's operators; use 14 or newer (default {DEFAULT_OPSET})")
     loaded = load_model(source, use_ema=use_ema, device="cpu")
+    model, merged = _peft_ready(loaded.model, fmt, merge, source)
     if out is None:
-        out = loaded.home / f"model{_SUFFIX[fmt]}"
+        out = loaded.home / ("model.merged.safetensors" if merged and fmt == "safetensors" else f"model{_SUFFIX[fmt]}")
         if fmt == "safetensors" and loaded.weights is not None and out.resolve() == loaded.weights.resolve():
             out = loaded.home / "model.export.safetensors"
     out = Path(out)
@@ -158,11 +165,41 @@ def export(
             f"{loaded.weights or 'model.safetensors'} already describes itself: vitkit.load_model reads it"
         )
     if fmt == "onnx":
-        result = export_onnx(loaded.model, out, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size)
+        result = export_onnx(model, out, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size)
     elif fmt == "pt2":
-        result = export_program(loaded.model, out, dynamic_batch=dynamic_batch, img_size=img_size)
+        result = export_program(model, out, dynamic_batch=dynamic_batch, img_size=img_size)
     else:
-        result = export_safetensors(loaded.model, out)
+        result = export_safetensors(model, out)
+    if merged:
+        result["merged"], result["merge_max_abs_diff"] = merged
+        result["ok"] = result["ok"] and merged[1] <= TOLERANCE
     result["source"] = str(loaded.weights or source)
-    result["model"] = getattr(loaded.model, "model_name", type(loaded.model).__name__)
+    result["model"] = getattr(model, "model_name", type(model).__name__)
     return result
+
+
+def _peft_ready(model: nn.Module, fmt: str, merge: bool, source) -> tuple[nn.Module, tuple[str, float] | None]:
+    """The model to export and, when merged, (its method, the largest output change merging made)."""
+    from ..peft.io import IN_PLACE, MERGEABLE, merge_peft
+
+    info = getattr(model, "peft_info", None)
+    if not merge:
+        if info is not None and fmt == "safetensors" and info.method not in IN_PLACE:
+            fix = ("pass --merge for a plain weights file (LoRA folds into the base)" if info.method in MERGEABLE else
+                   "export it as onnx or pt2 (they run it as it is)")
+            raise ConfigError(
+                f"{source} was fine-tuned with {info.method}: a safetensors file of it would need the run's peft "
+                f"config to load; {fix}, or load the run itself with vitkit.load_model"
+            )
+        return model, None
+    if info is None:
+        raise ConfigError(
+            f"{source} was not fine-tuned with a parameter-efficient method (no peft section): there is nothing "
+            "to merge; export it without --merge"
+        )
+    x = _example(model, 2, None)
+    with torch.no_grad():
+        before = model.eval()(x)
+        merged = merge_peft(model).eval()
+        diff = _max_diff(merged(x), before)
+    return merged, (info.method, diff)
