@@ -422,7 +422,7 @@ def plot(result: dict, path: Path) -> None:
             {"method": m, "acc": v["acc"], **{k: statistics.fmean(r[k] for r in rows if r["method"] == m)
                                               for k in ("trainable_params", "head_params")}}
             for m, v in means.items()]))
-    fig = Figure(figsize=(4.6 * len(panels), 4.2))
+    fig = Figure(figsize=(max(7.0, 4.6 * len(panels)), 4.6))
     for ax, (title, pts) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for r in pts:
             x = r["trainable_params"] + r["head_params"]
@@ -430,17 +430,21 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate(r["method"], (x, 100 * r["acc"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
             if r["method"] == "full":
                 ax.axhline(100 * r["acc"], color="grey", ls="--", lw=1)
+        edge = PEFT_GOAL_PCT / 100 * rows[0]["base_params"] + statistics.fmean(r["head_params"] for r in pts)
+        ax.axvline(edge, color="grey", ls=":", lw=1)  # the goal's 2% of the backbone, plus the head
         ax.set_xscale("log")
         ax.set_title(title)
         ax.set_xlabel("trainable parameters incl. head (log)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
     g = result["summary"].get("goal")
-    sub = (f"best PEFT <= {PEFT_GOAL_PCT:g}%: {g['best_peft']} {100 * g['best_peft_acc']:.1f}% vs full "
-           f"{100 * g['full_acc']:.1f}% (gap {g['gap_points']:+.1f} pt); " if g else "")
-    budgets = ", ".join(f"{b / 60:g} min" for b in result["summary"]["budgets_s"])
-    fig.suptitle(f"{sub}source {result['source']['model']} ({Path(result['source']['pretraining']['data']).name}), "
-                 f"{budgets} per row", fontsize=9)
+    sub = (f"best PEFT at <= {PEFT_GOAL_PCT:g}% trainable: {g['best_peft']} {100 * g['best_peft_acc']:.1f}% vs full "
+           f"fine-tuning {100 * g['full_acc']:.1f}% ({-g['gap_points']:+.1f} pt, mean over targets)\n" if g else "")
+    budgets = ", ".join(f"{b / 60:g} min" if b >= 60 else f"{b:g} s" for b in result["summary"]["budgets_s"])
+    fig.suptitle(f"{sub}source {result['source']['model']} pretrained on "
+                 f"{Path(result['source']['pretraining']['data']).name}; {budgets} per row; dashed: full fine-tuning; "
+                 f"dotted: {PEFT_GOAL_PCT:g}% of the backbone + head",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -155,7 +155,7 @@ def test_trainable_counts_of_full_fine_tuning(pt):
 
 def _row(target, method, acc, pct, ms=10.0, mem=500.0):
     return {"target": target, "method": method, "acc": acc, "trainable_pct": pct, "step_ms": ms, "peak_mem_mb": mem,
-            "budget_s": 240.0, "trainable_params": int(pct * 1000) + 1, "head_params": 100}
+            "budget_s": 240.0, "trainable_params": int(pct * 1000) + 1, "head_params": 100, "base_params": 100_000}
 
 
 def test_merged_rows_and_the_goal(pt, tmp_path):
