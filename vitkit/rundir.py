@@ -51,7 +51,9 @@ STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 # Everything a vitkit run writes into its directory; --force removes exactly these.
-RUN_FILES = (CONFIG, RUN_INFO, SUMMARY, METRICS, WEIGHTS, BAD_FILES, ERROR_LOG, CHECKPOINTS, TENSORBOARD, PLOTS)
+ADAPTER = "adapter.safetensors"  # a PEFT run's method and head weights alone
+RUN_FILES = (CONFIG, RUN_INFO, SUMMARY, METRICS, WEIGHTS, ADAPTER, BAD_FILES, ERROR_LOG, CHECKPOINTS, TENSORBOARD,
+             PLOTS)
 # Keys whose change alters the lr at a given step (the schedule's length or shape).
 SCHEDULE_KEYS = (
     "engine.epochs", "engine.max_steps", "engine.time_budget", "data.batch_size",
@@ -307,6 +309,13 @@ def check_resume_config(saved: dict, new: dict, *, reschedule: bool = False) -> 
     Raises:
         ConfigError: a key of :data:`SCHEDULE_KEYS` differs and ``reschedule`` is False.
     """
+    was, now = _flatten(saved.get("peft") or {}), _flatten(new.get("peft") or {})
+    peft = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if peft:
+        raise ConfigError(
+            f"resuming with other peft.* settings ({', '.join('peft.' + k for k in peft)}) would not fit the "
+            "checkpoint's trainable weights: resume with the run's own peft settings, or start a new run with --out"
+        )
     changes = schedule_changes(saved, new)
     if changes and not reschedule:
         raise ConfigError(

@@ -13,8 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ConfigError
-
-ADAPTER = "adapter.safetensors"
+from .rundir import ADAPTER
 
 
 def base_source(cfg, model_name: str) -> str:

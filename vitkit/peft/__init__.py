@@ -8,6 +8,7 @@ VPT (shallow and deep), AdaptFormer, partial fine-tuning of the last blocks; see
 
 from __future__ import annotations
 
+from .adaptformer import apply_adaptformer
 from .apply import (
     METHOD_FNS,
     PeftInfo,
@@ -19,32 +20,17 @@ from .apply import (
 )
 from .bitfit import apply_bitfit
 from .config import METHODS, PeftConfig
+from .io import adapter_size, load_adapter, merge_peft, save_adapter
 from .lora import LoRALinear, apply_lora, merge_lora
 from .partial import apply_partial
+from .vpt import apply_vpt
 
-
-def _register_token_methods() -> None:
-    """VPT and AdaptFormer live in their own modules, which may be absent from a partial build."""
-    try:
-        from .vpt import apply_vpt
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.vpt":
-            raise
-    else:
-        register_method("vpt_shallow", lambda model, cfg, exclude=(): apply_vpt(model, cfg, deep=False))
-        register_method("vpt_deep", lambda model, cfg, exclude=(): apply_vpt(model, cfg, deep=True))
-    try:
-        from .adaptformer import apply_adaptformer
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.adaptformer":
-            raise
-    else:
-        register_method("adaptformer", lambda model, cfg, exclude=(): apply_adaptformer(model, cfg))
-
-
-_register_token_methods()
+register_method("vpt_shallow", lambda model, cfg, exclude=(): apply_vpt(model, cfg, deep=False))
+register_method("vpt_deep", lambda model, cfg, exclude=(): apply_vpt(model, cfg, deep=True))
+register_method("adaptformer", lambda model, cfg, exclude=(): apply_adaptformer(model, cfg))
 
 __all__ = [
-    "LoRALinear", "METHODS", "METHOD_FNS", "PeftConfig", "PeftInfo", "apply_bitfit", "apply_lora", "apply_partial",
+    "LoRALinear", "METHODS", "adapter_size", "apply_adaptformer", "apply_vpt", "load_adapter", "merge_peft",
+    "save_adapter", "METHOD_FNS", "PeftConfig", "PeftInfo", "apply_bitfit", "apply_lora", "apply_partial",
     "apply_peft", "freeze_batchnorm", "merge_lora", "register_method", "state_sha256", "supported_methods",
 ]

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.vit import VisionTransformer
+from .adaptformer import adaptformer_unsupported
 from .bitfit import apply_bitfit, is_bias
 from .config import METHODS, PeftConfig
 from .lora import apply_lora, linear_names, lora_target_names
 from .partial import apply_partial
+from .vpt import vpt_unsupported
 
 MethodFn = Callable[[nn.Module, PeftConfig, tuple[str, ...]], list[str]]
 
@@ -137,18 +138,9 @@ def _why_not(model: nn.Module, method: str, cfg: PeftConfig) -> str | None:
         return (f"no Linear layer matches peft.lora_targets={list(cfg.lora_targets)} "
                 f"(its Linear layers are named {linear_names(model)})")
     if method == "adaptformer":
-        blocks = _blocks(model)
-        if blocks and all(hasattr(b, "mlp") and hasattr(b, "norm2") for b in blocks):
-            return None
-        return "it has no transformer blocks with an MLP branch (mlp and norm2)"
+        return adaptformer_unsupported(model)
     if method in ("vpt_shallow", "vpt_deep"):
-        if not isinstance(model, VisionTransformer):
-            return "prompt tokens need a plain ViT token sequence (not a hierarchical or convolutional model)"
-        if getattr(model, "rope", None) is not None:
-            return "rotary position embeddings are sized for the patch tokens alone"
-        if any(getattr(m, "window_size", 0) for m in model.modules()):
-            return "windowed attention cannot take extra tokens"
-        return None
+        return vpt_unsupported(model)
     raise ConfigError(f"peft.method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
