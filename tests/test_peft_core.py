@@ -199,7 +199,7 @@ def test_a_method_that_does_not_apply_names_those_that_do():
     with pytest.raises(ConfigError) as e:
         apply_peft(create_model("test_swin", num_classes=5), PeftConfig(method="vpt_deep"))
     msg = str(e.value)
-    assert "test_swin" in msg and "vpt_deep" in msg and "hierarchical" in msg
+    assert "test_swin" in msg and "vpt_deep" in msg and "plain token sequence" in msg
     named = msg.rpartition("Methods that apply to it: ")[2].split(", ")
     assert {"linear", "bitfit", "lora", "partial"} <= set(named) and not any(m.startswith("vpt") for m in named)
     with pytest.raises(ConfigError, match="Methods that apply to it: linear, bitfit$"):
