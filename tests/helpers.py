@@ -321,3 +321,50 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     diff = (a - b).abs().max().item()
     print(f"max |diff| = {diff:.3g}")
     return diff
+
+
+# ---------------------------------------------------------------- browser tests (the demos)
+
+
+def _chromium() -> str | None:
+    if os.environ.get("VITKIT_CHROMIUM"):
+        return os.environ["VITKIT_CHROMIUM"]
+    for name in ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+CHROMIUM = _chromium()
+_NO_CHROMIUM = (
+    "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
+    ".ci/run installs it where apt-get can"
+)
+
+
+def require_browser():
+    """Playwright's ``sync_playwright`` for a browser test: Chromium, gradio and playwright present, or the
+    test skips (fails in CI, where they must be)."""
+    if CHROMIUM is None and IN_CI:
+        pytest.fail(_NO_CHROMIUM, pytrace=False)
+    if CHROMIUM is None:
+        pytest.skip(_NO_CHROMIUM)
+    require_peer("gradio")
+    return require_peer("playwright.sync_api").sync_playwright
+
+
+# A demo's output image (#map) is done when its status tracker is hidden and its <img> holds a served
+# file that loaded.
+_MAP_READY = """prev => {
+    const tracker = document.querySelector('#map [data-testid="status-tracker"]');
+    const img = document.querySelector('#map img');
+    return tracker && tracker.classList.contains('hide') && img && img.complete && img.naturalWidth > 0
+        && img.src.includes('file=') && img.src !== prev;
+}"""
+
+
+def wait_for_map(page, previous: str) -> str:
+    """Wait until the demo's #map image is a new loaded file (not ``previous``); returns its src."""
+    page.wait_for_function(_MAP_READY, arg=previous, timeout=90_000)
+    return page.locator("#map img").get_attribute("src")
+

@@ -246,3 +246,17 @@ def test_model_init_fills_the_image_tower_only(tmp_path):
     assert tokenizer is None and model.embed_dim == 16 and model.visual.num_classes == 0
     assert set(tower) == {k for k in saved if not k.startswith("head.")}
     assert all(torch.equal(tower[k], saved[k]) for k in tower)
+
+
+def test_model_args_of_a_registered_two_tower_model_reach_it():
+    """model.args on a registered clip_*/siglip_* model override its arguments (as model.head_args do),
+    rather than being dropped."""
+    _needs_caption_stack()
+    from vitkit.config import load_config
+    from vitkit.plan_caption import CaptionChoice
+    from vitkit.train_caption import build_two_tower
+
+    cfg = load_config(None, ["data.path=shapes-captions:32", "model.name=siglip_test",
+                             "model.args.init_logit_bias=-2.5", "model.head_args.init_logit_scale=1.0"], plan=False)
+    model, _ = build_two_tower(CaptionChoice("siglip_test", None, 32, "siglip", ""), cfg, data=None, verbose=False)
+    assert model.logit_bias.item() == -2.5 and model.logit_scale.item() == 1.0

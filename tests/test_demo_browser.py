@@ -11,37 +11,13 @@ file instead of a tiny random model, and ``VITKIT_DEMO_SCREENSHOT`` copies the s
 
 import os
 import shutil
-import socket
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-from helpers import IN_CI, require_peer
+from helpers import CHROMIUM, free_port, require_browser, wait_for_map
 from PIL import Image
 
 import vitkit
-
-
-def _chromium() -> str | None:
-    if os.environ.get("VITKIT_CHROMIUM"):
-        return os.environ["VITKIT_CHROMIUM"]
-    for name in ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-CHROMIUM = _chromium()
-_NO_CHROMIUM = (
-    "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
-    ".ci/run installs it where apt-get can"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _source(tmp_path: Path) -> tuple[str, list[str]]:
@@ -56,27 +32,8 @@ def _source(tmp_path: Path) -> tuple[str, list[str]]:
     return str(vitkit.save_weights(m, tmp_path / "model.safetensors")), list(labels)
 
 
-# The map is done when its status tracker is hidden and its <img> holds a served file that loaded.
-_MAP_READY = """prev => {
-    const tracker = document.querySelector('#map [data-testid="status-tracker"]');
-    const img = document.querySelector('#map img');
-    return tracker && tracker.classList.contains('hide') && img && img.complete && img.naturalWidth > 0
-        && img.src.includes('file=') && img.src !== prev;
-}"""
-
-
-def _wait_for_map(page, previous: str) -> str:
-    page.wait_for_function(_MAP_READY, arg=previous, timeout=90_000)
-    return page.locator("#map img").get_attribute("src")
-
-
 def test_demo_upload_shows_prediction_and_map(tmp_path):
-    if CHROMIUM is None and IN_CI:
-        pytest.fail(_NO_CHROMIUM, pytrace=False)
-    if CHROMIUM is None:
-        pytest.skip(_NO_CHROMIUM)
-    require_peer("gradio")
-    sync_playwright = require_peer("playwright.sync_api").sync_playwright
+    sync_playwright = require_browser()
 
     from vitkit.data import ShapesDataset
     from vitkit.interpret.demo import launch_demo
@@ -84,7 +41,7 @@ def test_demo_upload_shows_prediction_and_map(tmp_path):
     source, labels = _source(tmp_path)
     image = tmp_path / "star.png"
     ShapesDataset(n=4, split="val", img_size=64, seed=3).sample(3)["image"].resize((192, 192)).save(image)
-    port = _free_port()
+    port = free_port()
     demo = launch_demo(source, port=port, block=False)
     try:
         with sync_playwright() as p:
@@ -101,12 +58,12 @@ def test_demo_upload_shows_prediction_and_map(tmp_path):
             layer.fill("0")
             layer.press("Enter")
             upload.set_input_files(str(image))  # the upload alone runs the method: rollout through layer 0
-            first = _wait_for_map(page, previous="")
+            first = wait_for_map(page, previous="")
             # Choose the last layer and press the button: the full rollout replaces the map.
             layer.fill(last)
             layer.press("Enter")
             page.locator("#explain").click()
-            _wait_for_map(page, previous=first)
+            wait_for_map(page, previous=first)
             page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
             prediction = page.locator("#prediction").inner_text(timeout=30_000)
             shot = tmp_path / "demo.png"

@@ -273,3 +273,13 @@ def test_run_products_agree_base_plus_adapter_equals_the_run(tmp_path, model_nam
     plain.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith("head.")}, strict=False)
     with torch.no_grad():
         assert not torch.allclose(plain.eval()(x), a, atol=1e-6)
+
+
+def test_resume_refuses_other_peft_settings():
+    """A checkpoint holds the trainable weights of its own method: resuming with another is refused up front."""
+    from vitkit.rundir import check_resume_config
+
+    saved = {"peft": {"method": "lora", "lora_rank": 8}, "optim": {"lr": 1e-3}}
+    assert check_resume_config(saved, {"peft": {"method": "lora", "lora_rank": 8}, "optim": {"lr": 1e-3}}) == []
+    with pytest.raises(ConfigError, match=r"peft\.lora_rank.*peft\.method|peft\.method"):
+        check_resume_config(saved, {"peft": {"method": "bitfit", "lora_rank": 4}, "optim": {"lr": 1e-3}})

@@ -11,44 +11,13 @@ import os
 import shutil
 
 import numpy as np
-import pytest
-from helpers import IN_CI, free_port, perturb, require_peer
+from helpers import CHROMIUM, free_port, perturb, require_browser, wait_for_map
 from PIL import Image, ImageDraw
 
 import vitkit
 from vitkit.sam import create_sam
 
-
-def _chromium() -> str | None:
-    if os.environ.get("VITKIT_CHROMIUM"):
-        return os.environ["VITKIT_CHROMIUM"]
-    for name in ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    return None
-
-
-CHROMIUM = _chromium()
-_NO_CHROMIUM = (
-    "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
-    ".ci/run installs it where apt-get can"
-)
-
-
 INFO = "#prediction textarea, #prediction input"
-
-# The overlay is done when its status tracker is hidden and its <img> holds a served file that loaded.
-_MAP_READY = """prev => {
-    const tracker = document.querySelector('#map [data-testid="status-tracker"]');
-    const img = document.querySelector('#map img');
-    return tracker && tracker.classList.contains('hide') && img && img.complete && img.naturalWidth > 0
-        && img.src.includes('file=') && img.src !== prev;
-}"""
-
-
-def _wait_for_map(page, previous: str) -> str:
-    page.wait_for_function(_MAP_READY, arg=previous, timeout=90_000)
-    return page.locator("#map img").get_attribute("src")
 
 
 def _click_image(page, fx: float, fy: float) -> None:
@@ -62,12 +31,7 @@ def _click_image(page, fx: float, fy: float) -> None:
 
 
 def test_sam_demo_click_shows_the_mask(tmp_path):
-    if CHROMIUM is None and IN_CI:
-        pytest.fail(_NO_CHROMIUM, pytrace=False)
-    if CHROMIUM is None:
-        pytest.skip(_NO_CHROMIUM)
-    require_peer("gradio")
-    sync_playwright = require_peer("playwright.sync_api").sync_playwright
+    sync_playwright = require_browser()
 
     from vitkit.interpret.demo import launch_demo
 
@@ -93,10 +57,10 @@ def test_sam_demo_click_shows_the_mask(tmp_path):
             page.wait_for_function("text => document.querySelector(text)?.value === 'click on an object'", arg=INFO,
                                    timeout=90_000)  # the upload encoded the image
             _click_image(page, 0.35, 0.45)  # on the red rectangle
-            first = _wait_for_map(page, previous="")
+            first = wait_for_map(page, previous="")
             text = page.locator(INFO).first.input_value()
             _click_image(page, 0.8, 0.8)  # a second click: the overlay of both points replaces the first
-            _wait_for_map(page, previous=first)
+            wait_for_map(page, previous=first)
             page.wait_for_function("text => document.querySelector(text)?.value.startsWith('2 clicks')", arg=INFO,
                                    timeout=90_000)
             page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot

@@ -134,6 +134,8 @@ def build_two_tower(choice: CaptionChoice, cfg, data, verbose: bool = True):
     tokenizer = None
     try:
         if choice.head is None:
+            # A registered two-tower model: model.args and model.head_args both override its arguments.
+            overrides = {**dict(cfg.model.args), **overrides}
             if cfg.data.img_size:
                 overrides.setdefault("img_size", int(cfg.data.img_size))
             args = apply_overrides(clip_model_args(choice.model), overrides)
