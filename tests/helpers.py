@@ -7,6 +7,7 @@ subprocess; parity perturbation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -340,6 +341,30 @@ _NO_CHROMIUM = (
     "no Chromium executable on this machine (apt-get install chromium, or set VITKIT_CHROMIUM); "
     ".ci/run installs it where apt-get can"
 )
+
+
+@contextlib.contextmanager
+def demo_page(source: str):
+    """``vitkit demo`` of ``source`` served on a free loopback port, opened in headless Chromium; yields the
+    page once its upload input is there, and closes the browser and the server afterwards."""
+    from vitkit.interpret.demo import launch_demo
+
+    sync_playwright = require_browser()
+    port = free_port()
+    demo = launch_demo(source, port=port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+            )
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            # Not "networkidle": the page may ask for web fonts that a machine offline never gets.
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
+            page.locator("#input-image input[type=file]").wait_for(state="attached", timeout=90_000)
+            yield page
+            browser.close()
+    finally:
+        demo.close()
 
 
 def require_browser():

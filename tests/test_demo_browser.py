@@ -14,7 +14,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from helpers import CHROMIUM, free_port, require_browser, wait_for_map
+from helpers import demo_page, wait_for_map
 from PIL import Image
 
 import vitkit
@@ -33,44 +33,28 @@ def _source(tmp_path: Path) -> tuple[str, list[str]]:
 
 
 def test_demo_upload_shows_prediction_and_map(tmp_path):
-    sync_playwright = require_browser()
-
     from vitkit.data import ShapesDataset
-    from vitkit.interpret.demo import launch_demo
 
     source, labels = _source(tmp_path)
     image = tmp_path / "star.png"
     ShapesDataset(n=4, split="val", img_size=64, seed=3).sample(3)["image"].resize((192, 192)).save(image)
-    port = free_port()
-    demo = launch_demo(source, port=port, block=False)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
-            )
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            # Not "networkidle": the page may ask for web fonts that a machine offline never gets.
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
-            upload = page.locator("#input-image input[type=file]")
-            upload.wait_for(state="attached", timeout=90_000)
-            layer = page.locator("#layer input[type=number]")
-            last = page.locator("#layer input[type=range]").get_attribute("max")
-            layer.fill("0")
-            layer.press("Enter")
-            upload.set_input_files(str(image))  # the upload alone runs the method: rollout through layer 0
-            first = wait_for_map(page, previous="")
-            # Choose the last layer and press the button: the full rollout replaces the map.
-            layer.fill(last)
-            layer.press("Enter")
-            page.locator("#explain").click()
-            wait_for_map(page, previous=first)
-            page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
-            prediction = page.locator("#prediction").inner_text(timeout=30_000)
-            shot = tmp_path / "demo.png"
-            page.screenshot(path=str(shot), full_page=True)
-            browser.close()
-    finally:
-        demo.close()
+    with demo_page(source) as page:
+        upload = page.locator("#input-image input[type=file]")
+        layer = page.locator("#layer input[type=number]")
+        last = page.locator("#layer input[type=range]").get_attribute("max")
+        layer.fill("0")
+        layer.press("Enter")
+        upload.set_input_files(str(image))  # the upload alone runs the method: rollout through layer 0
+        first = wait_for_map(page, previous="")
+        # Choose the last layer and press the button: the full rollout replaces the map.
+        layer.fill(last)
+        layer.press("Enter")
+        page.locator("#explain").click()
+        wait_for_map(page, previous=first)
+        page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
+        prediction = page.locator("#prediction").inner_text(timeout=30_000)
+        shot = tmp_path / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
     assert any(label in prediction for label in labels), prediction
     assert "%" in prediction  # the top classes come with their probabilities
     with Image.open(shot) as im:

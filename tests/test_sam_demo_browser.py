@@ -11,7 +11,7 @@ import os
 import shutil
 
 import numpy as np
-from helpers import CHROMIUM, free_port, perturb, require_browser, wait_for_map
+from helpers import demo_page, perturb, wait_for_map
 from PIL import Image, ImageDraw
 
 import vitkit
@@ -31,47 +31,30 @@ def _click_image(page, fx: float, fy: float) -> None:
 
 
 def test_sam_demo_click_shows_the_mask(tmp_path):
-    sync_playwright = require_browser()
-
-    from vitkit.interpret.demo import launch_demo
-
     source = os.environ.get("VITKIT_DEMO_SOURCE") or str(
         vitkit.save_weights(perturb(create_sam("sam_test"), scale=0.3), tmp_path / "sam.safetensors"))
     image = tmp_path / "shapes.png"
     pil = Image.new("RGB", (192, 144), (200, 200, 190))
     ImageDraw.Draw(pil).rectangle([30, 30, 100, 110], fill=(220, 40, 40))
     pil.save(image)
-    port = free_port()
-    demo = launch_demo(source, port=port, block=False)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
-            )
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
-            # Not "networkidle": the page may ask for web fonts that a machine offline never gets.
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=90_000)
-            upload = page.locator("#input-image input[type=file]")
-            upload.wait_for(state="attached", timeout=90_000)
-            upload.set_input_files(str(image))
-            page.wait_for_function("text => document.querySelector(text)?.value === 'click on an object'", arg=INFO,
-                                   timeout=90_000)  # the upload encoded the image
-            _click_image(page, 0.35, 0.45)  # on the red rectangle
-            first = wait_for_map(page, previous="")
-            text = page.locator(INFO).first.input_value()
-            _click_image(page, 0.8, 0.8)  # a second click: the overlay of both points replaces the first
-            wait_for_map(page, previous=first)
-            page.wait_for_function("text => document.querySelector(text)?.value.startsWith('2 clicks')", arg=INFO,
-                                   timeout=90_000)
-            page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
-            shot = tmp_path / "demo.png"
-            page.screenshot(path=str(shot), full_page=True)
-            served = page.locator("#map img").get_attribute("src")
-            page.locator("#reset").click()
-            page.wait_for_function("() => !document.querySelector('#map img')", timeout=90_000)
-            browser.close()
-    finally:
-        demo.close()
+    with demo_page(source) as page:
+        upload = page.locator("#input-image input[type=file]")
+        upload.set_input_files(str(image))
+        page.wait_for_function("text => document.querySelector(text)?.value === 'click on an object'", arg=INFO,
+                               timeout=90_000)  # the upload encoded the image
+        _click_image(page, 0.35, 0.45)  # on the red rectangle
+        first = wait_for_map(page, previous="")
+        text = page.locator(INFO).first.input_value()
+        _click_image(page, 0.8, 0.8)  # a second click: the overlay of both points replaces the first
+        wait_for_map(page, previous=first)
+        page.wait_for_function("text => document.querySelector(text)?.value.startsWith('2 clicks')", arg=INFO,
+                               timeout=90_000)
+        page.wait_for_timeout(1000)  # let the outputs' fade-in finish before the screenshot
+        shot = tmp_path / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+        served = page.locator("#map img").get_attribute("src")
+        page.locator("#reset").click()
+        page.wait_for_function("() => !document.querySelector('#map img')", timeout=90_000)
     assert text.startswith("1 click: mask of") and "predicted IoU" in text, text
     assert "file=" in served
     with Image.open(shot) as im:
