@@ -24,13 +24,18 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, num_boxes: float, alpha:
     The per-element loss ``alpha_t (1 - p_t)^gamma BCE`` is averaged over queries, summed over the
     batch and classes and divided by ``num_boxes`` (no alpha weighting when ``alpha < 0``).
     """
+    return focal_terms(logits, targets, alpha, gamma).mean(1).sum() / num_boxes
+
+
+def focal_terms(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """The per-element focal loss ``alpha_t (1 - p_t)^gamma BCE`` (no alpha weighting when ``alpha < 0``)."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.mean(1).sum() / num_boxes
+    return loss
 
 
 def _matched(indices: list[tuple[Tensor, Tensor]], device) -> tuple[Tensor, Tensor]:

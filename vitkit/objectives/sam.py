@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..detect.criterion import focal_terms
 from ..engine.distributed import all_reduce_sum
 from ..engine.evaluators import Evaluator
 from ..errors import ConfigError, DataError
@@ -67,13 +68,7 @@ class SamConfig:
 
 def mask_focal(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Sigmoid focal loss of each mask, averaged over its pixels: (..., H, W) -> (...)."""
-    p = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss.flatten(-2).mean(-1)
+    return focal_terms(logits, target, alpha, gamma).flatten(-2).mean(-1)
 
 
 def mask_dice(logits: Tensor, target: Tensor) -> Tensor:
