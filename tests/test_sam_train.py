@@ -297,7 +297,7 @@ def test_broken_instance_files_are_replaced_and_named(tmp_path, fmt):
     from vitkit.data import build_loader, prepare_data
     from vitkit.data.instances import InstanceTransform
 
-    (_write_instances if fmt == "png" else _write_coco)(tmp_path / "d", n=8)
+    (_write_instances if fmt == "png" else _write_coco)(tmp_path / "d", n=16)
     (tmp_path / "d" / "images" / "im2.png").write_bytes(b"not an image")
     if fmt == "png":
         (tmp_path / "d" / "instances" / "im5.png").write_bytes(b"\x89PNG truncated")
@@ -308,7 +308,7 @@ def test_broken_instance_files_are_replaced_and_named(tmp_path, fmt):
         seen += sum(len(b["labels"]) for b in loader)  # every item served: broken ones by readable stand-ins
         bad += loader.skips.bad_files
         skipped += loader.skips.skipped
-    assert seen == 8
+    assert seen == 16
     assert any(b.split(":")[0].endswith("images/im2.png") for b in bad)
     assert fmt == "coco" or any(b.split(":")[0].endswith("instances/im5.png") for b in bad)
     assert skipped == (1 if fmt == "coco" else 2)
