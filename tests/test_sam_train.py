@@ -269,11 +269,11 @@ def _write_coco(root, n=4, size=(40, 56)):
 
 @pytest.mark.parametrize("fmt", ["png", "coco"])
 def test_instance_folders_read_and_transform_as_sams_input(tmp_path, fmt):
-    from vitkit.data import build_loader
-    from vitkit.data.instances import InstanceTransform, prepare_instances
+    from vitkit.data import build_loader, prepare_data
+    from vitkit.data.instances import InstanceTransform
 
     (_write_instances if fmt == "png" else _write_coco)(tmp_path / "d")
-    stage = prepare_instances(str(tmp_path / "d"), val_fraction=0.25)
+    stage = prepare_data(str(tmp_path / "d"), val_fraction=0.25, task="promptable")
     assert stage.task == "promptable" and len(stage.train) == 3 and len(stage.val) == 1
     img, target, _ = stage.train.load(0)
     masks = target["instance_masks"]
@@ -292,10 +292,32 @@ def test_instance_folders_read_and_transform_as_sams_input(tmp_path, fmt):
     assert len(batch["instance_masks"]) == 2 and isinstance(batch["labels"], list)
 
 
-def test_scenes_serve_instances():
-    from vitkit.data.instances import prepare_instances
+@pytest.mark.parametrize("fmt", ["png", "coco"])
+def test_broken_instance_files_are_replaced_and_named(tmp_path, fmt):
+    from vitkit.data import build_loader, prepare_data
+    from vitkit.data.instances import InstanceTransform
 
-    stage = prepare_instances("scenes:6")
+    (_write_instances if fmt == "png" else _write_coco)(tmp_path / "d", n=16)
+    (tmp_path / "d" / "images" / "im2.png").write_bytes(b"not an image")
+    if fmt == "png":
+        (tmp_path / "d" / "instances" / "im5.png").write_bytes(b"\x89PNG truncated")
+    stage = prepare_data(str(tmp_path / "d"), val_fraction=0.25, task="promptable")
+    seen, bad, skipped = 0, [], 0
+    for split in (stage.train, stage.val):
+        loader = build_loader(split, 2, train=False, transform=InstanceTransform(28), max_bad_fraction=0.5)
+        seen += sum(len(b["labels"]) for b in loader)  # every item served: broken ones by readable stand-ins
+        bad += loader.skips.bad_files
+        skipped += loader.skips.skipped
+    assert seen == 16
+    assert any(b.split(":")[0].endswith("images/im2.png") for b in bad)
+    assert fmt == "coco" or any(b.split(":")[0].endswith("instances/im5.png") for b in bad)
+    assert skipped == (1 if fmt == "coco" else 2)
+
+
+def test_scenes_serve_instances():
+    from vitkit.data import prepare_data
+
+    stage = prepare_data("scenes:6", task="promptable")
     img, target, _ = stage.train.load(1)
     assert img.size == (128, 128) and target["instance_masks"].shape[1:] == (128, 128)
     assert len(target["labels"]) == len(target["instance_masks"])
@@ -371,16 +393,16 @@ def test_a_sam_model_name_picks_promptable_segmentation():
 
 def test_bad_promptable_data_and_objectives_say_what_to_do(tmp_path):
     from vitkit.config import load_config
-    from vitkit.data.instances import prepare_instances
+    from vitkit.data import prepare_data
     from vitkit.errors import ConfigError, DataError, PathNotFoundError
     from vitkit.train_promptable import _objective
 
     (tmp_path / "cls" / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "cls" / "a" / "x.png")
     with pytest.raises(DataError, match="no instance masks"):
-        prepare_instances(str(tmp_path / "cls"))
+        prepare_data(str(tmp_path / "cls"), task="promptable")
     with pytest.raises(PathNotFoundError, match="no such file"):
-        prepare_instances(str(tmp_path / "missing"))
+        prepare_data(str(tmp_path / "missing"), task="promptable")
     cfg = load_config(overrides=["data.path=scenes:8", "data.task=promptable", "objective.name=supervised"],
                       plan=False)
     with pytest.raises(ConfigError, match="objective.name=sam"):

@@ -133,11 +133,9 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     dist = init_distributed()
     d = cfg.data
     if wants_promptable(cfg):  # SAM on instance masks: points, boxes and correction clicks
-        from .data.instances import prepare_instances
-
         check_peft_task(cfg, "promptable")
-
-        data = prepare_instances(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans)
+        data = prepare_data(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans,
+                            task="promptable")
         return build_promptable_run(cfg, data, dist, verbose=verbose, start=start)
     # Broken files are found and judged before training, then left out.
     data = prepare_data(d.path, val_fraction=d.val_fraction, seed=cfg.engine.seed, in_chans=d.in_chans,

@@ -2,7 +2,7 @@
 
 ``model.name`` names a SAM variant (:func:`vitkit.sam.list_sam_models`; ``sam_nano`` when unset,
 the one that trains on a CPU), built at its own ``img_size`` (``data.img_size`` overrides it).
-The data are instance masks (:func:`vitkit.data.instances.prepare_instances`); each image is
+The data are instance masks (:func:`vitkit.data.prepare_data`, ``task="promptable"``); each image is
 resized to the model's input (longest side, padded bottom/right as SAM's preprocessing) with its
 masks in the loader workers, then normalised on the device. The ``sam`` objective prompts the
 instances with points, boxes and correction clicks and evaluates ``point_miou``.

@@ -9,7 +9,6 @@ bytes or arrays, and reopen file handles after a fork.
 from __future__ import annotations
 
 import os
-import random
 import tarfile
 import threading
 
@@ -19,10 +18,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError
 from .images import BadImageError, decode_image
-from .skips import SkipCounter
-
-# A run of this many unreadable files in a row means the source itself is broken.
-_MAX_REPLACEMENTS = 100
+from .skips import SkipCounter, first_readable
 
 
 class FileSource:
@@ -182,24 +178,12 @@ class ImageDataset(Dataset):
         return len(self.indices)
 
     def load(self, i: int) -> tuple[Image.Image, int, list[str]]:
-        """Return ``(image, label, bad_files)``: item ``i`` or, if it is unreadable, the next readable one."""
-        n = len(self.indices)
-        bad: list[str] = []
-        idx = i
-        for k in range(min(n, _MAX_REPLACEMENTS)):
-            if k > 0:
-                # A pseudo-random stand-in, not the neighbour: bad files cluster in sorted
-                # listings, and the choice must be the same in every process and run.
-                idx = random.Random(f"{i}:{k}").randrange(n)
-            try:
-                return self.source.image(self.indices[idx], self.in_chans), self.targets[idx], bad
-            except BadImageError as e:
-                bad.append(str(e))
-        raise DataError(
-            f"{len(bad)} files in a row of the {self.format or 'image'} dataset could not be read, "
-            f"replacing item {i}:\n  " + "\n  ".join(bad[:20])
-            + "\nDelete or fix these files (`vitkit.data.scan_files` lists every broken file)"
-        )
+        """Return ``(image, label, bad_files)``: item ``i`` or, if it is unreadable, a readable stand-in."""
+        def read(idx: int):
+            return self.source.image(self.indices[idx], self.in_chans), self.targets[idx]
+
+        (img, label), bad = first_readable(i, len(self.indices), read, f"files of the {self.format or 'image'} dataset")
+        return img, label, bad
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         img, label, bad = self.load(i)

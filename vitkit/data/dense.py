@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import io
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,12 +32,11 @@ from PIL import Image
 from ..errors import ConfigError, DataError, PathNotFoundError
 from .dense_formats import DENSE_LAYOUTS, DEPTH_LAYOUTS, DenseLayout, find_depth_layout, find_segment_layout
 from .images import BadImageError, decode_image
-from .skips import SkipCounter, leave_out
+from .skips import SkipCounter, first_readable, leave_out
 from .splits import check_split
 
 IGNORE = 255
 _MASK_MODES = ("L", "P", "1")
-_MAX_REPLACEMENTS = 100
 
 
 def _read_bytes(path: str) -> bytes:
@@ -185,17 +183,11 @@ class DenseDataset:
         return len(self.indices)
 
     def load(self, i: int) -> tuple[Image.Image, dict, list[str]]:
-        n, bad, idx = len(self.indices), [], i
-        for k in range(min(n, _MAX_REPLACEMENTS)):
-            if k:
-                idx = random.Random(f"{i}:{k}").randrange(n)
-            try:
-                img, target = self.source.pair(self.indices[idx], self.in_chans)
-                return img, target, bad
-            except BadImageError as e:
-                bad.append(str(e))
-        raise DataError(f"{len(bad)} pairs in a row of the {self.format} dataset could not be read, replacing item "
-                        f"{i}:\n  " + "\n  ".join(bad[:20]) + "\nDelete or fix these files")
+        def read(idx: int):
+            return self.source.pair(self.indices[idx], self.in_chans)
+
+        (img, target), bad = first_readable(i, len(self.indices), read, f"pairs of the {self.format} dataset")
+        return img, target, bad
 
     def __getitem__(self, i: int):
         img, target, bad = self.load(i)

@@ -1,6 +1,6 @@
 """Instance masks for promptable segmentation: COCO masks, instance-index PNGs and the built-in scenes.
 
-:func:`prepare_instances` opens both splits of
+:func:`vitkit.data.prepare_data` with ``task="promptable"`` opens both splits of
 
 - the built-in ``scenes[:N]`` (its ``promptable`` task: the visible shapes' masks);
 - a COCO JSON with ``segmentation`` (polygons, uncompressed or compressed RLE; decoded by
@@ -9,7 +9,8 @@
 - a folder with ``images/`` and ``instances/``: PNGs of the same stem where value ``k > 0``
   is instance ``k`` and 0 is background (one class, ``object``).
 
-``ds.load(i)`` gives ``(PIL image, {"instance_masks": bool (K, H, W), "labels": int64 (K,)}, [])``.
+``ds.load(i)`` gives ``(PIL image, {"instance_masks": bool (K, H, W), "labels": int64 (K,)}, bad_files)``:
+an unreadable image or instance PNG is replaced by a readable one and named in ``bad_files``.
 :class:`InstanceTransform` resizes the longest side to the model's ``img_size`` and pads
 bottom/right as SAM's preprocessing does (the masks with it, nearest neighbour); a batch keeps
 ``instance_masks`` and ``labels`` as per-sample lists (the detection collate: K differs between
@@ -31,11 +32,10 @@ from .coco_masks import segmentation_mask
 from .dense import _builtin
 from .dense_formats import _files, dataset_root, subfolders
 from .det_formats import _image_dir, find_detection_layout
-from .images import IMAGE_EXTENSIONS, read_image
+from .images import IMAGE_EXTENSIONS, BadImageError, decode_image
 from .inspect import DatasetInfo
-from .skips import SkipCounter
+from .skips import SkipCounter, first_readable
 from .splits import check_split
-from .stage import DataStage
 
 INSTANCE_LAYOUTS = ("a COCO JSON with 'segmentation' (polygons or RLE), images/ + instances/ PNGs (value k > 0 is "
                     "instance k), or the built-in scenes")
@@ -57,13 +57,20 @@ class InstanceDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def load(self, i: int):
-        path, reader = self.items[i]
-        img = read_image(path, 3)
-        masks, labels = reader(img.height, img.width)
-        return img, {"instance_masks": masks, "labels": labels}, []
+        """``(image, target, bad_files)``: item ``i`` or, if its image or instance PNG cannot be read, a
+        readable stand-in (the broken files are named in ``bad_files`` and counted by the loader)."""
+        def read(idx: int):
+            path, reader = self.items[idx]
+            img = decode_image(str(path), 3, name=str(path))
+            masks, labels = reader(img.height, img.width)
+            return img, {"instance_masks": masks, "labels": labels}
+
+        (img, target), bad = first_readable(i, len(self.items), read, f"files of the {self.format} instance data")
+        return img, target, bad
 
     def __getitem__(self, i: int):
-        img, target, _ = self.load(i)
+        img, target, bad = self.load(i)
+        self.skips.add(1, bad)
         return img, target
 
     def __repr__(self) -> str:
@@ -103,10 +110,14 @@ def _coco_reader(anns: list, index: dict[int, int]):
 
 def _png_reader(path: str):
     def read(h: int, w: int):
-        ids = np.asarray(Image.open(path))
+        try:
+            with Image.open(path) as png:
+                ids = np.asarray(png)
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # missing, truncated or not a PNG
+            raise BadImageError(f"{path}: {type(e).__name__}: {e}") from None
         if ids.ndim != 2 or ids.shape != (h, w):
-            raise DataError(f"{path}: an instance PNG must be one channel of the image's size {h}x{w}, "
-                            f"got shape {ids.shape}")
+            raise BadImageError(f"{path}: an instance PNG must be one channel of the image's size {h}x{w}, "
+                                f"got shape {ids.shape}")
         keys = [k for k in np.unique(ids) if k > 0]
         masks = np.stack([ids == k for k in keys]) if keys else np.zeros((0, h, w), bool)
         return masks, np.ones(len(keys), np.int64)
@@ -177,9 +188,11 @@ def build_instance_dataset(path: str, split: str = "train", *, val_fraction: flo
     return InstanceDataset(items, classes, "coco", in_chans)
 
 
-def prepare_instances(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chans: int | None = None,
-                      **_) -> DataStage:
-    """Both splits of instance-mask data as a :class:`~vitkit.data.stage.DataStage` (task ``promptable``)."""
+def open_instances(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chans: int | None = None):
+    """Both splits of instance-mask data and their description: ``(train, val, info, reason)``.
+
+    :func:`vitkit.data.prepare_data` with ``task="promptable"`` calls this and returns a ``DataStage``.
+    """
     if in_chans not in (None, 3):
         raise ConfigError(f"promptable segmentation reads RGB images; data.in_chans={in_chans} is not supported")
     train, val = (build_instance_dataset(path, s, val_fraction=val_fraction, seed=seed) for s in ("train", "val"))
@@ -187,7 +200,7 @@ def prepare_instances(path: str, *, val_fraction: float = 0.1, seed: int = 0, in
     info = DatasetInfo(num_classes=train.num_classes, in_chans=3, typical_size=(img.height, img.width),
                        n_train=len(train), n_val=len(val), format=train.format, classes=tuple(train.classes),
                        task="promptable")
-    return DataStage(train, val, info, None, 0.0, "promptable", f"instance masks in {path} ({train.format})")
+    return train, val, info, f"instance masks in {path} ({train.format})"
 
 
 def fit_longest_side(h: int, w: int, size: int) -> tuple[int, int]:

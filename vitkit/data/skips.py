@@ -12,8 +12,12 @@ the rest, and streaming data that cannot be scanned up front.
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import ConfigError, DataError
+from .images import BadImageError
 
 log = logging.getLogger("vitkit.data")
 
@@ -21,6 +25,34 @@ log = logging.getLogger("vitkit.data")
 # class folder, one shard), so a small early sample overstates the rate. The end of an epoch
 # always checks.
 _MIN_SEEN = 500
+# A run of this many unreadable files in a row means the source itself is broken.
+_MAX_REPLACEMENTS = 100
+
+T = TypeVar("T")
+
+
+def first_readable(i: int, n: int, read: Callable[[int], T], what: str) -> tuple[T, list[str]]:
+    """``(read(i), [])``, or when that raises :class:`~vitkit.data.images.BadImageError`, the first
+    readable stand-in and the messages of the unreadable ones.
+
+    Stand-ins are pseudo-random indices seeded by ``(i, attempt)``, not the neighbour: bad files
+    cluster in sorted listings, and the choice must be the same in every process and run. ``what``
+    names the items in the error raised after ``_MAX_REPLACEMENTS`` failures in a row (e.g.
+    "files of the image dataset").
+    """
+    bad: list[str] = []
+    idx = i
+    for k in range(min(n, _MAX_REPLACEMENTS)):
+        if k:
+            idx = random.Random(f"{i}:{k}").randrange(n)
+        try:
+            return read(idx), bad
+        except BadImageError as e:
+            bad.append(str(e))
+    raise DataError(
+        f"{len(bad)} {what} in a row could not be read, replacing item {i}:\n  " + "\n  ".join(bad[:20])
+        + "\nDelete or fix these files (`vitkit.data.scan_files` lists every broken file)"
+    )
 
 
 class SkipCounter:

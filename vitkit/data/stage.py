@@ -62,6 +62,11 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
         PathNotFoundError, DataError: see ``build_dataset`` and ``scan_files``.
         ConfigError: see ``detect_task``; or a task whose data vitkit cannot read yet.
     """
+    if task == "promptable":  # instance masks have their own layouts (COCO masks, instance PNGs, scenes)
+        from .instances import open_instances
+
+        train, val, info, reason = open_instances(path, val_fraction=val_fraction, seed=seed, in_chans=in_chans)
+        return DataStage(train, val, info, None, 0.0, "promptable", reason)
     choice = detect_task(path, task)
     if choice.task in ("segment", "depth"):
         return _prepare_dense(path, choice, val_fraction, seed, in_chans, max_bad_fraction, ignore_index)
@@ -71,7 +76,7 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
         return _prepare_caption(path, choice, val_fraction, seed, in_chans, max_bad_fraction)
     if choice.task != "classify":
         raise ConfigError(f"{path}: task {choice.task!r} ({choice.reason}) has no data reader in this version "
-                          "of vitkit; pass --task classify|segment|depth|detect|caption")
+                          "of vitkit; pass --task classify|segment|depth|detect|caption|promptable")
     # Built with RGB decoding: the description judges gray from colour images; the channels the
     # run wants are set once they are known.
     train, val = (
