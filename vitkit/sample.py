@@ -83,15 +83,17 @@ def sample(source: str | os.PathLike, *, classes: list[str | int] | None = None,
         per = math.ceil(n / len(ids))
         labels = torch.tensor(ids).repeat_interleave(per)[:n]
     nrow = per if ids is None or len(ids) > 1 else math.ceil(math.sqrt(n))
-    steps = steps if steps is not None else objective.cfg.sample_steps
-    guidance = guidance if guidance is not None else objective.cfg.guidance
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
     t0 = time.perf_counter()
+    # None: the run's own objective.sample_steps and objective.guidance (VAR: one step per scale).
     images = objective.sample(labels.to(dev), model=model, steps=steps, guidance=guidance, generator=gen)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
+    if steps is None:
+        steps = len(info["tokenizer"].scales) if info["kind"] == "var" else objective.cfg.sample_steps
+    guidance = objective.cfg.guidance if guidance is None else guidance
     if out is None:
         home = RunDir(info["run_dir"]).samples if info["run_dir"] is not None else Path(info["weights"]).parent
         tag = "all" if ids is None else "-".join(str(i) for i in ids)

@@ -210,6 +210,8 @@ def build_generate_run(cfg, dist, verbose: bool = True, start: float | None = No
         )
     objective = build_objective(objective_name, model, objective_cfg, num_classes=num_classes, tokenizer=tokenizer,
                                 tokenizer_ref=ref, seed=cfg.engine.seed)
+    if getattr(objective, "judge", None) is not None:  # class ids must mean the same to the judge
+        objective.judge.check_classes(classes)
     out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else default_out_dir(cfg, name)
     cfg.engine.out_dir = out_dir
     if hasattr(objective, "sample_dir"):
