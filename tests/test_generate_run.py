@@ -215,7 +215,7 @@ def write_digits(root, classes: int = 3, per_class: int = 12, size: int = 28, se
             img = g.integers(0, 40, (size, size)).astype(np.uint8)
             top = 4 + 7 * k + int(g.integers(0, 3))
             img[top:top + 5, 4:size - 4] = 220
-            Image.fromarray(img, mode="L").save(root / f"c{k}" / f"{i}.png")
+            Image.fromarray(img).save(root / f"c{k}" / f"{i}.png")
 
 
 def _cfg(out, data, *extra):
@@ -300,7 +300,8 @@ def test_run_records_the_tokenizer_and_writes_sample_grids(maskgit_run, vq_run):
     assert info["task"] == "generate" and info["kind"] == "maskgit" and info["img_size"] == 28
     assert info["tokenizer"] == ref and ref["sha256"] == weights_sha256(tokenizer)
     assert info["objective"]["references"]["tokenizer"] == ref
-    assert info["model_args"]["codebook_size"] == tokenizer.codebook_size and info["model_args"]["grid"] == tokenizer.grid
+    args = info["model_args"]
+    assert args["codebook_size"] == tokenizer.codebook_size and args["grid"] == tokenizer.grid
     assert list((maskgit_run / "samples").glob("step_*.png")), "each evaluation writes a grid"
     model, meta = load_generator(maskgit_run)
     assert meta["kind"] == "maskgit" and meta["classes"] == ["c0", "c1", "c2"] and meta["tokenizer"] is not None

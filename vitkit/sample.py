@@ -100,7 +100,8 @@ def sample(source: str | os.PathLike, *, classes: list[str | int] | None = None,
         out = home / f"sample_{tag}_seed{seed}.png"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     path = save_grid(images.float().cpu(), out, nrow=nrow)
-    return {"path": str(path), "n": n, "labels": labels.tolist(), "classes": [names[i] for i in sorted(set(labels.tolist()))],
+    drawn = sorted(set(labels.tolist()))
+    return {"path": str(path), "n": n, "labels": labels.tolist(), "classes": [names[i] for i in drawn],
             "steps": steps, "guidance": guidance, "seed": seed, "seconds": seconds, "s_per_image": seconds / n,
             "kind": info["kind"]}
 

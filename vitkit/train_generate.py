@@ -217,6 +217,8 @@ def build_generate_run(cfg, dist, verbose: bool = True, start: float | None = No
     if hasattr(objective, "sample_dir"):
         objective.sample_dir = RunDir(out_dir).samples
     cfg.model.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.num_classes = name, img_size, in_chans, num_classes
+    if ref is not None:  # the saved config finds the tokenizer from any directory (resume, vitkit sample)
+        objective_cfg.tokenizer = ref["source"]
     cfg.objective = {"name": objective_name, **asdict(objective_cfg)}
     mean = std = [0.5] * in_chans
     run_info = {

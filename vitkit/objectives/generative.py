@@ -154,7 +154,7 @@ class GenerativeObjective(Objective):
 
     @torch.no_grad()
     def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} must implement eval_outputs(batch, model) -> {{'loss': (B,)}}")
+        raise NotImplementedError(f"{type(self).__name__} must implement eval_outputs(batch, model) -> per-sample loss")
 
     @torch.no_grad()
     def sample(self, labels: Tensor, *, model: nn.Module | None = None, steps: int | None = None,
