@@ -79,7 +79,8 @@ class PerceptualLoss(nn.Module):
         teacher_norm = (torch.tensor(card.mean, dtype=torch.float32), torch.tensor(card.std, dtype=torch.float32))
         self.input = TeacherInput((half, half), teacher_norm, tuple(card.input_size[1:]), card.input_size[0])
         self.net = net.eval().requires_grad_(False)
-        self.layers = layers
+        # At most the backbone's own feature points (a shallow test backbone has two).
+        self.layers = min(layers, len(getattr(net, "feature_info", ())) or layers)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen, whatever the caller asks
