@@ -204,6 +204,10 @@ class VQTokenizer(nn.Module):
                 else "a single-scale tokenizer (quantizer='vq', e.g. vq_nano)"
             raise ConfigError(f"{what} needs {other}; this one is quantizer={self.quantizer_type!r}")
 
+    def no_weight_decay(self) -> set[str]:
+        # Weight decay would pull the codes (a parameter when ema=False) towards 0; VQ-VAE has none.
+        return {"quantizer.codebook"}
+
     # ------------------------------------------------------------------ training
 
     def encode_latent(self, x: Tensor) -> Tensor:
