@@ -418,3 +418,54 @@ def test_perceptual_term_uses_a_frozen_vitkit_backbone(tmp_path):
     with pytest.raises(VitkitError, match="objective.perceptual_model="):
         build_objective("vqvae", create_generator("vq_test"), {"perceptual": 1.0,
                                                                "perceptual_model": str(tmp_path / "missing")})
+
+
+# ---- several processes -------------------------------------------------------------------------------
+
+
+def _codebook_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from vitkit.engine.distributed import init_distributed, shutdown_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    init_distributed("gloo")
+    z = torch.load(f"{out}/z.pt", weights_only=True)[rank]  # this process's half of the batch
+    states = {}
+    for restart in (False, True):
+        torch.manual_seed(rank)  # different random streams: the restarted codes must still agree
+        q = VectorQuantizer(6, 2, ema=True, decay=0.9, restart_dead=restart)
+        with torch.no_grad():
+            q.codebook.copy_(torch.load(f"{out}/codes.pt", weights_only=True))
+            q.embed_sum.copy_(q.codebook)
+        q.train()(z)
+        states[str(restart)] = {k: v.clone() for k, v in q.state_dict().items()}
+    torch.save(states, f"{out}/rank{rank}.pt")
+    shutdown_distributed()
+
+
+def test_codebook_statistics_are_summed_over_processes(tmp_path):
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 1, 2, 2, 3)  # two processes' (1, D, 2, 3) batches: 6 vectors each
+    codes = torch.randn(6, 2)
+    torch.save(z, tmp_path / "z.pt")
+    torch.save(codes, tmp_path / "codes.pt")
+    mp.spawn(_codebook_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # Without restarts: every process holds the codebook one process would compute from the whole batch.
+    one = VectorQuantizer(6, 2, ema=True, decay=0.9, restart_dead=False)
+    with torch.no_grad():
+        one.codebook.copy_(codes)
+        one.embed_sum.copy_(codes)
+    one.train()(torch.cat([z[0], z[1]], dim=2))  # (1, 2, 4, 3): both halves in one batch
+    for name, want in one.state_dict().items():
+        assert torch.allclose(r0["False"][name], want, atol=1e-6) and torch.equal(r0["False"][name], r1["False"][name])
+    # With restarts: the dead codes are re-initialised to the same vectors everywhere.
+    assert (r0["True"]["cluster_size"] == 1.0).any()
+    for name in r0["True"]:
+        assert torch.equal(r0["True"][name], r1["True"][name]), name
