@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import assert_same_run, crash_and_resume, make_trainer
+from helpers import assert_same_run, crash_and_resume, free_port, make_trainer
 from torch.utils.data import Dataset
 
 import vitkit
@@ -447,9 +448,6 @@ def _codebook_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_codebook_statistics_are_summed_over_processes(tmp_path):
-    import torch.multiprocessing as mp
-    from helpers import free_port
-
     torch.manual_seed(0)
     z = torch.randn(2, 1, 2, 2, 3)  # two processes' (1, D, 2, 3) batches: 6 vectors each
     codes = torch.randn(6, 2)
