@@ -11,8 +11,9 @@ The encoder and decoder follow VQGAN (Esser et al. 2021, taming-transformers): r
 GroupNorm, SiLU and 3x3 convolutions, a strided convolution to halve the resolution and
 nearest-neighbour upsampling plus a convolution to double it. Sized for a CPU: VQGAN's
 self-attention blocks at the lowest resolution are left out, and the registered variants use
-one residual block per level (VQGAN: 2, this class's default). The quantisers and their state
-are in :mod:`vitkit.generate.quantize`.
+one residual block per level (VQGAN: 2, this class's default); VQGAN's and VAR's ``quant_conv`` /
+``post_quant_conv`` are folded into the encoder's last and the decoder's first convolution. The
+quantisers and their state are in :mod:`vitkit.generate.quantize`.
 
 Registered: ``vq_test``, ``vq_nano`` (single scale), ``msvq_test``, ``msvq_nano`` (multi-scale),
 built with ``vitkit.generate.create_generator``.
