@@ -25,7 +25,7 @@ class PatchTokenizer(nn.Module):
     """A fixed tokenizer: each 7x7 patch of a 28x28 image -> the nearest of 8 grey levels (grid 4)."""
 
     kind = "tokenizer"
-    quantizer = "vq"
+    quantizer_type = "vq"
     img_size, in_chans, grid, codebook_size = 28, 1, 4, 8
 
     def __init__(self):
@@ -334,3 +334,5 @@ def test_with_the_real_vq_tokenizer():
     assert all(p.grad is None for p in tok.parameters())
     imgs = obj.sample(torch.tensor([1, 2]), steps=2)
     assert imgs.shape == (2, tok.in_chans, tok.img_size, tok.img_size) and imgs.abs().max() <= 1
+    with pytest.raises(ConfigError, match="single-scale"):
+        MaskGITObjective(m, MaskGITConfig(), num_classes=3, tokenizer=create_generator("msvq_test"))

@@ -93,9 +93,9 @@ class MaskGITObjective(GenerativeObjective):
             if getattr(tokenizer, attr, None) is None:
                 raise ConfigError(f"objective.tokenizer must be a single-scale VQ tokenizer (encode, decode, "
                                   f"codebook_size, grid); {type(tokenizer).__name__} has no {attr}")
-        if getattr(tokenizer, "quantizer", "vq") != "vq":
+        if getattr(tokenizer, "quantizer_type", "vq") != "vq":
             raise ConfigError(f"MaskGIT needs a single-scale tokenizer (quantizer=vq), this one is "
-                              f"{tokenizer.quantizer!r}: train the tokenizer with the vq quantizer (vq_nano)")
+                              f"{tokenizer.quantizer_type!r}: train the tokenizer with the vq quantizer (vq_nano)")
         for name, want, owner in (("codebook_size", tokenizer.codebook_size, "tokenizer"),
                                   ("grid", tokenizer.grid, "tokenizer"), ("num_classes", num_classes, "data")):
             have = getattr(model, name, None)
