@@ -38,6 +38,9 @@ from .sam import Sam, SamConfig  # noqa: E402, F401  isort: skip
 
 from .vqvae import VQVAE, VQVAEConfig  # noqa: E402, F401  isort: skip
 
+# Image generation: MaskGIT on the tokens of a frozen VQ tokenizer.
+from .maskgit import MaskGITConfig, MaskGITObjective  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "DINO",
     "Depth",
