@@ -181,8 +181,11 @@ class VAR(nn.Module):
     Args:
         codebook_size, embed_dim, scales: the tokenizer's vocabulary, code width and scale sides.
         num_classes: classes; the class embedding has one more row, the null class.
-        dim, depth, num_heads, mlp_ratio: the transformer (the reference ties them as
-            dim = 64 * depth, heads = depth; the registered CPU variants are smaller).
+        dim, depth, num_heads, mlp_ratio: the transformer; the defaults are the reference's
+            smallest model, VAR-d16 (it ties dim = 64 * depth, heads = depth); the registered
+            CPU variants ``var_test`` and ``var_nano`` are smaller.
+        drop_rate, attn_drop_rate: dropout of the branch outputs and of the attention weights
+            (0 as in the reference).
         drop_path_rate: stochastic depth of the last block, linear from 0; None is the
             reference's rule 0.1 * depth / 24.
         shared_aln: one adaLN linear shared by the blocks (the reference's option; off by default as there).
@@ -193,8 +196,8 @@ class VAR(nn.Module):
 
     kind = "var"
 
-    def __init__(self, codebook_size: int, embed_dim: int, scales, num_classes: int, dim: int = 256,
-                 depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+    def __init__(self, codebook_size: int, embed_dim: int, scales, num_classes: int, dim: int = 1024,
+                 depth: int = 16, num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float | None = None, norm_eps: float = 1e-6,
                  shared_aln: bool = False, attn_l2_norm: bool = True, init_std: float | None = None,
                  init_head: float = 0.02, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..generate.var import guidance_scale, var_sample
-from .generative import GenerativeConfig, GenerativeObjective
+from .generative import GenerationEvaluator, GenerativeConfig, GenerativeObjective
 from .registry import register_objective
 
 
@@ -33,10 +33,9 @@ class VARConfig(GenerativeConfig):
     ``guidance``: classifier-free guidance of the evaluation samples in the convention
     ``u + g * (c - u)``, reached at the last scale on VAR's linear schedule (``guidance_schedule``:
     ``linear``, or ``constant``); 2.5 is the reference's ``cfg=1.5``. ``top_k``, ``top_p``,
-    ``temperature``: the sampler's filters (0 = off; the reference's sampler defaults).
-    ``label_smoothing``: of the training cross-entropy (the reference's default 0).
-    ``sample_steps`` is not VAR's to choose: it samples one step per scale of the tokenizer, and
-    any other value is refused.
+    ``temperature``: the sampler's filters (0 = off; the reference sampler's defaults).
+    ``label_smoothing``: of the training cross-entropy (the reference's default, 0).
+    ``sample_steps`` is not used: VAR samples one step per scale of its tokenizer.
     """
 
     guidance: float = 2.5
@@ -48,7 +47,7 @@ class VARConfig(GenerativeConfig):
 
 
 def token_targets(indices: list[Tensor]) -> Tensor:
-    """Token maps [(B, s, s), ...] coarse to fine -> (B, L) in VAR's order (scales concatenated, row-major each)."""
+    """Token maps [(B, s, s), ...] coarse to fine -> (B, L) in VAR's order (scales concatenated, each row-major)."""
     return torch.cat([idx.flatten(1) for idx in indices], dim=1)
 
 
@@ -67,23 +66,14 @@ class VARObjective(GenerativeObjective):
             )
         if not 0 <= cfg.label_smoothing < 1:
             raise ConfigError(f"objective.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if cfg.temperature <= 0 or cfg.top_k < 0 or not 0 <= cfg.top_p <= 1:
+            raise ConfigError(
+                f"objective.temperature must be > 0, top_k >= 0 and top_p in [0, 1] (0 = off); got "
+                f"{cfg.temperature}, {cfg.top_k}, {cfg.top_p}"
+            )
         guidance_scale(cfg.guidance, 0, 2, cfg.guidance_schedule)  # an unknown schedule fails now, not at the first evaluation
         super().__init__(model, cfg, num_classes=num_classes, tokenizer=tokenizer, tokenizer_ref=tokenizer_ref)
         self.num_scales = len(tokenizer.scales)
-        self._check_steps(cfg.sample_steps if cfg.sample_steps else None)
-
-    @classmethod
-    def from_config(cls, model: nn.Module, cfg: VARConfig, *, num_classes: int, tokenizer: nn.Module | None = None,
-                    tokenizer_ref: dict | None = None, **_) -> VARObjective:
-        return cls(model, cfg, num_classes=num_classes, tokenizer=tokenizer, tokenizer_ref=tokenizer_ref)
-
-    def _check_steps(self, steps: int | None) -> None:
-        if steps is not None and steps != self.num_scales:
-            raise ConfigError(
-                f"VAR samples one step per scale of its tokenizer: {self.num_scales} steps for scales "
-                f"{tuple(self.tokenizer.scales)}, not {steps}; leave the steps out (or set objective.sample_steps="
-                f"{self.num_scales})"
-            )
 
     @torch.no_grad()
     def _tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,18 +81,19 @@ class VARObjective(GenerativeObjective):
         indices = self.tokenizer.encode_scales(images)
         return token_targets(indices), self.tokenizer.scales_to_var_input(indices)
 
-    def _per_token_loss(self, model: nn.Module, labels: Tensor, images: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+    def _token_loss(self, model: nn.Module, labels: Tensor, images: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+        """Per-token cross-entropy (B, L) and argmax hits (B, L) of ``model`` on ``images`` of classes ``labels``."""
         target, x_input = self._tokens(images)
         logits = model(labels, x_input).float()  # (B, L, V)
         loss = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", label_smoothing=smoothing)  # (B, L)
-        return loss, (logits.detach().argmax(-1) == target)
+        return loss, logits.detach().argmax(-1) == target
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         labels = self.drop_labels(batch["label"])
-        loss, hit = self._per_token_loss(self.model, labels, batch["image"], self.cfg.label_smoothing)
+        loss, hit = self._token_loss(self.model, labels, batch["image"], self.cfg.label_smoothing)
         last = self.tokenizer.scales[-1] ** 2
         return {
-            "loss": loss.mean(),  # the reference's 1/L weight per token, summed, then averaged over the batch
+            "loss": loss.mean(),  # the reference's weight 1/L per token, summed, then averaged over the batch
             "acc": hit.float().mean(),
             "acc_last_scale": hit[:, -last:].float().mean(),
         }
@@ -111,18 +102,28 @@ class VARObjective(GenerativeObjective):
     def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
         """Per-sample (B,) cross-entropy over all tokens, with the true labels and no smoothing, computed by
         ``model`` (the EMA copy) or ``self.model``."""
-        loss, _ = self._per_token_loss(model if model is not None else self.model, batch["label"], batch["image"], 0.0)
+        loss, _ = self._token_loss(model if model is not None else self.model, batch["label"], batch["image"], 0.0)
         return {"loss": loss.mean(1)}
+
+    def evaluator(self) -> GenerationEvaluator:
+        ev = super().evaluator()
+        ev.steps = None  # one step per scale, whatever objective.sample_steps says
+        return ev
 
     @torch.no_grad()
     def sample(self, labels: Tensor, *, model: nn.Module | None = None, steps: int | None = None,
                guidance: float | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Images (B, C, H, W) in [-1, 1] of classes ``labels`` by :func:`var_sample`.
 
-        ``steps`` must be None or the tokenizer's number of scales (VAR's step count is fixed by the
-        scales it was trained on); ``guidance`` defaults to ``objective.guidance``.
+        VAR's step count is fixed by the scales it was trained on: ``steps`` must be None or the
+        tokenizer's number of scales (anything else is a ConfigError). ``guidance`` defaults to
+        ``objective.guidance``.
         """
-        self._check_steps(steps)
+        if steps is not None and steps != self.num_scales:
+            raise ConfigError(
+                f"VAR samples one step per scale of its tokenizer: {self.num_scales} steps for scales "
+                f"{tuple(self.tokenizer.scales)}, not {steps}; leave the steps out"
+            )
         cfg = self.cfg
         return var_sample(
             model if model is not None else self.model, self.tokenizer, labels, top_k=cfg.top_k, top_p=cfg.top_p,
