@@ -321,7 +321,7 @@ def test_the_objective_trains_and_samples():
     assert obj.sample(torch.tensor([2]), steps=K).shape[0] == 1
     with pytest.raises(ConfigError, match=f"{K} steps"):
         obj.sample(torch.tensor([2]), steps=K + 2)
-    assert obj.evaluator().steps is None  # one step per scale, whatever objective.sample_steps says
+    assert obj.evaluator().steps is None  # the evaluation samples with sample(steps=None): one step per scale
 
 
 def test_the_objective_refuses_a_single_scale_tokenizer():

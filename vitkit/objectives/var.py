@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..generate.var import guidance_scale, var_sample
-from .generative import GenerationEvaluator, GenerativeConfig, GenerativeObjective
+from .generative import GenerativeConfig, GenerativeObjective
 from .registry import register_objective
 
 
@@ -104,11 +104,6 @@ class VARObjective(GenerativeObjective):
         ``model`` (the EMA copy) or ``self.model``."""
         loss, _ = self._token_loss(model if model is not None else self.model, batch["label"], batch["image"], 0.0)
         return {"loss": loss.mean(1)}
-
-    def evaluator(self) -> GenerationEvaluator:
-        ev = super().evaluator()
-        ev.steps = None  # one step per scale, whatever objective.sample_steps says
-        return ev
 
     @torch.no_grad()
     def sample(self, labels: Tensor, *, model: nn.Module | None = None, steps: int | None = None,
