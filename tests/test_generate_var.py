@@ -16,6 +16,7 @@ from torch import nn
 
 from vitkit.errors import ConfigError
 from vitkit.generate import create_generator
+from vitkit.generate.tokenizer import VQTokenizer
 from vitkit.generate.var import VAR, block_causal_mask, filter_logits, guidance_scale, var_sample
 from vitkit.objectives import build_objective
 from vitkit.objectives.var import VARConfig, VARObjective
@@ -69,9 +70,9 @@ class StandInTokenizer(nn.Module):
 
 
 def _real_tokenizer():
-    import vitkit.generate.tokenizer  # noqa: F401  (registers msvq_test)
-
-    return create_generator("msvq_test").eval()
+    tok = create_generator("msvq_test").eval()
+    assert isinstance(tok, VQTokenizer) and tok.scales
+    return tok
 
 
 TOKENIZERS = {"stand-in": StandInTokenizer, "msvq_test": _real_tokenizer}
