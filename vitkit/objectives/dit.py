@@ -65,8 +65,6 @@ class DiTObjective(GenerativeObjective):
             raise ConfigError(f"objective.t_sampling={cfg.t_sampling!r} is not one of {T_SAMPLING}")
         if cfg.sampler not in SAMPLERS:
             raise ConfigError(f"objective.sampler={cfg.sampler!r} is not one of {SAMPLERS}")
-        if cfg.sample_steps < 1:
-            raise ConfigError(f"objective.sample_steps must be >= 1, got {cfg.sample_steps}")
         if getattr(model, "kind", None) != "dit":
             raise ConfigError(f"objective.name=dit trains a DiT, but the model is a {type(model).__name__}: "
                               "set model.name to a DiT (dit_nano, dit_test)")
@@ -74,11 +72,6 @@ class DiTObjective(GenerativeObjective):
             raise ConfigError(f"the DiT was built for {model.num_classes} classes but the data has {num_classes}: "
                               f"build it with num_classes={num_classes}")
         super().__init__(model, cfg, num_classes=num_classes, tokenizer=tokenizer, tokenizer_ref=tokenizer_ref)
-
-    @classmethod
-    def from_config(cls, model: nn.Module, cfg: DiTConfig, *, num_classes: int, tokenizer: nn.Module | None = None,
-                    tokenizer_ref: dict | None = None, **_) -> DiTObjective:
-        return cls(model, cfg, num_classes=num_classes, tokenizer=tokenizer, tokenizer_ref=tokenizer_ref)
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         labels = self.drop_labels(batch["label"])
