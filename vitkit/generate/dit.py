@@ -331,7 +331,7 @@ _BASE = dict(img_size=28, in_chans=1, num_classes=10, mlp_ratio=4.0, freq_dim=25
 # For tests: well under a second a step at 28 px on one CPU thread.
 register_generator("dit_test", "dit", DiT, dict(_BASE, patch_size=4, dim=32, depth=2, num_heads=2))
 # The CPU benchmark size: 4-pixel patches on 28 px (a 7 x 7 grid, 49 tokens), 6 blocks of width 128
-# (1.3M parameters): small enough for a couple of epochs of Fashion-MNIST in 20 minutes on 2 cores.
+# (about 1.8M parameters): small enough for a couple of epochs of Fashion-MNIST in 20 minutes on 2 cores.
 register_generator("dit_nano", "dit", DiT, dict(_BASE, patch_size=4, dim=128, depth=6, num_heads=4))
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "LabelEmbedder", "TimestepEmbedder", "flow_sample", "modulate",
