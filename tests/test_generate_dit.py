@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import vitkit.generate.dit  # noqa: F401  (registers dit_test, dit_nano)
+import vitkit.generate.tokenizer  # noqa: F401  (registers vq_test)
 import vitkit.objectives.dit  # noqa: F401  (registers objective "dit")
 from vitkit.errors import ConfigError, DataError
 from vitkit.generate import create_generator, generator_kind, list_generators
@@ -313,3 +314,39 @@ def test_objective_samples_and_checks_its_config():
 
     with pytest.raises(ConfigError, match="classes"):
         build_objective("dit", _fresh(), {}, num_classes=5)
+
+
+def test_latent_space_flows_on_scaled_pre_quantisation_latents_and_decodes_through_the_quantiser():
+    torch.manual_seed(0)
+    tok = create_generator("vq_test")
+    ref = {"source": "tokenizer.safetensors", "sha256": "0" * 64}
+    std = tok.quantizer.codebook.std().item()  # (K, D) codes
+    model = _fresh(img_size=tok.grid, in_chans=tok.embed_dim, patch_size=1)
+    obj = build_objective("dit", model, {"space": "latent", "sample_steps": 2}, num_classes=10, tokenizer=tok,
+                          tokenizer_ref=ref)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 1, 28, 28, generator=g) * 2 - 1, "label": torch.tensor([3, 4])}
+    z = obj.encode(batch["image"])
+    assert z.shape == (2, tok.embed_dim, tok.grid, tok.grid)
+    assert torch.allclose(z, tok.encode_latent(batch["image"]) / std, rtol=1e-4, atol=1e-5)
+    obj.train()
+    obj(batch)["loss"].backward()
+    assert all(p.grad is None for p in tok.parameters()) and model.final_layer.linear.weight.grad is not None
+    assert obj.references()["tokenizer"] == ref
+
+    # A fresh DiT's velocity is zero, so the sample is the starting noise, mapped back to the latent
+    # scale, snapped to the nearest codes and decoded.
+    obj.eval()
+    images = obj.sample(torch.tensor([0, 10]), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, tok.embed_dim, tok.grid, tok.grid, generator=torch.Generator().manual_seed(1)) * std
+    flat = noise.permute(0, 2, 3, 1).reshape(-1, tok.embed_dim)  # (B*g*g, D)
+    nearest = torch.cdist(flat, tok.quantizer.codebook).argmin(1)
+    quant = tok.quantizer.codebook[nearest].view(2, tok.grid, tok.grid, -1).permute(0, 3, 1, 2)
+    assert torch.allclose(images, tok.decode_latent(quant).clamp(-1, 1), atol=1e-5)
+
+    with pytest.raises(ConfigError, match="objective.tokenizer"):
+        build_objective("dit", _fresh(img_size=7, in_chans=8, patch_size=1), {"space": "latent"}, num_classes=10)
+    with pytest.raises(ConfigError, match="img_size=7, in_chans=8"):
+        build_objective("dit", _fresh(), {"space": "latent"}, num_classes=10, tokenizer=tok, tokenizer_ref=ref)
+    with pytest.raises(ConfigError, match="space=latent"):
+        build_objective("dit", _fresh(), {}, num_classes=10, tokenizer=tok, tokenizer_ref=ref)
