@@ -172,10 +172,6 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(dim, patch_size, in_chans)
         self.initialize_weights()
 
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
     def initialize_weights(self) -> None:
         """The reference's initialisation: Xavier-uniform linears with zero biases, the patch
         projection initialised as a linear, N(0, 0.02) class table and timestep MLP, and every
