@@ -203,6 +203,8 @@ def test_judge_features_and_logits_of_28px_grey_samples(classifier_run):
     # the features really are the pre-logits: the head maps them to the logits
     fc = model.get_classifier()
     assert torch.allclose(F.linear(feats, fc.weight, fc.bias), logits, atol=1e-4)
+    with pytest.raises(DataError, match="C = 1 or 3"):
+        judge(torch.zeros(2, 2, 28, 28))
     judge.check_classes(10)
     with pytest.raises(ConfigError, match="10 classes but the generator 3"):
         judge.check_classes(["a", "b", "c"])

@@ -83,11 +83,15 @@ class Judge:
                 f"{list(classes)[:5]}...: the class ids must mean the same; {_WHAT}"
             )
 
+    @staticmethod
+    def _check(images) -> None:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3) or not len(images):
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise DataError(f"the judge takes images (B, C, H, W) in [-1, 1] with B >= 1 and C = 1 or 3; got {shape}")
+
     def preprocess(self, images: Tensor) -> Tensor:
         """[-1, 1] (B, C, H, W) -> the classifier's normalised input (B, in_chans, *img_size) on its device."""
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise DataError(f"the judge takes images (B, C, H, W) in [-1, 1] with C = 1 or 3; got {shape}")
+        self._check(images)
         mode = "L" if images.shape[1] == 1 else "RGB"
         pixels = to_uint8(images)  # (B, H, W, C)
         # The classifier's own evaluation transform: the pixels real images gave it at evaluation.
@@ -99,6 +103,7 @@ class Judge:
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images in [-1, 1] (B, C, H, W) -> (pooled pre-logits (B, num_features), logits (B, num_classes)),
         float32 on the CPU."""
+        self._check(images)
         feats, logits = [], []
         for chunk in images.split(self.batch_size):
             tokens = self.model.forward_features(self.preprocess(chunk))
@@ -107,8 +112,6 @@ class Judge:
             if isinstance(out, (tuple, list)):  # a distilled classifier: its prediction is the heads' average
                 out = torch.stack(list(out)).mean(0)
             logits.append(out.float().cpu())
-        if not feats:
-            raise DataError("the judge got no images")
         return torch.cat(feats), torch.cat(logits)
 
 
