@@ -64,8 +64,6 @@ QUIET = ["engine.tensorboard=false", "engine.plots=false"]
 KINDS = ("maskgit", "var", "dit")
 TOKENIZER_OF = {"maskgit": "vq", "var": "msvq", "dit": None}
 SWEEP = {"maskgit": (4, 8, 16), "dit": (8, 16, 32)}
-# the sampler settings each objective records in its config, passed to its sampler as they are
-SAMPLER_KEYS = {"maskgit": ("temperature",), "var": ("top_k", "top_p", "temperature"), "dit": ("method",)}
 GOAL_CC, GOAL_FD_RATIO, DONE_CC = 0.90, 3.0, 0.85
 
 # --smoke: the _test variants, a few steps each, a 300-image subset of the data
@@ -154,45 +152,17 @@ def plan_of(res: dict) -> dict:
 # ---- sampling and scoring ------------------------------------------------------------------------------
 
 
-def _field(info, key: str):
-    return info.get(key) if isinstance(info, dict) else getattr(info, key, None)
-
-
-def objective_config(run: Path) -> dict:
-    from vitkit.rundir import RunDir
-
-    return dict(RunDir(run).read_config().get("objective") or {})
-
-
 @torch.no_grad()
-def draw(kind: str, model, tokenizer, cfg: dict, labels: torch.Tensor, steps: int | None, guidance: float,
-         generator: torch.Generator) -> torch.Tensor:
-    """Images in [-1, 1] from the kind's own sampler with the run's recorded settings."""
-    extra = {k: cfg[k] for k in SAMPLER_KEYS[kind] if cfg.get(k) is not None}
-    if kind == "maskgit":
-        from vitkit.generate.maskgit import maskgit_sample
-
-        tokens = maskgit_sample(model, labels, steps=steps, guidance=guidance, generator=generator, **extra)
-        return tokenizer.decode(tokens)  # (B, g, g) -> (B, C, H, W)
-    if kind == "var":
-        from vitkit.generate.var import var_sample
-
-        return var_sample(model, tokenizer, labels, guidance=guidance, generator=generator, **extra)
-    from vitkit.generate.dit import flow_sample
-
-    out = flow_sample(model, labels, steps=steps, guidance=guidance, generator=generator, **extra)
-    return tokenizer.decode_latent(out) if cfg.get("space") == "latent" else out
-
-
-def sample_set(kind: str, model, tokenizer, cfg: dict, n: int, num_classes: int, steps: int | None,
-               guidance: float, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``n`` class-balanced samples (labels 0..K-1 in turn), their labels and the seconds they took."""
+def sample_set(objective, model, n: int, num_classes: int, steps: int, guidance: float, batch: int,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``n`` class-balanced samples (class ``i % K`` for the i-th, as the run's evaluations draw them), drawn
+    by the run's own objective; their labels and the seconds they took (tokenizer decoding included)."""
     labels = torch.arange(n) % num_classes
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    images = torch.cat([draw(kind, model, tokenizer, cfg, lab, steps, guidance, gen).float().clamp(-1, 1)
+    images = torch.cat([objective.sample(lab, model=model, steps=steps, guidance=guidance, generator=gen)
                         for lab in labels.split(batch)])
-    return images, labels, time.perf_counter() - t0
+    return images.float().clamp(-1, 1), labels, time.perf_counter() - t0
 
 
 def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -245,26 +215,23 @@ def score_generator(kind: str, res: dict, judge, ref_stats, floor: float, num_cl
     from vitkit.generate.grid import save_grid
     from vitkit.generate.load import load_generator
     from vitkit.generate.metrics import class_consistency, feature_stats, frechet_distance
+    from vitkit.sample import _objective
 
     model, info = load_generator(res["run_dir"])
-    model.eval()
-    tokenizer = _field(info, "tokenizer")
-    if tokenizer is not None:
-        tokenizer.eval()
-    cfg = objective_config(Path(res["run_dir"]))
-    guidance = float(cfg.get("guidance", 1.0))
+    # the run's objective, rebuilt from its config: it samples exactly as the run's evaluations did
+    objective = _objective(model, info, len(info["classes"])).eval()
+    guidance = float(objective.cfg.guidance)
     # VAR decodes one step per scale; the others sample in the steps their run evaluated with
-    steps = len(tokenizer.scales) if kind == "var" else int(cfg.get("sample_steps") or 8)
-    images, labels, secs = sample_set(kind, model, tokenizer, cfg, n, num_classes, steps, guidance, args.batch,
-                                      args.seed)
+    steps = len(info["tokenizer"].scales) if kind == "var" else int(objective.cfg.sample_steps)
+    images, labels, secs = sample_set(objective, model, n, num_classes, steps, guidance, args.batch, args.seed)
     feats, logits = judge(images)
     row = {"model": kind, "class_consistency": class_consistency(logits, labels),
            "fd": frechet_distance(*feature_stats(feats), *ref_stats), "fd_real_floor": floor,
            "sample_s_per_image": secs / n, "params": count_params(model), "wall_s": res["wall_s"]}
     per_row = min(8, n // num_classes)
     save_grid(class_rows(images, labels, per_row), grid_path, nrow=per_row)
-    meta = {"generator": res["run_info"].get("model"), "guidance": guidance, "steps": steps,
-            "sampler": {k: cfg[k] for k in SAMPLER_KEYS[kind] if cfg.get(k) is not None}, "space": cfg.get("space"),
+    meta = {"generator": info["model_name"], "guidance": guidance, "steps": steps,
+            "objective": {k: v for k, v in info["objective"].items() if k != "references"},
             "tokenizer": TOKENIZER_OF[kind], "run_dir": res["run_dir"], "command": res["command"],
             "train_steps": res["summary"].get("steps"), "epochs": res["summary"].get("epochs"), "n_samples": n,
             "grid": str(grid_path), "run_summary": val_metrics(res["summary"])}
@@ -273,8 +240,7 @@ def score_generator(kind: str, res: dict, judge, ref_stats, floor: float, num_cl
     points = []
     m = (args.n_sweep // num_classes) * num_classes
     for s in sweep_steps or (steps,):
-        imgs, labs, secs = sample_set(kind, model, tokenizer, cfg, m, num_classes, s, guidance, args.batch,
-                                      args.seed + 1)
+        imgs, labs, secs = sample_set(objective, model, m, num_classes, s, guidance, args.batch, args.seed + 1)
         cc = class_consistency(judge(imgs)[1], labs)
         points.append({"model": kind, "steps": s, "sample_s_per_image": secs / m, "class_consistency": cc, "n": m,
                        "guidance": guidance})

@@ -217,9 +217,10 @@ def test_load_judge_refuses_what_is_not_a_classifier(tmp_path, classifier_run):
 
     with pytest.raises(PathNotFoundError, match="vitkit train --data"):
         load_judge(tmp_path / "missing")
+    # a generative run (its run.json decides what the weights are)
     gen = tmp_path / "gen"
-    gen.mkdir()
-    (gen / "run.json").write_text(json.dumps({"task": "generate", "kind": "maskgit"}))
+    save_weights(create_model("test_vit", num_classes=10), gen / "model.safetensors")
+    (gen / "run.json").write_text(json.dumps({"task": "generate", "kind": "maskgit", "model": "maskgit_test"}))
     with pytest.raises(ConfigError, match=r"generative model \(maskgit\).*vitkit train --data"):
         load_judge(gen)
     headless = save_weights(create_model("test_vit", num_classes=0), tmp_path / "backbone.safetensors")

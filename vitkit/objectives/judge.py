@@ -29,9 +29,9 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, PathNotFoundError, RunDirError
 from ..generate.grid import to_uint8
+from ..generate.load import generative_kind
 from ..rundir import RunDir
 from ..source import ArchitectureNeededError, LoadedModel, load_model
-from ..weights_io import read_metadata
 from .teacher import weights_sha256
 
 _WHAT = ("the judge is a classifier trained on the generator's data: train one (vitkit train --data DIR --out RUN) and "
@@ -115,25 +115,6 @@ class Judge:
         return torch.cat(feats), torch.cat(logits)
 
 
-def _generative_kind(path: Path) -> str | None:
-    """The kind of a generative run (or a checkpoint or weights file of one), else None."""
-    run = RunDir(path) if RunDir(path).is_run() else RunDir.of_checkpoint(path)
-    if run is not None and run.is_run():
-        try:
-            info = run.read_run_info()
-        except RunDirError:
-            info = {}
-        if info.get("task") == "generate":
-            return str(info.get("kind") or "generative")
-    if path.is_file() and path.suffix == ".safetensors":
-        from ..generate import generator_kind, list_generators
-
-        name = read_metadata(path).get("model_name") or ""
-        if name in list_generators():
-            return generator_kind(name)
-    return None
-
-
 def _test_acc(loaded: LoadedModel) -> float | None:
     """The run's final validation accuracy, when the judge is that run's final weights."""
     if loaded.run_dir is None:
@@ -159,7 +140,7 @@ def load_judge(source: str | os.PathLike, device: str | torch.device | None = "c
     path = Path(text).expanduser()
     if not path.exists():
         raise PathNotFoundError(f"judge {text!r}: no such run directory or weights file; {_WHAT}")
-    kind = _generative_kind(path)
+    kind = generative_kind(path)
     if kind is not None:
         raise ConfigError(f"judge {text} is a generative model ({kind}), not a classifier: {_WHAT}")
     try:
