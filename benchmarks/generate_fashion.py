@@ -68,8 +68,9 @@ GOAL_CC, GOAL_FD_RATIO, DONE_CC = 0.90, 3.0, 0.85
 
 # --smoke: the _test variants, a few steps each, a 300-image subset of the data
 SMOKE_MODELS = {"judge": ["model.name=test_vit", "data.img_size=32", "model.args.embed_dim=16"],
-                "vq": ["model.name=vq_test"], "msvq": ["model.name=msvq_test"], "maskgit": ["model.name=maskgit_test"],
-                "var": ["model.name=var_test"], "dit": ["model.name=dit_test"]}
+                "vq": ["model.name=vq_test"], "msvq": ["model.name=msvq_test"],
+                "maskgit": ["model.name=maskgit_test", "objective.sample_steps=4"], "var": ["model.name=var_test"],
+                "dit": ["model.name=dit_test", "objective.sample_steps=4"]}
 SMOKE_ENGINE = ["engine.max_steps=3", "data.batch_size=8", "data.num_workers=0", "engine.eval_every=1000"]
 SMOKE_SWEEP = {"maskgit": (2, 4), "dit": (2, 4)}
 SMOKE_ROOT = Path("/tmp/generate-smoke")
@@ -312,7 +313,7 @@ def train_stages(args, root: Path) -> tuple[dict, dict, dict]:
                                                    *model, *args.engine], reuse)
     extra = [f"objective.judge={root / 'judge'}", f"objective.judge_samples={args.n}"] if args.judge_in_runs else []
     if args.smoke:
-        extra += ["objective.grid_samples=10", "objective.sample_steps=4"]
+        extra += ["objective.grid_samples=10"]
     gens = {}
     for kind in args.kinds:
         tok = [f"objective.tokenizer={root / TOKENIZER_OF[kind]}"] if TOKENIZER_OF[kind] else []
