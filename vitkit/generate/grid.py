@@ -18,7 +18,7 @@ MIN_TILE = 64  # pixels: smaller images are enlarged (nearest neighbour) to at l
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) float in [-1, 1] -> uint8 (N, H, W, C), clamped, rounded to the nearest level."""
     x = images.detach().to("cpu", torch.float32).clamp(-1, 1)
-    return ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, *, scale: int | None = None,
@@ -59,7 +59,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         y, x = padding + (k // ncol) * (th + padding), padding + (k % ncol) * (tw + padding)
         sheet[y:y + th, x:x + tw] = tiles[k]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet[..., 0] if c == 1 else sheet, "L" if c == 1 else "RGB").save(path, format="PNG")
+    Image.fromarray(sheet[..., 0] if c == 1 else sheet).save(path, format="PNG")  # uint8 (H, W): L, (H, W, 3): RGB
     return path
 
 

@@ -92,10 +92,9 @@ class Judge:
     def preprocess(self, images: Tensor) -> Tensor:
         """[-1, 1] (B, C, H, W) -> the classifier's normalised input (B, in_chans, *img_size) on its device."""
         self._check(images)
-        mode = "L" if images.shape[1] == 1 else "RGB"
         pixels = to_uint8(images)  # (B, H, W, C)
         # The classifier's own evaluation transform: the pixels real images gave it at evaluation.
-        x = torch.stack([self.loaded.transform(Image.fromarray(p[..., 0] if mode == "L" else p, mode))
+        x = torch.stack([self.loaded.transform(Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p))
                          for p in pixels])  # uint8 (B, in_chans, h, w)
         return self.loaded.normalize(x.to(self.loaded.device))
 
