@@ -168,7 +168,7 @@ def test_a_fresh_model_is_initialised_as_the_reference():
         gss = blk.ada.ada_gss  # (1, 1, 6, C): randn / sqrt(C), gates times 1e-5, the rest times 0.5
         assert _close(gss[0, 0, :2].std().item(), 1e-5 / math.sqrt(dim), rel=0.2)
         assert _close(gss[0, 0, 2:].std().item(), 0.5 / math.sqrt(dim), rel=0.2)
-    assert torch.count_nonzero(shared.shared_ada_lin.lin.bias) == 0
+    assert torch.count_nonzero(shared.shared_ada_lin.ada_lin[-1].bias) == 0
 
 
 def test_registered_variants_rebuild_from_their_saved_arguments():

@@ -94,7 +94,7 @@ class VARAttention(AttentionCore):
 
 
 class AdaLNModulation(nn.Module):
-    """A block's own adaLN: SiLU + Linear from the condition (B, D) to its six vectors (B, 1, 6, C),
+    """adaLN: SiLU + Linear from the condition (B, D) to the six vectors (B, 1, 6, C) of a block (or of all, shared),
     in the order gamma1, gamma2, scale1, scale2, shift1, shift2."""
 
     def __init__(self, cond_dim: int, dim: int):
@@ -116,19 +116,6 @@ class SharedAdaLNOffset(nn.Module):
 
     def forward(self, shared: Tensor) -> Tensor:
         return self.ada_gss + shared  # (B, 1, 6, C)
-
-
-class SharedAdaLin(nn.Module):
-    """SiLU + Linear from the condition (B, D) to (B, 1, 6, C), computed once and used by every block."""
-
-    def __init__(self, cond_dim: int, dim: int):
-        super().__init__()
-        self.dim = dim
-        self.act = nn.SiLU()
-        self.lin = nn.Linear(cond_dim, 6 * dim)
-
-    def forward(self, cond: Tensor) -> Tensor:
-        return self.lin(self.act(cond)).view(-1, 1, 6, self.dim)  # (B, 1, 6, C)
 
 
 class AdaLNBlock(nn.Module):
@@ -222,7 +209,7 @@ class VAR(nn.Module):
         nn.init.trunc_normal_(self.pos_start, std=std)
         nn.init.trunc_normal_(self.pos_embed, std=std)
 
-        self.shared_ada_lin = SharedAdaLin(dim, dim) if shared_aln else nn.Identity()
+        self.shared_ada_lin = AdaLNModulation(dim, dim) if shared_aln else nn.Identity()  # one for every block
         dpr_max = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
         dpr = torch.linspace(0, dpr_max, depth).tolist()
         self.blocks = nn.ModuleList([
