@@ -124,7 +124,7 @@ def smoke_subset(src: Path, dest: Path, seed: int) -> Path:
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, H, W) in [-1, 1]: what every vitkit generator is trained on."""
-    return torch.from_numpy(images).float().unsqueeze(1) / 127.5 - 1
+    return torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 127.5 - 1  # a copy: IDX arrays are read-only
 
 
 # ---- training stages ---------------------------------------------------------------------------------
