@@ -240,20 +240,22 @@ def data(tmp_path_factory):
     return root
 
 
+def _tokenizer_run(data, model: str):
+    """A `vqvae` run of ``model`` (two steps) next to the data."""
+    _needs("vqvae")
+    out = data.parent / model
+    _train(out, data, "objective.name=vqvae", f"model.name={model}", "engine.max_steps=2")
+    return out
+
+
 @pytest.fixture(scope="module")
 def vq_run(data):
-    _needs("vqvae")
-    out = data.parent / "vq"
-    _train(out, data, "objective.name=vqvae", "model.name=vq_test", "engine.max_steps=2")
-    return out
+    return _tokenizer_run(data, "vq_test")
 
 
 @pytest.fixture(scope="module")
 def msvq_run(data):
-    _needs("vqvae")
-    out = data.parent / "msvq"
-    _train(out, data, "objective.name=vqvae", "model.name=msvq_test", "engine.max_steps=2")
-    return out
+    return _tokenizer_run(data, "msvq_test")
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +383,16 @@ def test_load_model_refuses_a_generator_weights_file(maskgit_run, tmp_path):
     lone.write_bytes((maskgit_run / "model.safetensors").read_bytes())
     with pytest.raises(ConfigError, match=r"generative model \(maskgit, maskgit_test\).*vitkit sample"):
         load_model(lone)
+
+
+@pytest.mark.e2e
+def test_vitkit_train_writes_a_generative_run(data, tmp_path):
+    _needs("dit")
+    out = tmp_path / "dit"
+    run_vitkit("train", "--data", data, "--out", out, "objective.name=dit", "model.name=dit_test",
+               "objective.sample_steps=2", "objective.grid_samples=6", "engine.max_steps=2", "engine.epochs=1",
+               "data.batch_size=4", "data.val_fraction=0.25", *ENGINE, check=True, timeout=120)
+    info = json.loads((out / "run.json").read_text())
+    assert info["task"] == "generate" and info["kind"] == "dit" and info["tokenizer"] is None
+    assert info["mean"] == [0.5] and info["std"] == [0.5] and info["in_chans"] == 1
+    assert (out / "samples" / "step_000002.png").is_file() and (out / "model.safetensors").is_file()
