@@ -372,3 +372,12 @@ def test_load_model_refuses_a_tokenizer_run(vq_run):
 
     with pytest.raises(ConfigError, match="VQ image tokenizer"):
         load_model(vq_run)
+
+
+def test_load_model_refuses_a_generator_weights_file(maskgit_run, tmp_path):
+    from vitkit.source import load_model
+
+    lone = tmp_path / "maskgit.safetensors"
+    lone.write_bytes((maskgit_run / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=r"generative model \(maskgit, maskgit_test\).*vitkit sample"):
+        load_model(lone)
