@@ -128,7 +128,8 @@ class VectorQuantizer(nn.Module):
         """(N, D) vectors -> (N,) index of the nearest code in squared Euclidean distance."""
         e = self.codebook.detach().float()
         z = z.detach().float()
-        d = z.square().sum(1, keepdim=True) - 2 * z @ e.T + e.square().sum(1)  # (N, K)
+        with torch.autocast(z.device.type, enabled=False):  # distances in float32 even under mixed precision
+            d = z.square().sum(1, keepdim=True) - 2 * z @ e.T + e.square().sum(1)  # (N, K)
         return d.argmin(1)
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -196,7 +197,12 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, z: Tensor) -> dict[str, Tensor]:
+    def forward(self, z: Tensor) -> dict:
+        # Codes, distances and losses in float32 (VAR turns autocast off here too).
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: Tensor) -> dict:
         """Quantise ``z`` (B, D, H, W).
 
         Returns ``quant`` (B, D, H, W): the codes, with the straight-through gradient to ``z``;
@@ -287,7 +293,7 @@ class MultiScaleQuantizer(VectorQuantizer):
         e = self.lookup(indices.reshape(B, s, s)).permute(0, 3, 1, 2)  # (B, D, s, s)
         return self.phi(k, self.up(e))
 
-    def forward(self, f: Tensor) -> dict[str, Tensor]:
+    def _quantize(self, f: Tensor) -> dict:
         """Quantise ``f`` (B, D, g, g) coarse to fine.
 
         Returns ``quant`` (B, D, g, g): ``f_hat`` with the straight-through gradient to ``f``;

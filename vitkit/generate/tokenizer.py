@@ -11,8 +11,9 @@ The encoder and decoder follow VQGAN (Esser et al. 2021, taming-transformers): r
 GroupNorm, SiLU and 3x3 convolutions, a strided convolution to halve the resolution and
 nearest-neighbour upsampling plus a convolution to double it. Sized for a CPU: VQGAN's
 self-attention blocks at the lowest resolution are left out, and the registered variants use
-one residual block per level (VQGAN: 2, this class's default). The quantisers and their state
-are in :mod:`vitkit.generate.quantize`.
+one residual block per level (VQGAN: 2, this class's default); VQGAN's and VAR's ``quant_conv`` /
+``post_quant_conv`` are folded into the encoder's last and the decoder's first convolution. The
+quantisers and their state are in :mod:`vitkit.generate.quantize`.
 
 Registered: ``vq_test``, ``vq_nano`` (single scale), ``msvq_test``, ``msvq_nano`` (multi-scale),
 built with ``vitkit.generate.create_generator``.
@@ -203,6 +204,10 @@ class VQTokenizer(nn.Module):
             other = "a multi-scale tokenizer (quantizer='multiscale', e.g. msvq_nano)" if quantizer == "multiscale" \
                 else "a single-scale tokenizer (quantizer='vq', e.g. vq_nano)"
             raise ConfigError(f"{what} needs {other}; this one is quantizer={self.quantizer_type!r}")
+
+    def no_weight_decay(self) -> set[str]:
+        # Weight decay would pull the codes (a parameter when ema=False) towards 0; VQ-VAE has none.
+        return {"quantizer.codebook"}
 
     # ------------------------------------------------------------------ training
 

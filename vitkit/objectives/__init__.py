@@ -37,6 +37,8 @@ from .clip import Clip, ClipConfig, Siglip, SiglipConfig  # noqa: E402, F401  is
 from .sam import Sam, SamConfig  # noqa: E402, F401  isort: skip
 from .dit import DiTConfig, DiTObjective  # noqa: E402, F401  isort: skip
 
+from .vqvae import VQVAE, VQVAEConfig  # noqa: E402, F401  isort: skip
+
 __all__ = [
     "DINO",
     "Depth",
