@@ -10,6 +10,7 @@
     bad_files.txt          broken images left out, one per line
     error.log              the traceback of a crash
     tb/  plots/            TensorBoard events, PNG plots
+    samples/               a generative run's sample grid of each evaluation (step_N.png)
     checkpoints/
       step_000123/         model.safetensors, objective.safetensors, ema.safetensors, trainer_state.pt
       latest               names the newest complete step directory
@@ -43,6 +44,7 @@ BAD_FILES = "bad_files.txt"
 ERROR_LOG = "error.log"
 TENSORBOARD = "tb"
 PLOTS = "plots"
+SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
@@ -53,7 +55,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 # Everything a vitkit run writes into its directory; --force removes exactly these.
 ADAPTER = "adapter.safetensors"  # a PEFT run's method and head weights alone
 RUN_FILES = (CONFIG, RUN_INFO, SUMMARY, METRICS, WEIGHTS, ADAPTER, BAD_FILES, ERROR_LOG, CHECKPOINTS, TENSORBOARD,
-             PLOTS)
+             PLOTS, SAMPLES)
 # Keys whose change alters the lr at a given step (the schedule's length or shape).
 SCHEDULE_KEYS = (
     "engine.epochs", "engine.max_steps", "engine.time_budget", "data.batch_size",
@@ -104,6 +106,7 @@ class RunDir:
     error_log = property(lambda self: self.path / ERROR_LOG)
     tensorboard = property(lambda self: self.path / TENSORBOARD)
     plots = property(lambda self: self.path / PLOTS)
+    samples = property(lambda self: self.path / SAMPLES)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
 
     @classmethod

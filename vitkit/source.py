@@ -436,6 +436,21 @@ def _refuse_adapter(weights: Path) -> None:
         )
 
 
+def _refuse_generative(source: str, weights: Path, run: RunDir | None) -> None:
+    """A generative run draws images: it has no classifier for eval, predict and the rest."""
+    from .generate.load import architecture
+
+    arch = architecture(weights, run)
+    if arch is None:
+        return
+    if arch[2] == "tokenizer":
+        raise ConfigError(f"{source} is a VQ image tokenizer ({arch[0]}): it has no classes to evaluate or predict; "
+                          f"train a generator on it (vitkit train --data DIR objective.name=maskgit "
+                          f"objective.tokenizer={source}), then `vitkit sample` that run")
+    raise ConfigError(f"{source} is a generative model ({arch[2]}, {arch[0]}): it draws images rather than classifying "
+                      f"them; use `vitkit sample {source} --class K --n 64`")
+
+
 def _weight_keys(weights: Path) -> list[str] | None:
     if not (weights.is_file() and weights.suffix == ".safetensors"):
         return None
@@ -483,6 +498,7 @@ def _build(source: str, use_ema: bool, model_name: str | None, num_classes: int 
     if Path(source).expanduser().exists():
         weights, run = resolve_weights(source, use_ema)
         _refuse_adapter(weights)
+        _refuse_generative(source, weights, run)
         detect = _detect_args(weights, run)
         if detect is not None:
             return _detect_from(weights, detect, run), weights, run

@@ -40,6 +40,7 @@ from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
 from .train_caption import build_caption_run, check_caption_config
 from .train_dense import build_dense_run, check_classify_config, default_out_dir, run_budget
 from .train_detect import build_detect_run, check_detect_config
+from .train_generate import build_generate_run, wants_generate
 from .train_peft import apply_run_peft, check_peft_task, peft_run_info, save_run_adapter
 from .train_promptable import build_promptable_run, wants_promptable
 from .weights_io import save_weights
@@ -132,6 +133,9 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     """
     dist = init_distributed()
     d = cfg.data
+    if wants_generate(cfg):  # a VQ tokenizer, MaskGIT, VAR or DiT on class folders
+        check_peft_task(cfg, "generate")
+        return build_generate_run(cfg, dist, verbose=verbose, start=start)
     if wants_promptable(cfg):  # SAM on instance masks: points, boxes and correction clicks
         from .data.instances import prepare_instances
 

@@ -28,13 +28,14 @@ from . import predict as predict_cmd
 from . import pretrain as pretrain_cmd
 from . import probe as probe_cmd
 from . import retrieve as retrieve_cmd
+from . import sample as sample_cmd
 from . import segment as segment_cmd
 from . import train as train_cmd
 from . import zeroshot as zeroshot_cmd
 
 _COMMANDS = [
     train_cmd, pretrain_cmd, eval_cmd, zeroshot_cmd, retrieve_cmd, probe_cmd, predict_cmd, explain_cmd, demo_cmd,
-    segment_cmd, models_cmd, export_cmd, bench_cmd,
+    segment_cmd, sample_cmd, models_cmd, export_cmd, bench_cmd,
 ]
 # OS errors about a path the user named: a typo or a permission, not a bug.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

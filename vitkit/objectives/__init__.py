@@ -38,6 +38,10 @@ from .sam import Sam, SamConfig  # noqa: E402, F401  isort: skip
 from .dit import DiTConfig, DiTObjective  # noqa: E402, F401  isort: skip
 
 from .vqvae import VQVAE, VQVAEConfig  # noqa: E402, F401  isort: skip
+from .var import VARConfig, VARObjective  # noqa: E402, F401  isort: skip
+
+# Image generation: MaskGIT on the tokens of a frozen VQ tokenizer.
+from .maskgit import MaskGITConfig, MaskGITObjective  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DINO",

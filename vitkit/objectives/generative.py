@@ -11,11 +11,12 @@ the labels by the null class (id ``num_classes``), so the same network also lear
 unconditional model; samplers mix the two outputs as ``u + guidance * (c - u)``.
 
 Each evaluation (:class:`GenerationEvaluator`) reports the mean per-sample validation ``loss``,
-writes a class-balanced grid of samples to ``<run>/samples/step_<N>.png`` (N zero-padded to six digits as checkpoints are; the same seed every
-time, so the grids show the run's progress), and with ``objective.judge=<classifier run>``
-scores ``judge_samples`` class-balanced samples with that classifier: ``class_consistency`` (its
-accuracy on the samples, the primary metric, higher is better) and ``fd``, the Frechet distance
-between the samples and as many real validation images in its pooled pre-logit feature space.
+writes a class-balanced grid of samples to ``<run>/samples/step_<N>.png`` (N zero-padded to six
+digits, as checkpoints are; the same seed every time, so the grids show the run's progress), and
+with ``objective.judge=<classifier run>`` scores ``judge_samples`` class-balanced samples with
+that classifier: ``class_consistency`` (its accuracy on the samples, the primary metric, higher
+is better) and ``fd``, the Frechet distance between the samples and as many real validation
+images in its pooled pre-logit feature space.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class GenerativeObjective(Objective):
 
     @torch.no_grad()
     def eval_outputs(self, batch: dict, model: nn.Module | None = None) -> dict[str, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} must implement eval_outputs(batch, model) -> {{'loss': (B,)}}")
+        raise NotImplementedError(f"{type(self).__name__} must implement eval_outputs(batch, model) -> per-sample loss")
 
     @torch.no_grad()
     def sample(self, labels: Tensor, *, model: nn.Module | None = None, steps: int | None = None,
@@ -169,25 +170,31 @@ class GenerativeObjective(Objective):
         judge = load_judge(self.cfg.judge, device=str(device))
         if self.judge_ref is not None and judge.sha256 != self.judge_ref["sha256"]:
             raise ConfigError(f"objective.judge={self.cfg.judge} changed while the run was using it: start a new run")
+        judge.check_classes(self.num_classes)
         self.__dict__["_judge"] = judge
         self.__dict__["_judge_device"] = device
-        self.judge_ref = {"source": str(judge.source), "sha256": judge.sha256}
+        self.judge_ref = dict(judge.reference)  # source, model, sha256, test_acc (the consistency's ceiling)
         return judge
+
+    @property
+    def judge(self):
+        """The classifier of ``objective.judge`` (a :class:`~vitkit.objectives.judge.Judge`), or None."""
+        return self.__dict__["_judge"]
 
     def judge_on(self, device: torch.device):
         """The judge (None without ``objective.judge``) on ``device``; loaded there once."""
-        if self.__dict__["_judge"] is None:
+        if self.judge is None:
             return None
         if self.__dict__.get("_judge_device") != torch.device(device):
             return self._load_judge(torch.device(device))
-        return self.__dict__["_judge"]
+        return self.judge
 
     def evaluator(self) -> GenerationEvaluator:
         device = next(self.model.parameters()).device
         return GenerationEvaluator(
             self.num_classes, judge=self.judge_on(device), judge_samples=self.cfg.judge_samples,
             grid_samples=self.cfg.grid_samples, sample_dir=self.sample_dir, step=self.step,
-            steps=self.cfg.sample_steps, guidance=self.cfg.guidance,
+            steps=None, guidance=None,  # each objective samples with its own objective.sample_steps, guidance
         )
 
 
@@ -205,7 +212,9 @@ class GenerationEvaluator(Evaluator):
     real images, ``n`` = the smaller count (equal sizes on both sides: the distance is biased by
     the sample size), reported as ``fd_n``.
 
-    Primary metric: ``class_consistency`` (higher is better) with a judge, else ``loss``.
+    ``steps`` and ``guidance`` go to ``objective.sample``; None: its own ``objective.sample_steps`` and
+    ``objective.guidance`` (VAR takes no step count: one step per scale). Primary metric:
+    ``class_consistency`` (higher is better) with a judge, else ``loss``.
     """
 
     def __init__(self, num_classes: int, *, judge=None, judge_samples: int = 1000, grid_samples: int = 40,
