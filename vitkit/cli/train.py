@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="recipe name or YAML file")
     p.add_argument("--data", help="dataset path, or 'shapes[:N]' / 'scenes[:N]' / 'depth-scenes[:N]' for the "
                                   "built-in data (data.path)")
-    p.add_argument("--task", help="what to train (data.task): classify, segment, depth, detect, caption or "
-                                  "promptable (SAM-style masks from points and boxes); default: "
+    p.add_argument("--task", help="what to train (data.task): classify, segment, depth, detect, caption, "
+                                  "promptable (SAM-style masks from points and boxes) or generate (objective.name="
+                                  "vqvae|maskgit|var|dit on class folders); default: "
                                   "detected from the data (class folders: classify; mask folders: segment; depth maps: "
                                   "depth; COCO JSON or VOC XML boxes: detect; a JSONL/CSV with captions: caption)")
     p.add_argument("--model", help="model name (model.name); default: chosen from the data")
@@ -111,6 +112,12 @@ def _metrics_line(summary: dict) -> str:
     if task == "promptable":
         return (f"val point mIoU {_pct(summary.get('val_point_miou'))} (oracle {_pct(summary.get('val_point_miou_oracle'))}),"
                 f" box mIoU {_pct(summary.get('val_box_miou'))}")
+    if task == "generate":
+        cc, fd = summary.get("val_class_consistency"), summary.get("val_fd")
+        loss = summary.get("val_loss", summary.get("val_recon_mse"))
+        return (f"val loss {'n/a' if loss is None else f'{loss:.4f}'}"
+                + (f", class consistency {_pct(cc)}" if cc is not None else "")
+                + (f", FD {fd:.2f}" if fd is not None else ""))
     return f"val_acc {_pct(summary.get('val_acc'))}, best_val_acc {_pct(summary.get('best_val_acc'))}"
 
 
@@ -132,6 +139,8 @@ def format_summary(summary: dict, data: str) -> str:
           if summary.get("task") == "caption" else
           [f"  vitkit segment {run} IMAGE --point X,Y   (or --box X0,Y0,X1,Y1, or --auto)"]
           if summary.get("task") == "promptable" else
+          [f"  vitkit sample {run} --class 0 --n 64   (a tokenizer run: objective.tokenizer={run} for maskgit/var)"]
+          if summary.get("task") == "generate" else
           [f"  vitkit eval {run} --data {data}", f"  vitkit predict {run} IMAGE"]),
         f"  vitkit train --resume --reschedule --out {run} engine.epochs=N   (train longer)",
     ])

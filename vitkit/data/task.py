@@ -25,7 +25,7 @@ from .det_formats import DETECT_LAYOUTS, coco_keys, find_detection_layout
 from .trees import TAR_SUFFIXES
 from .webdataset import expand_shards, shard_fields
 
-TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable")
+TASKS = ("classify", "segment", "depth", "detect", "caption", "promptable", "generate")
 _CAPTION_FIELDS = ("caption", "text", "captions")
 _BUILTINS = {"shapes": ("classify",), "scenes": ("segment", "detect", "caption", "promptable"),
              "depth-scenes": ("depth",), "shapes-captions": ("caption",)}

@@ -35,13 +35,12 @@ from .clip import Clip, ClipConfig, Siglip, SiglipConfig  # noqa: E402, F401  is
 
 # Promptable segmentation (SAM).
 from .sam import Sam, SamConfig  # noqa: E402, F401  isort: skip
-from .dit import DiTConfig, DiTObjective  # noqa: E402, F401  isort: skip
 
+# Image generation: a VQ tokenizer, then MaskGIT, VAR or DiT (the judge scores their samples).
 from .vqvae import VQVAE, VQVAEConfig  # noqa: E402, F401  isort: skip
-from .var import VARConfig, VARObjective  # noqa: E402, F401  isort: skip
-
-# Image generation: MaskGIT on the tokens of a frozen VQ tokenizer.
 from .maskgit import MaskGITConfig, MaskGITObjective  # noqa: E402, F401  isort: skip
+from .var import VARConfig, VARObjective  # noqa: E402, F401  isort: skip
+from .dit import DiTConfig, DiTObjective  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DINO",
