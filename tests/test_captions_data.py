@@ -247,8 +247,8 @@ def test_prepare_data_caption_branch(tmp_path):
     shapes = prepare_data("shapes-captions:30")
     assert shapes.info.classes == DEFAULT_CLASSES and shapes.info.captions_per_image == 5.0
     assert shapes.info.typical_size == (64, 64) and (shapes.info.n_train, shapes.info.n_val) == (30, 100)
-    with pytest.raises(ConfigError, match="no data reader"):  # tasks without a reader still say so
-        prepare_data("scenes:10", task="promptable")
+    assert prepare_data("scenes:10", task="promptable").task == "promptable"  # instance masks have a reader
+    assert prepare_data("shapes:20", task="generate").task == "classify"  # generators read class folders
 
 
 def test_collate_captions_keeps_texts_as_lists():

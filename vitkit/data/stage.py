@@ -62,6 +62,8 @@ def prepare_data(path: str, *, val_fraction: float = 0.1, seed: int = 0, in_chan
         PathNotFoundError, DataError: see ``build_dataset`` and ``scan_files``.
         ConfigError: see ``detect_task``; or a task whose data vitkit cannot read yet.
     """
+    if task == "generate":  # generators learn from classification data: images and their classes
+        task = "classify"
     if task == "promptable":  # instance masks have their own layouts (COCO masks, instance PNGs, scenes)
         from .instances import open_instances
 
