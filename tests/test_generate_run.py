@@ -396,3 +396,14 @@ def test_vitkit_train_writes_a_generative_run(data, tmp_path):
     assert info["task"] == "generate" and info["kind"] == "dit" and info["tokenizer"] is None
     assert info["mean"] == [0.5] and info["std"] == [0.5] and info["in_chans"] == 1
     assert (out / "samples" / "step_000002.png").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_the_summary_of_a_generative_run_points_to_its_next_step():
+    from vitkit.cli.train import format_summary
+
+    base = {"stopped": "max_steps", "steps": 3, "wall_s": 1.0, "task": "generate", "val_loss": 0.25}
+    tok = format_summary({**base, "out_dir": "runs/tok", "model": "msvq_nano"}, "DATA")
+    assert "val loss 0.2500" in tok and "objective.name=var objective.tokenizer=runs/tok" in tok
+    gen = format_summary({**base, "out_dir": "runs/g", "model": "maskgit_nano", "val_class_consistency": 0.9,
+                          "val_fd": 3.5}, "DATA")
+    assert "vitkit sample runs/g" in gen and "class consistency 90.00%" in gen and "FD 3.50" in gen

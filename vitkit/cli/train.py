@@ -126,6 +126,17 @@ def _peft_line(peft: dict, run: str) -> str:
             f"{run}/{peft.get('adapter', 'adapter.safetensors')}, for the base {peft['base_sha256'][:12]}")
 
 
+def _generate_next(summary: dict, run: str, data: str) -> list[str]:
+    """A tokenizer run feeds a generator; a generator run draws samples."""
+    from ..generate import generator_kind, list_generators
+
+    model = summary.get("model")
+    if model in list_generators() and generator_kind(model) == "tokenizer":
+        other = "var" if model.startswith("msvq") else "maskgit"
+        return [f"  vitkit train --data {data} objective.name={other} objective.tokenizer={run}"]
+    return [f"  vitkit sample {run} --class 0 --n 64"]
+
+
 def format_summary(summary: dict, data: str) -> str:
     run, data = shlex.quote(summary["out_dir"]), shlex.quote(data)
     return "\n".join([
@@ -139,8 +150,7 @@ def format_summary(summary: dict, data: str) -> str:
           if summary.get("task") == "caption" else
           [f"  vitkit segment {run} IMAGE --point X,Y   (or --box X0,Y0,X1,Y1, or --auto)"]
           if summary.get("task") == "promptable" else
-          [f"  vitkit sample {run} --class 0 --n 64   (a tokenizer run: objective.tokenizer={run} for maskgit/var)"]
-          if summary.get("task") == "generate" else
+          _generate_next(summary, run, data) if summary.get("task") == "generate" else
           [f"  vitkit eval {run} --data {data}", f"  vitkit predict {run} IMAGE"]),
         f"  vitkit train --resume --reschedule --out {run} engine.epochs=N   (train longer)",
     ])
