@@ -310,11 +310,11 @@ def test_vqvae_trains_and_the_reconstruction_loss_falls():
     torch.manual_seed(0)
     obj = build_objective("vqvae", create_generator("vq_test"))
     assert isinstance(obj, VQVAE) and obj.recon == "l2"
-    x = _smooth_images(16)
+    x = _smooth_images(8)
     opt = torch.optim.Adam(obj.parameters(), lr=3e-3)
     obj.train()
     first = None
-    for _ in range(30):
+    for _ in range(10):
         out = obj({"image": x})
         opt.zero_grad()
         out["loss"].backward()
@@ -324,7 +324,7 @@ def test_vqvae_trains_and_the_reconstruction_loss_falls():
     assert 0 < out["usage"].item() <= 1 and out["perplexity"].item() >= 1
     obj.eval()
     ev = obj.eval_outputs({"image": x})
-    assert ev["recon_mse"].shape == (16,) and ev["code_hits"].sum().item() == 16 * 49
+    assert ev["recon_mse"].shape == (8,) and ev["code_hits"].sum().item() == 8 * 49
     assert ev["recon_mse"].mean().item() < 0.5 * first
     ev_obj = obj.evaluator()
     ev_obj.update({"image": x}, ev)
@@ -366,7 +366,7 @@ def test_ema_state_survives_a_state_dict_round_trip(tmp_path):
 
 
 class _Images(Dataset):
-    def __init__(self, n: int = 32, seed: int = 0):
+    def __init__(self, n: int = 16, seed: int = 0):
         self.x = _smooth_images(n, seed)
 
     def __len__(self):
@@ -380,14 +380,14 @@ def _vq_trainer(out, **kw):
     torch.manual_seed(0)
     obj = build_objective("vqvae", create_generator("vq_test"))
     kw = {"optim": {"lr": 1e-3}, "epochs": 2, "ema_decay": 0.9, **kw}
-    return make_trainer(out, objective=obj, dataset=_Images(), val_dataset=_Images(16, seed=1), batch_size=8, **kw)
+    return make_trainer(out, objective=obj, dataset=_Images(), val_dataset=_Images(8, seed=1), batch_size=8, **kw)
 
 
 def test_vqvae_runs_through_the_trainer_and_resumes_bitwise(tmp_path):
     full = _vq_trainer(tmp_path / "full")
     s = full.fit()
     assert s["best_metric"] == "recon_mse" and 0 < s["val_usage"] <= 1 and s["val_recon_mse"] > 0
-    resumed = crash_and_resume(_vq_trainer, tmp_path / "run", 5, latest=4, ckpt_every_steps=4)
+    resumed = crash_and_resume(_vq_trainer, tmp_path / "run", 3, latest=2, ckpt_every_steps=2)
     assert_same_run(full, resumed, ema=True)
     assert "model.quantizer.embed_sum" in resumed.objective.state_dict()
 
