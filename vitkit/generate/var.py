@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import AttentionCore, DropPath, Mlp
+from ..layers import Attention, DropPath, Mlp
 from .registry import register_generator
 
 
@@ -55,20 +55,14 @@ def block_causal_mask(scales) -> Tensor:
     return level[:, None] >= level[None, :]
 
 
-class VARAttention(AttentionCore):
+class VARAttention(Attention):
     """VAR's self-attention: a query and a value bias but none on the keys, and optionally L2-normalised
     queries and keys with a learned per-head temperature (the temperature is folded into q, so the fused
-    kernel runs with scale 1)."""
+    kernel runs with scale 1); without it the logits are scaled by 0.25 / sqrt(head_dim)."""
 
     def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0):
-        super().__init__(attn_drop)
-        if num_heads < 1 or dim % num_heads:
-            raise ConfigError(f"VAR's dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attn_l2_norm = attn_l2_norm
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        super().__init__(dim, num_heads, qkv_bias=False, attn_drop=attn_drop, proj_drop=proj_drop)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         if attn_l2_norm:
@@ -77,10 +71,9 @@ class VARAttention(AttentionCore):
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
             self.scale_mul = None
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, attn_bias: Tensor | None = None) -> Tensor:
+    def project(self, x: Tensor, rope=None, num_prefix_tokens: int = 0) -> tuple[Tensor, ...]:
+        """(B, N, C) -> q, k, v, each (B, heads, N, head_dim), with VAR's biases and normalisation."""
         B, N, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
@@ -88,9 +81,10 @@ class VARAttention(AttentionCore):
         if self.scale_mul is not None:
             q = F.normalize(q, dim=-1) * self.scale_mul.clamp(max=math.log(100.0)).exp()
             k = F.normalize(k, dim=-1)
-        x = self.attend(q, k, v, attn_bias, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * head_dim)
-        return self.proj_drop(self.proj(x))
+        return q, k, v
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None) -> Tensor:
+        return self.attend(q, k, v, attn_bias, scale=self.scale)
 
 
 class AdaLNModulation(nn.Module):
@@ -139,7 +133,7 @@ class AdaLNBlock(nn.Module):
     def forward(self, x: Tensor, cond: Tensor, attn_bias: Tensor | None = None) -> Tensor:
         """x: (B, N, C); cond: (B, D), or (B, 1, 6, C) from the shared linear; attn_bias additive (N, N)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada(cond).unbind(2)  # each (B, 1, C)
-        x = x + self.drop_path(self.attn(self.norm(x) * (1 + scale1) + shift1, attn_bias) * gamma1)
+        x = x + self.drop_path(self.attn(self.norm(x) * (1 + scale1) + shift1, attn_bias=attn_bias) * gamma1)
         return x + self.drop_path(self.mlp(self.norm(x) * (1 + scale2) + shift2) * gamma2)
 
 
