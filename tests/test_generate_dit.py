@@ -223,9 +223,9 @@ def test_sampler_passes_time_and_converges_at_its_order():
     for k in range(n):
         want = want * (1 - a * (1 - k / n) / n)
     assert torch.allclose(run("euler", n), want, rtol=1e-6)
-    e = {(m, k): (run(m, k) - exact).abs().max().item() for m in ("euler", "heun") for k in (8, 16)}
-    assert 1.7 < e["euler", 8] / e["euler", 16] < 2.4  # first order
-    assert 3.4 < e["heun", 8] / e["heun", 16] < 4.6  # second order
+    e = {(m, k): (run(m, k) - exact).abs().max().item() for m in ("euler", "heun") for k in (32, 64)}
+    assert 1.8 < e["euler", 32] / e["euler", 64] < 2.2  # first order: halving the step halves the error
+    assert 3.5 < e["heun", 32] / e["heun", 64] < 4.5  # second order: it quarters it
 
 
 def test_guidance_matches_the_hand_formula_in_one_batched_call():
@@ -284,9 +284,9 @@ def test_objective_trains_and_its_eval_loss_falls():
     batch = {"image": torch.rand(8, 1, 28, 28, generator=g) * 2 - 1, "label": torch.randint(0, 10, (8,), generator=g)}
     before = obj.eval_outputs(batch)["loss"]
     assert before.shape == (8,) and torch.equal(before, obj.eval_outputs(batch)["loss"])  # fixed draws
-    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=5e-3)
     obj.train()
-    for _ in range(15):
+    for _ in range(40):
         out = obj(batch)
         assert set(out) == {"loss"} and out["loss"].ndim == 0
         opt.zero_grad()
@@ -342,7 +342,7 @@ def test_latent_space_flows_on_scaled_pre_quantisation_latents_and_decodes_throu
     flat = noise.permute(0, 2, 3, 1).reshape(-1, tok.embed_dim)  # (B*g*g, D)
     nearest = torch.cdist(flat, tok.quantizer.codebook).argmin(1)
     quant = tok.quantizer.codebook[nearest].view(2, tok.grid, tok.grid, -1).permute(0, 3, 1, 2)
-    assert torch.allclose(images, tok.decode_latent(quant).clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(images, tok.decode_latent(quant).clamp(-1, 1), atol=2e-4)  # the decoder's GroupNorm magnifies rounding
 
     with pytest.raises(ConfigError, match="objective.tokenizer"):
         build_objective("dit", _fresh(img_size=7, in_chans=8, patch_size=1), {"space": "latent"}, num_classes=10)
