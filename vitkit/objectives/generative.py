@@ -171,6 +171,11 @@ class GenerativeObjective(Objective):
         if self.judge_ref is not None and judge.sha256 != self.judge_ref["sha256"]:
             raise ConfigError(f"objective.judge={self.cfg.judge} changed while the run was using it: start a new run")
         judge.check_classes(self.num_classes)
+        if self.cfg.judge_samples <= judge.num_features:  # a rank-deficient covariance: FD is not defined
+            raise ConfigError(
+                f"objective.judge_samples={self.cfg.judge_samples} must exceed the judge's feature width "
+                f"({judge.num_features}) for the Frechet distance: raise objective.judge_samples"
+            )
         self.__dict__["_judge"] = judge
         self.__dict__["_judge_device"] = device
         self.judge_ref = dict(judge.reference)  # source, model, sha256, test_acc (the consistency's ceiling)
