@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 FD_EPS = 1e-6  # the reference FID code's diagonal offset for a singular covariance product
 IMAG_ATOL = 1e-3  # the reference's tolerance on the square root's imaginary diagonal
@@ -48,7 +48,10 @@ def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
-    from scipy import linalg
+    try:
+        from scipy import linalg
+    except ImportError:
+        raise ConfigError("the Frechet distance needs scipy: pip install 'vitkit[generate]'") from None
 
     with warnings.catch_warnings():
         # A singular product is handled below (eps on the diagonals), as the reference does.
