@@ -10,11 +10,12 @@ in :mod:`vitkit.models`; both sit above this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -257,3 +258,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
         raise _corrupt(Path(path), e) from None
+
+
+def state_sha256(model_or_state: nn.Module | Mapping[str, torch.Tensor], exclude: Iterable[str] = ()) -> str:
+    """sha256 over the sorted ``(name, dtype, shape, bytes)`` of a state dict, minus the modules or keys
+    named in ``exclude`` (``head``): the identity of a model's weights.
+
+    Hashing tensors rather than a file gives one rule for every source (run dir, file, hub, format)
+    and ignores file metadata that does not change what the model computes. Teachers, judges,
+    tokenizers and PEFT bases are all recorded by it.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    exclude = tuple(exclude)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        if any(name == p or name.startswith(p + ".") for p in exclude):
+            continue
+        t = state[name].detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor has no byte view
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

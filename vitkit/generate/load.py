@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PathNotFoundError, RunDirError, WeightsError
-from ..peft.apply import state_sha256
 from ..rundir import STATE_FILE, WEIGHTS, RunDir
-from ..weights_io import read_metadata, read_state_dict
+from ..weights_io import read_metadata, read_state_dict, state_sha256
 from .registry import create_generator, generator_kind, list_generators
 
 # The generators that cannot sample without their tokenizer (DiT needs one in latent space only).

@@ -17,7 +17,6 @@ reference, never saved in checkpoints; resume loads the source again and checks 
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -27,22 +26,14 @@ from torch import Tensor, nn
 from ..errors import ConfigError, PathNotFoundError
 from ..models import list_models
 from ..source import ArchitectureNeededError, load_model
+from ..weights_io import state_sha256
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def weights_sha256(model: nn.Module) -> str:
-    """sha256 over the state dict (names, dtypes, shapes and bytes, in key order): the teacher's identity.
-
-    Hashing the tensors rather than a file makes one rule for every source (run dir, file, hub)
-    and ignores file metadata that does not change what the teacher predicts.
-    """
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor cannot be viewed as bytes
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """The teacher's identity: :func:`vitkit.weights_io.state_sha256` of its whole state dict."""
+    return state_sha256(model)
 
 
 def _build(source: str, model_name: str | None, num_classes: int | None) -> nn.Module:

@@ -8,14 +8,13 @@ so a method that does not apply is refused with the list of those that do.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..weights_io import state_sha256
 from .adaptformer import adaptformer_unsupported
 from .bitfit import apply_bitfit, is_bias
 from .config import METHODS, PeftConfig
@@ -93,24 +92,6 @@ def head_names(model: nn.Module) -> tuple[str, ...]:
     """The module names of the model's classifiers (``classifier_names()``; none for a model without one)."""
     fn = getattr(model, "classifier_names", None)
     return tuple(fn()) if callable(fn) else ()
-
-
-def state_sha256(model_or_state: nn.Module | Mapping[str, torch.Tensor], exclude: Iterable[str] = ()) -> str:
-    """sha256 over the sorted ``(name, dtype, shape, bytes)`` of a state dict, minus keys under ``exclude``.
-
-    Hashing tensors rather than a file gives a base the same identity whichever file (or format)
-    it was loaded from. ``exclude`` names modules (``head``) or keys.
-    """
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    exclude = tuple(exclude)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        if _under(name, exclude):
-            continue
-        t = state[name].detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor has no byte view
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- applicability
