@@ -327,3 +327,36 @@ def check_resume_config(saved: dict, new: dict, *, reschedule: bool = False) -> 
             + ". Pass --reschedule to re-stretch the schedule from the current step, or drop these overrides"
         )
     return changes
+
+
+def resolve_weights(source: str | os.PathLike, use_ema: bool = False,
+                    what: str | None = None) -> tuple[Path, RunDir | None]:
+    """An existing file or folder -> (the weights file or folder to read, the run it belongs to).
+
+    ``what`` names the source in the messages (e.g. ``objective.tokenizer=runs/tok``; default the path).
+
+    Raises:
+        PathNotFoundError: ``source`` does not exist.
+        ConfigError: ``use_ema`` with a single weights file.
+        RunDirError: a run without weights yet, a folder that is none of the above.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise PathNotFoundError(
+            f"no such file or folder: {what or source}: pass a vitkit run directory or a .safetensors weights file"
+        )
+    if path.is_file():
+        if use_ema:
+            raise ConfigError(f"EMA weights live in a run's checkpoints; {path} is a single weights file")
+        return path, RunDir.of_checkpoint(path)
+    run = RunDir(path)
+    if run.is_run():
+        return run.weights(ema=use_ema), run
+    if RunDir.is_checkpoint(path):
+        return RunDir.checkpoint_weights(path, use_ema), RunDir.of_checkpoint(path)
+    if (path / WEIGHTS).is_file() and not use_ema:
+        return path / WEIGHTS, None
+    raise RunDirError(
+        (f"{what}: " if what else "") + f"{path} is not a vitkit run directory (no run.json), a checkpoint "
+        f"directory (no {STATE_FILE}) or a folder with {WEIGHTS}"
+    )

@@ -48,7 +48,7 @@ from .data import EvalTransform, Normalize, pil_to_uint8, to_channels
 from .engine.runtime import resolve_device
 from .errors import ConfigError, PathNotFoundError, RunDirError, WeightsError
 from .models import create_model, get_model_card, list_models
-from .rundir import STATE_FILE, WEIGHTS, RunDir
+from .rundir import RunDir, resolve_weights
 from .weights_io import is_hub_id, read_metadata, read_state_dict
 
 DENSE_TASKS = ("segment", "depth")
@@ -195,36 +195,6 @@ def check_task(lm: LoadedModel, task: str | None) -> None:
             f"--task {task}, but the model is a {lm.task} model ({lm.weights or 'a registered model'}): drop "
             f"--task, or pass a {task} run"
         )
-
-
-def resolve_weights(source: str | os.PathLike, use_ema: bool = False) -> tuple[Path, RunDir | None]:
-    """An existing file or folder -> (the weights file or folder to read, the run it belongs to).
-
-    Raises:
-        PathNotFoundError: ``source`` does not exist.
-        ConfigError: ``use_ema`` with a single weights file.
-        RunDirError: a run without weights yet, a folder that is none of the above.
-    """
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise PathNotFoundError(
-            f"no such file or folder: {source}: pass a vitkit run directory or a .safetensors weights file"
-        )
-    if path.is_file():
-        if use_ema:
-            raise ConfigError(f"EMA weights live in a run's checkpoints; {path} is a single weights file")
-        return path, RunDir.of_checkpoint(path)
-    run = RunDir(path)
-    if run.is_run():
-        return run.weights(ema=use_ema), run
-    if RunDir.is_checkpoint(path):
-        return RunDir.checkpoint_weights(path, use_ema), RunDir.of_checkpoint(path)
-    if (path / WEIGHTS).is_file() and not use_ema:
-        return path / WEIGHTS, None
-    raise RunDirError(
-        f"{path} is not a vitkit run directory (no run.json), a checkpoint directory (no {STATE_FILE}) "
-        f"or a folder with {WEIGHTS}"
-    )
 
 
 def _dense_args(weights: Path, run: RunDir | None) -> dict | None:

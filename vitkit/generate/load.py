@@ -23,30 +23,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PathNotFoundError, RunDirError, WeightsError
-from ..rundir import STATE_FILE, WEIGHTS, RunDir
+from ..rundir import RunDir, resolve_weights
 from ..weights_io import read_metadata, read_state_dict, state_sha256
 from .registry import create_generator, generator_kind, list_generators
 
 # The generators that cannot sample without their tokenizer (DiT needs one in latent space only).
 _TOKEN_KINDS = ("maskgit", "var")
-
-
-def _locate(source: str | os.PathLike, what: str) -> tuple[Path, RunDir | None]:
-    """(weights file, the run it belongs to) of an existing run, checkpoint, folder or file."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise PathNotFoundError(f"{what}: no such file or folder; pass a vitkit run directory or its model.safetensors")
-    if path.is_file():
-        return path, RunDir.of_checkpoint(path)
-    run = RunDir(path)
-    if run.is_run():
-        return run.weights(), run
-    if RunDir.is_checkpoint(path):
-        return RunDir.checkpoint_weights(path), RunDir.of_checkpoint(path)
-    if (path / WEIGHTS).is_file():
-        return path / WEIGHTS, None
-    raise RunDirError(f"{what}: {path} is not a vitkit run directory (no run.json), a checkpoint directory "
-                      f"(no {STATE_FILE}) or a folder with {WEIGHTS}")
 
 
 def _run_info(run: RunDir | None) -> dict:
@@ -74,7 +56,7 @@ def architecture(weights: Path, run: RunDir | None) -> tuple[str, dict, str] | N
 def generative_kind(source: str | os.PathLike) -> str | None:
     """The kind (tokenizer, maskgit, var, dit) of a generative run or weights file; None for any other model."""
     try:
-        weights, run = _locate(source, str(source))
+        weights, run = resolve_weights(source)
     except (PathNotFoundError, RunDirError):
         return None
     arch = architecture(weights, run)
@@ -109,7 +91,7 @@ def load_tokenizer(source: str | os.PathLike, device: str | torch.device = "cpu"
         WeightsError: the weights do not fit the recorded architecture.
     """
     what = f"objective.tokenizer={source}"
-    weights, run = _locate(source, what)
+    weights, run = resolve_weights(source, what=what)
     arch = architecture(weights, run)
     if arch is None:
         raise ConfigError(f"{what} is {_describe(weights, run)}, not a VQ tokenizer: train one first "
@@ -139,7 +121,7 @@ def load_generator(source: str | os.PathLike, *, device: str | torch.device = "c
             sample), or the generator's tokenizer is unknown.
         WeightsError: the tokenizer is not the one the run was trained with.
     """
-    weights, run = _locate(source, str(source))
+    weights, run = resolve_weights(source)
     arch = architecture(weights, run)
     if arch is None:
         raise ConfigError(f"{source} is {_describe(weights, run)}, not a generative model: sample from a run "
