@@ -37,15 +37,18 @@ GENERATIVE = {"vqvae": ("tokenizer", "vq_nano"), "maskgit": ("maskgit", "maskgit
               "dit": ("dit", "dit_nano")}
 _OBJECTIVE_OF_KIND = {kind: name for name, (kind, _) in GENERATIVE.items()}
 # Each paper's optimiser, with vitkit's lr written per 512 images (scaled to the batch): VQ-VAE Adam
-# 2e-4 at batch 128 and a constant rate; MaskGIT AdamW 1e-4 at 256, betas (0.9, 0.96), weight decay
-# 0.045; VAR AdamW 1e-4 per 256, betas (0.9, 0.95), weight decay 0.05; DiT AdamW 1e-4 at 256,
-# constant, no weight decay. A key the user sets wins.
+# 2e-4 at batch 128 and a constant rate; MaskGIT AdamW (betas (0.9, 0.96), weight decay 0.045), VAR
+# AdamW (betas (0.9, 0.95), weight decay 0.05), DiT AdamW with a constant rate and no weight decay.
+# The generators' rate is 1e-3 per 512, not the papers' 1e-4 per 256: those train 30-700M-parameter
+# models for hundreds of epochs, vitkit's CPU variants (about 2M) for minutes. Measured on
+# Fashion-MNIST, dit_nano at batch 128 after 140 s: validation loss 0.61 at the papers' rate (2e-4
+# per 512), 0.46 at 1e-3 per 512 (whose samples already show garment outlines). A key the user sets wins.
 _OPTIM = {
     "vqvae": {"optim.lr": 8e-4, "optim.weight_decay": 0.0, "schedule.name": "constant", "schedule.warmup_epochs": 0.0},
-    "maskgit": {"optim.lr": 2e-4, "optim.weight_decay": 0.045, "optim.betas": (0.9, 0.96),
+    "maskgit": {"optim.lr": 1e-3, "optim.weight_decay": 0.045, "optim.betas": (0.9, 0.96),
                 "schedule.warmup_epochs": 1.0},
-    "var": {"optim.lr": 2e-4, "optim.weight_decay": 0.05, "optim.betas": (0.9, 0.95), "schedule.warmup_epochs": 1.0},
-    "dit": {"optim.lr": 2e-4, "optim.weight_decay": 0.0, "schedule.name": "constant", "schedule.warmup_epochs": 0.0},
+    "var": {"optim.lr": 1e-3, "optim.weight_decay": 0.05, "optim.betas": (0.9, 0.95), "schedule.warmup_epochs": 1.0},
+    "dit": {"optim.lr": 1e-3, "optim.weight_decay": 0.0, "schedule.name": "constant", "schedule.warmup_epochs": 0.0},
 }
 
 
