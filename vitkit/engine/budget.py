@@ -260,7 +260,7 @@ class PlateauStop:
         if step < 1 or progress - st.best_progress < self.patience - _EPS:
             return
         annealing = sched.cfg.name.lower() in ANNEALING_SCHEDULES and sched.get_lr() > sched.cfg.min_lr
-        tail = math.ceil(self.reanneal_share * step) if annealing else 0
+        tail = math.ceil(self.reanneal_share * step - _EPS) if annealing else 0
         if tail and progress * (step + tail) / step >= 1:
             return  # the schedule anneals, and the run ends, within the cool-down anyway
         st.found_step, st.tail_steps = step, tail

@@ -106,6 +106,8 @@ class Supervised(Objective):
     def task_loss(self, logits: Tensor, batch: dict) -> Tensor:
         """Cross-entropy of (B, C) ``logits`` against ``batch["target"]`` (mixup) or ``batch["label"]``."""
         target, w = batch.get("target"), self.class_weights
+        if w is not None:
+            w = w.to(logits.dtype)
         if target is not None:
             if w is not None:
                 target = target * w
