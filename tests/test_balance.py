@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import Crash, CrashAt, ToyDataset, assert_same_state, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -75,6 +76,8 @@ def test_weighted_cross_entropy_with_mixup_targets_by_hand():
                for y, m in zip(LABELS.tolist(), mirrored)]
     got = obj.task_loss(LOGITS, {"target": torch.tensor(targets)})
     assert got.item() == pytest.approx(_hand_loss(LOGITS, targets, [10 / 18, 10 / 9, 10 / 3]), rel=1e-6)
+    # PyTorch's weighted cross-entropy for probability targets (mean over the batch) agrees.
+    assert got.item() == pytest.approx(F.cross_entropy(LOGITS, torch.tensor(targets), weight=w).item(), rel=1e-6)
     # By linearity: lam * the loss of the labels + (1 - lam) * the loss of the mirrored labels.
     parts = [obj.task_loss(LOGITS, {"label": y}) for y in (LABELS, LABELS.flip(0))]
     assert got.item() == pytest.approx(lam * parts[0].item() + (1 - lam) * parts[1].item(), rel=1e-6)

@@ -81,11 +81,11 @@ class Supervised(Objective):
         class_weights: (num_classes,) weights of the training cross-entropy (``data.balance=loss``:
             :func:`vitkit.data.balance.balanced_class_weights`), or None. A sample's loss is
             ``-sum_c w_c t_c log p_c`` over its target ``t`` (the one-hot label, smoothed, or mixup's soft
-            target), so hard, smoothed and mixed targets are weighted alike (for hard labels it is
-            ``F.cross_entropy(weight=w, label_smoothing=...)`` summed); the batch's loss is the mean over
-            its samples, not PyTorch's division by the sum of the label weights, so that every batch
-            estimates the same weighted loss over the training set whatever classes it holds.
-            Evaluation stays unweighted.
+            target): PyTorch's weighted cross-entropy, which ``F.cross_entropy(weight=w, label_smoothing=e)``
+            computes for a hard label, so hard, smoothed and mixed targets are weighted alike. The batch's
+            loss is the mean over its samples, as PyTorch's mean for soft targets (its mean for hard labels
+            divides by the sum of the labels' weights instead): every batch then estimates the same
+            weighted loss over the training set, whatever classes it holds. Evaluation stays unweighted.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1, aux_weight: float = 0.01,
