@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 
-from .budget import Budget
+from .budget import Budget, PlateauState
 from .config import ScheduleConfig
 
 # Under a time budget the warmup ends after its configured steps, or at this share of the
@@ -51,8 +52,12 @@ class LRSchedule:
     the run's progress ``p = max(budget.progress(), step / total_steps)``, so it anneals exactly
     when the time (or the step cap, if that comes first) runs out, however the throughput swings:
     warmup for ``warmup_steps`` steps (at most :data:`MAX_WARMUP_PROGRESS` of the budget), then
-    decay over the rest of ``p``. The state (step count, the progress at which warmup ended) and
-    the budget's elapsed time make a resumed run continue the same curve.
+    decay over the rest of ``p``. The state (step count, the progress at which warmup ended, the
+    plateau stop's :class:`~vitkit.engine.budget.PlateauState`) and the budget's elapsed time make a
+    resumed run continue the same curve.
+
+    :meth:`reanneal` replaces the rest of the curve by a cool-down to ``min_lr`` (the early stop on a
+    plateau, :class:`~vitkit.engine.budget.PlateauStop`).
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class LRSchedule:
         self.warmup_steps = min(warmup, total_steps)
         self.step_count = 0
         self.warmup_end: float | None = None  # budget mode: the progress at which warmup ended
+        # The plateau stop's state: its cool-down is part of the lr curve, and it resumes with it.
+        self.plateau = PlateauState()
         self._lr = 0.0
         self._apply()
 
@@ -94,12 +101,33 @@ class LRSchedule:
             self.warmup_end = p
         return decay_lr((p - self.warmup_end) / max(1e-9, 1 - self.warmup_end), self.cfg, self.base_lr)
 
+    def reanneal(self, steps: int) -> None:
+        """From the next step on, cool the lr down from its current value to ``min_lr`` over ``steps``
+        optimizer steps, along the schedule's own decay (:func:`decay_lr` started from the current lr: the
+        cosine of ``cosine`` and ``onecycle``; ``constant`` has none), and under a budget by the budget's
+        end at the latest."""
+        if steps < 1:
+            raise ValueError(f"a re-anneal needs at least one step, got {steps}")
+        st = self.plateau
+        st.found_step = self.step_count if st.found_step is None else st.found_step
+        st.tail_steps, st.tail_lr, st.tail_progress = int(steps), self._lr, self.progress()
+        self._apply()
+
+    def _tail_lr(self) -> float:
+        st = self.plateau
+        frac = (self.step_count - st.found_step) / st.tail_steps
+        if self.budget is not None:  # a slowing machine must not end the run before the lr is down
+            frac = max(frac, (self.budget.progress() - st.tail_progress) / max(1e-9, 1 - st.tail_progress))
+        return decay_lr(frac, self.cfg, st.tail_lr)
+
     def get_lr(self) -> float:
         """The unscaled lr in use for the current step."""
         return self._lr
 
     def _apply(self) -> None:
-        if self.budget is None:
+        if self.plateau.found_step is not None and self.plateau.tail_steps:
+            lr = self._tail_lr()
+        elif self.budget is None:
             lr = lr_at(self.step_count, self.cfg, self.base_lr, self.warmup_steps, self.total_steps)
         else:
             lr = self._budget_lr()
@@ -112,9 +140,10 @@ class LRSchedule:
         self._apply()
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "warmup_end": self.warmup_end}
+        return {"step_count": self.step_count, "warmup_end": self.warmup_end, "plateau": asdict(self.plateau)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
         self.warmup_end = state.get("warmup_end")
+        self.plateau = PlateauState(**state.get("plateau", {}))  # a checkpoint from before the plateau stop: none
         self._apply()

@@ -1,4 +1,4 @@
-"""Supervised classification: cross-entropy against hard labels or mixup soft targets."""
+"""Supervised classification: cross-entropy against hard labels or mixup soft targets, optionally class-weighted."""
 
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def _logits(out: Tensor | tuple[Tensor, ...]) -> Tensor:
     return out
 
 
+def _check_weights(weights, num_classes: int) -> Tensor | None:
+    """``weights`` as a float32 (num_classes,) tensor, or a ConfigError saying what is wrong with them."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape != (num_classes,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ConfigError(
+            f"class_weights {w.tolist()} do not fit {num_classes} classes: give one finite weight >= 0 per class"
+        )
+    return w
+
+
 def topk_correct(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     """(B, C) logits, (B,) labels -> (B,) float: 1 where the label is among the top k."""
     k = min(k, logits.shape[-1])
@@ -66,10 +78,18 @@ class Supervised(Objective):
             from mixup already carries its smoothing.
         aux_weight: weight of the model's ``aux_loss()`` (MoE load balancing) added to the loss.
         tta: test-time augmentation of evaluation, "none" or "hflip" (see :class:`SupervisedConfig`).
+        class_weights: (num_classes,) weights of the training cross-entropy (``data.balance=loss``:
+            :func:`vitkit.data.balance.balanced_class_weights`), or None. A sample's loss is
+            ``-sum_c w_c t_c log p_c`` over its target ``t`` (the one-hot label, smoothed, or mixup's soft
+            target): PyTorch's weighted cross-entropy, which ``F.cross_entropy(weight=w, label_smoothing=e)``
+            computes for a hard label, so hard, smoothed and mixed targets are weighted alike. The batch's
+            loss is the mean over its samples, as PyTorch's mean for soft targets (its mean for hard labels
+            divides by the sum of the labels' weights instead): every batch then estimates the same
+            weighted loss over the training set, whatever classes it holds. Evaluation stays unweighted.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1, aux_weight: float = 0.01,
-                 tta: str = "none"):
+                 tta: str = "none", class_weights: Tensor | None = None):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -80,14 +100,24 @@ class Supervised(Objective):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
+        # Not saved: derived from the training data by each run, and checkpoints keep their keys.
+        self.register_buffer("class_weights", _check_weights(class_weights, num_classes), persistent=False)
 
     def task_loss(self, logits: Tensor, batch: dict) -> Tensor:
         """Cross-entropy of (B, C) ``logits`` against ``batch["target"]`` (mixup) or ``batch["label"]``."""
-        target = batch.get("target")
+        target, w = batch.get("target"), self.class_weights
+        if w is not None:
+            w = w.to(logits.dtype)
         if target is not None:
+            if w is not None:
+                target = target * w
             return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
         if batch.get("label") is not None:
-            return F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+            label = batch["label"]
+            if w is not None:
+                return F.cross_entropy(logits, label, weight=w, label_smoothing=self.label_smoothing,
+                                       reduction="sum") / label.shape[0]
+            return F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
         raise KeyError(f"{type(self).__name__} needs batch['label'] (B,) or batch['target'] (B, num_classes)")
 
     def add_aux_loss(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -111,9 +141,10 @@ class Supervised(Objective):
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg: SupervisedConfig, *, num_classes: int, label_smoothing: float = 0.1,
-                    **_) -> Supervised:
+                    class_weights: Tensor | None = None, **_) -> Supervised:
         smoothing = cfg.label_smoothing if cfg.label_smoothing is not None else label_smoothing
-        return cls(model, num_classes, label_smoothing=smoothing, aux_weight=cfg.aux_weight, tta=cfg.tta)
+        return cls(model, num_classes, label_smoothing=smoothing, aux_weight=cfg.aux_weight, tta=cfg.tta,
+                   class_weights=class_weights)
 
     def evaluator(self):
         return AccuracyEvaluator(self.num_classes)
