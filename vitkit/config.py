@@ -59,6 +59,9 @@ class DataConfig:
     mix_prob: float = 1.0
     label_smoothing: float = 0.1
     repeated_aug: int = 0  # >1: DeiT repeated augmentation with that many repeats
+    # Imbalanced classes: "sampler" draws every class equally often, "loss" weights the cross-entropy by
+    # inverse class frequency (scikit-learn's "balanced"); see vitkit.data.balance. "none": the data as it is.
+    balance: str = "none"  # none | sampler | loss
     crop_pct: float | None = None  # None: the model card's
     max_bad_fraction: float = 0.05
 
@@ -245,6 +248,7 @@ _CHOICES = (
     ("engine.nonfinite", ("stop", "skip")),
     ("schedule.name", ("cosine", "onecycle", "constant")),
     ("optim.name", ("adamw", "sgd")),
+    ("data.balance", ("none", "sampler", "loss")),
 )
 
 
@@ -275,6 +279,8 @@ def _validate_choices(cfg: TrainConfig) -> None:
         ("data.max_bad_fraction", 0 <= d.max_bad_fraction <= 1, "in [0, 1]"),
         ("data.repeated_aug", d.repeated_aug >= 0, ">= 0"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
+        ("engine.plateau_patience", e.plateau_patience is None or 0 < e.plateau_patience <= 1, "in (0, 1]"),
+        ("engine.plateau_min_val", e.plateau_min_val >= 0, ">= 0"),
     )
     for key, ok, rule in checks:
         if not ok:

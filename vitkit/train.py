@@ -28,7 +28,9 @@ from .data import (
     build_loader,
     prepare_data,
 )
+from .data.balance import build_balance, check_weighted
 from .engine import Trainer
+from .engine.budget import PlateauStop, plateau_record
 from .engine.distributed import all_gather_object, init_distributed
 from .engine.runtime import resolve_device
 from .errors import ConfigError, VitkitError
@@ -181,6 +183,10 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     sampler = None
     if d.repeated_aug > 1 and hasattr(train_ds, "__len__"):
         sampler = RepeatAugSampler(len(train_ds), num_repeats=d.repeated_aug, seed=cfg.engine.seed)
+    balanced, class_weights = build_balance(d.balance, train_ds, info.class_counts, seed=cfg.engine.seed,
+                                            distributed=dist.enabled, repeated_aug=d.repeated_aug)
+    if balanced is not None:
+        sampler = balanced
     train_loader = build_loader(
         train_ds, d.batch_size, train=True, transform=train_tf, num_workers=workers, sampler=sampler,
         seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
@@ -206,8 +212,9 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     ) if pipeline is not None and hasattr(train_ds, "__len__") else None
     objective = build_objective(
         objective_name, model, objective_cfg, num_classes=choice.num_classes, label_smoothing=d.label_smoothing,
-        bank_loader=bank_loader,
+        bank_loader=bank_loader, class_weights=class_weights,
     )
+    check_weighted(objective, objective_name, class_weights)
     # An objective that wants the un-normalised [0, 1] image gets it as batch["image_raw"].
     augment = BatchAugment(card.mean, card.std, color_jitter=d.color_jitter, re_prob=d.re_prob, re_mode=d.re_mode,
                            keep_raw=objective.needs_raw_image)
@@ -231,10 +238,14 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         "peft": peft_run_info(model),
     }
     budget = run_budget(cfg, start, plan, info.n_val)
+    hooks = []
+    if cfg.engine.plateau_patience is not None:  # imbalanced data balanced on purpose: watch balanced accuracy
+        metric = "balanced_acc" if d.balance != "none" else None
+        hooks.append(PlateauStop(cfg.engine.plateau_patience, cfg.engine.plateau_min_val, metric=metric))
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
         out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),
-        config_to_save=to_dict(cfg), budget=budget,
+        config_to_save=to_dict(cfg), budget=budget, hooks=hooks,
     )
     return trainer, run_info
 
@@ -286,6 +297,7 @@ def train(
 def _summary_extra(run_info: dict, trainer: Trainer) -> dict:
     bad = _all_bad_files(run_info["bad_files"], trainer)
     extra = {"model": run_info["model"], "out_dir": str(trainer.out_dir), "bad_files": bad, "skipped_files": len(bad)}
+    extra["plateau_stop"] = plateau_record(trainer)  # None unless a plateau ended the run early
     if "task" in run_info:  # dense runs: what eval, predict and the summary line show depends on it
         extra["task"] = run_info["task"]
     if run_info.get("peft"):  # the CLI's summary points at the adapter file

@@ -83,3 +83,8 @@ class EngineConfig:
     tensorboard: bool = True
     plots: bool = True
     out_dir: str = "runs/default"
+    # Early stop: when the validation metric has not improved for this share of the run's budget (time
+    # budget, else epochs), anneal the lr (cosine, onecycle) and stop (vitkit.engine.budget.PlateauStop);
+    # None never stops early. Validation sets under plateau_min_val images never stop early.
+    plateau_patience: float | None = None
+    plateau_min_val: int = 200
