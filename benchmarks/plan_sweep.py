@@ -16,10 +16,11 @@ set; the plan chooses the rest (batch, lr, schedule, warm-up) as it would.
 1. **Ladder** (``LADDER``): the plan's faster candidate (``FASTER``) trained for exactly E passes
    (``engine.epochs=E``, so no time budget: the plan sizes the schedule for E passes;
    ``engine.eval_every=E``: one evaluation, at the end; no EMA, no plateau stop), at five
-   cumulative levels, each adding one component at DeiT's magnitude (vitkit's ``DataConfig`` defaults), crops of at least
-   50% of the image throughout: ``light``; ``+smoothing`` (0.1); ``+randaugment``
-   (``rand-m9-mstd0.5-inc1``); ``+erasing`` (0.25); ``+mix`` (mixup 0.8, cutmix 1.0, drop path 0.1:
-   DeiT's). E in 15/30/60/120 on ``cifar10-2class``, 15/30/60 on ``fashion-lt`` (``LADDER_EPOCHS``).
+   cumulative levels, each adding one component at DeiT's magnitude (vitkit's ``DataConfig``
+   defaults), crops of at least 50% of the image throughout: ``light``; ``+smoothing`` (0.1);
+   ``+randaugment`` (``rand-m9-mstd0.5-inc1``); ``+erasing`` (0.25); ``+mix`` (mixup 0.8, cutmix
+   1.0, drop path 0.1: DeiT's). E in 15/30/60/120 on ``cifar10-2class``, 15/30/60 on
+   ``fashion-lt`` (``LADDER_EPOCHS``).
 2. **Models** (``MODELS``): the plan's two small-image candidates, the faster (patch 8 with the
    wide stem: 16 tokens at 32 px) and the larger (patch 4: 64 tokens), under the same time budget
    each (``MODEL_BUDGETS``: 1/3/9 min on ``cifar10-2class``, 3/9 min on ``fashion-lt``); the plan
