@@ -34,8 +34,9 @@ all count):
    (shapes: other images, ``engine.seed=1``, for both). The best screening score wins (a tie goes
    to the earlier configuration), and only that one is re-run on the row's data for the full
    budget. Nothing is chosen on the test split.
-3. **ResNet-18** (``RESNET18``), trained from scratch under the full budget with the recipe a timm
-   user would set: SGD with momentum 0.9 (vitkit's has no Nesterov option; timm's has), lr 0.1
+3. **ResNet-18** (``RESNET18``; the registry's, with the ImageNet stem, so a 32 px image ends as a
+   1x1 map: what a timm user gets without changing the network), trained from scratch under the
+   full budget with the recipe that user would set: SGD with momentum 0.9 (vitkit's has no Nesterov option; timm's has), lr 0.1
    per 256 images scaled linearly with the batch (Goyal et al., 2017; timm's ``--lr-base``),
    weight decay 5e-4 (the usual ResNet value for 32 px data), cosine schedule with a half-epoch
    warm-up, label smoothing 0.1, random-resized crops of at least 35% of the image (timm's 8% is
@@ -78,7 +79,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from generate_fashion import read_split, stage, write_idx
+from generate_fashion import FASHION, read_split, stage, write_idx
 from segment_camvid import CACHE, SHARED
 
 import vitkit
@@ -88,7 +89,6 @@ from vitkit.engine.budget import parse_duration
 from _common import RESULTS, machine, versions, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = SHARED / "fashion-mnist"
 CIFAR = SHARED / "cifar10-jpg.tar.gz"
 BUILD = CACHE / "defaults"
 SEED = 0
