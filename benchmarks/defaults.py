@@ -206,7 +206,8 @@ def longtail_counts(n_classes: int, ratio: float, total: int) -> list[int]:
 
 
 def longtail_total(n_classes: int, ratio: float, n_first: int) -> int:
-    """The largest total whose :func:`longtail_counts` profile asks at most ``n_first`` of the first class."""
+    """The largest total whose :func:`longtail_counts` profile gives the first class a share (before rounding)
+    of at most ``n_first``, so that it never asks for more images than a class has."""
     return int(n_first * (ratio ** (-np.arange(n_classes) / (n_classes - 1))).sum())
 
 
