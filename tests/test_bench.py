@@ -279,6 +279,36 @@ def test_defaults_row_format_and_merge(dflt):
     assert merged[1] is top1 and merged[2] is row
 
 
+def test_defaults_row_screens_then_reruns_the_best_at_the_full_budget(dflt, tmp_path, monkeypatch):
+    screens = {"light-lr0.003": 0.6, "light-lr0.01": 0.7, "strong-lr0.003": 0.65, "strong-lr0.01": None}
+    calls = []
+
+    def fake_stage(root, name, data, args, reuse):  # what each stage is asked to run, no training
+        calls.append((name.split("/", 1)[1], data, args))
+        if name.endswith("/default"):
+            return _stage_record({"val_acc": 0.9}, {"engine.time_budget": {"value": "10m", "reason": ""}}, 590.0)
+        score = screens.get(name.split("/screen-")[-1], 0.8)
+        if score is None:
+            raise SystemExit("training failed: loss is nan")
+        return {**_stage_record({"val_acc": score, "epochs": 3.0}), "run_dir": str(root / name)}
+
+    monkeypatch.setattr(dflt, "stage", fake_stage)
+    row = dflt.run_row(dflt.ROWS["shapes"], tmp_path, reuse=True, smoke=False)
+    assert [c[0] for c in calls] == ["default", *[f"screen-{k}" for k in screens], "handset", "resnet18"]
+    assert calls[0][1:] == ("shapes", [])  # the no-flag run: nothing but --data and --out
+    for name, data, args in calls[1:5]:  # screened for 3 min on other images (seed 1), at the row's size
+        assert data == "shapes" and args[:2] == ["--recipe", str(tmp_path / "recipes" / f"{name[7:]}.yaml")]
+        assert {"data.img_size=64", "engine.time_budget=180s", "engine.seed=1"} <= set(args)
+    for (_, data, args), recipe_name in zip(calls[5:], ("light-lr0.01", "resnet18")):  # the full 10 min
+        assert data == "shapes" and args[1] == str(tmp_path / "recipes" / f"{recipe_name}.yaml")
+        assert "engine.time_budget=600s" in args and "engine.seed=1" not in args
+    search = row["search"]
+    assert search["chosen"] == "light-lr0.01" and search["screen_budget_s"] == 180.0
+    failed = search["configs"][3]
+    assert failed["score"] is None and "loss is nan" in failed["error"]
+    assert row["acc_handset"] == 0.8 and row["ratio"] == pytest.approx(0.9 / 0.8) and row["budget_s"] == 600.0
+
+
 def test_defaults_recipes_are_plan_free_vitkit_configs(dflt, tmp_path):
     from vitkit.config import load_config, uses_plan
 
