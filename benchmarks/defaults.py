@@ -431,6 +431,13 @@ def run_row(row: Row, root: Path, reuse: bool, smoke: bool) -> dict:
     return out
 
 
+def run_facts(smoke: bool, root: Path, t0: float, load_start: tuple[float, ...]) -> dict:
+    """What every results file records about the invocation: smoke or not, where the runs are, how long it
+    took, the load around it, the machine and the versions."""
+    return {"smoke": smoke, "run_root": str(root), "wall_s": time.time() - t0, "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(), "machine": machine(), "versions": versions(vitkit)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="*", choices=list(ROWS), default=None,
@@ -467,9 +474,7 @@ def main() -> None:
                                   "(shapes: engine.seed=1)",
                    "selection": "best screening score; ties to the earlier configuration; re-run at the full budget"},
         "resnet18_recipe": recipe(RESNET18),
-        "smoke": args.smoke, "run_root": str(root), "wall_s": time.time() - t0,
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "machine": machine(), "versions": versions(vitkit),
+        **run_facts(args.smoke, root, t0, load_start),
     }
     print("wrote", write_json(out, payload))
 

@@ -61,14 +61,13 @@ import shutil
 import time
 from pathlib import Path
 
-from defaults import FASHION, ROWS, SMOKE_ARGS, longtail_idx, row_data, score_se
+from defaults import FASHION, ROWS, SMOKE_ARGS, longtail_idx, row_data, run_facts, score_se
 from generate_fashion import stage
 
-import vitkit
 from vitkit.engine.budget import parse_duration
 from vitkit.plan import LIGHT_EPOCHS, MIN_EPOCHS, STRONG_EPOCHS, aug_strength
 
-from _common import machine, versions, write_json
+from _common import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_ROWS = ("cifar10-2class", "fashion-lt")
@@ -252,9 +251,7 @@ def main() -> None:
         "grid": {"ladder": LADDER, "ladder_epochs": epochs, "ladder_model": FASTER, "models": MODELS,
                  "model_budgets": budgets, "rows": {r: ROWS[r].about for r in rows}, "data": rows},
         "ladder": ladder, "models": models,
-        "smoke": args.smoke, "run_root": str(root), "wall_s": time.time() - t0,
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "machine": machine(), "versions": versions(vitkit),
+        **run_facts(args.smoke, root, t0, load_start),
     }
     print("wrote", write_json(out, payload))
 
