@@ -8,7 +8,8 @@ follow: each adds one click drawn uniformly from the error region of the previou
 mask logits as the mask input, except ``mask_only_rounds`` rounds that add no click (SAM: two,
 one at a random place among the clicks and one at the end; 11 rounds in all). Later rounds
 predict one mask. The previous mask (the one with the highest predicted IoU, as a user would
-see it) is detached: no gradient flows between rounds.
+see it) is detached: no gradient flows between rounds (the paper does not say; SAM 2's training
+code lets it flow through the mask prompt).
 
 Loss of a round: focal (Lin et al., alpha 0.25, gamma 2) and Dice in the ratio 20:1 on the
 mask with the lowest such loss among the three (first round) or the single mask, plus the mean
