@@ -2,7 +2,10 @@
 held-out scenes and zero-shot on CamVid objects.
 
 The model trains as ``vitkit train --data scenes:N --task promptable model.name=sam_nano`` does (through
-``vitkit.train``, the function that command calls) under a wall-clock budget. Scores are computed here in numpy from the model's masks at
+``vitkit.train``, the function that command calls) under a wall-clock budget, with the recipe vitkit gives
+promptable runs (SAM's: AdamW at 8e-4 after 250 warmup steps, 11 prompt rounds per instance; see
+``vitkit.train_promptable.apply_sam_recipe``); ``--iters`` sets the rounds and ``--init`` starts the image
+encoder from other weights (a vitkit MAE run, as SAM starts from MAE). Scores are computed here in numpy from the model's masks at
 the original resolution, one prompt per instance: the point farthest from the instance's boundary
 (SAM's evaluation click) and the tight box; ``*_miou`` keeps the mask with the highest predicted
 IoU, ``point_miou_oracle`` the best of the three. ``auto_recall`` is the share of ground-truth
@@ -14,6 +17,7 @@ the trained model and for ``sam_vit_b`` at 1024 px.
 
     python benchmarks/sam_shapes.py                 # 20 min budget
     python benchmarks/sam_shapes.py --smoke         # under a minute: a few steps, a few images, no vit_b
+    python benchmarks/sam_shapes.py --init runs/mae-scenes   # the encoder from an MAE run
 
 Writes ``benchmarks/results/sam.json`` and ``sam_overlay.png``.
 """
@@ -214,6 +218,10 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--camvid-images", type=int, default=None, help="val images scored (default: all)")
     ap.add_argument("--data", default=None, help="an extracted camvid/ folder (default: the shared archive)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="prompt rounds per instance (objective.iters; default the paper's 11)")
+    ap.add_argument("--init", default=None, help="model.init: ViT weights for the image encoder, e.g. a vitkit MAE run "
+                    "of sam_nano's encoder (width 192, depth 6, 3 heads, patch 8, 128 px), or SAM weights")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides")
     ap.add_argument("--smoke", action="store_true", help="a check of the script in under a minute")
     ap.add_argument("--run-root", default=None)
@@ -223,6 +231,10 @@ def main() -> None:
     from vitkit.sam import create_sam, load_sam
 
     overrides = list(args.set)
+    if args.iters is not None:
+        overrides.append(f"objective.iters={args.iters}")
+    if args.init:
+        overrides.append(f"model.init={args.init}")
     if args.smoke:
         args.budget, args.n_train, args.n_val, args.camvid_images = "15s", 16, 2, 1
         overrides += ["engine.max_steps=3", "objective.name=sam", "objective.iters=2", "objective.mask_only_rounds=1",
@@ -243,7 +255,8 @@ def main() -> None:
         "decoder_encoder_ratio": {"sam_nano": small["ratio"], "sam_vit_b": big and big["ratio"]},
         "model": run_info.get("model"), "img_size": run_info.get("img_size"), "objective": run_info.get("objective"),
         "budget_s": parse_duration(args.budget), "n_train": args.n_train, "n_val": args.n_val,
-        "steps": summary.get("steps"), "epochs": summary.get("epochs"), "wall_s": time.time() - t0,
+        "steps": summary.get("steps"), "epochs": summary.get("epochs"), "base_lr": summary.get("base_lr"),
+        "init": args.init, "wall_s": time.time() - t0,
         "train_wall_s": tr["wall_s"], "command": tr["command"], "run_dir": str(run), "smoke": args.smoke,
         "protocol": "one prompt per instance at original resolution: the point farthest from the boundary, the "
                     "tight box; top predicted-IoU mask (oracle: best of 3); CamVid car+pedestrian 4-connected "

@@ -5,7 +5,8 @@ the one that trains on a CPU), built at its own ``img_size`` (``data.img_size`` 
 The data are instance masks (:func:`vitkit.data.prepare_data`, ``task="promptable"``); each image is
 resized to the model's input (longest side, padded bottom/right as SAM's preprocessing) with its
 masks in the loader workers, then normalised on the device. The ``sam`` objective prompts the
-instances with points, boxes and correction clicks and evaluates ``point_miou``.
+instances with points, boxes and correction clicks and evaluates ``point_miou``. Keys left unset
+take SAM's training recipe (:func:`apply_sam_recipe`: AdamW at 8e-4, 250 warmup steps, no augmentation).
 
 ``model.init`` loads SAM weights whole (a SAM run or file), or other weights into the image
 encoder's ViT: a vitkit MAE (or any ViT) run or file, whose keys are the plain ViT's; the neck,
@@ -29,7 +30,9 @@ from .train_dense import default_out_dir, run_budget
 
 DEFAULT_SAM = "sam_nano"
 _DEFAULT_BATCH = 8  # SAM prompts up to max_masks instances per image: a batch of images is heavy
-_SAM_LR, _SAM_WD = 1.6e-3, 0.1
+# SAM's AdamW recipe (Kirillov et al., 2023, appendix A): lr 8e-4 for 256 images per step after a linear
+# warmup of 250 steps, weight decay 0.1.
+SAM_LR, SAM_BATCH, SAM_WARMUP_STEPS, SAM_WEIGHT_DECAY = 8e-4, 256, 250, 0.1
 # Keys a plain ViT checkpoint has that SAM's encoder does not, and the reverse.
 _VIT_ONLY = ("norm.", "fc_norm.", "head.", "head_drop.")
 _SAM_ONLY = ("neck.",)
@@ -125,6 +128,31 @@ def _objective(cfg):
     return objective_config({**section, "name": "sam"})
 
 
+def apply_sam_recipe(cfg) -> None:
+    """Set the keys the user left unset to SAM's training recipe (Kirillov et al., 2023, appendix A).
+
+    AdamW at lr 8e-4, used as is at any batch (``optim.scale_lr`` false): the paper trains ViT-B on
+    128 images and ViT-H on 256 per step at that same rate, and vitkit's rule (an lr per 512 images,
+    scaled linearly) would cut it 32-fold at the default batch of 8. An ``optim.scale_lr=true`` given
+    alone keeps vitkit's rule from the paper's batch (1.6e-3 per 512). Weight decay 0.1, a linear
+    warmup of 250 steps (``schedule.warmup_steps``) and no data augmentation (``data.hflip`` 0), as
+    the paper. The batch is 8 images: each carries up to ``objective.max_masks`` prompted instances.
+    """
+    keys = user_keys(cfg)
+    if "data.batch_size" not in keys:
+        cfg.data.batch_size = _DEFAULT_BATCH
+    if "data.hflip" not in keys:
+        cfg.data.hflip = 0.0
+    if "optim.lr" not in keys:
+        scaled = "optim.scale_lr" in keys and cfg.optim.scale_lr
+        cfg.optim.lr = SAM_LR * 512 / SAM_BATCH if scaled else SAM_LR
+        cfg.optim.scale_lr = scaled
+    if "optim.weight_decay" not in keys:
+        cfg.optim.weight_decay = SAM_WEIGHT_DECAY
+    if not {"schedule.warmup_steps", "schedule.warmup_epochs"} & keys:
+        cfg.schedule.warmup_steps = SAM_WARMUP_STEPS
+
+
 def build_promptable_run(cfg, data, dist, verbose: bool = True, start: float | None = None):
     """:func:`vitkit.train.build_run` for instance-mask data (a :class:`~vitkit.data.stage.DataStage`)."""
     from .data.instances import InstanceTransform
@@ -132,13 +160,7 @@ def build_promptable_run(cfg, data, dist, verbose: bool = True, start: float | N
     d = cfg.data
     show = verbose and dist.is_main
     objective_name, objective_cfg = _objective(cfg)
-    keys = user_keys(cfg)
-    if "data.batch_size" not in keys:
-        d.batch_size = _DEFAULT_BATCH
-    if "optim.lr" not in keys:  # SAM's AdamW rate: 8e-4 for 256 images, written per 512 as every vitkit lr
-        cfg.optim.lr = _SAM_LR
-    if "optim.weight_decay" not in keys:
-        cfg.optim.weight_decay = _SAM_WD
+    apply_sam_recipe(cfg)
     name, model = build_sam_model(cfg, verbose=show)
     img_size = int(model.img_size)
     # SAM keeps its statistics in 0..255 units; the batch normalisation takes them in 0..1.

@@ -8,14 +8,19 @@ follow: each adds one click drawn uniformly from the error region of the previou
 mask logits as the mask input, except ``mask_only_rounds`` rounds that add no click (SAM: two,
 one at a random place among the clicks and one at the end; 11 rounds in all). Later rounds
 predict one mask. The previous mask (the one with the highest predicted IoU, as a user would
-see it) is detached: no gradient flows between rounds.
+see it) is detached: no gradient flows between rounds (the paper does not say; SAM 2's training
+code lets it flow through the mask prompt).
 
 Loss of a round: focal (Lin et al., alpha 0.25, gamma 2) and Dice in the ratio 20:1 on the
 mask with the lowest such loss among the three (first round) or the single mask, plus the mean
-squared error between every predicted IoU and the IoU of that mask (thresholded at 0) with
-the ground truth. Rounds are averaged. Masks are compared at the decoder's low resolution
-(4h x 4w of the h x w embedding): the ground truth is area-resampled to it and thresholded at
-one half. Clicks are placed on the prediction upsampled to the input frame.
+squared error between every predicted IoU and the IoU of that mask with the ground truth.
+Rounds are averaged. Every mask of a round is one thing: the low-res logits (4h x 4w of the
+h x w embedding) upsampled bilinearly to the input frame, as SAM's postprocessing does, and
+thresholded at 0 inside the unpadded image. The focal and Dice terms compare those logits with
+the ground truth in the input frame (as SAM 2's training code does; ``loss_resolution="low"``
+compares the low-res logits with the ground truth area-resampled to them instead, 16 times
+less memory at SAM's 4x); the IoU target, the correction clicks and the metric all use that
+same binary mask, so the IoU head learns the IoU the metric scores.
 
 Evaluation (``point_miou``, the primary, higher is better): one click per instance at the point
 farthest from its boundary, three masks, the one with the highest predicted IoU scored by IoU
@@ -51,6 +56,9 @@ class SamConfig:
     ``box_max_noise``: the box noise's standard deviation as a fraction of the side, and its
     bound in pixels (SAM: 0.1, 20). ``focal_weight``, ``dice_weight``, ``iou_weight``: the terms'
     weights (SAM: 20, 1, 1). ``focal_alpha``, ``focal_gamma``: Lin et al.'s defaults.
+    ``loss_resolution``: ``"input"`` (the masks' logits upsampled to the input frame, SAM 2's
+    training code) or ``"low"`` (the decoder's low-res logits against the ground truth
+    area-resampled to them: less memory for large inputs and many masks).
     """
 
     max_masks: int = 64
@@ -64,6 +72,10 @@ class SamConfig:
     iou_weight: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    loss_resolution: str = "input"
+
+
+LOSS_RESOLUTIONS = ("input", "low")
 
 
 def mask_focal(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
@@ -135,6 +147,9 @@ class Sam(Objective):
             raise ConfigError(f"objective.mask_only_rounds must be >= 0, got {cfg.mask_only_rounds}")
         if not 0.0 <= cfg.box_prob <= 1.0:
             raise ConfigError(f"objective.box_prob must be in [0, 1], got {cfg.box_prob}")
+        if cfg.loss_resolution not in LOSS_RESOLUTIONS:
+            raise ConfigError(f"objective.loss_resolution must be one of {', '.join(LOSS_RESOLUTIONS)}, "
+                              f"got {cfg.loss_resolution!r}")
         self.model, self.cfg, self.seed = model, cfg, int(seed)
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
@@ -175,21 +190,37 @@ class Sam(Objective):
             return torch.zeros(0, dtype=torch.long), torch.zeros(0)
         return torch.tensor(idx, dtype=torch.long), torch.cat(gts)
 
-    def _round_loss(self, low: Tensor, iou_pred: Tensor, gt_low: Tensor) -> tuple[Tensor, dict, Tensor]:
+    def _round_loss(self, low: Tensor, iou_pred: Tensor, gt: Tensor,
+                    inside: Tensor) -> tuple[Tensor, dict, Tensor, Tensor]:
+        """One round: ``low`` (P, M, 4h, 4w) mask logits and ``iou_pred`` (P, M) for the ground truth ``gt``
+        (P, S, S) bool in the input frame, whose unpadded region is ``inside`` (P, S, S) bool.
+
+        Returns the loss, the logged parts, the mask shown (the highest predicted IoU) (P,) and that
+        mask binarised in the input frame (P, S, S) bool, where the next click is placed."""
         c = self.cfg
-        target = gt_low[:, None].expand_as(low).float()
-        focal = mask_focal(low.float(), target, c.focal_alpha, c.focal_gamma)  # (P, M)
-        dice = mask_dice(low.float(), target)
+        if c.loss_resolution == "input":
+            logits = upscale(low, tuple(gt.shape[-2:]))
+            target = gt
+            up = logits.detach()
+        else:
+            logits = low.float()
+            target = F.interpolate(gt[:, None].float(), tuple(low.shape[-2:]), mode="area")[:, 0] > 0.5
+            up = upscale(low.detach(), tuple(gt.shape[-2:]))
+        target = target[:, None].expand_as(logits).float()
+        focal = mask_focal(logits, target, c.focal_alpha, c.focal_gamma)  # (P, M)
+        dice = mask_dice(logits, target)
         per_mask = c.focal_weight * focal + c.dice_weight * dice
         best = per_mask.argmin(1)
         rows = torch.arange(len(low), device=low.device)
-        true_iou = mask_iou(low > 0, gt_low[:, None].expand_as(low)).detach()
+        # The binary mask a user is shown and the metric scores: upsampled, thresholded, the padding cut.
+        pred = (up > 0) & inside[:, None]
+        true_iou = mask_iou(pred, gt[:, None].expand_as(pred))
         iou_mse = F.mse_loss(iou_pred.float(), true_iou)
         loss = per_mask[rows, best].mean() + c.iou_weight * iou_mse
         shown = iou_pred.detach().argmax(1)
         parts = {"focal": focal[rows, best].mean().detach(), "dice": dice[rows, best].mean().detach(),
                  "iou_mse": iou_mse.detach(), "miou": true_iou[rows, shown].mean()}
-        return loss, parts, shown
+        return loss, parts, shown, pred[rows, shown]
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         c = self.cfg
@@ -203,9 +234,7 @@ class Sam(Objective):
             zero = emb.sum() * 0.0
             return {"loss": zero, "n_masks": zero.detach()}
         img_idx, gt = img_idx.to(emb.device), gt.to(emb.device)
-        P, S = len(gt), gt.shape[-1]
-        lh, lw = emb.shape[-2] * 4, emb.shape[-1] * 4
-        gt_low = F.interpolate(gt[:, None].float(), (lh, lw), mode="area")[:, 0] > 0.5
+        P = len(gt)
         inside = valid[img_idx, 0] > 0  # (P, S, S)
         is_box = torch.rand(P, generator=g) < c.box_prob
         boxes = mask_box(gt, c.box_noise, c.box_max_noise, generator=g)
@@ -214,11 +243,11 @@ class Sam(Objective):
         labels[is_box.to(gt.device)] = -1  # a box prompt starts without a click
         groups = [(grp, bool(b)) for b in (False, True) if len(grp := torch.nonzero(is_box == b).squeeze(1))]
         mask_in: Tensor | None = None
+        shown_pred: Tensor | None = None
         losses, stats = [], []
         for r, click in enumerate([True] + self._plan_rounds(g)):
             if r > 0 and click:
-                pred = (upscale(mask_in, (S, S))[:, 0] > 0) & inside
-                xy, lab = error_point(pred, gt, generator=g)
+                xy, lab = error_point(shown_pred, gt, generator=g)
                 coords = torch.cat([coords, xy[:, None]], 1)
                 labels = torch.cat([labels, lab[:, None]], 1)
             outs = []
@@ -235,7 +264,7 @@ class Sam(Objective):
             inv[order] = torch.arange(len(order), device=order.device)
             low = torch.cat([o[1] for o in outs])[inv]
             iou = torch.cat([o[2] for o in outs])[inv]
-            loss, parts, shown = self._round_loss(low, iou, gt_low)
+            loss, parts, shown, shown_pred = self._round_loss(low, iou, gt, inside)
             losses.append(loss)
             stats.append(parts)
             mask_in = low[torch.arange(P, device=low.device), shown][:, None].detach()

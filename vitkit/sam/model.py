@@ -140,6 +140,11 @@ class Sam(nn.Module):
         )
         return args
 
+    def no_weight_decay(self) -> set[str]:
+        """The image encoder's own exclusions (ViTDet's position embedding), named from this model."""
+        fn = getattr(self.image_encoder, "no_weight_decay", None)
+        return {f"image_encoder.{n}" for n in fn()} if callable(fn) else set()
+
     @property
     def embedding_size(self) -> tuple[int, int]:
         """(h, w) of the image embedding."""
