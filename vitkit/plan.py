@@ -171,6 +171,11 @@ def _train_rate(calib: Calibration, cand: Candidate) -> float:
     return 1.0 / (model_s + calib.decode_s)
 
 
+def _first_stage_tokens(cand: Candidate) -> int:
+    """Tokens in the candidate's first feature map at its resolution, asked of the model itself."""
+    return math.ceil(cand.img_size / first_stride(cand.name, cand.img_size, cand.args)) ** 2
+
+
 def _model_reason(info: DatasetInfo, calib: Calibration, cands: list[Candidate], cand: Candidate, epochs, user) -> str:
     h, w = info.typical_size
     side = max(h, w)
@@ -183,8 +188,7 @@ def _model_reason(info: DatasetInfo, calib: Calibration, cands: list[Candidate],
     if image_class(side) != "small":
         return (f"{side} px photos, from scratch at {cand.img_size} px, where a CPU can learn from "
                 f"{info.n_train:,} images ({calib.pretrained_error or 'no usable pretrained weights'}); {fit}")
-    tokens = math.ceil(cand.img_size / first_stride(cand.name, cand.img_size, cand.args)) ** 2
-    return f"{h}x{w} images: {tokens} tokens at {cand.img_size} px; {fit}"
+    return f"{h}x{w} images: {_first_stage_tokens(cand)} tokens at {cand.img_size} px; {fit}"
 
 
 def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) -> Plan:
