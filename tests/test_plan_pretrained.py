@@ -11,6 +11,7 @@ timm ViT's, so the loaded model is checked against timm's own forward pass.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ import vitkit
 from vitkit import plan as plan_mod
 from vitkit.config import load_config
 from vitkit.models import _registry
-from vitkit.plan_calibrate import Candidate, init_candidate, usable_pretrained
+from vitkit.plan_calibrate import Candidate, init_candidate, time_model, usable_pretrained
 from vitkit.weights_io import save_weights
 
 timm = lazy_peer("timm")
@@ -48,6 +49,8 @@ def tensors(module) -> dict:
 def tiny_hub(hub_cache, monkeypatch):
     """(snapshot folder, timm model): a timm ViT with random weights, cached as ``HUB_ID``'s model.safetensors."""
     publish(monkeypatch)
+    # Timing precision is not under test here: a shorter calibration keeps the tests quick.
+    monkeypatch.setattr(plan_mod, "time_model", partial(time_model, min_s=0.2))
     peer = perturb(timm.models.vision_transformer.VisionTransformer(num_classes=1000, **TINY))
     snapshot = hub_cache(HUB_ID)
     save_file(tensors(peer), snapshot / "model.safetensors")
@@ -164,3 +167,25 @@ def test_init_candidate_reads_the_recorded_architecture(tmp_path):
     assert init_candidate(str(tmp_path / "plain.safetensors")) is None
     assert init_candidate("timm/deit_tiny_patch16_224.fb_in1k") == Candidate("deit_tiny_patch16_224", 224)
     assert init_candidate(str(tmp_path / "missing.safetensors")) is None and init_candidate(None) is None
+
+
+def test_init_from_a_vitkit_file_builds_the_architecture_it_records(tmp_path, monkeypatch):
+    """``vitkit train --init FILE --data DIR``: the run builds the file's model (here one block, not
+    test_vit's two), loads it with a new head and the data's channels, and fine-tunes it."""
+    from vitkit.train import build_run
+
+    monkeypatch.setattr(plan_mod, "time_model", partial(time_model, min_s=0.2))
+    source = vitkit.create_model("test_vit", num_classes=6, depth=1)
+    save_weights(source, tmp_path / "init.safetensors")
+    gray_folders(tmp_path / "data")
+    cfg = no_flag_config(tmp_path, f"model.init={tmp_path / 'init.safetensors'}", "peft.method=none")
+    trainer, info = build_run(cfg, verbose=False)
+    plan = info["plan"]
+    assert info["model"] == "test_vit" and plan["model.args"]["value"] == {"depth": 1}
+    assert plan["schedule.name"]["value"] == "cosine" and plan["optim.layer_decay"]["value"] == 0.65
+    assert "from scratch" not in plan["optim.lr"]["reason"] and "model.init" not in plan
+    got, ref = tensors(trainer.objective.model), tensors(source)
+    assert got["head.weight"].shape == (3, 64) and len(trainer.objective.model.blocks) == 1
+    torch.testing.assert_close(got["patch_embed.proj.weight"], ref["patch_embed.proj.weight"].sum(1, keepdim=True),
+                               rtol=0, atol=1e-6)
+    assert all(torch.equal(got[k], ref[k]) for k in ref if k.startswith("blocks."))
