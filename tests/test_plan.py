@@ -11,11 +11,12 @@ from PIL import Image, ImageDraw
 from vitkit import plan as plan_mod
 from vitkit.config import load_config, user_keys, uses_plan
 from vitkit.data.inspect import DatasetInfo, inspect_dataset
-from vitkit.plan import Calibration, apply_plan, cpu_budget_s, find_pretrained, make_plan
+from vitkit.plan import Calibration, apply_plan, cpu_budget_s, make_plan
+from vitkit.plan_calibrate import Candidate, find_pretrained
 
 SMALL_A, SMALL_B = "vit_nano_convstem_patch4_32@32", "vit_nano_convstem_patch8_64@32"
 MED_A, MED_B = "vit_nano_convstem_patch8_64@64", "vit_nano_convstem_patch16_64@64"
-DEIT = "deit_tiny_patch16_224@224"
+DEIT, DEIT_HALF = "deit_tiny_patch16_224@224", "deit_tiny_patch16_224@112"
 
 
 def info(n=8000, side=28, chans=1, classes=10, counts=None):
@@ -49,7 +50,9 @@ def test_small_gray_dataset_many_epochs_gets_capable_model_and_strong_augmentati
     assert 0 < s < 0.01
     assert v["data.auto_augment"] is None and v["data.mixup"] == 0 and v["data.re_prob"] == 0
     assert v["data.label_smoothing"] == 0 and v["model.drop_path_rate"] == 0 and v["data.scale_min"] == 0.5
-    assert v["engine.eval_every"] == 16 and v["engine.epochs"] == 92
+    assert v["engine.epochs"] == 92
+    # 888 validation images can tell a plateau: 4 evaluations in a quarter of ~30 epochs, one per epoch.
+    assert v["engine.plateau_patience"] == 0.25 and v["engine.eval_every"] == 1
     # With the capable model faster (400 img/s: 27 epochs) it is chosen instead.
     p2 = make_plan(info(8000), cpu({SMALL_B: 450.0, SMALL_A: 400.0}), {})
     assert p2.values["model.name"] == "vit_nano_convstem_patch4_32" and "model.args" not in p2.values
@@ -101,13 +104,75 @@ def test_photos_offline_train_from_scratch_at_64px():
 
 def test_photos_with_pretrained_weights_fine_tune():
     hub = "timm/deit_tiny_patch16_224.fb_in1k"
-    p = make_plan(info(3000, side=320, chans=3, classes=5), cpu({DEIT: 30.0}, pretrained=hub), {})
+    # 60 img/s at 224 px: 60 * 540 / 3000 = 10.8 epochs, enough (>= 10) for the pretrained resolution.
+    p = make_plan(info(3000, side=320, chans=3, classes=5), cpu({DEIT: 60.0, DEIT_HALF: 240.0}, pretrained=hub), {})
     v = p.values
     assert v["model.name"] == "deit_tiny_patch16_224" and v["model.init"] == hub and v["data.img_size"] == 224
     # 2.5e-4 at batch 128, sqrt-scaled to 32 (1.25e-4), written per 512: 2e-3.
     assert v["optim.layer_decay"] == 0.65 and v["optim.lr"] == pytest.approx(2e-3)
     assert v["schedule.name"] == "cosine" and v["data.batch_size"] == 32
-    assert "fine-tune" in p.reasons["model.name"]
+    assert "fine-tune" in p.reasons["model.name"] and "its own 224 px" in p.reasons["model.name"]
+
+
+def test_pretrained_resolution_follows_the_budget():
+    """Half the pretrained resolution when the full one would get fewer than 10 passes; the reason says so."""
+    hub = "timm/deit_tiny_patch16_224.fb_in1k"
+    p = make_plan(info(3000, side=320, chans=3, classes=5), cpu({DEIT: 30.0, DEIT_HALF: 120.0}, pretrained=hub), {})
+    assert p.values["model.name"] == "deit_tiny_patch16_224" and p.values["data.img_size"] == 112
+    why = p.reasons["model.name"]
+    assert "112 px, half its 224 px" in why and "~5.4 epochs" in why  # 30 * 540 / 3000 at 224 px
+    assert "~22 epochs fit at 120 img/s" in why  # 120 * 540 / 3000 = 21.6 at 112 px
+    # Nothing timed at 224 px (the calibration stops when 112 px already falls short): still 112.
+    short = make_plan(info(3000, side=320, chans=3, classes=5), cpu({DEIT_HALF: 40.0}, pretrained=hub), {})
+    assert short.values["data.img_size"] == 112 and "fewer epochs would fit" in short.reasons["model.name"]
+
+
+@pytest.mark.parametrize("side", [49, 96, 128])
+def test_medium_photos_look_for_pretrained_weights_too(side):
+    hub = "timm/deit_tiny_patch16_224.fb_in1k"
+    p = make_plan(info(5000, side=side, chans=3), cpu({DEIT: 200.0, DEIT_HALF: 600.0}, pretrained=hub), {})
+    assert p.values["model.name"] == "deit_tiny_patch16_224" and p.values["model.init"] == hub
+    assert p.values["data.crop_pct"] == 1.0  # up to 128 px: the whole image at evaluation
+    assert plan_mod.candidates(info(5000, side=side), hub)[0].pretrained == hub
+    # Small images never do: they train from scratch near their own size.
+    assert all(c.pretrained is None for c in plan_mod.candidates(info(5000, side=48), hub))
+
+
+def test_one_size_rule():
+    """The plan's candidates and the model a run without the plan builds follow the same thresholds."""
+    for side, kind in [(28, "small"), (40, "small"), (48, "small"), (49, "medium"), (128, "medium"),
+                       (129, "large"), (500, "large")]:
+        assert plan_mod.image_class(side) == kind
+        name, img = plan_mod.default_model(side)
+        if kind == "large":
+            assert (name, img) == ("deit_tiny_patch16_224", 224)
+        else:
+            assert img == (32 if kind == "small" else 64)
+            assert (name, img) in {(c.name, c.img_size) for c in plan_mod.candidates(info(side=side), None)}
+
+
+def test_user_init_gets_the_fine_tuning_recipe():
+    """``--init FILE`` is fine-tuned (lower lr, layer decay, clipping, cosine), never planned from scratch,
+    and the plan builds the architecture the file records."""
+    user = {"model.init": "run/model.safetensors"}
+    recorded = Candidate("test_vit", 32, (("depth", 1),))
+    c = Calibration("cpu", {"test_vit@32": 500.0}, 0.0, init=recorded)
+    p = make_plan(info(8000, side=28), c, user)
+    v = p.values
+    assert v["model.name"] == "test_vit" and v["data.img_size"] == 32 and v["model.args"] == {"depth": 1}
+    assert "model.init=run/model.safetensors records" in p.reasons["model.name"] and "model.init" not in v
+    assert v["schedule.name"] == "cosine" and v["optim.layer_decay"] == 0.65 and v["optim.clip_grad"] == 1.0
+    assert v["optim.lr"] == pytest.approx(2e-3) and v["data.batch_size"] == 32  # 2.5e-4 at 128, as above
+    assert "fine-tuning" in p.reasons["optim.lr"] and "from scratch" not in p.reasons["optim.lr"]
+    # Weights of an architecture the source does not record: the plan's own model, still fine-tuned.
+    other = make_plan(info(8000, side=28), cpu({SMALL_B: 450.0, SMALL_A: 150.0}), user)
+    assert other.values["schedule.name"] == "cosine" and "from scratch" not in other.reasons["optim.lr"]
+    photos = make_plan(info(8000, side=320, chans=3), cpu({DEIT: 200.0, DEIT_HALF: 600.0}), user)
+    assert photos.values["model.name"] == "deit_tiny_patch16_224" and "from model.init" in photos.reasons["model.name"]
+    # On few images the same start trains LoRA instead (plan_peft), at its own lr.
+    few = make_plan(info(1000, side=28), c, user)
+    assert few.values["peft.method"] == "lora" and few.values["schedule.name"] == "cosine"
+    assert "optim.layer_decay" not in few.values
 
 
 def test_gpu_plan_is_sized_in_epochs():
@@ -125,6 +190,40 @@ def test_imbalance_reported_and_rare_classes_warned():
     assert "fewer than 10" in text and "'c2'" in text
     balanced = make_plan(info(2000, classes=2), cpu({SMALL_B: 400.0, SMALL_A: 150.0}), {})
     assert "balanced;" in "\n".join(balanced.lines())
+
+
+def test_imbalance_above_the_stated_ratio_balances_the_classes():
+    rates = cpu({SMALL_B: 400.0, SMALL_A: 150.0})
+    p = make_plan(info(2000, classes=3, counts=[1500, 495, 5]), rates, {})
+    assert p.values["data.balance"] == plan_mod.BALANCE == "sampler"
+    assert "300.0:1 (> 3:1)" in p.reasons["data.balance"]
+    # The ratio is largest over smallest class; at exactly 3:1 nothing changes, just above it does.
+    assert "data.balance" not in make_plan(info(400, classes=2, counts=[300, 100]), rates, {}).values
+    assert make_plan(info(404, classes=2, counts=[303, 100]), rates, {}).values["data.balance"] == "sampler"
+    assert "data.balance" not in make_plan(info(2000, classes=2), rates, {}).values
+    # The user's choice stands.
+    assert "data.balance" not in make_plan(info(2000, classes=3, counts=[1500, 495, 5]), rates,
+                                           {"data.balance": "loss"}).values
+
+
+def test_early_stop_only_where_the_validation_set_can_tell():
+    """``engine.plateau_patience`` for runs whose length the plan sets, with >= 200 validation images and
+    room for 4 evaluations (at most one per epoch) in the patience window."""
+    rates = cpu({SMALL_B: 450.0, SMALL_A: 150.0})
+    big = make_plan(info(8000), rates, {})  # 888 validation images, ~30 epochs
+    assert big.values["engine.plateau_patience"] == 0.25
+    assert "888 validation images" in big.reasons["engine.plateau_patience"]
+    small = make_plan(info(1791), rates, {})  # 1791 // 9 = 199 validation images: too few to tell
+    assert "engine.plateau_patience" not in small.values
+    assert make_plan(info(1800), rates, {}).values["engine.plateau_patience"] == 0.25  # 200 images
+    # A short run (~4 epochs) has no room for 4 evaluations in a quarter of it.
+    assert "engine.plateau_patience" not in make_plan(info(60_000), cpu({SMALL_B: 400.0}), {}).values
+    # A length the user chose is kept.
+    for key, value in (("engine.epochs", 40), ("engine.time_budget", "10m"), ("engine.max_steps", 5000)):
+        assert "engine.plateau_patience" not in make_plan(info(8000), rates, {key: value}).values
+    # On a GPU (150 epochs): every 9 epochs, 4 evaluations per quarter of the run, instead of every 15.
+    gpu = make_plan(info(10_000, side=32, chans=3), Calibration("cuda", {SMALL_B: 5000.0, SMALL_A: 3000.0}, 0.0), {})
+    assert gpu.values["engine.plateau_patience"] == 0.25 and gpu.values["engine.eval_every"] == 9
 
 
 def test_plan_never_touches_user_keys():

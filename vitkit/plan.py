@@ -2,8 +2,9 @@
 
 From the dataset scan (:class:`~vitkit.data.inspect.DatasetInfo`) and a short timed calibration
 on this machine (:func:`calibrate`, with the timers of :mod:`vitkit.plan_calibrate`: a few
-training steps of each candidate model, and the cost of decoding and cropping real images), :func:`make_plan` chooses the model, resolution, batch,
-lr, schedule, augmentation, regularisation and length, each with a one-line reason.
+training steps of each candidate model, and the cost of decoding and cropping real images),
+:func:`make_plan` chooses the model, resolution, batch, lr, schedule, augmentation,
+regularisation, class balance, early stop and length, each with a one-line reason.
 :func:`make_plan` is a pure function of those numbers, so tests can check it on synthetic scans.
 
 Rules, all derived from the scan and the measured speed (no dataset is special-cased):
@@ -11,33 +12,56 @@ Rules, all derived from the scan and the measured speed (no dataset is special-c
 - **Length.** On a CPU the run gets a wall-clock budget: 10 minutes for up to 50,000 images,
   growing in proportion to the image count beyond that, at most an hour. On a GPU it is sized in
   epochs (more passes for fewer images). ``epochs_expected = img/s x training time / n_train``.
-- **Model.** Small images (<= 48 px) train at 32 px, up to 128 px at 64 px, on conv-stem nano
-  ViTs; of the two candidates the one with more tokens is taken when the budget still affords
-  it ``MIN_EPOCHS`` passes, else the faster one. Larger images (photos) fine-tune a pretrained
-  DeiT-Tiny with layer-wise lr decay when its weights are cached or the hub answers; offline
-  they train from scratch at 64 px, where a CPU can learn from a few thousand images.
-- **Fine-tuning.** From pretrained weights (the plan's, or the user's ``model.init``): batches of
-  at most 32 (64 on a GPU), a lower lr, layer-wise lr decay, clipping, cosine. On few images
-  (:mod:`vitkit.plan_peft`: at most 2,000) LoRA on ``qkv`` instead of every weight, without decay.
+- **Size** (:func:`image_class`, the one rule; runs without the plan use it through
+  :func:`default_model`): up to ``SMALL_SIDE`` px small images, beyond that photos.
+- **Model.** Small images train from scratch at 32 px on conv-stem nano ViTs; of the two
+  candidates the one with more tokens is taken when the budget still affords it ``MIN_EPOCHS``
+  passes, else the faster one. Photos of any size fine-tune a pretrained DeiT-Tiny when its
+  weights are cached or the hub answers and they load, at the resolution the budget affords
+  (:mod:`vitkit.plan_peft`); otherwise (the reason is given) they train from scratch at 64 px.
+- **Fine-tuning** from pretrained weights (the plan's, or the user's ``model.init``, whose recorded
+  architecture is built): batches of at most 32 (64 on a GPU), a lower lr, layer-wise lr decay,
+  clipping, cosine; on at most 2,000 images LoRA on ``qkv`` instead of every weight.
 - **Augmentation and regularisation** grow with the expected epochs: light (crop + flip) for a
-  short run (up to ``LIGHT_EPOCHS`` passes), then RandAugment, label smoothing, erasing, mixup/cutmix, drop path and an
-  EMA of the weights, up to DeiT strength at ``STRONG_EPOCHS`` passes or more.
+  short run (up to ``LIGHT_EPOCHS`` passes), then RandAugment, label smoothing, erasing,
+  mixup/cutmix, drop path and an EMA of the weights, up to DeiT strength at ``STRONG_EPOCHS``.
+- **Classes** more imbalanced than ``BALANCE_RATIO`` are balanced (``data.balance``).
+- **Early stop** (``engine.plateau_patience``) when the plan sets the run's length and the
+  validation set has ``PLATEAU_MIN_VAL`` images or more.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
 from .data.inspect import DatasetInfo
 from .engine.budget import parse_duration
 from .engine.runtime import resolve_amp
-from .models import create_model
-from .plan_calibrate import PRETRAINED_MODEL, find_pretrained, time_decode, time_model
-from .plan_peft import PEFT_LR_128, plan_peft
+from .models import get_model_card
+from .plan_calibrate import (
+    PRETRAINED_MODEL,
+    Calibration,
+    Candidate,
+    Plan,
+    apply_plan,
+    first_stride,
+    init_candidate,
+    time_decode,
+    time_model,
+    usable_pretrained,
+    user_values,
+)
+from .plan_peft import (
+    FINETUNE_MIN_EPOCHS,
+    PEFT_LR_128,
+    finetune_reason,
+    plan_peft,
+    pretrained_candidates,
+    set_finetune_recipe,
+)
 
 SMALL_SIDE, MEDIUM_SIDE = 48, 128
 MIN_EPOCHS = 15  # passes the larger candidate must still get to be chosen
@@ -51,69 +75,54 @@ MIN_CLASS_IMAGES = 10
 # AdamW lr at a batch of 128 (from the tuned small-image recipe, 6e-3 per 512; fine-tuning 1e-3
 # per 512), square-root scaled to the planned batch: linear scaling starves small batches.
 SCRATCH_LR_128, FINETUNE_LR_128 = 1.5e-3, 2.5e-4
+# Provisional, until the imbalanced rows of benchmarks/defaults.py measure sampler against loss:
+# above 3:1 the smallest class weighs under a third of the largest in the loss. The sampler
+# (oversampling: each class drawn equally often) is the default as the best remedy for CNNs in
+# nearly every setting of Buda et al. 2018 (Neural Networks 106), and it did not overfit there;
+# in expectation it gives the loss that inverse-frequency weights give.
+BALANCE_RATIO, BALANCE = 3.0, "sampler"
+# Early stop. Under PLATEAU_MIN_VAL validation images one image moves accuracy by >= 0.5%: too
+# coarse to tell a plateau from noise. PLATEAU_PATIENCE (provisional: a share of the run, not yet
+# swept) holds PLATEAU_EVALS evaluations, so that one noisy evaluation does not decide; with a
+# tenth held out and evaluation ~3x faster than training they cost under 4% of the run (computed:
+# at most 16 evaluations of n/9 images at 3x the rate, over at least 16 epochs).
+PLATEAU_MIN_VAL, PLATEAU_PATIENCE, PLATEAU_EVALS = 200, 0.25, 4
+# From scratch, most capable first: conv-stem nano ViTs train in minutes on a CPU.
+SCRATCH = {
+    "small": (Candidate("vit_nano_convstem_patch4_32", 32),
+              Candidate("vit_nano_convstem_patch8_64", 32, (("stem_width", 192),))),
+    "medium": (Candidate("vit_nano_convstem_patch8_64", 64), Candidate("vit_nano_convstem_patch16_64", 64)),
+}
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A model at a resolution; ``args`` are extra constructor arguments."""
-
-    name: str
-    img_size: int
-    args: tuple[tuple[str, object], ...] = ()
-    pretrained: str | None = None  # hub id to fine-tune from
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.img_size}"
+def image_class(side: int) -> str:
+    """The one size rule, on the longer side: ``"small"`` up to ``SMALL_SIDE`` px (digits, thumbnails),
+    ``"medium"`` up to ``MEDIUM_SIDE``, else ``"large"``; medium and large images are photos."""
+    return "small" if side <= SMALL_SIDE else "medium" if side <= MEDIUM_SIDE else "large"
 
 
-@dataclass
-class Calibration:
-    """Measured on the machine at hand: training img/s per candidate key, seconds to decode and crop one image."""
-
-    device: str
-    img_per_s: dict[str, float]
-    decode_s: float
-    pretrained: str | None = None  # hub id of weights that can be loaded (cached or reachable)
-    eval_img_per_s: dict[str, float] = field(default_factory=dict)  # forward-only, at twice the batch
-
-
-@dataclass
-class Plan:
-    """Chosen values by dotted config key, each with its reason, plus warnings."""
-
-    values: dict[str, object] = field(default_factory=dict)
-    reasons: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    img_per_s: float | None = None  # expected training rate of the chosen model, images and all
-    eval_img_per_s: float | None = None  # its measured evaluation rate (for the budget's end reserve)
-
-    def set(self, key: str, value, reason: str) -> None:
-        self.values[key] = value
-        self.reasons[key] = reason
-
-    def to_json(self) -> dict:
-        return {k: {"value": v, "reason": self.reasons[k]} for k, v in self.values.items()}
-
-    def lines(self) -> list[str]:
-        out = ["plan (override any key with key=value):"]
-        for k, v in self.values.items():
-            out.append(f"  {k}={v}  # {self.reasons[k]}")
-        out += [f"  note: {n}" for n in self.notes]
-        return out
+def default_model(side: int) -> tuple[str, int]:
+    """(model, resolution) for images of this longer side where nothing is timed (runs without the
+    plan): the small-image nano ViT at 32 px, the fast one at 64 px, the pretrained model for large photos."""
+    kind = image_class(side)
+    if kind == "large":
+        return PRETRAINED_MODEL, get_model_card(PRETRAINED_MODEL).input_size[1]
+    c = SCRATCH["small"][0] if kind == "small" else SCRATCH["medium"][-1]
+    return c.name, c.img_size
 
 
-def candidates(info: DatasetInfo, pretrained: str | None) -> list[Candidate]:
-    """Models to calibrate for this data, most capable first."""
-    side = max(info.typical_size)
-    if side <= SMALL_SIDE:
-        return [
-            Candidate("vit_nano_convstem_patch4_32", 32),
-            Candidate("vit_nano_convstem_patch8_64", 32, (("stem_width", 192),)),
-        ]
-    if side > MEDIUM_SIDE and pretrained:
-        return [Candidate(PRETRAINED_MODEL, 224, pretrained=pretrained)]
-    return [Candidate("vit_nano_convstem_patch8_64", 64), Candidate("vit_nano_convstem_patch16_64", 64)]
+def candidates(info: DatasetInfo, pretrained: str | None, init: Candidate | None = None,
+               user_init: bool = False) -> list[Candidate]:
+    """Models to calibrate for this data, most capable first. ``init``: the architecture the user's
+    ``model.init`` records; ``user_init``: the user gave weights (of an unrecorded architecture).
+    Photos with pretrained weights (the plan's ``pretrained`` hub id, or the user's) take the
+    pretrained model (:func:`~vitkit.plan_peft.pretrained_candidates`)."""
+    if init is not None:
+        return [init]
+    kind = image_class(max(info.typical_size))
+    if kind != "small" and (pretrained or user_init):
+        return pretrained_candidates(PRETRAINED_MODEL, pretrained)
+    return list(SCRATCH["small" if kind == "small" else "medium"])
 
 
 def cpu_budget_s(n_train: int) -> float:
@@ -134,7 +143,7 @@ def planned_budget_s(n_train: int, user: dict[str, object], device: str) -> floa
 def gpu_epochs(n_train: int, finetune: bool) -> int:
     """GPU length in epochs: about 1.5M samples from scratch (30-300 epochs), 300k to fine-tune (10-50)."""
     if finetune:
-        return int(min(50, max(10, round(3e5 / max(1, n_train)))))
+        return int(min(50, max(FINETUNE_MIN_EPOCHS, round(3e5 / max(1, n_train)))))
     return int(min(300, max(30, round(1.5e6 / max(1, n_train)))))
 
 
@@ -164,10 +173,22 @@ def _train_rate(calib: Calibration, cand: Candidate) -> float:
 
 def _first_stage_tokens(cand: Candidate) -> int:
     """Tokens in the candidate's first feature map at its resolution, asked of the model itself."""
-    with torch.device("meta"):
-        model = create_model(cand.name, img_size=cand.img_size, **dict(cand.args))
-    stride = model.feature_info[0]["reduction"]
-    return math.ceil(cand.img_size / stride) ** 2
+    return math.ceil(cand.img_size / first_stride(cand.name, cand.img_size, cand.args)) ** 2
+
+
+def _model_reason(info: DatasetInfo, calib: Calibration, cands: list[Candidate], cand: Candidate, epochs, user) -> str:
+    h, w = info.typical_size
+    side = max(h, w)
+    fit = f"~{_ep(epochs(cand))} epochs fit at {_train_rate(calib, cand):.0f} img/s"
+    if cand is calib.init:
+        return f"the architecture model.init={user['model.init']} records, at its {cand.img_size} px; {fit}"
+    if cand.pretrained or (cand.name == PRETRAINED_MODEL and user.get("model.init")):
+        full = _ep(epochs(cands[0])) if cands[0].key in calib.img_per_s else None
+        return finetune_reason(side, cands, cand, fit, full)
+    if image_class(side) != "small":
+        return (f"{side} px photos, from scratch at {cand.img_size} px, where a CPU can learn from "
+                f"{info.n_train:,} images ({calib.pretrained_error or 'no usable pretrained weights'}); {fit}")
+    return f"{h}x{w} images: {_first_stage_tokens(cand)} tokens at {cand.img_size} px; {fit}"
 
 
 def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) -> Plan:
@@ -177,11 +198,11 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     """
     plan = Plan()
     n = max(1, info.n_train)
-    h, w = info.typical_size
-    side = max(h, w)
-    cands = candidates(info, calib.pretrained)
+    side = max(info.typical_size)
+    cands = candidates(info, calib.pretrained, calib.init, bool(user.get("model.init")))
     # Fine-tuning: from the plan's own pretrained weights, or from the user's model.init.
     finetune = (cands[0].pretrained is not None and "model.name" not in user) or bool(user.get("model.init"))
+    need = FINETUNE_MIN_EPOCHS if finetune else MIN_EPOCHS
 
     # Length: a time budget on a CPU, epochs on a GPU.
     budget_s = planned_budget_s(n, user, calib.device)
@@ -202,23 +223,15 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     else:
         cand = cands[-1]
         for c in cands:
-            if c is cands[-1] or (c.key in calib.img_per_s and expected_epochs(c) >= MIN_EPOCHS):
+            if c is cands[-1] or (c.key in calib.img_per_s and expected_epochs(c) >= need):
                 cand = c
                 break
-        tokens = _first_stage_tokens(cand)
-        if cand.pretrained:
-            why = f"{side} px photos: fine-tune pretrained {cand.pretrained} (weights cached or reachable)"
-        elif side > MEDIUM_SIDE:
-            why = (f"{side} px photos, no pretrained weights cached and the hub unreachable: from scratch at "
-                   f"{cand.img_size} px, which a CPU can learn from {n:,} images in the budget")
-        else:
-            why = (f"{h}x{w} images: {tokens} tokens at {cand.img_size} px; "
-                   f"~{_ep(expected_epochs(cand))} epochs fit at {_train_rate(calib, cand):.0f} img/s")
-        plan.set("model.name", cand.name, why)
+        plan.set("model.name", cand.name, _model_reason(info, calib, cands, cand, expected_epochs, user))
         if "data.img_size" not in user:
             plan.set("data.img_size", cand.img_size, "the model's resolution for this image size")
         if cand.args and "model.args" not in user:
-            plan.set("model.args", dict(cand.args), "the wider conv stem of the fast small-image recipe")
+            plan.set("model.args", dict(cand.args), "the architecture model.init records" if cand is calib.init
+                     else "the wider conv stem of the fast small-image recipe")
         if cand.pretrained and "model.init" not in user:
             plan.set("model.init", cand.pretrained, "ImageNet weights: few images train far better from them")
     epochs = expected_epochs(cand)
@@ -244,10 +257,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     lr_why = f"AdamW {lr_128 * math.sqrt(batch / 128):.2g} at batch {batch} ({kind}; per 512 in the config)"
     plan.set("optim.lr", lr_per_512(lr_128), lr_why)
     if finetune or peft:
-        if "optim.layer_decay" not in user and not peft:
-            plan.set("optim.layer_decay", 0.65, "layer-wise lr decay keeps early pretrained blocks close")
-        plan.set("optim.clip_grad", 1.0, "fine-tuning: clip gradients at norm 1")
-        plan.set("schedule.name", "cosine", "fine-tuning: linear warmup, cosine decay")
+        set_finetune_recipe(plan, peft, user)
     else:
         plan.set("schedule.name", "onecycle", "from scratch: one cycle, annealed at the end of the run")
     warm = round(min(5.0, max(0.3, 0.03 * epochs)), 2)
@@ -274,8 +284,8 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
         plan.set("engine.ema_decay", None, f"~{steps:.0f} steps: the annealed weights need no average")
 
     set_run_length(plan, epochs, n, budget_s, user)
-
-    _class_notes(info, plan)
+    plan_plateau(plan, info.n_val, epochs, user)
+    plan_classes(info, plan, user)
     for k in [k for k in plan.values if k in user]:
         del plan.values[k], plan.reasons[k]
     return plan
@@ -294,7 +304,25 @@ def set_run_length(plan: Plan, epochs: float, n: int, budget_s: float | None, us
         plan.set("engine.eval_every", max(1, round(epochs / 10)), "about 10 evaluations over the run")
 
 
-def _class_notes(info: DatasetInfo, plan: Plan) -> None:
+def plan_plateau(plan: Plan, n_val: int, epochs: float, user) -> None:
+    """``engine.plateau_patience`` (and evaluations often enough to see a plateau) when the plan set the
+    run's length, the validation set has ``PLATEAU_MIN_VAL`` images or more, and ~``epochs`` passes
+    leave room for ``PLATEAU_EVALS`` evaluations, at most one per epoch, inside the patience window."""
+    if {"engine.epochs", "engine.time_budget", "engine.max_steps", "engine.plateau_patience"} & set(user):
+        return  # the user chose the run's length (or the rule): it is kept
+    if n_val < PLATEAU_MIN_VAL or epochs * PLATEAU_PATIENCE < PLATEAU_EVALS:
+        return
+    every = max(1, math.floor(epochs * PLATEAU_PATIENCE / PLATEAU_EVALS))
+    plan.set("engine.plateau_patience", PLATEAU_PATIENCE,
+             f"{n_val:,} validation images (>= {PLATEAU_MIN_VAL}) can tell a plateau: once the validation metric "
+             f"has not improved for {PLATEAU_PATIENCE:.0%} of the run, re-anneal and stop")
+    if "engine.eval_every" not in user and every < plan.values["engine.eval_every"]:
+        plan.set("engine.eval_every", every, f"{PLATEAU_EVALS} evaluations per plateau window of "
+                                             f"~{_ep(epochs * PLATEAU_PATIENCE)} epochs")
+
+
+def plan_classes(info: DatasetInfo, plan: Plan, user) -> None:
+    """Notes on the class counts, and ``data.balance`` above ``BALANCE_RATIO`` of imbalance."""
     counts = list(info.class_counts)
     if not counts:
         return
@@ -303,6 +331,9 @@ def _class_notes(info: DatasetInfo, plan: Plan) -> None:
     ratio = max(counts) / max(1, min(counts))
     balance = "balanced" if ratio <= 1.5 else f"imbalanced {ratio:.1f}:1 (watch balanced accuracy)"
     plan.notes.append(f"{len(counts)} classes, {balance}; train images per class: {pairs}")
+    if ratio > BALANCE_RATIO and "data.balance" not in user:
+        plan.set("data.balance", BALANCE, f"classes imbalanced {ratio:.1f}:1 (> {BALANCE_RATIO:g}:1): each class "
+                                          "drawn equally often, for balanced accuracy; data.balance=none keeps the mix")
     few = [c for c, k in zip(names, counts) if k < MIN_CLASS_IMAGES]
     if few:
         plan.notes.append(f"classes with fewer than {MIN_CLASS_IMAGES} training images: {few}; "
@@ -312,48 +343,34 @@ def _class_notes(info: DatasetInfo, plan: Plan) -> None:
 def calibrate(info: DatasetInfo, dataset, cfg, user: dict[str, object], device) -> Calibration:
     """Time the candidate models and the image pipeline here (a few seconds).
 
-    The fastest candidate is timed first; a more capable one only when the budget would give the
-    fast one at least ``MIN_EPOCHS`` passes (else the slower one cannot qualify).
+    Photos look for the pretrained model's weights first (and load them once: a broken file means
+    from scratch). The fastest candidate is timed first; a more capable one only when the budget
+    would give the fast one enough passes (else the slower one cannot qualify).
     """
-    pretrained = find_pretrained() if max(info.typical_size) > MEDIUM_SIDE else None
-    cands = candidates(info, pretrained)
-    if "model.name" in user:
+    in_chans = cfg.data.in_chans or info.in_chans
+    named, init_src = "model.name" in user, user.get("model.init")
+    init = None if named else init_candidate(init_src)
+    pretrained = error = None
+    if image_class(max(info.typical_size)) != "small" and not named and not init_src:
+        pretrained, error = usable_pretrained(PRETRAINED_MODEL, in_chans, cfg.data.num_classes or info.num_classes)
+    cands = candidates(info, pretrained, init, bool(init_src))
+    if named:
         cands = [Candidate(str(user["model.name"]), int(user.get("data.img_size") or cands[0].img_size),
                            tuple(dict(cfg.model.args).items()))]
-    finetune = cands[0].pretrained is not None or bool(user.get("model.init"))
+    finetune = cands[0].pretrained is not None or bool(init_src)
     batch = int(user.get("data.batch_size") or planned_batch(info.n_train, device.type, finetune))
     amp_dtype = resolve_amp(cfg.engine.amp, device)
-    in_chans = cfg.data.in_chans or info.in_chans
-    calib = Calibration(device.type, {}, time_decode(dataset, cands[0].img_size, in_chans), pretrained)
+    calib = Calibration(device.type, {}, time_decode(dataset, cands[0].img_size, in_chans), pretrained,
+                        pretrained_error=error, init=init)
     budget_s = planned_budget_s(info.n_train, user, device.type)
+    need = FINETUNE_MIN_EPOCHS if finetune else MIN_EPOCHS
     for c in reversed(cands):
         calib.img_per_s[c.key], calib.eval_img_per_s[c.key] = time_model(
             c.name, c.img_size, dict(c.args), in_chans, info.num_classes, batch, device, amp_dtype
         )
-        if budget_s is not None and _train_rate(calib, c) * 0.9 * budget_s / max(1, info.n_train) < MIN_EPOCHS:
+        if budget_s is not None and _train_rate(calib, c) * 0.9 * budget_s / max(1, info.n_train) < need:
             break
     return calib
-
-
-def user_values(cfg, keys) -> dict[str, object]:
-    """``{dotted key: value in cfg}`` for the keys the user set."""
-    out = {}
-    for k in keys:
-        obj = cfg
-        try:
-            for part in k.split("."):
-                obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
-        except (AttributeError, KeyError):
-            continue
-        out[k] = obj
-    return out
-
-
-def apply_plan(cfg, plan: Plan) -> None:
-    """Write the plan's values into ``cfg`` (the plan holds no user-set key)."""
-    for key, value in plan.values.items():
-        section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, value)
 
 
 def plan_run(cfg, info: DatasetInfo, dataset, user_keys, device, verbose: bool = True) -> Plan:
