@@ -114,7 +114,7 @@ def setup_training(
     _check(cfg)
     dist = init_distributed()
     device = resolve_device(cfg.device, dist.local_rank)
-    # cuda_graphs is read with a default so that configs written before the key still load.
+    # An EngineConfig without the cuda_graphs key (built before it existed) means no CUDA graphs.
     mode = compile_mode(cfg.compile, getattr(cfg, "cuda_graphs", False), device)
     # Each process draws its own dropout/augmentation stream; model init happened before.
     seed_everything(cfg.seed + dist.rank)
