@@ -52,7 +52,8 @@ about 1.1 s here (the previous run: 112.7 img/s at batch 128), where a ratio of 
 differed besides: the optimizer (the engine ran fused AdamW with parameter groups, the hand loop
 torch's default, which on a CPU is the per-tensor loop, with weight decay on every parameter: now
 identical) and the model (vitkit's ViT against timm's: now measured on its own). The data path
-is the same object on both sides.
+is the same object on both sides. ``--profile`` records, per loop, the CPU time per step of its
+most expensive operators (key ``profile``), to name what differs if a gap remains.
 
 **2. Batched vs worker augmentation** (``ratio_batched_vs_worker``, goal >= 1.3;
 ``ratio_batched_vs_worker_light``, goal >= 1.0). The engine trains the conv-stem nano ViT the plan
@@ -72,7 +73,7 @@ scanned each time) and four shorter loops: about 10 minutes in all.
 
     python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --smoke            # < 1 minute, prints, writes nothing
-    python benchmarks/train_throughput.py --only engine --steps 10 --rounds 1
+    python benchmarks/train_throughput.py --only engine --steps 10 --rounds 1 --profile
 """
 
 from __future__ import annotations
@@ -192,29 +193,36 @@ def build(overrides: list[str], out_dir: str):
     return trainer, info, time.perf_counter() - t0
 
 
-def engine_vs_hand(args, common: list[str], timm, amp, r: int, rates: dict) -> dict:
-    """One round of section 1; returns what the JSON records about the optimizers."""
+def section1_loops(args, common: list[str], timm, amp, tmp: str) -> tuple[dict, object]:
+    """Section 1's three loops, each ``() -> img/s``, over one loader; and the engine's trainer."""
     model_args = {"img_size": args.img_size, "patch_size": args.patch_size, "num_classes": 10, **args.model_args}
     over = [*common, *LIGHT, f"model.name={args.model}", *(f"model.args.{k}={v}" for k, v in model_args.items()
                                                            if k not in ("img_size", "num_classes"))]
     n = args.warmup + args.steps
+    trainer, _, _ = build(over, tmp)
+    peer = timm.create_model(args.model, drop_path_rate=0.0, **model_args)
+    ours = vitkit.create_model(args.model, drop_path_rate=0.0, **model_args)
+    trainer.objective.model.load_state_dict(peer.state_dict(), strict=True)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    loader, augment = trainer.train_loader, trainer.train_transform
+    opt_peer, opt_ours = same_optimizer(trainer.optimizer, peer), same_optimizer(trainer.optimizer, ours)
+    loops = {
+        "engine": lambda: engine_rate(trainer, args.warmup, args.batch),
+        "hand_loop": lambda: hand_loop_rate(peer, opt_peer, loader, augment, n, args.warmup, args.batch, amp),
+        "hand_loop_vitkit_model": lambda: hand_loop_rate(ours, opt_ours, loader, augment, n, args.warmup,
+                                                         args.batch, amp),
+    }
+    return loops, trainer
+
+
+def engine_vs_hand(args, common: list[str], timm, amp, r: int, rates: dict) -> dict:
+    """One round of section 1; returns what the JSON records about the optimizers."""
+    n = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build(over, tmp)
-        peer = timm.create_model(args.model, drop_path_rate=0.0, **model_args)
-        ours = vitkit.create_model(args.model, drop_path_rate=0.0, **model_args)
-        trainer.objective.model.load_state_dict(peer.state_dict(), strict=True)
-        ours.load_state_dict(peer.state_dict(), strict=True)
+        loops, trainer = section1_loops(args, common, timm, amp, tmp)
+        for key in list(loops) if r % 2 == 0 else list(reversed(loops)):
+            rates[key].append(loops[key]())
         loader, augment = trainer.train_loader, trainer.train_transform
-        opt_peer, opt_ours = same_optimizer(trainer.optimizer, peer), same_optimizer(trainer.optimizer, ours)
-        measure = {
-            "engine": lambda: engine_rate(trainer, args.warmup, args.batch),
-            "hand_loop": lambda: hand_loop_rate(peer, opt_peer, loader, augment, n, args.warmup, args.batch, amp),
-            "hand_loop_vitkit_model": lambda: hand_loop_rate(ours, opt_ours, loader, augment, n, args.warmup,
-                                                             args.batch, amp),
-        }
-        order = list(measure) if r % 2 == 0 else list(reversed(measure))
-        for key in order:
-            rates[key].append(measure[key]())
         loader.set_epoch(r + 100)
         rates["data"].append(data_rate(loader, augment, n, args.warmup, args.batch))
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()), flush=True)
@@ -223,6 +231,28 @@ def engine_vs_hand(args, common: list[str], timm, amp, r: int, rates: dict) -> d
                 "groups": [{"params": len(g["params"]), "weight_decay": g["weight_decay"]}
                            for g in trainer.optimizer.param_groups],
                 "num_workers": loader.num_workers}
+
+
+def profile_loops(args, common: list[str], timm, amp) -> dict:
+    """The operators each loop of section 1 spends its CPU time in (torch.profiler, one untimed run
+    each): the per-step difference between the engine and the hand loops, operator by operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = args.warmup + args.steps
+    out = {"steps": n, "note": "self CPU time per step of the 25 most expensive operators of each loop"}
+    with tempfile.TemporaryDirectory() as tmp:
+        loops, _ = section1_loops(args, common, timm, amp, tmp)
+        for key, loop in loops.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loop()
+            ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            out[key] = {
+                "self_cpu_ms_per_step": round(sum(e.self_cpu_time_total for e in ops) / 1e3 / n, 2),
+                "top": [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / n, 3),
+                         "calls_per_step": round(e.count / n, 2)} for e in ops[:25]],
+            }
+            print(f"profiled {key}: {out[key]['self_cpu_ms_per_step']} ms of CPU per step", flush=True)
+    return out
 
 
 def batched_vs_worker(args, common: list[str], r: int, runs: dict) -> None:
@@ -277,6 +307,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--only", choices=["engine", "augment"], help="run one section")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, profile each loop of section 1 once (untimed): key profile")
     ap.add_argument("--smoke", action="store_true", help="tiny and fast; prints the result, writes nothing")
     ap.add_argument("--out", default=None, help="file name under results/ (default: train_throughput.json; "
                                                 "none with --smoke)")
@@ -341,6 +373,8 @@ def main() -> None:
             "data_vs_train_ratio": round(med["data"] / med["engine"], 3),
             "runs": {k: [round(x, 2) for x in v] for k, v in rates.items()},
         })
+        if args.profile:
+            payload["profile"] = profile_loops(args, common, timm, amp)
     if "augment" in sections:
         med_aug = {s: {p: statistics.median(e["img_s"]) for p, e in paths.items()} for s, paths in aug_runs.items()}
         payload.update({
