@@ -195,11 +195,12 @@ def build(overrides: list[str], out_dir: str):
 
 def section1_loops(args, common: list[str], timm, amp, tmp: str) -> tuple[dict, object]:
     """Section 1's three loops, each ``() -> img/s``, over one loader; and the engine's trainer."""
-    model_args = {"img_size": args.img_size, "patch_size": args.patch_size, "num_classes": 10, **args.model_args}
+    model_args = {"img_size": args.img_size, "patch_size": args.patch_size, **args.model_args}
     over = [*common, *LIGHT, f"model.name={args.model}", *(f"model.args.{k}={v}" for k, v in model_args.items()
-                                                           if k not in ("img_size", "num_classes"))]
+                                                           if k != "img_size")]
     n = args.warmup + args.steps
-    trainer, _, _ = build(over, tmp)
+    trainer, info, _ = build(over, tmp)
+    model_args["num_classes"] = info["num_classes"]
     peer = timm.create_model(args.model, drop_path_rate=0.0, **model_args)
     ours = vitkit.create_model(args.model, drop_path_rate=0.0, **model_args)
     trainer.objective.model.load_state_dict(peer.state_dict(), strict=True)
@@ -359,8 +360,7 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in rates.items()}
         payload.update({
             "model": args.model,
-            "model_args": {"img_size": args.img_size, "patch_size": args.patch_size, "num_classes": 10,
-                           **args.model_args},
+            "model_args": {"img_size": args.img_size, "patch_size": args.patch_size, **args.model_args},
             "optimizer": {**optimizer, "lr": args.lr, "weight_decay": args.weight_decay,
                           "note": "the hand loops use torch's optimizer with the engine's groups and flags"},
             "engine_img_s": round(med["engine"], 2),
