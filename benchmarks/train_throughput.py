@@ -59,7 +59,7 @@ most expensive operators (key ``profile``), to name what differs if a gap remain
 ``ratio_batched_vs_worker_light``, goal >= 1.0). The engine trains the conv-stem nano ViT the plan
 uses for small images (``--aug-model``) at 64 px on the same tar, once with ``data.augment_on=device``
 (decoded once into the store, crop, flip and RandAugment batched in the main process) and once with
-``data.augment_on=workers`` (``data.store=off``: per-sample PIL in the loader workers, on the same
+``data.augment_on=workers`` (``data.store='off'``: per-sample PIL in the loader workers, on the same
 cores as the model). DeiT strength: RandAugment m9 (mstd 0.5, inc1), erasing 0.25, Mixup 0.8 /
 CutMix 1.0, label smoothing 0.1; light: crop and flip only (the CIFAR recipe). ``build_s`` is the
 time ``build_run`` took (the store is decoded there, outside the timed window). The run's
@@ -102,7 +102,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ci
 DEIT = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.25", "data.mixup=0.8", "data.cutmix=1.0",
         "data.label_smoothing=0.1"]
 LIGHT = ["data.auto_augment=null", "data.re_prob=0", "data.mixup=0", "data.cutmix=0", "data.label_smoothing=0"]
-PATHS = {"device": ["data.augment_on=device"], "workers": ["data.augment_on=workers", "data.store=off"]}
+# Quoted: YAML reads a bare off as false.
+PATHS = {"device": ["data.augment_on=device"], "workers": ["data.augment_on=workers", "data.store='off'"]}
 GOALS = {"ratio_engine_vs_hand": ">= 1.0", "ratio_batched_vs_worker": ">= 1.3",
          "ratio_batched_vs_worker_light": ">= 1.0"}
 

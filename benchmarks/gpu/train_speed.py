@@ -262,7 +262,8 @@ def section_b(args, device: torch.device, work: Path) -> dict:
 
 
 def _smoke(args, work: Path) -> None:
-    """Tiny settings on whatever device there is: a few steps of 2-block models on 16 px images."""
+    """Tiny settings on whatever device there is: a few steps of 2-block models on 16 px images (at 32
+    px in section a)."""
     from PIL import Image
 
     root = work / "tiny"
@@ -291,7 +292,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=15, help="untimed steps before them (compilation included)")
     ap.add_argument("--profile-steps", type=int, default=10, help="steps after the window, for the GPU busy share")
     ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--vitkit-variants", nargs="+", default=["eager", "compile"], choices=list(VARIANTS))
+    ap.add_argument("--vitkit-variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="default: eager and compile (eager alone with --smoke)")
     ap.add_argument("--timm-workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--b-recipe", default="deit_tiny_cifar10")
     ap.add_argument("--b-budget", default="5m")
@@ -300,6 +302,8 @@ def main() -> None:
     ap.add_argument("--out", default="train_speed_gpu.json")
     args = ap.parse_args()
     args.model_args, args.data_set = {}, []
+    if args.vitkit_variants is None:
+        args.vitkit_variants = ["eager"] if args.smoke else ["eager", "compile"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device here: this benchmark measures a GPU (--smoke runs its code paths on a CPU)")
