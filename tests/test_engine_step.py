@@ -33,46 +33,44 @@ def make_deferred(out, **kw) -> Trainer:
     return deferred(make_trainer(out, **kw))
 
 
-class NanAt(Supervised):
-    """Supervised whose loss becomes NaN on the given forward calls (counted from 1)."""
+class Faulty(ToyDataset):
+    """ToyDataset with NaN features in samples ``nan_rows`` (the loss of their batch is NaN), and
+    every 16th sample marked as standing in for a broken file."""
 
-    def __init__(self, nan_calls: set[int]):
-        super().__init__(TinyNet(), num_classes=3)
-        self.nan_calls, self.calls = nan_calls, 0
-
-    def forward(self, batch):
-        out = super().forward(batch)
-        self.calls += 1
-        if self.calls in self.nan_calls:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-
-class SomeSkipped(ToyDataset):
-    """ToyDataset where every 16th sample stands for a broken file that was replaced."""
+    def __init__(self, n: int = 64, nan_rows: tuple[int, ...] = ()):
+        super().__init__(n)
+        self.nan_rows = set(nan_rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {**super().__getitem__(i), "skipped": torch.tensor(i % 16 == 0)}
+        item = super().__getitem__(i)
+        if i in self.nan_rows:
+            item["image"] = item["image"] * float("nan")
+        return {**item, "skipped": torch.tensor(i % 16 == 0)}
+
+
+def supervised() -> Supervised:
+    return Supervised(TinyNet(), num_classes=3)
 
 
 def test_deferred_skip_drops_exactly_the_nonfinite_steps(tmp_path):
     """NaN losses at steps 2 and 5 under nonfinite=skip: the weights equal torch's AdamW stepping on
     the other 6 batches only, and the counts (steps, files) reach the summary."""
-    common = dict(epochs=1, drop=0.0, shuffle=False, transform=None, nonfinite="skip",
-                  sched={"name": "constant", "warmup_steps": 0}, dataset=SomeSkipped(64))
+    data = Faulty(64, nan_rows=(8, 32))  # batches of 8 in order: rows 8 and 32 are in batches 2 and 5
+    common = dict(epochs=1, shuffle=False, transform=None, nonfinite="skip",
+                  sched={"name": "constant", "warmup_steps": 0}, dataset=data)
     torch.manual_seed(0)
-    tr = make_deferred(tmp_path / "run", objective=NanAt({2, 5}), **common)
+    tr = make_deferred(tmp_path / "run", objective=supervised(), **common)
     summary = tr.fit()
     assert summary["steps"] == 8 and summary["nonfinite_skipped"] == 2
     assert summary["skipped_files"] == sum(i % 16 == 0 for i in range(64)) == 4
 
     torch.manual_seed(0)
-    ref = NanAt(set())  # the same initial weights
+    ref = supervised()  # the same initial weights
     decay = [p for p in ref.parameters() if p.ndim > 1]
     no_decay = [p for p in ref.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-2, weight_decay=0.05, fused=True)
-    for step, batch in enumerate(DataLoader(SomeSkipped(64), batch_size=8), start=1):
+    for step, batch in enumerate(DataLoader(data, batch_size=8), start=1):
         loss = ref(batch)["loss"]
         if step not in (2, 5):
             loss.backward()
@@ -86,8 +84,8 @@ def test_deferred_skip_drops_exactly_the_nonfinite_steps(tmp_path):
 def test_deferred_stop_names_the_first_bad_step_and_checkpoints_nothing_after_it(tmp_path):
     """The NaN of step 3 is read at the log step 4: the error names step 3, the checkpoint of
     step 4 is never written, and the device never applied the NaN update."""
-    torch.manual_seed(0)
-    tr = make_deferred(tmp_path, objective=NanAt({3}), log_every=4, ckpt_every_steps=2)
+    tr = make_deferred(tmp_path, dataset=Faulty(64, nan_rows=(16,)), shuffle=False, log_every=4,
+                       ckpt_every_steps=2)
     with pytest.raises(NonFiniteLossError, match="optimizer step 3") as info:
         tr.fit()
     assert info.value.step == 3 and math.isnan(info.value.value)
