@@ -1,4 +1,5 @@
-"""Optimizer construction: weight-decay groups and layer-wise learning-rate decay."""
+"""Optimizers and their step: weight-decay groups, layer-wise learning-rate decay, clipping, and
+the tally that keeps non-finite steps out of the weights without reading the device each step."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from functools import partial
 from itertools import chain
 
 import torch
 from torch import nn
 
 from .config import OptimConfig
+from .failures import AgreedFailure, NonFiniteLossError, finite_everywhere
 
 # A group matcher suffix that merges a parameter into the group before it (timm's convention,
 # used for the final norm of a ViT, which belongs with the last block).
@@ -175,10 +178,13 @@ def clip_per_param_(params, max_norm: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def optimizer_step(optimizer, scaler, params, clip_grad: float | None, clip_mode: str = "global"):
+def optimizer_step(optimizer, scaler, params, clip_grad: float | None, clip_mode: str = "global",
+                   found_inf: torch.Tensor | None = None):
     """Unscale and clip (when ``clip_grad``, by ``clip_mode``), step, update the loss scale, zero the gradients.
 
-    Returns the gradients' norm before clipping, or None without clipping.
+    ``found_inf``: a float32 scalar on the parameters' device; where it is 1 the (fused) optimizer
+    leaves weights, moments and step counts as they were, decided on the device (see
+    :class:`StepTally`). Returns the gradients' norm before clipping, or None without clipping.
     """
     grad_norm = None
     if clip_grad is not None:
@@ -189,7 +195,109 @@ def optimizer_step(optimizer, scaler, params, clip_grad: float | None, clip_mode
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
         else:
             raise ValueError(f"optim.clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
-    scaler.step(optimizer)
+    if found_inf is not None:
+        # torch's fused Adam/AdamW/SGD read this attribute (GradScaler passes its own the same way).
+        optimizer.found_inf = found_inf
+    try:
+        scaler.step(optimizer)
+    finally:
+        if found_inf is not None:
+            del optimizer.found_inf
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can drop a step on the device (torch's fused kernels take ``found_inf``)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
+
+
+class StepTally:
+    """What the loop counts per step, kept where the step runs: non-finite losses and skipped files.
+
+    With ``deferred`` False every micro-batch's loss is checked on the host as it comes (free on a
+    CPU, and what torch.distributed needs: every process must take the same branch at once).
+    With ``deferred`` True nothing is read from the device per step: each loss is checked on the
+    device, a step with a non-finite loss is dropped there by the fused optimizer (``found_inf``),
+    and the counts reach the host at :meth:`read` (log steps, checkpoints, the end of an epoch).
+    A non-finite loss then stops the run (``nonfinite="stop"``) at the next read, naming its
+    step, before any checkpoint is written; under ``nonfinite="skip"`` the steps are counted.
+    """
+
+    def __init__(self, device: torch.device, deferred: bool, nonfinite: str = "stop"):
+        self.device, self.deferred, self.nonfinite = device, deferred, nonfinite
+        self._reset()
+
+    def _reset(self) -> None:
+        zero = partial(torch.zeros, (), device=self.device)
+        self.steps = zero(dtype=torch.int64)  # steps since the last read
+        self.bad_steps = zero(dtype=torch.int64)
+        self.first_bad = zero(dtype=torch.int64)  # 1-based, among the steps since the last read
+        self.first_value = zero(dtype=torch.float32)
+        self.files = zero(dtype=torch.int64)
+        self._ok: torch.Tensor | None = None  # this step's micro-batches so far: all finite
+        self._value = zero(dtype=torch.float32)  # a non-finite loss of this step
+
+    def add_files(self, skipped: torch.Tensor, state) -> None:
+        """Count the files left out of a batch (``batch["skipped"]``)."""
+        if self.deferred:
+            self.files += skipped.sum()
+        else:
+            state.skipped_files += int(skipped.sum())
+
+    def loss_is_bad(self, loss: torch.Tensor | None, error: BaseException | None, step: int, world_size: int) -> bool:
+        """Whether a micro-batch's loss (of optimizer step ``step``) is non-finite, checked on the
+        host; always False when deferred (the device keeps it). Raises :class:`NonFiniteLossError`
+        under ``nonfinite="stop"``, and an error of the micro-batch as agreed."""
+        if self.deferred:
+            if error is not None:
+                raise AgreedFailure() from error
+            self._observe(loss)
+            return False
+        if finite_everywhere(loss, error, self.device, world_size):
+            return False
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(step, float(loss.detach().float()))
+        return True
+
+    def _observe(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        ok = torch.isfinite(loss)
+        self._value = torch.where(ok, self._value, loss)
+        self._ok = ok if self._ok is None else self._ok & ok
+
+    def step_flag(self) -> torch.Tensor | None:
+        """At an optimizer step: the ``found_inf`` for :func:`optimizer_step` (None unless deferred)."""
+        if not self.deferred:
+            return None
+        bad = ~self._ok
+        self.steps += 1
+        first = bad & (self.bad_steps == 0)
+        self.first_bad = torch.where(first, self.steps, self.first_bad)
+        self.first_value = torch.where(first, self._value, self.first_value)
+        self.bad_steps += bad.long()
+        self._ok = None
+        return bad.float()
+
+    def read(self, state, say) -> None:
+        """Bring the counts to the host (one read) into ``state``; a non-finite loss under
+        ``nonfinite="stop"`` raises :class:`NonFiniteLossError` for its step."""
+        if not self.deferred:
+            return
+        steps, bad, first, value, files = torch.stack(
+            [self.steps.double(), self.bad_steps.double(), self.first_bad.double(), self.first_value.double(),
+             self.files.double()]
+        ).tolist()
+        self._reset()
+        state.skipped_files += int(files)
+        if not bad:
+            return
+        first_step = state.step - int(steps) + int(first)
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(first_step, value)
+        state.nonfinite_skipped += int(bad)
+        say(f"steps {first_step}-{state.step}: {int(bad)} with a non-finite loss skipped "
+            f"({state.nonfinite_skipped} in all)")

@@ -1,4 +1,5 @@
-"""Runtime plumbing of the loop: seeding, device and autocast choice, moving and sizing batches."""
+"""Runtime plumbing of the loop: seeding, device and autocast choice, moving (one batch ahead on
+CUDA) and sizing batches, and compiling the training step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 
 
 def seed_everything(seed: int) -> None:
@@ -54,26 +55,76 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown amp {amp!r}: use 'bf16', 'fp16', 'fp32' (or 'none') or 'auto'")
 
 
+def map_tensors(batch, fn):
+    """``fn`` applied to every tensor of a nested dict/list/tuple batch; other values pass through."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def to_device(batch, device: torch.device):
     """Move tensors in nested dicts/lists/tuples to ``device``; other values pass through."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=device.type == "cuda"))
 
 
 def channels_last(batch):
     """4-D tensors of a nested batch in channels-last memory format."""
-    if isinstance(batch, Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
-    if isinstance(batch, dict):
-        return {k: channels_last(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(channels_last(v) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t)
+
+
+def _pinned(t: Tensor) -> Tensor:
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
+
+
+class CudaPrefetcher:
+    """Iterates ``batches`` one ahead on a CUDA ``device``: while a step runs, the next batch is
+    pinned (unless the loader pinned it) and copied on a side stream, so the copy overlaps the
+    step. Only the copy runs ahead: the batch transform still runs when the batch is used, so
+    the random draws come in the same order as without prefetching. An error from the loader is
+    raised when the batch it failed to produce is asked for.
+    """
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = iter(batches), device
+        self.stream = torch.cuda.Stream(device)
+        self._fetch()
+
+    def _fetch(self) -> None:
+        self.error: Exception | None = None
+        batch = None
+        try:
+            batch = next(self.batches, None)
+            if batch is not None:
+                with torch.cuda.stream(self.stream):
+                    batch = map_tensors(batch, lambda t: _pinned(t).to(self.device, non_blocking=True))
+        except Exception as e:
+            batch, self.error = None, e
+        self.ahead = batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.error is not None:
+            raise self.error
+        batch = self.ahead
+        if batch is None:
+            raise StopIteration
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        # Memory the side stream allocated is in use on this stream until the step is done with it.
+        map_tensors(batch, lambda t: t.record_stream(current) if t.is_cuda else None)
+        self._fetch()
+        return batch
+
+
+def prefetch(batches, device: torch.device):
+    """``batches`` with the next one copied ahead on CUDA (:class:`CudaPrefetcher`); as they are elsewhere."""
+    return CudaPrefetcher(batches, device) if device.type == "cuda" else batches
 
 
 def prepare_batch(batch, device: torch.device, transform=None, to_channels_last: bool = False):
@@ -122,3 +173,58 @@ def autocast(precision: torch.dtype | str | None, device: torch.device):
     a null context for full precision."""
     dtype = resolve_amp(precision, device) if isinstance(precision, str) else precision
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def compile_mode(compile: bool | None, cuda_graphs: bool, device: torch.device) -> str | None:
+    """The torch.compile mode the settings ask for on ``device``: None (eager), ``"default"``, or
+    ``"reduce-overhead"`` (CUDA graphs). ``compile`` None means on CUDA and off on a CPU."""
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise ConfigError(f"engine.cuda_graphs=true needs a CUDA device and this run is on {device}: "
+                              "set engine.cuda_graphs=false")
+        if compile is False:
+            raise ConfigError("engine.cuda_graphs=true replays the compiled step: set engine.compile=true "
+                              "(or leave it unset), or engine.cuda_graphs=false")
+        return "reduce-overhead"
+    on = device.type == "cuda" if compile is None else bool(compile)
+    return "default" if on else None
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
+
+
+class CompiledStep:
+    """``module`` (the training forward) through ``torch.compile`` in ``mode``.
+
+    If compiling fails (no compiler, an unsupported operation), ``say`` reports it once and the
+    run goes on with ``module`` itself; other errors are raised as they are. Under
+    ``"reduce-overhead"`` the step is replayed as a CUDA graph, which needs every batch the same
+    shape (the train loader drops the last partial batch) and overwrites its outputs at the next
+    replay: they are returned as copies (the loss keeps its gradient).
+    """
+
+    def __init__(self, module, mode: str, say):
+        self.module, self.mode, self.say = module, mode, say
+        self.compiled = torch.compile(module, mode=mode, dynamic=False if mode == "reduce-overhead" else None)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.module(*args, **kwargs)
+        try:
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+                return map_tensors(self.compiled(*args, **kwargs), torch.clone)
+            return self.compiled(*args, **kwargs)
+        except Exception as e:
+            if not _is_compile_error(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.say(f"torch.compile failed ({type(e).__name__}: {first[:200]}): training without it")
+            self.compiled = None
+            return self.module(*args, **kwargs)
+
+
+def compile_step(module, mode: str | None, say):
+    """``module``, or a :class:`CompiledStep` of it when ``mode`` (from :func:`compile_mode`) is set."""
+    return module if mode is None else CompiledStep(module, mode, say)

@@ -17,8 +17,16 @@ from .checkpointer import Checkpointer
 from .config import EngineConfig, OptimConfig
 from .distributed import DistInfo, init_distributed, wrap_ddp, wrap_fsdp
 from .logging import RunLogger
-from .optim import build_optimizer, scaled_lr
-from .runtime import loader_batch_size, resolve_amp, resolve_device, seed_everything
+from .optim import StepTally, build_optimizer, scaled_lr, skips_on_device
+from .protocol import Objective
+from .runtime import (
+    compile_mode,
+    compile_step,
+    loader_batch_size,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+)
 from .schedule import LRSchedule
 
 
@@ -31,7 +39,7 @@ class TrainingSetup:
     amp_dtype: torch.dtype | None
     sampler: object
     module: nn.Module  # the objective, wrapped for DDP/FSDP when distributed
-    train_fn: object  # ``module``, compiled with ``engine.compile``
+    train_fn: object  # ``module``, compiled under ``engine.compile`` / ``engine.cuda_graphs``
     params: list
     steps_per_epoch: int
     total_steps: int
@@ -43,6 +51,7 @@ class TrainingSetup:
     base_lr: float
     scheduler: LRSchedule
     scaler: torch.amp.GradScaler
+    tally: StepTally
     logger: RunLogger
     checkpointer: Checkpointer
 
@@ -73,6 +82,23 @@ def _place(objective: nn.Module, cfg: EngineConfig, device: torch.device) -> Non
         model.to(memory_format=torch.channels_last)
 
 
+def defers_checks(device: torch.device, dist: DistInfo, scaler, optimizer, nonfinite: str, objective: nn.Module,
+                  ema_callback: EmaCallback | None) -> bool:
+    """Whether the loop checks losses on the device and reads the counts at log time only
+    (:class:`~vitkit.engine.optim.StepTally`), so that a step never waits for the device.
+
+    Where reading costs a wait: CUDA, in one process (processes agree on each micro-step at
+    once), without fp16 loss scaling, with an optimizer that drops a step on the device (fused
+    AdamW). Under ``nonfinite="skip"`` also nothing else may act on a step before knowing it was
+    dropped: no EMA, and an objective without its own ``on_step_end``.
+    """
+    if device.type != "cuda" or dist.enabled or scaler.is_enabled() or not skips_on_device(optimizer):
+        return False
+    if nonfinite == "skip":
+        return ema_callback is None and getattr(type(objective), "on_step_end", None) is Objective.on_step_end
+    return True
+
+
 def setup_training(
     objective: nn.Module,
     train_loader,
@@ -88,6 +114,8 @@ def setup_training(
     _check(cfg)
     dist = init_distributed()
     device = resolve_device(cfg.device, dist.local_rank)
+    # An EngineConfig without the cuda_graphs key (built before it existed) means no CUDA graphs.
+    mode = compile_mode(cfg.compile, getattr(cfg, "cuda_graphs", False), device)
     # Each process draws its own dropout/augmentation stream; model init happened before.
     seed_everything(cfg.seed + dist.rank)
     if cfg.deterministic:
@@ -130,14 +158,16 @@ def setup_training(
     optimizer = build_optimizer(objective, optim_cfg, global_batch)
     base_lr = scaled_lr(optim_cfg, global_batch)
     scheduler = LRSchedule(optimizer, sched_cfg, base_lr, total_steps, steps_per_epoch, budget=budget)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    deferred = defers_checks(device, dist, scaler, optimizer, cfg.nonfinite, objective, ema_callback)
+    logger = RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard)
     return TrainingSetup(
         dist=dist, device=device, amp_dtype=amp_dtype, sampler=sampler, module=module,
-        train_fn=torch.compile(module) if cfg.compile else module,
+        train_fn=compile_step(module, mode, logger.info),
         params=[p for p in objective.parameters() if p.requires_grad],
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, batch_size=batch_size, global_batch=global_batch,
         ema_callback=ema_callback, budget=budget, optimizer=optimizer, base_lr=base_lr, scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        logger=RunLogger(out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard),
+        scaler=scaler, tally=StepTally(device, deferred, cfg.nonfinite), logger=logger,
         checkpointer=Checkpointer(ckpt_dir, cfg.keep_last, cfg.save_best, dist.is_main),
     )
 

@@ -15,13 +15,13 @@ from .callbacks import CheckpointCadence, TrainLogger
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import agree_on_failure, barrier, no_sync
 from .evaluation import log_val, record_best, run_evaluation
-from .failures import AgreedFailure, NonFiniteLossError, agree, agree_if_distributed, finite_everywhere
+from .failures import AgreedFailure, NonFiniteLossError, agree, agree_if_distributed
 from .feed import epoch_iterator, sampler_position
 from .logging import write_summary
 from .optim import optimizer_step
 from .plots import write_plots
 from .protocol import StepContext
-from .runtime import autocast, batch_size, prepare_batch
+from .runtime import autocast, batch_size, prefetch, prepare_batch
 from .setup import restore, setup_training
 from .state import TrainState
 from .summary import build_summary
@@ -151,6 +151,7 @@ class Trainer:
 
         A failure on the main process (non-finite weights) reaches every process.
         """
+        self.tally.read(self.state, self.logger.info)  # a pending non-finite loss stops the run before this
         path, error = None, None
         try:
             path = self.checkpointer.save(self, is_best=is_best, rng=rng)
@@ -258,19 +259,21 @@ class Trainer:
         self.train_log.on_step_end(ctx)
 
     def _train_epoch(self) -> str | None:
-        """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end."""
+        """Run the rest of the current epoch; returns a stop reason, or None at the epoch's end.
+
+        On CUDA no step waits for the device: the next batch is copied ahead, and losses, metrics
+        and counts stay on the device until a log step or a checkpoint reads them."""
         cfg, st = self.cfg, self.state
         accum = cfg.accum_steps
-        it = epoch_iterator(self.train_loader, self.sampler, st, accum, self.batch_size, self.resume_sampler_state)
+        it = prefetch(epoch_iterator(self.train_loader, self.sampler, st, accum, self.batch_size,
+                                     self.resume_sampler_state), self.device)
         self.resume_sampler_state = None
         self.train_log.reset()
-        micro = 0
-        bad = False
-        out: dict[str, Tensor] = {}
+        micro, bad, out = 0, False, {}
         t_step = time.perf_counter()
         while (batch := self._next_batch(it)) is not None:
             if "skipped" in batch:
-                st.skipped_files += int(batch["skipped"].sum())
+                self.tally.add_files(batch["skipped"], st)
             n = batch_size(batch)
             if hasattr(self.sampler, "advance"):
                 self.sampler.advance(n)
@@ -283,10 +286,7 @@ class Trainer:
                 loss = out["loss"]
             except Exception as e:
                 error = e
-            if not finite_everywhere(loss, error, self.device, self.dist.world_size):
-                if cfg.nonfinite == "stop":
-                    raise NonFiniteLossError(st.step + 1, float(loss.detach().float()))
-                bad = True
+            bad = self.tally.loss_is_bad(loss, error, st.step + 1, self.dist.world_size) or bad
             if not bad:
                 self.scaler.scale(loss / accum).backward()
             self.train_log.on_micro_batch(None if bad else out, n)
@@ -302,13 +302,16 @@ class Trainer:
                 st.nonfinite_skipped += 1
                 self.logger.info(f"step {st.step + 1}: non-finite loss, step skipped ({st.nonfinite_skipped})")
             else:
-                grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.optim_cfg.clip_grad, self.optim_cfg.clip_mode)
+                grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.optim_cfg.clip_grad,
+                                           self.optim_cfg.clip_mode, found_inf=self.tally.step_flag())
             st.step += 1
             st.epoch_step += 1
             self.scheduler.step()
             now = time.perf_counter()
             st.train_time_s += now - t_step
             t_step = now
+            if st.step % cfg.log_every == 0:
+                self.tally.read(st, self.logger.info)
             self._on_step_end(lr, grad_norm, not bad, out)
             bad = False
 
@@ -316,10 +319,9 @@ class Trainer:
             epoch_done = st.epoch_step == self.steps_per_epoch
             if self.cadence.due_mid_epoch(st.step) and not epoch_done and not reason:
                 self.save_checkpoint()
-            if epoch_done:
-                return None  # the caller finishes the epoch (eval, checkpoint), then stops
-            if reason:
-                return reason
+            if epoch_done or reason:
+                self.tally.read(st, self.logger.info)
+                return None if epoch_done else reason  # at the epoch's end the caller finishes it, then stops
         raise RuntimeError(
             f"the train loader ended after {st.epoch_step} of {self.steps_per_epoch} steps in epoch {st.epoch}: "
             "its len() must match the batches it yields"
