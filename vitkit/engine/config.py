@@ -66,7 +66,13 @@ class EngineConfig:
     amp: str = "auto"  # bf16 | fp16 | fp32 (= none) | auto
     ema_decay: float | None = None
     ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) at update t
-    compile: bool = False
+    # torch.compile of the training step (the objective's forward: model and loss). None: on CUDA, off
+    # on a CPU (not yet measured on a GPU, so the default stays off). A compile that fails falls back
+    # to eager with one line.
+    compile: bool | None = False
+    # CUDA graphs of the compiled step (torch.compile's "reduce-overhead"): CUDA only, and every train
+    # batch the same shape (the train loader drops the last partial batch).
+    cuda_graphs: bool = False
     channels_last: bool = False
     grad_checkpointing: bool = False
     eval_every: int = 1  # epochs

@@ -114,8 +114,7 @@ def setup_training(
     _check(cfg)
     dist = init_distributed()
     device = resolve_device(cfg.device, dist.local_rank)
-    # An EngineConfig without the cuda_graphs key (built before it existed) means no CUDA graphs.
-    mode = compile_mode(cfg.compile, getattr(cfg, "cuda_graphs", False), device)
+    mode = compile_mode(cfg.compile, cfg.cuda_graphs, device)
     # Each process draws its own dropout/augmentation stream; model init happened before.
     seed_everything(cfg.seed + dist.rank)
     if cfg.deterministic:
