@@ -119,20 +119,28 @@ def _axis_weights(lo: torch.Tensor, hi: torch.Tensor, size: int, out: int, inter
     """
     b, dev = lo.shape[0], lo.device
     scale = (hi - lo) / out  # (B,)
-    center = (torch.arange(out, device=dev, dtype=torch.float64) + 0.5) * scale.unsqueeze(1)  # from lo
+    # Positions are computed from the box's start as Pillow computes them in the cropped image;
+    # a whole-pixel start is added exactly.
+    base, frac = torch.floor(lo), lo - torch.floor(lo)
     first_px = torch.ceil(lo - 0.5).clamp(0, size - 1)
     last_px = torch.maximum(torch.floor(hi - 0.5) + 1, first_px + 1).clamp(max=size)  # exclusive
     if interpolation == "nearest":
-        taps = (torch.floor(lo.unsqueeze(1) + center)).clamp(first_px.unsqueeze(1), last_px.unsqueeze(1) - 1)
+        # Pillow's nearest resize steps from half a step, adding the step once per output pixel.
+        steps = scale.unsqueeze(1).repeat(1, out)
+        steps[:, 0] = steps[:, 0] * 0.5
+        taps = base.unsqueeze(1) + torch.floor(torch.cumsum(steps, 1) + frac.unsqueeze(1))
+        taps = taps.clamp(first_px.unsqueeze(1), last_px.unsqueeze(1) - 1)
         weights = torch.zeros(b, out, size, device=dev)
         return weights.scatter_(2, taps.long().unsqueeze(2), 1.0)
     fn, support_px = _FILTERS[interpolation]
     filterscale = scale.clamp(min=1.0)
     support = (support_px * filterscale).view(b, 1, 1)
+    center = (torch.arange(out, device=dev, dtype=torch.float64) + 0.5) * scale.unsqueeze(1)  # from lo
     # Enough taps for any box inside the image; those beyond a box's kernel get weight 0.
     ksize = 2 * math.ceil(support_px * max(size / out, 1.0)) + 3
     lo3, center3 = lo.view(b, 1, 1), center.unsqueeze(2)
-    taps = torch.floor(lo3 + center3 - support + 0.5) + torch.arange(ksize, device=dev, dtype=torch.float64)
+    first_tap = base.view(b, 1, 1) + torch.floor(((center3 - support) + 0.5) + frac.view(b, 1, 1))
+    taps = first_tap + torch.arange(ksize, device=dev, dtype=torch.float64)
     k = fn((((taps - lo3) - center3) + 0.5) * (1.0 / filterscale).view(b, 1, 1))
     k = torch.where((taps >= first_px.view(b, 1, 1)) & (taps < last_px.view(b, 1, 1)), k, 0.0)
     total = torch.zeros_like(k[..., 0])
