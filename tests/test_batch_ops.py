@@ -281,23 +281,18 @@ def test_op_argument_same_numbers_for_a_batch():
                     assert got.dtype == torch.float64 and got.tolist() == [float(v) for v in want], (name, inc)
 
 
-class _Recording(RandAugment):
-    def __init__(self, spec):
-        super().__init__(spec)
-        self.mags = []
-
-    def magnitude(self, rng):
-        m = super().magnitude(rng)
-        self.mags.append(m)
-        return m
-
-
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd101-p0.8", "rand-m5-n1-mstd0-p1"])
-def test_op_draws_match_worker_path(spec):
+def test_op_draws_match_worker_path(spec, monkeypatch):
     """Ops per image, each op's frequency, magnitudes and each op's arguments: the PIL path's distribution."""
-    n = 9000
-    pil = _Recording(spec)
-    plans = [pil.plan(sample_rng(0, 0, i)) for i in range(n)]
+    n, pil_mags = 9000, []
+    draw_magnitude = RandAugment.magnitude
+
+    def recorded(self, rng):
+        pil_mags.append(draw_magnitude(self, rng))
+        return pil_mags[-1]
+
+    monkeypatch.setattr(RandAugment, "magnitude", recorded)
+    plans = [RandAugment(spec).plan(sample_rng(0, 0, i)) for i in range(n)]
     batch = BatchRandAugment(spec)
     d = batch.draw(n, torch.Generator().manual_seed(0))
     assert not (d["negate"] & ~torch.tensor([takes_sign(o, batch.inc) for o in OPS])[d["op"]]).any()
@@ -308,7 +303,7 @@ def test_op_draws_match_worker_path(spec):
         assert _close(per_image_ours[k] / n, per_image_pil[k] / n, max(p_k, 1 / n), n), (k, per_image_ours)
         assert _close(per_image_ours[k] / n, p_k, max(p_k, 1 / n), n), k
     mags = d["magnitude"][applied]
-    d_mag, crit = _ks(mags.numpy(), pil.mags)
+    d_mag, crit = _ks(mags.numpy(), pil_mags)
     assert d_mag <= crit, (d_mag, crit)
     trials, p_op = n * batch.n, batch.p / len(OPS)
     pil_args = {name: [arg for p in plans for nm, arg in p if nm == name] for name in OPS}
