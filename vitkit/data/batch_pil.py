@@ -226,9 +226,13 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: Sequence[int], interpola
         fx, fy = fx.long(), fy.long()
         src = flat.to(dtype)
 
-        def tap(row: int, col: int) -> torch.Tensor:  # edge pixels repeated, as Pillow's XCLIP/YCLIP
-            idx = (fy + row).clamp(0, h - 1) * w + (fx + col).clamp(0, w - 1)
-            return src.gather(2, idx.view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
+        # Edge pixels repeated, as Pillow's XCLIP/YCLIP: tap offsets -1..2 clamped once each.
+        rows = {k: (fy + k).clamp(0, h - 1) * w for k in (-1, 0, 1, 2)}
+        cols = {k: (fx + k).clamp(0, w - 1) for k in (-1, 0, 1, 2)}
+
+        def tap(row: int, col: int) -> torch.Tensor:
+            idx = (rows[row] + cols[col]).view(b, 1, h * w).expand(b, c, h * w)
+            return src.gather(2, idx).view(b, c, h, w)
 
         if interpolation == "bilinear":
             top, bottom = tap(0, 0), tap(1, 0)
