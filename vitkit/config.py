@@ -61,6 +61,13 @@ class DataConfig:
     repeated_aug: int = 0  # >1: DeiT repeated augmentation with that many repeats
     crop_pct: float | None = None  # None: the model card's
     max_bad_fraction: float = 0.05
+    # Where the training images are decoded and augmented (see vitkit.plan_data). store: auto | memory | mmap |
+    # off: decode every image once into memory, or into a memory-mapped file in the run's cache; augment_on:
+    # auto | workers | device: crops, flips and RandAugment per image in the loader workers, or batched on the
+    # training device. auto: the plan's choice on runs it plans, else the worker path without a store.
+    store: str = "auto"
+    augment_on: str = "auto"
+    store_max_gb: float | None = None  # the largest store; None: half the memory available at the start
 
 
 @dataclass
@@ -245,6 +252,8 @@ _CHOICES = (
     ("engine.nonfinite", ("stop", "skip")),
     ("schedule.name", ("cosine", "onecycle", "constant")),
     ("optim.name", ("adamw", "sgd")),
+    ("data.store", ("auto", "memory", "mmap", "off")),
+    ("data.augment_on", ("auto", "workers", "device")),
 )
 
 
@@ -274,6 +283,7 @@ def _validate_choices(cfg: TrainConfig) -> None:
         ("data.label_smoothing", 0 <= d.label_smoothing < 1, "in [0, 1)"),
         ("data.max_bad_fraction", 0 <= d.max_bad_fraction <= 1, "in [0, 1]"),
         ("data.repeated_aug", d.repeated_aug >= 0, ">= 0"),
+        ("data.store_max_gb", d.store_max_gb is None or d.store_max_gb > 0, "> 0 (or unset)"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
     )
     for key, ok, rule in checks:
