@@ -67,8 +67,8 @@ def store_bytes(n: int, in_chans: int, size_hw: tuple[int, int]) -> int:
 
 
 def gb(n: int) -> str:
-    """A byte count for messages: MB below 0.1 GB, else GB."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """A byte count for messages: MB below 1 GB, else GB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _plain(v) -> bool:
