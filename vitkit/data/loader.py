@@ -286,14 +286,23 @@ def build_loader(
     ``loader.set_epoch(e)`` must be called before each epoch for a new order and new augmentations.
     """
     drop_last = train if drop_last is None else drop_last
+    common = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        max_bad_fraction=max_bad_fraction,
+    )
     if isinstance(dataset, IterableDataset):
         if sampler is not None or store is not None:
             raise ConfigError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no "
                               "sampler and no store")
         dataset.shuffle = train
         # Workers are rebuilt each epoch so they pick up the dataset's new epoch.
-        return ImageLoader(_TransformedStream(dataset, transform, seed), **_loader_args(
-            batch_size, num_workers, drop_last, seed, max_bad_fraction))
+        return ImageLoader(_TransformedStream(dataset, transform, seed), **common)
     if sampler is None:
         world = (None, None) if distributed else (1, 0)
         sampler = ResumableSampler(len(dataset), shuffle=train, seed=seed, num_replicas=world[0], rank=world[1])
@@ -303,18 +312,5 @@ def build_loader(
         _Transformed(dataset, transform, seed),
         sampler=_EpochTagged(sampler),
         persistent_workers=num_workers > 0,
-        **_loader_args(batch_size, num_workers, drop_last, seed, max_bad_fraction),
-    )
-
-
-def _loader_args(batch_size: int, num_workers: int, drop_last: bool, seed: int, max_bad_fraction: float) -> dict:
-    return dict(
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_worker_init,
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-        max_bad_fraction=max_bad_fraction,
+        **common,
     )
