@@ -1,4 +1,4 @@
-"""RandAugment on PIL images, per sample, drawn from an explicit ``random.Random``.
+"""RandAugment: the distribution of ops and magnitudes, and the ops on PIL images, per sample.
 
 A spec ``rand-m{M}-n{N}-mstd{S}-inc{0|1}-p{P}-mmax{X}`` means, for every image independently:
 
@@ -31,6 +31,10 @@ Geometric ops resample with the transform's interpolation and fill uncovered pix
 ``fill`` (by default the ImageNet mean as 0..255 integers). Grayscale ("L") images work: every
 op runs natively on one channel, Color is the identity there (a gray image has no saturation),
 and the fill is the mean of the RGB fill values.
+
+:class:`RandAugmentPolicy` holds the draws; :class:`RandAugment` applies them to one PIL image
+from a ``random.Random``, and :class:`~vitkit.data.batch_ops.BatchRandAugment` to a uint8 batch
+from a torch generator, with the same distribution.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
+import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from ..errors import ConfigError
@@ -132,12 +137,38 @@ OPS = tuple(_APPLY)
 # Ops whose argument takes a random sign (always, or only in the increasing variant).
 _SIGNED = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"}
 _ENHANCE = {"Color", "Contrast", "Brightness", "Sharpness"}
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
 
 
-def op_argument(name: str, magnitude: float, negate: bool, increasing: bool, translate_pct: float = 0.45):
-    """The argument op ``name`` gets at ``magnitude`` (0..10); ``negate`` flips signed ones."""
+def takes_sign(name: str, increasing: bool) -> bool:
+    """Whether op ``name`` draws a fair coin for the sign of its argument."""
+    return name in _SIGNED or (increasing and name in _ENHANCE)
+
+
+def _floor(v):
+    # int() of a non-negative level: an int for one image, floored elementwise for a batch.
+    return v.floor() if isinstance(v, torch.Tensor) else int(v)
+
+
+def _clip(v, lo: float | None = None, hi: float | None = None):
+    if isinstance(v, torch.Tensor):
+        return v.clamp(lo, hi)
+    v = v if hi is None else min(hi, v)
+    return v if lo is None else max(lo, v)
+
+
+def op_argument(name: str, magnitude, negate, increasing: bool, translate_pct: float = 0.45):
+    """The argument op ``name`` gets at ``magnitude`` (0..10); ``negate`` flips signed ones.
+
+    ``magnitude`` and ``negate`` are a float and a bool for one image, or a float64 tensor and a
+    bool tensor of one shape for a batch (then the argument is a float64 tensor of that shape:
+    the same numbers, computed in the same order).
+    """
     level = magnitude / _LEVEL_MAX
-    sign = -1.0 if negate else 1.0
+    if isinstance(negate, torch.Tensor):
+        sign = 1.0 - 2.0 * negate.to(level.dtype if isinstance(level, torch.Tensor) else torch.float64)
+    else:
+        sign = -1.0 if negate else 1.0
     if name == "Rotate":
         return sign * 30.0 * level
     if name in ("ShearX", "ShearY"):
@@ -145,16 +176,16 @@ def op_argument(name: str, magnitude: float, negate: bool, increasing: bool, tra
     if name in ("TranslateX", "TranslateY"):
         return sign * translate_pct * level
     if name == "Posterize":
-        bits = int(4 * level)
+        bits = _floor(4 * level)
         return 4 - bits if increasing else bits
     if name == "Solarize":
-        thresh = min(256, int(256 * level))
+        thresh = _clip(_floor(256 * level), hi=256)
         return 256 - thresh if increasing else thresh
     if name == "SolarizeAdd":
-        return min(128, int(110 * level))
+        return _clip(_floor(110 * level), hi=128)
     if name in _ENHANCE:
         # Increasing: moving away from 1 (the identity) either way is the stronger change.
-        return max(0.1, 1.0 + sign * 0.9 * level) if increasing else 0.1 + 1.8 * level
+        return _clip(1.0 + sign * 0.9 * level, lo=0.1) if increasing else 0.1 + 1.8 * level
     return None
 
 
@@ -163,31 +194,27 @@ def apply_op(img: Image.Image, name: str, arg, fill, resample) -> Image.Image:
     return _APPLY[name](img, arg, {"fill": fill, "resample": resample})
 
 
-class RandAugment:
-    """Per-sample RandAugment: ``ra(img, rng) -> img`` on PIL "RGB" or "L" images.
+class RandAugmentPolicy:
+    """What RandAugment draws for each image: the one definition of the distribution.
+
+    The PIL path (:class:`RandAugment`, one image from a ``random.Random``) and the batched path
+    (:class:`~vitkit.data.batch_ops.BatchRandAugment`, a batch from a torch generator) both
+    derive from it: ``n`` ops chosen uniformly with replacement from :data:`OPS`, each applied
+    with probability ``p``, with the magnitude of :meth:`magnitude` and the sign coin of
+    :func:`takes_sign`, mapped to its argument by :func:`op_argument`.
 
     Args:
         spec: e.g. ``"rand-m9-mstd0.5-inc1"`` (see :func:`parse_rand_augment`).
-        fill: fill for geometric ops, per RGB channel in 0..255 (gray images use their mean).
         translate_pct: the largest translation, as a fraction of the image side.
-        resample: PIL resampling filter for geometric ops.
     """
 
-    def __init__(
-        self,
-        spec: str,
-        fill: Sequence[int] = (124, 116, 104),
-        translate_pct: float = 0.45,
-        resample: int = Image.Resampling.BICUBIC,
-    ):
+    def __init__(self, spec: str, translate_pct: float = 0.45):
         cfg = parse_rand_augment(spec)
         self.spec = spec
         self.m, self.n, self.mstd, self.inc, self.p, self.mmax = (
             cfg["m"], cfg["n"], cfg["mstd"], cfg["inc"], cfg["p"], cfg["mmax"],
         )
-        self.fill_rgb = tuple(int(v) for v in fill)
-        self.fill_gray = round(sum(self.fill_rgb) / len(self.fill_rgb))
-        self.translate_pct, self.resample = translate_pct, resample
+        self.translate_pct = translate_pct
 
     def magnitude(self, rng: random.Random) -> float:
         m = self.m
@@ -205,9 +232,58 @@ class RandAugment:
             if rng.random() >= self.p:
                 continue
             m = self.magnitude(rng)
-            negate = (name in _SIGNED or (self.inc and name in _ENHANCE)) and rng.random() < 0.5
+            negate = takes_sign(name, self.inc) and rng.random() < 0.5
             out.append((name, op_argument(name, m, negate, self.inc, self.translate_pct)))
         return out
+
+    def magnitudes(self, shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """:meth:`magnitude` for a whole batch: float64 of ``shape``."""
+        kw = {"generator": generator, "device": device, "dtype": torch.float64}
+        if self.mstd == math.inf:
+            m = self.m * torch.rand(shape, **kw)  # random.uniform(0, m) is 0 + (m - 0) * random()
+        elif self.mstd > 0:
+            m = self.m + self.mstd * torch.randn(shape, **kw)
+        else:
+            m = torch.full(shape, self.m, dtype=torch.float64, device=device)
+        return m.clamp(0.0, self.mmax)
+
+    def draw(self, batch: int, generator: torch.Generator | None = None, device=None) -> dict[str, torch.Tensor]:
+        """:meth:`plan` for ``batch`` images at once, as (batch, n) tensors.
+
+        ``op`` (int64 index into :data:`OPS`), ``applied`` (bool), ``magnitude`` (float64) and
+        ``negate`` (bool, False for ops without a sign). Every draw is made whether or not it is
+        used, so a batch always consumes the generator by the same amount.
+        """
+        shape = (batch, self.n)
+        op = torch.randint(len(OPS), shape, generator=generator, device=device)
+        applied = torch.rand(shape, generator=generator, device=device, dtype=torch.float64) < self.p
+        magnitude = self.magnitudes(shape, generator, device)
+        coin = torch.rand(shape, generator=generator, device=device, dtype=torch.float64) < 0.5
+        signed = torch.tensor([takes_sign(name, self.inc) for name in OPS], device=device)
+        return {"op": op, "applied": applied, "magnitude": magnitude, "negate": coin & signed[op]}
+
+
+class RandAugment(RandAugmentPolicy):
+    """Per-sample RandAugment: ``ra(img, rng) -> img`` on PIL "RGB" or "L" images.
+
+    Args:
+        spec: e.g. ``"rand-m9-mstd0.5-inc1"`` (see :func:`parse_rand_augment`).
+        fill: fill for geometric ops, per RGB channel in 0..255 (gray images use their mean).
+        translate_pct: the largest translation, as a fraction of the image side.
+        resample: PIL resampling filter for geometric ops.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        fill: Sequence[int] = (124, 116, 104),
+        translate_pct: float = 0.45,
+        resample: int = Image.Resampling.BICUBIC,
+    ):
+        super().__init__(spec, translate_pct)
+        self.fill_rgb = tuple(int(v) for v in fill)
+        self.fill_gray = round(sum(self.fill_rgb) / len(self.fill_rgb))
+        self.resample = resample
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
         fill = self.fill_gray if img.mode == "L" else self.fill_rgb
