@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data.batch_ops import BatchGeometry
 from .data.store import STORE_MODES, gb, open_store, source_size, store_bytes
 from .data.transforms import SourceTransform
 from .errors import ConfigError
@@ -181,8 +182,6 @@ def batched_feed(dataset, d, path: DataPath, typical_hw: tuple[int, int], img_si
     """The batched path's pieces for ``dataset``: (the workers' :class:`SourceTransform`, the decode-once
     store or None when the images are decoded every epoch, the ``BatchGeometry`` that crops, flips and
     RandAugments each batch as ``d`` says: ``scale_min``, ``hflip``, ``auto_augment``)."""
-    from .data.batch_ops import BatchGeometry
-
     size = source_size(typical_hw, img_size)
     store = None
     if path.store in STORE_MODES:
