@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_same_run, crash_and_resume
+from helpers import assert_same_run, crash_and_resume, write_class_folder
+from PIL import Image
 
 from vitkit.config import load_config
 from vitkit.data import DatasetInfo, ImageLoader
@@ -19,42 +21,52 @@ from vitkit.plan import Plan
 from vitkit.plan_data import PIPELINE, choose_data_path, plan_data_path, resolve_data_path
 from vitkit.train import build_run, train
 
-# 48 shapes (64 px) at 32 px in batches of 16: 3 steps an epoch.
 BASE = ["model.name=test_vit", "data.img_size=32", "data.batch_size=16", "data.num_workers=0", "engine.amp=none",
         "engine.tensorboard=false", "engine.plots=false", "data.augment_on=device"]
 DEIT = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.re_prob=0.5", "data.mixup=0.8", "data.cutmix=1.0",
         "data.label_smoothing=0.1"]
 
 
-def test_train_on_the_batched_path_end_to_end(tmp_path, capsys):
-    out = tmp_path / "run"
-    cfg = load_config(overrides=[*BASE, *DEIT, "data.path=shapes:48", "data.store=memory", "engine.epochs=1",
-                                 f"engine.out_dir={out}"])
-    tr, info = build_run(cfg, verbose=True)
-    assert "decoded 48 training images at 64x64 once into memory" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """3 classes of 24 x 24 PNGs and one 30 x 20 image each: 75 files, 2 per class held out (10%), so 69
+    train in 4 batches of 16; the typical size is 24 x 24, the store's size too."""
+    root = tmp_path_factory.mktemp("batched") / "ds"
+    write_class_folder(root, per_class=24)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(root / name / "odd.png")
+    return str(root)
+
+
+def _config(folder: str, out, *extra: str):
+    return load_config(overrides=[*BASE, f"data.path={folder}", f"engine.out_dir={out}", *extra], plan=False)
+
+
+def test_train_on_the_batched_path_end_to_end(folder, tmp_path, capsys):
+    tr, info = build_run(_config(folder, tmp_path / "run", *DEIT, "data.store=memory", "engine.epochs=1"))
+    assert "decoded 69 training images at 24x24 once into memory" in capsys.readouterr().out
     assert isinstance(tr.train_loader, StoreLoader) and info["data_path"] == {"store": "memory", "augment_on": "device"}
+    assert {tuple(hw) for hw in tr.train_loader.store.orig_hw.tolist()} <= {(24, 24), (30, 20)}
     batch = next(iter(tr.train_loader))
-    assert batch["image"].shape == (16, 3, 64, 64) and batch["image"].dtype == torch.uint8
-    assert batch["orig_hw"].tolist() == [[64, 64]] * 16
+    assert batch["image"].shape == (16, 3, 24, 24) and batch["image"].dtype == torch.uint8
     seen = tr.train_transform(batch)
     assert seen["image"].shape == (16, 3, 32, 32) and seen["image"].dtype == torch.float32
-    assert "orig_hw" not in seen and seen["target"].shape == (16, 6)  # cropped to 32 px, then mixed
+    assert "orig_hw" not in seen and seen["target"].shape == (16, 3)  # cropped and resized to 32 px, then mixed
 
-    summary = train(load_config(overrides=[*BASE, *DEIT, "data.path=shapes:48", "data.store=memory",
-                                           "engine.epochs=1", f"engine.out_dir={tmp_path / 'run2'}"]), verbose=False)
-    assert summary["steps"] == 3 and math.isfinite(summary["val_loss"])
+    summary = train(_config(folder, tmp_path / "run2", *DEIT, "data.store=memory", "engine.epochs=1"), verbose=False)
+    assert summary["steps"] == 4 and math.isfinite(summary["val_loss"])
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["data_path"]["augment_on"] == "device"
 
 
 @pytest.mark.parametrize("store", ["mmap", "off"])
-def test_batched_path_resumes_bitwise_on_cpu(tmp_path, store):
+def test_batched_path_resumes_bitwise_on_cpu(folder, tmp_path, store):
     """Crops, flips, RandAugment, erasing and Mixup/CutMix batched in the main process (from the store's
     file, read back by the resumed run; or decoded each epoch): a run interrupted mid-epoch and resumed
     ends with exactly the weights of an uninterrupted run."""
 
     def trainer(out, hooks=()):
-        cfg = load_config(overrides=[*BASE, *DEIT, "data.path=shapes:96", f"data.store={store}", "engine.epochs=2",
-                                     "engine.ckpt_every_steps=4", f"engine.out_dir={out}"])
+        cfg = _config(folder, out, *DEIT, f"data.store={store}", "engine.epochs=2", "engine.ckpt_every_steps=3")
         torch.manual_seed(cfg.engine.seed)
         tr, _ = build_run(cfg, verbose=False)
         tr.hooks = list(hooks)
@@ -63,23 +75,22 @@ def test_batched_path_resumes_bitwise_on_cpu(tmp_path, store):
     full = trainer(tmp_path / "full")
     assert isinstance(full.train_loader, StoreLoader if store == "mmap" else ImageLoader)
     full.fit()
-    # 6 steps per epoch: the checkpoint at step 8 is mid-epoch 2.
-    resumed = crash_and_resume(trainer, tmp_path / "run", 10, latest=8)
-    assert full.step == 12
+    # 4 steps per epoch: the checkpoint at step 6 is mid-epoch 2.
+    resumed = crash_and_resume(trainer, tmp_path / "run", 7, latest=6)
+    assert full.step == 8
     assert_same_run(full, resumed, optimizer=False)
 
 
-def test_too_large_store_falls_back_to_decoding_with_a_message(tmp_path, capsys):
-    cfg = load_config(overrides=[*BASE, "data.path=shapes:48", "data.store=memory", "data.store_max_gb=1e-6",
-                                 "engine.epochs=1", f"engine.out_dir={tmp_path / 'run'}"])
-    tr, info = build_run(cfg, verbose=True)
+def test_too_large_store_falls_back_to_decoding_with_a_message(folder, tmp_path, capsys):
+    tr, info = build_run(_config(folder, tmp_path / "run", "data.store=memory", "data.store_max_gb=1e-6",
+                                 "engine.epochs=1"))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data.store=")]
-    # 48 x (3 x 64 x 64 + 24) bytes = 0.59 MB, against 1e-6 GB = 1,000 bytes.
-    assert lines == ["data.store=memory: 48 training images at 64x64 need 0.6 MB decoded, more than 0.0 MB "
+    # 69 x (3 x 24 x 24 + 24) bytes = 0.12 MB, against 1e-6 GB = 1,000 bytes.
+    assert lines == ["data.store=memory: 69 training images at 24x24 need 0.1 MB decoded, more than 0.0 MB "
                      "(data.store_max_gb=1e-06): decoding them every epoch instead"]
     assert isinstance(tr.train_loader, ImageLoader) and info["data_path"] == {"store": "off", "augment_on": "device"}
     batch = next(iter(tr.train_loader))  # the workers decode and bring each image to the store's size
-    assert batch["image"].shape == (16, 3, 64, 64) and batch["orig_hw"].tolist() == [[64, 64]] * 16
+    assert batch["image"].shape == (16, 3, 24, 24) and batch["orig_hw"].shape == (16, 2)
 
 
 # ---- the rule ---------------------------------------------------------------------------------------

@@ -264,6 +264,8 @@ def _get(cfg: TrainConfig, key: str):
 
 def _validate_choices(cfg: TrainConfig) -> None:
     """Ranges and choices the engine and the data pipeline would otherwise reject mid-setup."""
+    if cfg.data.store == "False":  # YAML reads a bare `off` (data.store=off) as false
+        cfg.data.store = "off"
     for key, allowed in _CHOICES:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
