@@ -159,3 +159,8 @@ def test_resolve_keeps_recipes_on_the_worker_path_and_refuses_impossible_choices
 def test_bad_data_path_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(overrides=["data.path=shapes:48", override])
+
+
+def test_store_off_reads_as_off():
+    # YAML reads a bare `off` as false; the key still means off.
+    assert load_config(overrides=["data.path=shapes:48", "data.store=off"]).data.store == "off"
