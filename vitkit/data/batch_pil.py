@@ -5,11 +5,13 @@ per image (a (B,) tensor) and returns, image by image, what the PIL call in
 :mod:`vitkit.data.rand_augment` returns (Pillow 12): the lookup-table ops from the same
 histograms and integer rules (a table value above 255 clipped as ``Image.point`` clips it),
 ``Image.blend``'s float32 arithmetic and truncation, the SMOOTH kernel's float32 sums with its
-one-pixel border copied, and ``Image.transform``'s affine resampling (pixel-centre source
-coordinates in float64, Pillow's own bicubic (Keys a = -1) and bilinear formulas with edge
-pixels repeated, uncovered pixels filled). Float operations are done one at a time in the
-order Pillow's C code does them, so CPU results match Pillow's bit for bit where the C
-compiler does not fuse multiply-adds (x86-64 wheels do not).
+one-pixel border copied: bit for bit on x86-64, where Pillow's C code does not fuse
+multiply-adds, since the float operations are done one at a time in its order. Geometric ops
+resample as ``Image.transform`` does (pixel-centre source points in float64, Pillow's own
+bicubic (Keys a = -1) and bilinear formulas, edge pixels repeated, uncovered pixels filled,
+nearest in Pillow's fixed point): bit for bit, except that bicubic interpolates in float32
+for speed, which puts a pixel one level off where the exact value is within about 1e-4 of a
+whole number (up to 1% of the pixels for shifts by simple fractions).
 """
 
 from __future__ import annotations
@@ -166,21 +168,36 @@ def affine_matrix(name: str, arg: torch.Tensor, height: int, width: int) -> torc
     return torch.stack(cols[name], 1)
 
 
-def _cubic(v1, v2, v3, v4, d):
-    # Pillow's BICUBIC macro, term by term (Keys' cubic convolution with a = -1).
-    p1 = v2
-    p2 = -v1 + v3
-    p3 = 2 * (v1 - v2) + v3 - v4
-    p4 = -v1 + v2 - v3 + v4
-    return p1 + d * (p2 + d * (p3 + d * p4))
+# float32 sums of 4 or 16 weighted taps land within this of the exact value; added before
+# truncating, it keeps exact integers (flat areas, whole-pixel shifts) from truncating one level low.
+_TRUNC_GUARD = 2e-4
+
+
+def _cubic_weights(d: torch.Tensor) -> list[torch.Tensor]:
+    # Pillow's BICUBIC macro (Keys' cubic convolution, a = -1) as weights of the taps at -1, 0, 1, 2.
+    d2 = d * d
+    d3 = d2 * d
+    return [2 * d2 - d - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2]
+
+
+def _nearest_fixed(m: list[torch.Tensor], xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Pillow's nearest affine for matrices that are not a pure scale: 16.16 fixed point.
+    def fix(v: torch.Tensor) -> torch.Tensor:
+        return torch.floor(v * 65536.0 + 0.5).long()
+
+    a0, a1, a3, a4 = fix(m[0]), fix(m[1]), fix(m[3]), fix(m[4])
+    a2, a5 = fix(m[2] + m[0] * 0.5 + m[1] * 0.5), fix(m[5] + m[3] * 0.5 + m[4] * 0.5)
+    xi, yi = xs.long(), ys.long()  # pixel indices (the centres' integer parts)
+    return (a2 + yi * a1 + xi * a0) >> 16, (a5 + yi * a4 + xi * a3) >> 16
 
 
 def affine(x: torch.Tensor, matrix: torch.Tensor, fill: Sequence[int], interpolation: str = "bicubic") -> torch.Tensor:
     """``Image.transform(size, AFFINE, matrix, resample, fillcolor=fill)`` of each image.
 
     ``matrix`` (B, 6) maps each output pixel centre to its source point; a source point outside
-    the image gives ``fill`` (one value per channel). ``interpolation``: "bicubic", "bilinear" or
-    "nearest".
+    the image gives ``fill`` (one value per channel). ``interpolation``: "bicubic" (Pillow's
+    a = -1 kernel, interpolated in float32: see the module docstring), "bilinear" or "nearest"
+    (Pillow's fixed-point stepping). Source points are computed in float64 as Pillow does.
     """
     b, c, h, w = x.shape
     if len(fill) != c:
@@ -191,40 +208,50 @@ def affine(x: torch.Tensor, matrix: torch.Tensor, fill: Sequence[int], interpola
     ys = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5).view(1, h, 1)
     sx = (m[0] * xs + m[1] * ys) + m[2]  # (B, H, W), as Pillow's affine_transform
     sy = (m[3] * xs + m[4] * ys) + m[5]
-    inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)).unsqueeze(1)
     flat = x.reshape(b, c, h * w)
-
-    def tap(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        idx = (rows * w + cols).view(b, 1, h * w).expand(b, c, h * w)
-        return flat.gather(2, idx).view(b, c, h, w).double()
-
     if interpolation == "nearest":
-        val = tap(sy.clamp(0, h - 1).long(), sx.clamp(0, w - 1).long())
+        fx, fy = _nearest_fixed(m, xs, ys)
+        scale_only = ((m[1] == 0) & (m[3] == 0)).expand(b, h, w)  # Pillow steps these in float64
+        fx = torch.where(scale_only, torch.floor(sx).long(), fx)
+        fy = torch.where(scale_only, torch.floor(sy).long(), fy)
+        inside = (fx >= 0) & (fx < w) & (fy >= 0) & (fy < h)
+        idx = (fy.clamp(0, h - 1) * w + fx.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
+        val = flat.gather(2, idx).view(b, c, h, w)
     else:
+        inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
         fx, fy = torch.floor(sx - 0.5), torch.floor(sy - 0.5)
-        dx, dy = ((sx - 0.5) - fx).unsqueeze(1), ((sy - 0.5) - fy).unsqueeze(1)
+        # Bilinear's 4 taps are cheap enough in Pillow's float64; bicubic's 16 run in float32.
+        dtype = torch.float64 if interpolation == "bilinear" else torch.float32
+        dx, dy = ((sx - 0.5) - fx).to(dtype).unsqueeze(1), ((sy - 0.5) - fy).to(dtype).unsqueeze(1)
         fx, fy = fx.long(), fy.long()
+        src = flat.to(dtype)
 
-        def col(k: int) -> torch.Tensor:
-            return (fx + k).clamp(0, w - 1)
+        # Edge pixels repeated, as Pillow's XCLIP/YCLIP: tap offsets -1..2 clamped once each.
+        rows = {k: (fy + k).clamp(0, h - 1) * w for k in (-1, 0, 1, 2)}
+        cols = {k: (fx + k).clamp(0, w - 1) for k in (-1, 0, 1, 2)}
 
-        def row(k: int) -> torch.Tensor:
-            return (fy + k).clamp(0, h - 1)
+        def tap(row: int, col: int) -> torch.Tensor:
+            idx = (rows[row] + cols[col]).view(b, 1, h * w).expand(b, c, h * w)
+            return src.gather(2, idx).view(b, c, h, w)
 
         if interpolation == "bilinear":
-            top = tap(row(0), col(0))
-            top = top + (tap(row(0), col(1)) - top) * dx
-            bottom = tap(row(1), col(0))
-            bottom = bottom + (tap(row(1), col(1)) - bottom) * dx
-            val = (top + (bottom - top) * dy).trunc()
+            top, bottom = tap(0, 0), tap(1, 0)
+            top = top + (tap(0, 1) - top) * dx
+            bottom = bottom + (tap(1, 1) - bottom) * dx
+            val = (top + (bottom - top) * dy).trunc_()  # (UINT8)v: v is within 0..255
         elif interpolation == "bicubic":
-            cols = [col(k) for k in (-1, 0, 1, 2)]
-            rows = [_cubic(*(tap(row(k), q) for q in cols), dx) for k in (-1, 0, 1, 2)]
-            val = _cubic(*rows, dy).clamp(0, 255).trunc()
+            wx, wy = _cubic_weights(dx), _cubic_weights(dy)
+            val = None
+            for i, row in enumerate((-1, 0, 1, 2)):
+                acc = tap(row, -1) * wx[0]
+                for j, col in enumerate((0, 1, 2), 1):
+                    acc = acc.addcmul_(tap(row, col), wx[j])
+                val = acc.mul_(wy[i]) if val is None else val.addcmul_(acc, wy[i])
+            val = val.add_(_TRUNC_GUARD).clamp_(0, 255).trunc_()
         else:
             raise ValueError(f"interpolation must be 'bicubic', 'bilinear' or 'nearest', got {interpolation!r}")
-    fill_t = torch.tensor([float(v) for v in fill], device=dev, dtype=torch.float64).view(1, -1, 1, 1)
-    return torch.where(inside, val, fill_t).to(torch.uint8)
+    fill_t = torch.tensor([float(v) for v in fill], device=dev).view(1, -1, 1, 1)
+    return torch.where(inside.unsqueeze(1), val.float(), fill_t).to(torch.uint8)
 
 
 def apply_op_batch(x: torch.Tensor, name: str, arg: torch.Tensor | None, fill: Sequence[int],
