@@ -98,16 +98,21 @@ def test_too_large_store_falls_back_to_decoding_with_a_message(folder, tmp_path,
 
 def test_choose_data_path_from_memory_and_device():
     # 50,000 CIFAR images: 50,000 x (3 x 32 x 32 + 24) = 154,800,000 bytes.
-    small = choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=1.0, auto_augment="rand-m9-mstd0.5-inc1")
+    small = choose_data_path(50_000, (32, 32), 32, 3, "cuda", max_gb=1.0, auto_augment="rand-m9-mstd0.5-inc1")
     assert (small.store, small.augment_on, small.max_bytes) == ("memory", "device", 10**9)
     assert "need 154.8 MB of the 1.0 GB allowed (data.store_max_gb=1)" in small.store_reason
-    assert "RandAugment (rand-m9-mstd0.5-inc1) batched in the main process" in small.augment_reason
-    assert choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=1.0, processes=4).store == "mmap"
+    assert "RandAugment (rand-m9-mstd0.5-inc1) batched on the device" in small.augment_reason
+    assert choose_data_path(50_000, (32, 32), 32, 3, "cuda", max_gb=1.0, processes=4).store == "mmap"
+    cpu = choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=1.0)  # a CPU keeps the worker path
+    assert (cpu.store, cpu.augment_on) == ("off", "workers") and "twice PIL" in cpu.augment_reason
+    on_cpu = choose_data_path(50_000, (32, 32), 32, 3, "cpu", store="memory", max_gb=1.0)
+    assert (on_cpu.store, on_cpu.augment_on) == ("memory", "device")  # a store asked for: batched
     # ImageNet-sized photos at 224 px: 1,281,167 x (3 x 375 x 500 + 24) bytes = 720.7 GB.
     big = choose_data_path(1_281_167, (375, 500), 224, 3, "cpu", max_gb=64.0)
     assert (big.store, big.augment_on) == ("off", "workers")
-    assert "need 720.7 GB, more than 64.0 GB" in big.store_reason and "crops and flips" in big.augment_reason
-    assert choose_data_path(1_281_167, (375, 500), 224, 3, "cuda", max_gb=64.0).augment_on == "device"
+    assert "crops and flips" in big.augment_reason
+    gpu = choose_data_path(1_281_167, (375, 500), 224, 3, "cuda", max_gb=64.0)
+    assert (gpu.store, gpu.augment_on) == ("off", "device") and "need 720.7 GB, more than 64.0 GB" in gpu.store_reason
     kept = choose_data_path(10, (32, 32), 32, 3, "cpu", store="off", augment_on="device", max_gb=1.0)
     assert (kept.store, kept.augment_on, kept.store_reason) == ("off", "device", "as configured")
     assert choose_data_path(10, (32, 32), 32, 3, "cuda", augment_on="workers", max_gb=1.0).store == "off"
@@ -120,7 +125,7 @@ def _info(fmt: str = "folder") -> DatasetInfo:
 def test_plan_sets_the_data_path_with_reasons():
     plan = Plan()
     plan.set("data.auto_augment", "rand-m6-mstd0.5-inc1", "planned")
-    plan_data_path(plan, _info(), "cpu", {"data.store_max_gb": 2.0}, 32, 3)
+    plan_data_path(plan, _info(), "cuda", {"data.store_max_gb": 2.0}, 32, 3)
     assert plan.values["data.store"] == "memory" and plan.values["data.augment_on"] == "device"
     assert "154.8 MB of the 2.0 GB allowed" in plan.reasons["data.store"]
     assert "rand-m6-mstd0.5-inc1" in plan.reasons["data.augment_on"]

@@ -14,10 +14,10 @@ The rule (:func:`choose_data_path`), the same for every dataset:
   store for them.
 - **Augmentation.** On a GPU, in batches on the device: there the host's per-image work is the
   bottleneck (measured on an H200: 20 ms a step at batch 128 for a 2M-parameter ViT, bound by
-  decoding and per-image augmentation in the workers). On a CPU, in batches in the main process
-  when the images are decoded once (the workers would have nothing left to do but crop and augment),
-  else in the workers, which decode beside the model. The CPU half is provisional until
-  ``benchmarks/train_throughput.py`` measures ``ratio_batched_vs_worker`` on a quiet machine.
+  decoding and per-image augmentation in the workers). On a CPU, in the workers, beside the model:
+  there the batched ops cost about twice PIL's per image, more than decoding once saves (measured:
+  see ``CPU_COST``); provisional until ``benchmarks/train_throughput.py`` measures
+  ``ratio_batched_vs_worker`` on a quiet machine. The store serves the batched path only.
 
 Runs that the plan does not choose for (recipes) keep the worker path without a store while both
 keys are ``auto``; setting either one chooses the other by the rule.
@@ -36,6 +36,11 @@ from .errors import ConfigError
 
 STREAMING = "streaming shards are read in order, with no index to gather a batch from"
 PIPELINE = "the objective brings its own pipeline (multi-crop views), cropped per image in the workers"
+# Per image, one thread of this project's 2-core CPU, 128 images stored at 72 px cropped to 64 px: the batched
+# crop and flip 137 us against 77 us in PIL, with RandAugment m9 345 us against 185 us; decoding a 72 px JPEG
+# 83 us, a 32 px PNG 47 us. Decoding once does not pay for the batched ops there, and the workers run beside
+# the model: a CPU keeps the worker path until benchmarks/train_throughput.py measures otherwise.
+CPU_COST = "per image the batched ops cost about twice PIL's on a CPU"
 
 
 def available_memory() -> int | None:
@@ -103,9 +108,18 @@ def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chan
     need = store_bytes(n, in_chans, size)
     limit, limit_why = memory_limit(max_gb)
     what = f"{n:,} images decoded at {size[0]}x{size[1]} need {gb(need)}"
+    moved = _moved(auto_augment)
+    if augment_on != "auto":
+        a, a_why = augment_on, "as configured"
+    elif device == "cuda":
+        a, a_why = "device", f"GPU: {moved} batched on the device, the host only decodes"
+    elif store in STORE_MODES:
+        a, a_why = "device", f"data.store={store} feeds the batched path: {moved} batched in the main process"
+    else:
+        a, a_why = "workers", f"CPU: {moved} per image in the workers, beside the model ({CPU_COST})"
     if store != "auto":
         s, s_why = store, "as configured"
-    elif augment_on == "workers":
+    elif a == "workers":
         s, s_why = "off", "the workers decode and augment each image"
     elif limit is None:
         s, s_why = "off", f"{what}; {limit_why}"
@@ -116,15 +130,6 @@ def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chan
         where = f"one file in the run's cache, shared by the node's {processes} processes" if s == "mmap" else \
             "kept in memory"
         s_why = f"{what} of the {gb(limit)} allowed ({limit_why}): decoded once, {where}"
-    moved = _moved(auto_augment)
-    if augment_on != "auto":
-        a, a_why = augment_on, "as configured"
-    elif device == "cuda":
-        a, a_why = "device", f"GPU: {moved} batched on the device, the host only decodes"
-    elif s != "off":
-        a, a_why = "device", f"CPU, images decoded once: {moved} batched in the main process"
-    else:
-        a, a_why = "workers", f"CPU, images decoded every epoch: {moved} per image in the workers, beside decoding"
     return DataPath(s, a, s_why, a_why, limit, limit_why)
 
 
