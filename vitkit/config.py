@@ -64,6 +64,13 @@ class DataConfig:
     balance: str = "none"  # none | sampler | loss
     crop_pct: float | None = None  # None: the model card's
     max_bad_fraction: float = 0.05
+    # Where the training images are decoded and augmented (see vitkit.plan_data). store: auto | memory | mmap |
+    # off: decode every image once into memory, or into a memory-mapped file in the run's cache; augment_on:
+    # auto | workers | device: crops, flips and RandAugment per image in the loader workers, or batched on the
+    # training device. auto: the plan's choice on runs it plans, else the worker path without a store.
+    store: str = "auto"
+    augment_on: str = "auto"
+    store_max_gb: float | None = None  # the largest store; None: half the memory available at the start
 
 
 @dataclass
@@ -249,6 +256,8 @@ _CHOICES = (
     ("schedule.name", ("cosine", "onecycle", "constant")),
     ("optim.name", ("adamw", "sgd")),
     ("data.balance", ("none", "sampler", "loss")),
+    ("data.store", ("auto", "memory", "mmap", "off")),
+    ("data.augment_on", ("auto", "workers", "device")),
 )
 
 
@@ -259,6 +268,8 @@ def _get(cfg: TrainConfig, key: str):
 
 def _validate_choices(cfg: TrainConfig) -> None:
     """Ranges and choices the engine and the data pipeline would otherwise reject mid-setup."""
+    if cfg.data.store == "False":  # YAML reads a bare `off` (data.store=off) as false
+        cfg.data.store = "off"
     for key, allowed in _CHOICES:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
@@ -278,6 +289,7 @@ def _validate_choices(cfg: TrainConfig) -> None:
         ("data.label_smoothing", 0 <= d.label_smoothing < 1, "in [0, 1)"),
         ("data.max_bad_fraction", 0 <= d.max_bad_fraction <= 1, "in [0, 1]"),
         ("data.repeated_aug", d.repeated_aug >= 0, ">= 0"),
+        ("data.store_max_gb", d.store_max_gb is None or d.store_max_gb > 0, "> 0 (or unset)"),
         ("optim.lr", cfg.optim.lr > 0, "> 0"),
         ("engine.plateau_patience", e.plateau_patience is None or 0 < e.plateau_patience <= 1, "in (0, 1]"),
         ("engine.plateau_min_val", e.plateau_min_val >= 0, ">= 0"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import yaml
@@ -21,6 +22,7 @@ from .convert import load_weights
 from .data import (
     BatchAugment,
     EvalTransform,
+    ImageDataset,
     Mixup,
     Normalize,
     RepeatAugSampler,
@@ -29,6 +31,7 @@ from .data import (
     prepare_data,
 )
 from .data.balance import build_balance, check_weighted
+from .data.augment import TrainAugment
 from .engine import Trainer
 from .engine.budget import PlateauStop, plateau_record
 from .engine.distributed import all_gather_object, init_distributed
@@ -38,6 +41,7 @@ from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
 from .objectives.registry import objective_entry
 from .plan import apply_plan, plan_run
+from .plan_data import PIPELINE, STREAMING, batched_feed, resolve_data_path
 from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
 from .train_caption import build_caption_run, check_caption_config
 from .train_dense import build_dense_run, check_classify_config, default_out_dir, run_budget
@@ -84,18 +88,6 @@ def choose_model(cfg: TrainConfig, info) -> ModelChoice:
         f"so vitkit chose {name} at {img} px (set model.name / data.img_size to override)"
     )
     return ModelChoice(name, img, in_chans, num_classes, why)
-
-
-class TrainAugment(nn.Module):
-    """uint8 batch -> augmented, normalised, mixed batch (runs on the training device)."""
-
-    def __init__(self, augment: BatchAugment, mixup: Mixup | None):
-        super().__init__()
-        self.augment, self.mixup = augment, mixup
-
-    def forward(self, batch: dict) -> dict:
-        batch = self.augment(batch)
-        return self.mixup(batch) if self.mixup is not None else batch
 
 
 def build_model(choice: ModelChoice, cfg: TrainConfig, verbose: bool = True) -> nn.Module:
@@ -187,9 +179,19 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
                                             distributed=dist.enabled, repeated_aug=d.repeated_aug)
     if balanced is not None:
         sampler = balanced
+    # Where crops, flips and RandAugment run, and whether the images are decoded once (vitkit.plan_data).
+    out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else default_out_dir(cfg, choice.name)
+    why_not = PIPELINE if pipeline is not None else None if isinstance(train_ds, ImageDataset) else STREAMING
+    path = resolve_data_path(d, info, resolve_device(cfg.engine.device, dist.local_rank).type, choice.img_size,
+                             choice.in_chans, why_not=why_not, user_keys=user_keys(cfg))
+    store = geometry = None
+    if path.augment_on == "device":
+        train_tf, store, geometry = batched_feed(
+            train_ds, d, path, info.typical_size, choice.img_size, card.mean, cache_dir=Path(out_dir) / "cache",
+            num_workers=workers, log=print if verbose and dist.is_main else None)
     train_loader = build_loader(
         train_ds, d.batch_size, train=True, transform=train_tf, num_workers=workers, sampler=sampler,
-        seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction,
+        seed=cfg.engine.seed, distributed=dist.enabled, max_bad_fraction=d.max_bad_fraction, store=store,
     )
     val_loader = build_loader(
         val_ds, d.eval_batch_size or d.batch_size * 2, train=False, transform=eval_tf, num_workers=workers,
@@ -220,7 +222,6 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
                            keep_raw=objective.needs_raw_image)
     if pipeline is not None:
         augment, mixup = pipeline[1], None
-    out_dir = cfg.engine.out_dir if cfg.engine.out_dir != "runs/default" else default_out_dir(cfg, choice.name)
     cfg.engine.out_dir = out_dir
     cfg.model.name, cfg.data.img_size = choice.name, choice.img_size
     cfg.data.in_chans, cfg.data.num_classes = choice.in_chans, choice.num_classes
@@ -236,6 +237,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         "class_counts": dict(zip(classes, info.class_counts)),
         "plan": plan.to_json() if plan is not None else None,
         "peft": peft_run_info(model),
+        "data_path": {"store": path.store if store is not None else "off", "augment_on": path.augment_on},
     }
     budget = run_budget(cfg, start, plan, info.n_val)
     hooks = []
@@ -244,7 +246,8 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
         hooks.append(PlateauStop(cfg.engine.plateau_patience, cfg.engine.plateau_min_val, metric=metric))
     trainer = Trainer(
         objective, train_loader, val_loader, cfg=cfg.engine, optim_cfg=cfg.optim, sched_cfg=cfg.schedule,
-        out_dir=out_dir, train_transform=TrainAugment(augment, mixup), eval_transform=Normalize(card.mean, card.std),
+        out_dir=out_dir, train_transform=TrainAugment(augment, mixup, geometry),
+        eval_transform=Normalize(card.mean, card.std),
         config_to_save=to_dict(cfg), budget=budget, hooks=hooks,
     )
     return trainer, run_info

@@ -8,6 +8,9 @@ checkpoints, so a resumed run repeats them bitwise.
 
 A batch dict may carry ``"image"``, ``"views"`` (a list of uint8 (B, C, H_v, W_v) tensors of
 any sizes) or both; each tensor is augmented with its own draws.
+
+On the batched path the crops, flips and RandAugment run here too, first
+(:class:`TrainAugment` with a ``geometry``), on images decoded once at a fixed size.
 """
 
 from __future__ import annotations
@@ -226,3 +229,24 @@ class BatchAugment(Normalize):
             if self.keep_raw:
                 out["views_raw"] = [p[1] for p in pairs]
         return out
+
+
+class TrainAugment(nn.Module):
+    """A train batch of uint8 images -> augmented, normalised and mixed, on the training device.
+
+    With a ``geometry`` (the batched path: :class:`~vitkit.data.batch_ops.BatchGeometry`) the batch
+    holds images at the store's fixed size and their original ``"orig_hw"``: each is cropped, flipped
+    and RandAugmented first (per sample; ``"orig_hw"`` is consumed), then ``augment`` (a
+    :class:`BatchAugment`: colour jitter, normalisation, erasing), then ``mixup`` (Mixup/CutMix).
+    """
+
+    def __init__(self, augment: nn.Module, mixup=None, geometry: nn.Module | None = None):
+        super().__init__()
+        self.augment, self.mixup, self.geometry = augment, mixup, geometry
+
+    def forward(self, batch: dict) -> dict:
+        if self.geometry is not None:
+            batch = dict(batch)
+            batch["image"] = self.geometry(batch["image"], batch.pop("orig_hw"))
+        batch = self.augment(batch)
+        return self.mixup(batch) if self.mixup is not None else batch

@@ -11,6 +11,10 @@ Reproducibility: sample ``index`` in ``epoch`` is transformed with
 ``random.Random(f"{seed}:{epoch}:{index}")``, whatever worker handles it. The epoch travels
 with each index from the sampler (which runs in the main process), so it is right even with
 persistent workers that never see ``set_epoch``.
+
+The batched path (``data.augment_on=device``) has batches of images at one fixed size with their
+original ``"orig_hw"`` (B, 2): from workers running :class:`~vitkit.data.transforms.SourceTransform`,
+or gathered from a decode-once store in the main process (:class:`StoreLoader`).
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ class _EpochTagged(Sampler):
 def _sample(transform, img, target, rng, index, bad, dataset) -> dict:
     """A classification sample (int label) or a dense one (dict target: the transform's fields)."""
     if not isinstance(target, dict):
-        return {"image": transform(img, rng), "label": target, "index": index, "bad_files": bad}
+        out = transform(img, rng)  # a tensor, or a dict of fields (SourceTransform: "image", "orig_hw")
+        return {**(out if isinstance(out, dict) else {"image": out}), "label": target, "index": index,
+                "bad_files": bad}
     out = transform(img, target, rng)
     if "mask" in out and hasattr(dataset, "ignore_index"):
         out["ignore_index"] = int(dataset.ignore_index)
@@ -158,6 +164,8 @@ def collate(samples: list[dict]) -> dict:
         images = {"views": [torch.stack([s["image"][v] for s in samples]) for v in range(len(first))]}
     else:
         images = {"image": torch.stack([s["image"] for s in samples])}
+    if "orig_hw" in samples[0]:  # the batched path: each image's original (h, w)
+        images["orig_hw"] = torch.stack([s["orig_hw"] for s in samples])
     return {
         **images,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
@@ -207,6 +215,47 @@ class ImageLoader(DataLoader):
         self.skips.check(final=True)
 
 
+class StoreLoader:
+    """Batches gathered from a decode-once store (:class:`~vitkit.data.store.DecodedStore`) in the
+    main process: no workers, no decoding, one index gather per batch.
+
+    Batches are ``{"image": uint8 (B, C, S_h, S_w), "orig_hw": int64 (B, 2), "label", "index",
+    "skipped"}`` in the sampler's order, the image in pinned memory when CUDA is available (for
+    non-blocking copies). ``sampler``, ``batch_size``, ``drop_last``, ``set_epoch``, ``skips`` (the
+    unreadable files the store replaced, counted as they are met) and ``len()`` are
+    :class:`ImageLoader`'s; ``dataset`` is the dataset the store was decoded from.
+    """
+
+    num_workers = 0
+
+    def __init__(self, store, dataset, batch_size: int, sampler, drop_last: bool, max_bad_fraction: float = 0.05):
+        if len(store) != len(dataset):
+            raise ValueError(f"the store holds {len(store)} images but the dataset {len(dataset)}")
+        self.store, self.dataset, self.sampler = store, dataset, sampler
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.pin_memory = torch.cuda.is_available()
+        self.skips = SkipCounter(max_bad_fraction)
+
+    def __len__(self) -> int:
+        n, bs = len(self.sampler), self.batch_size
+        return n // bs if self.drop_last else -(-n // bs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        order = list(self.sampler)  # the rest of the epoch: a resumed sampler starts at its position
+        for k in range(0, len(order), self.batch_size):
+            items = order[k : k + self.batch_size]
+            if self.drop_last and len(items) < self.batch_size:
+                break
+            index = torch.tensor(items, dtype=torch.long)
+            batch = self.store.gather(index, self.pin_memory)
+            self.skips.add(len(items), self.store.bad_files(items))
+            yield {**batch, "index": index}
+        self.skips.check(final=True)
+
+
 def build_loader(
     dataset,
     batch_size: int,
@@ -219,7 +268,8 @@ def build_loader(
     seed: int = 0,
     distributed: bool = False,
     max_bad_fraction: float = 0.05,
-) -> ImageLoader:
+    store=None,
+) -> ImageLoader | StoreLoader:
     """A loader of dict batches over ``dataset`` (an :class:`ImageDataset`, :class:`WebDatasetShards`
     or a dense dataset such as :class:`~vitkit.data.dense.DenseDataset`).
 
@@ -230,6 +280,8 @@ def build_loader(
         sampler: an index sampler; by default a :class:`ResumableSampler` (DDP-aware when
             ``distributed``). Reach it as ``loader.sampler`` (set_epoch, advance, state_dict).
         seed: seeds the sampler order and every sample's augmentation.
+        store: a :class:`~vitkit.data.store.DecodedStore` of ``dataset``: batches are gathered from it
+            in this process (a :class:`StoreLoader`; ``transform`` and ``num_workers`` are unused).
 
     ``loader.set_epoch(e)`` must be called before each epoch for a new order and new augmentations.
     """
@@ -245,14 +297,17 @@ def build_loader(
         max_bad_fraction=max_bad_fraction,
     )
     if isinstance(dataset, IterableDataset):
-        if sampler is not None:
-            raise ConfigError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no sampler")
+        if sampler is not None or store is not None:
+            raise ConfigError("a streaming (WebDataset) dataset splits itself across workers and ranks; pass no "
+                              "sampler and no store")
         dataset.shuffle = train
         # Workers are rebuilt each epoch so they pick up the dataset's new epoch.
         return ImageLoader(_TransformedStream(dataset, transform, seed), **common)
     if sampler is None:
         world = (None, None) if distributed else (1, 0)
         sampler = ResumableSampler(len(dataset), shuffle=train, seed=seed, num_replicas=world[0], rank=world[1])
+    if store is not None:
+        return StoreLoader(store, dataset, batch_size, sampler, drop_last, max_bad_fraction)
     return ImageLoader(
         _Transformed(dataset, transform, seed),
         sampler=_EpochTagged(sampler),

@@ -3,7 +3,9 @@
 They run in DataLoader workers and do what must be done per image (crop, resize, flip, and
 RandAugment on the PIL image, :mod:`vitkit.data.rand_augment`); uint8 output is 4x cheaper to
 collate and transfer than float. Normalisation, colour jitter and random erasing run batched on
-the device (:mod:`vitkit.data.augment`).
+the device (:mod:`vitkit.data.augment`). On the batched path (``data.augment_on=device``) the
+workers only bring each image to a fixed size (:class:`SourceTransform`), or a decode-once store
+does (:mod:`vitkit.data.store`), and the crops, flips and RandAugment run batched as well.
 
 Randomness comes from an explicit ``random.Random`` passed per sample, which the loader
 derives from ``(seed, epoch, index)``: the same sample in the same epoch gets the same crop
@@ -156,6 +158,32 @@ class TrainTransform:
             f"TrainTransform(size={self.size}, in_chans={self.in_chans}, scale={self.scale}, ratio={self.ratio}, "
             f"hflip={self.hflip}, rand_augment={self.rand_augment})"
         )
+
+
+class SourceTransform:
+    """The batched path's per-image step: the image at one fixed size, and the size it had.
+
+    ``(img, rng) -> {"image": uint8 (C, S_h, S_w), "orig_hw": int64 (2,)}``: converted to
+    ``in_chans`` and resized to ``size`` (untouched when it has that size already). Crops, flips and
+    RandAugment come later, per batch on the device (:class:`~vitkit.data.batch_ops.BatchGeometry`),
+    drawn in the image's own coordinates (``orig_hw``). The decode-once store
+    (:mod:`vitkit.data.store`) holds exactly this output; without a store the workers produce it.
+    """
+
+    def __init__(self, size: int | tuple[int, int], in_chans: int = 3, interpolation: str = "bicubic"):
+        self.size = _size2(size)
+        self.in_chans = in_chans
+        self.interpolation = _interp(interpolation)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> dict:
+        img = to_channels(img, self.in_chans)
+        orig_hw = torch.tensor([img.height, img.width], dtype=torch.long)
+        if (img.height, img.width) != self.size:
+            img = img.resize((self.size[1], self.size[0]), self.interpolation)
+        return {"image": pil_to_uint8(img), "orig_hw": orig_hw}
+
+    def __repr__(self) -> str:
+        return f"SourceTransform(size={self.size}, in_chans={self.in_chans})"
 
 
 class EvalTransform:
