@@ -54,6 +54,7 @@ from .plan_calibrate import (
     usable_pretrained,
     user_values,
 )
+from .plan_data import plan_data_path
 from .plan_peft import (
     FINETUNE_MIN_EPOCHS,
     PEFT_LR_128,
@@ -283,6 +284,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     else:
         plan.set("engine.ema_decay", None, f"~{steps:.0f} steps: the annealed weights need no average")
 
+    plan_data_path(plan, info, calib.device, user, cand.img_size, int(user.get("data.in_chans") or info.in_chans))
     set_run_length(plan, epochs, n, budget_s, user)
     plan_plateau(plan, info.n_val, epochs, user)
     plan_classes(info, plan, user)

@@ -40,7 +40,7 @@ from .errors import ConfigError, VitkitError
 from .models import create_model, get_model_card
 from .objectives import build_objective, objective_config
 from .objectives.registry import objective_entry
-from .plan import apply_plan, plan_run
+from .plan import apply_plan, default_model, plan_run
 from .plan_data import PIPELINE, STREAMING, batched_feed, resolve_data_path
 from .rundir import RunDir, check_resume_config, prepare_out_dir, saved_config
 from .train_caption import build_caption_run, check_caption_config
@@ -64,9 +64,9 @@ class ModelChoice:
 def choose_model(cfg: TrainConfig, info) -> ModelChoice:
     """Pick the model and resolution from the data unless the config names them.
 
-    Small images train near their own size with a small patch (28-40 px -> 32 px, patch 4;
-    up to 128 px -> 64 px, patch 8) on a conv-stem nano ViT that trains in minutes on a
-    CPU; photos train at 224 px with patch 16 (DeiT-Tiny).
+    The plan's size rule (:func:`vitkit.plan.default_model`): up to 48 px
+    ``vit_nano_convstem_patch4_32`` at 32 px, up to 128 px ``vit_nano_convstem_patch16_64`` at
+    64 px, larger photos ``deit_tiny_patch16_224`` at 224 px.
     """
     in_chans = cfg.data.in_chans or info.in_chans
     num_classes = cfg.data.num_classes or info.num_classes
@@ -77,12 +77,8 @@ def choose_model(cfg: TrainConfig, info) -> ModelChoice:
         img = cfg.data.img_size or card.input_size[1]
         why = f"model {cfg.model.name} as configured, at {img} px"
         return ModelChoice(cfg.model.name, img, in_chans, num_classes, why)
-    if side <= 40:
-        name, img = "vit_nano_convstem_patch4_32", cfg.data.img_size or (28 if side <= 28 else 32)
-    elif side <= 128:
-        name, img = "vit_nano_convstem_patch16_64", cfg.data.img_size or 64
-    else:
-        name, img = "deit_tiny_patch16_224", cfg.data.img_size or 224
+    name, img = default_model(side)
+    img = cfg.data.img_size or img
     why = (
         f"images are typically {h}x{w} with {info.in_chans} channel(s) and {info.num_classes} classes, "
         f"so vitkit chose {name} at {img} px (set model.name / data.img_size to override)"
