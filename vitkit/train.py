@@ -30,8 +30,8 @@ from .data import (
     build_loader,
     prepare_data,
 )
-from .data.balance import build_balance, check_weighted
 from .data.augment import TrainAugment
+from .data.balance import build_balance, check_weighted
 from .engine import Trainer
 from .engine.budget import PlateauStop, plateau_record
 from .engine.distributed import all_gather_object, init_distributed
