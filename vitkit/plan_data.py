@@ -106,7 +106,6 @@ def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chan
     ``processes``: training processes on this node."""
     size = source_size(typical_hw, img_size)
     need = store_bytes(n, in_chans, size)
-    limit, limit_why = memory_limit(max_gb)
     what = f"{n:,} images decoded at {size[0]}x{size[1]} need {gb(need)}"
     moved = _moved(auto_augment)
     if augment_on != "auto":
@@ -117,6 +116,9 @@ def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chan
         a, a_why = "device", f"data.store={store} feeds the batched path: {moved} batched in the main process"
     else:
         a, a_why = "workers", f"CPU: {moved} per image in the workers, beside the model ({CPU_COST})"
+    # The memory limit only matters where a store can be built: a worker-path run (every CPU run the
+    # plan makes) reads no memory figures.
+    limit, limit_why = memory_limit(max_gb) if a == "device" else (None, "")
     if store != "auto":
         s, s_why = store, "as configured"
     elif a == "workers":
