@@ -45,6 +45,7 @@ ERROR_LOG = "error.log"
 TENSORBOARD = "tb"
 PLOTS = "plots"
 SAMPLES = "samples"
+CACHE = "cache"  # the decode-once store's file, keyed by the data's fingerprint
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
@@ -107,6 +108,7 @@ class RunDir:
     tensorboard = property(lambda self: self.path / TENSORBOARD)
     plots = property(lambda self: self.path / PLOTS)
     samples = property(lambda self: self.path / SAMPLES)
+    cache = property(lambda self: self.path / CACHE)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
 
     @classmethod

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import yaml
@@ -183,7 +182,7 @@ def build_run(cfg: TrainConfig, verbose: bool = True, start: float | None = None
     store = geometry = None
     if path.augment_on == "device":
         train_tf, store, geometry = batched_feed(
-            train_ds, d, path, info.typical_size, choice.img_size, card.mean, cache_dir=Path(out_dir) / "cache",
+            train_ds, d, path, info.typical_size, choice.img_size, card.mean, cache_dir=RunDir(out_dir).cache,
             num_workers=workers, log=print if verbose and dist.is_main else None)
     train_loader = build_loader(
         train_ds, d.batch_size, train=True, transform=train_tf, num_workers=workers, sampler=sampler,
