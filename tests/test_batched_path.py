@@ -103,14 +103,19 @@ def test_choose_data_path_from_memory_and_device():
     assert "need 154.8 MB of the 1.0 GB allowed (data.store_max_gb=1)" in small.store_reason
     assert "RandAugment (rand-m9-mstd0.5-inc1) batched on the device" in small.augment_reason
     assert choose_data_path(50_000, (32, 32), 32, 3, "cuda", max_gb=1.0, processes=4).store == "mmap"
-    cpu = choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=1.0)  # a CPU keeps the worker path
-    assert (cpu.store, cpu.augment_on) == ("off", "workers") and "twice PIL" in cpu.augment_reason
+    cpu = choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=1.0)  # fits a store: batched in the main process
+    assert (cpu.store, cpu.augment_on) == ("memory", "device") and "1.13x the worker path" in cpu.augment_reason
+    tight = choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=0.1)  # 154.8 MB do not fit: the workers
+    assert (tight.store, tight.augment_on) == ("off", "workers") and "do not fit a store" in tight.augment_reason
+    assert "more than 100.0 MB (data.store_max_gb=0.1)" in tight.store_reason
+    no_store = choose_data_path(50_000, (32, 32), 32, 3, "cpu", store="off", max_gb=1.0)
+    assert (no_store.augment_on, no_store.max_bytes) == ("workers", None) and "data.store=off" in no_store.augment_reason
     on_cpu = choose_data_path(50_000, (32, 32), 32, 3, "cpu", store="memory", max_gb=1.0)
     assert (on_cpu.store, on_cpu.augment_on) == ("memory", "device")  # a store asked for: batched
     # ImageNet-sized photos at 224 px: 1,281,167 x (3 x 375 x 500 + 24) bytes = 720.7 GB.
     big = choose_data_path(1_281_167, (375, 500), 224, 3, "cpu", max_gb=64.0)
     assert (big.store, big.augment_on) == ("off", "workers")
-    assert "crops and flips" in big.augment_reason
+    assert "crops and flips" in big.augment_reason and "need 720.7 GB, more than 64.0 GB" in big.store_reason
     gpu = choose_data_path(1_281_167, (375, 500), 224, 3, "cuda", max_gb=64.0)
     assert (gpu.store, gpu.augment_on) == ("off", "device") and "need 720.7 GB, more than 64.0 GB" in gpu.store_reason
     kept = choose_data_path(10, (32, 32), 32, 3, "cpu", store="off", augment_on="device", max_gb=1.0)

@@ -14,10 +14,12 @@ The rule (:func:`choose_data_path`), the same for every dataset:
   store for them.
 - **Augmentation.** On a GPU, in batches on the device: there the host's per-image work is the
   bottleneck (measured on an H200: 20 ms a step at batch 128 for a 2M-parameter ViT, bound by
-  decoding and per-image augmentation in the workers). On a CPU, in the workers, beside the model:
-  there the batched ops cost about twice PIL's per image, more than decoding once saves (measured:
-  see ``CPU_COST``); provisional until ``benchmarks/train_throughput.py`` measures
-  ``ratio_batched_vs_worker`` on a quiet machine. The store serves the batched path only.
+  decoding and per-image augmentation in the workers). On a CPU, in batches in the main process
+  when the images fit a store, and per image in the workers when they do not: per image the
+  batched ops cost about twice PIL's there, but decoding once frees the cores the workers spent
+  on JPEG each epoch, and the whole step is faster (``CPU_MEASURED``); without a store the
+  workers decode anyway and keep the augmentation beside the model. The store serves the
+  batched path only.
 
 Runs that the plan does not choose for (recipes) keep the worker path without a store while both
 keys are ``auto``; setting either one chooses the other by the rule.
@@ -38,9 +40,9 @@ STREAMING = "streaming shards are read in order, with no index to gather a batch
 PIPELINE = "the objective brings its own pipeline (multi-crop views), cropped per image in the workers"
 # Per image, one thread of this project's 2-core CPU, 128 images stored at 72 px cropped to 64 px: the batched
 # crop and flip 137 us against 77 us in PIL, with RandAugment m9 345 us against 185 us; decoding a 72 px JPEG
-# 83 us, a 32 px PNG 47 us. Decoding once does not pay for the batched ops there, and the workers run beside
-# the model: a CPU keeps the worker path until benchmarks/train_throughput.py measures otherwise.
-CPU_COST = "per image the batched ops cost about twice PIL's on a CPU"
+# 83 us. Per step on both cores, decoding once wins: benchmarks/results/train_throughput.json, quiet, 2 rounds.
+CPU_MEASURED = ("measured on 2 CPU cores with CIFAR-10 JPEGs at 64 px: 1.13x the worker path's img/s under DeiT "
+                "augmentation, 1.14x with crop and flip")
 
 
 def available_memory() -> int | None:
@@ -108,24 +110,29 @@ def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chan
     need = store_bytes(n, in_chans, size)
     what = f"{n:,} images decoded at {size[0]}x{size[1]} need {gb(need)}"
     moved = _moved(auto_augment)
+    # The memory limit only matters where a store can be built: a run that keeps the worker path as
+    # configured reads no memory figures.
+    may_store = store in ("auto", *STORE_MODES) and augment_on != "workers"
+    limit, limit_why = memory_limit(max_gb) if may_store else (None, "")
+    fits = limit is not None and need <= limit
     if augment_on != "auto":
         a, a_why = augment_on, "as configured"
     elif device == "cuda":
         a, a_why = "device", f"GPU: {moved} batched on the device, the host only decodes"
     elif store in STORE_MODES:
         a, a_why = "device", f"data.store={store} feeds the batched path: {moved} batched in the main process"
+    elif store == "auto" and fits:
+        a, a_why = "device", f"CPU, the images fit a decode-once store: {moved} batched in the main process ({CPU_MEASURED})"
     else:
-        a, a_why = "workers", f"CPU: {moved} per image in the workers, beside the model ({CPU_COST})"
-    # The memory limit only matters where a store can be built: a worker-path run (every CPU run the
-    # plan makes) reads no memory figures.
-    limit, limit_why = memory_limit(max_gb) if a == "device" else (None, "")
+        why = "data.store=off" if store == "off" else "the images do not fit a store"
+        a, a_why = "workers", f"CPU, {why}: {moved} per image in the workers, beside the model"
     if store != "auto":
         s, s_why = store, "as configured"
-    elif a == "workers":
+    elif not may_store:
         s, s_why = "off", "the workers decode and augment each image"
     elif limit is None:
         s, s_why = "off", f"{what}; {limit_why}"
-    elif need > limit:
+    elif not fits:
         s, s_why = "off", f"{what}, more than {gb(limit)} ({limit_why}): decoded every epoch"
     else:
         s = "mmap" if processes > 1 else "memory"
