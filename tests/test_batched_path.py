@@ -108,6 +108,10 @@ def test_choose_data_path_from_memory_and_device():
     tight = choose_data_path(50_000, (32, 32), 32, 3, "cpu", max_gb=0.1)  # 154.8 MB do not fit: the workers
     assert (tight.store, tight.augment_on) == ("off", "workers") and "do not fit a store" in tight.augment_reason
     assert "more than 100.0 MB (data.store_max_gb=0.1)" in tight.store_reason
+    arrays = choose_data_path(60_000, (28, 28), 32, 1, "cpu", max_gb=1.0, arrays=True)  # IDX: nothing to decode
+    assert (arrays.store, arrays.augment_on, arrays.max_bytes) == ("off", "workers", None)
+    assert "decoded arrays already" in arrays.augment_reason and "nothing to decode once" in arrays.store_reason
+    assert choose_data_path(60_000, (28, 28), 32, 1, "cuda", max_gb=1.0, arrays=True).store == "memory"  # a GPU
     no_store = choose_data_path(50_000, (32, 32), 32, 3, "cpu", store="off", max_gb=1.0)
     assert (no_store.augment_on, no_store.max_bytes) == ("workers", None) and "data.store=off" in no_store.augment_reason
     on_cpu = choose_data_path(50_000, (32, 32), 32, 3, "cpu", store="memory", max_gb=1.0)

@@ -160,6 +160,18 @@ def test_saved_config_of_what_resume_continues(tmp_path):
     assert saved_config(False, run) is None and saved_config(True, tmp_path / "fresh") is None
 
 
+def test_force_removes_every_run_file_and_nothing_else(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "cache").mkdir()
+    (run / "cache" / "store-0123.u8").write_bytes(b"x")  # a decode-once store: it goes with the run
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "notes.txt").write_text("the user's own file")
+    removed = prepare_out_dir(run, force=True)
+    assert sorted(removed) == ["cache", "checkpoints", "config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
 def test_prepare_out_dir_unwritable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -15,7 +15,8 @@ The rule (:func:`choose_data_path`), the same for every dataset:
 - **Augmentation.** On a GPU, in batches on the device: there the host's per-image work is the
   bottleneck (measured on an H200: 20 ms a step at batch 128 for a 2M-parameter ViT, bound by
   decoding and per-image augmentation in the workers). On a CPU, in batches in the main process
-  when the images fit a store, and per image in the workers when they do not: per image the
+  when the images fit a store, and per image in the workers when they do not or are decoded
+  arrays already (IDX, CIFAR's python batches: nothing to decode once): per image the
   batched ops cost about twice PIL's there, but decoding once frees the cores the workers spent
   on JPEG each epoch, and the whole step is faster (``CPU_MEASURED``); without a store the
   workers decode anyway and keep the augmentation beside the model. The store serves the
@@ -41,6 +42,9 @@ PIPELINE = "the objective brings its own pipeline (multi-crop views), cropped pe
 # Per image, one thread of this project's 2-core CPU, 128 images stored at 72 px cropped to 64 px: the batched
 # crop and flip 137 us against 77 us in PIL, with RandAugment m9 345 us against 185 us; decoding a 72 px JPEG
 # 83 us. Per step on both cores, decoding once wins: benchmarks/results/train_throughput.json, quiet, 2 rounds.
+# Formats whose images are held as decoded uint8 arrays already (vitkit.data.arrays): a store would
+# decode nothing, so on a CPU they keep the workers' per-image augmentation beside the model.
+ARRAY_FORMATS = frozenset({"cifar10", "cifar100", "idx", "fashion-mnist"})
 CPU_MEASURED = ("measured on 2 CPU cores with CIFAR-10 JPEGs at 64 px: 1.13x the worker path's img/s under DeiT "
                 "augmentation, 1.14x with crop and flip")
 
@@ -102,17 +106,19 @@ def _moved(auto_augment: str | None) -> str:
 
 def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chans: int, device: str, *,
                      store: str = "auto", augment_on: str = "auto", max_gb: float | None = None,
-                     auto_augment: str | None = None, processes: int = 1) -> DataPath:
+                     auto_augment: str | None = None, processes: int = 1, arrays: bool = False) -> DataPath:
     """The rule of the module notes for ``n`` images of typical size ``typical_hw`` trained at
     ``img_size`` on ``device`` ("cuda" or "cpu"); ``store``/``augment_on`` other than ``auto`` are kept.
-    ``processes``: training processes on this node."""
+    ``processes``: training processes on this node; ``arrays``: the images are decoded arrays already
+    (:data:`ARRAY_FORMATS`)."""
     size = source_size(typical_hw, img_size)
     need = store_bytes(n, in_chans, size)
     what = f"{n:,} images decoded at {size[0]}x{size[1]} need {gb(need)}"
     moved = _moved(auto_augment)
     # The memory limit only matters where a store can be built: a run that keeps the worker path as
     # configured reads no memory figures.
-    may_store = store in ("auto", *STORE_MODES) and augment_on != "workers"
+    cpu_arrays = device != "cuda" and arrays and store == "auto" and augment_on == "auto"
+    may_store = store in ("auto", *STORE_MODES) and augment_on != "workers" and not cpu_arrays
     limit, limit_why = memory_limit(max_gb) if may_store else (None, "")
     fits = limit is not None and need <= limit
     if augment_on != "auto":
@@ -124,10 +130,13 @@ def choose_data_path(n: int, typical_hw: tuple[int, int], img_size: int, in_chan
     elif store == "auto" and fits:
         a, a_why = "device", f"CPU, the images fit a decode-once store: {moved} batched in the main process ({CPU_MEASURED})"
     else:
-        why = "data.store=off" if store == "off" else "the images do not fit a store"
+        why = "data.store=off" if store == "off" else "the images are decoded arrays already" if cpu_arrays \
+            else "the images do not fit a store"
         a, a_why = "workers", f"CPU, {why}: {moved} per image in the workers, beside the model"
     if store != "auto":
         s, s_why = store, "as configured"
+    elif cpu_arrays:
+        s, s_why = "off", "the images are uint8 arrays in memory already: nothing to decode once"
     elif not may_store:
         s, s_why = "off", "the workers decode and augment each image"
     elif limit is None:
@@ -159,7 +168,7 @@ def plan_data_path(plan, info, device: str, user: dict, img_size: int, in_chans:
         spec = user["data.auto_augment"] if "data.auto_augment" in user else plan.values.get("data.auto_augment")
         path = choose_data_path(info.n_train, info.typical_size, img_size, in_chans, device, store=store,
                                 augment_on=augment_on, max_gb=user.get("data.store_max_gb"), auto_augment=spec,
-                                processes=_node_processes())
+                                processes=_node_processes(), arrays=info.format in ARRAY_FORMATS)
     if store == "auto":
         plan.set("data.store", path.store, path.store_reason)
     if augment_on == "auto":
@@ -188,7 +197,7 @@ def resolve_data_path(d, info, device: str, img_size: int, in_chans: int, *, why
                           "workers: set data.augment_on=device (or auto), or data.store=off")
     return choose_data_path(info.n_train, info.typical_size, img_size, in_chans, device, store=store,
                             augment_on=augment_on, max_gb=d.store_max_gb, auto_augment=d.auto_augment,
-                            processes=_node_processes())
+                            processes=_node_processes(), arrays=info.format in ARRAY_FORMATS)
 
 
 def batched_feed(dataset, d, path: DataPath, typical_hw: tuple[int, int], img_size: int, mean, *,

@@ -56,7 +56,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 # Everything a vitkit run writes into its directory; --force removes exactly these.
 ADAPTER = "adapter.safetensors"  # a PEFT run's method and head weights alone
 RUN_FILES = (CONFIG, RUN_INFO, SUMMARY, METRICS, WEIGHTS, ADAPTER, BAD_FILES, ERROR_LOG, CHECKPOINTS, TENSORBOARD,
-             PLOTS, SAMPLES)
+             PLOTS, SAMPLES, CACHE)
 # Keys whose change alters the lr at a given step (the schedule's length or shape).
 SCHEDULE_KEYS = (
     "engine.epochs", "engine.max_steps", "engine.time_budget", "data.batch_size",
