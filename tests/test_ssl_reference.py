@@ -346,3 +346,27 @@ def test_patch_centres_use_global_counts_under_two_process_gloo(tmp_path):
 def test_masked_objective_on_a_backbone_without_token_path_is_a_clear_error():
     with pytest.raises(TypeError, match="embed"):
         IBOT(create_model("test_resnet", num_classes=4), IBOTConfig(**TINY_HEAD))
+
+
+def test_last_layer_freeze_ends_by_its_share_of_the_run():
+    """DINO freezes the head's last layer for its first epoch (of 100-800: at most 1% of the run); the
+    freeze also ends at ``freeze_last_layer_max`` of the run, which a run of the paper's length never reaches."""
+    model = create_model("test_vit", num_classes=4)
+    obj = DINO(model, DINOConfig(**TINY_HEAD, freeze_last_layer_epochs=1.0))
+    obj.freeze_steps.fill_(100)  # one epoch of 100 steps
+    obj.step.fill_(10)
+    obj.progress.fill_(10 / 10_000)  # a 100-epoch run: 0.1% of it
+    assert obj.last_layer_frozen()
+    obj.step.fill_(100)
+    assert not obj.last_layer_frozen()  # the epoch is over
+    obj.step.fill_(10)
+    obj.progress.fill_(10 / 200)  # a 2-epoch run: 5% of it already
+    assert not obj.last_layer_frozen()
+    uncapped = DINO(create_model("test_vit", num_classes=4),
+                    DINOConfig(**TINY_HEAD, freeze_last_layer_epochs=1.0, freeze_last_layer_max=1.0))
+    uncapped.freeze_steps.fill_(100)
+    uncapped.step.fill_(10)
+    uncapped.progress.fill_(0.05)
+    assert uncapped.last_layer_frozen()
+    with pytest.raises(ConfigError, match="freeze_last_layer_max"):
+        DINOConfig(freeze_last_layer_max=0)

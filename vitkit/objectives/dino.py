@@ -44,6 +44,10 @@ class DINOConfig:
     head_layers: int = 3
     norm_last_layer: bool = True
     freeze_last_layer_epochs: float = 1.0
+    # The freeze ends at this share of the run at the latest. DINO freezes the first of its 100-800
+    # epochs (at most 1% of the run), so 0.05 never binds at the paper's lengths; in a 6-epoch run
+    # one epoch would hold the prototypes still for 17% of it. 1.0: the epochs alone decide.
+    freeze_last_layer_max: float = 0.05
     momentum_teacher: float = 0.996
     center_momentum: float = 0.9
     student_temp: float = 0.1
@@ -56,6 +60,11 @@ class DINOConfig:
     weight_decay_end: float | None = 0.4
     knn_k: int = 20
     knn: bool = True  # k-NN of the features at each evaluation (needs labels)
+
+    def __post_init__(self):
+        if not 0 < self.freeze_last_layer_max <= 1:
+            raise ConfigError(f"objective.freeze_last_layer_max is a share of the run in (0, 1] (1: no cap), "
+                              f"got {self.freeze_last_layer_max!r}")
 
 
 def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float) -> Tensor:
@@ -147,7 +156,7 @@ class DINO(SelfSupervised):
         return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * frac
 
     def last_layer_frozen(self) -> bool:
-        if self.cfg.freeze_last_layer_epochs <= 0:
+        if self.cfg.freeze_last_layer_epochs <= 0 or float(self.progress) >= self.cfg.freeze_last_layer_max:
             return False
         return int(self.freeze_steps) < 0 or int(self.step) < int(self.freeze_steps)
 
