@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from vitkit import save_weights
 from vitkit.data import build_dataset, build_loader
@@ -42,7 +43,6 @@ SHARED = next((p / "shared" / "datasets" for p in REPO.parents if (p / "shared" 
               REPO.parent / "shared" / "datasets")
 DEFAULT_DATA = SHARED / "cifar10-jpg.tar.gz"
 MODEL = "vit_nano_convstem_patch8_64"
-MODEL_ARGS = ["model.args.conv_stem=false"]
 
 
 class Spread:
@@ -86,15 +86,19 @@ def main() -> None:
     ap.add_argument("--run-root", default=None, help="where the runs go (default runs/ssl-cifar10-<time>)")
     ap.add_argument("--probe-train", type=int, default=None, help="probe with ~N train images (default: all 50k)")
     ap.add_argument("--probe-test", type=int, default=None, help="score on ~N test images (default: all 10k)")
+    ap.add_argument("--model", default=MODEL, help="the backbone every method pretrains (and the random init)")
+    ap.add_argument("--model-args", default="conv_stem=false", help="its model.args, comma-separated k=v")
     ap.add_argument("--out", default="ssl_cifar10.json")
     args = ap.parse_args()
+    model_args = {k.strip(): yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_args.split(",")
+                                                            if kv.strip())}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     limits = {"train": args.probe_train, "val": args.probe_test}
     budget_s = parse_duration(args.budget)
     root = Path(args.run_root or REPO / "runs" / f"ssl-cifar10-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
     result: dict = {
-        "benchmark": "ssl_cifar10", "data": args.data, "model": MODEL, "model_args": MODEL_ARGS, "img_size": 32,
+        "benchmark": "ssl_cifar10", "data": args.data, "model": args.model, "model_args": model_args, "img_size": 32,
         "batch_size": args.batch_size, "budget": args.budget, "budget_s": budget_s, "methods": methods,
         "probe": {"knn": "weighted k-NN, cosine, T=0.07, k=20 reported (10 and 200 in details)",
                   "linear": LinearProbeConfig().__dict__, "train_images": args.probe_train or "all", "test_images": args.probe_test or "all"},
@@ -102,7 +106,7 @@ def main() -> None:
     }
 
     torch.manual_seed(0)
-    random_model = create_model(MODEL, num_classes=0, img_size=32, conv_stem=False)
+    random_model = create_model(args.model, num_classes=0, img_size=32, **model_args)
     with tempfile.TemporaryDirectory() as tmp:
         w = save_weights(random_model, Path(tmp) / "random.safetensors")
         r = probe_features(w, args.data, args.workers, limits)
@@ -113,7 +117,7 @@ def main() -> None:
     for method in methods:
         run = root / method
         overrides = [
-            f"model.name={MODEL}", *MODEL_ARGS, "data.img_size=32", f"data.batch_size={args.batch_size}",
+            f"model.name={args.model}", *(f"model.args.{k}={v}" for k, v in model_args.items()), "data.img_size=32", f"data.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}", f"engine.time_budget={args.budget}", "engine.epochs=1000",
             "engine.eval_every=1000", "objective.knn=false", "engine.tensorboard=false", f"engine.out_dir={run}",
             *args.set,

@@ -509,6 +509,13 @@ def test_unset_keys_take_sams_training_recipe():
     c = cfg("optim.lr=1e-3", "schedule.warmup_epochs=2", "data.hflip=0.5", "optim.weight_decay=0.05", "data.batch_size=4")
     assert scaled_lr(c.optim, 4) == pytest.approx(1e-3 * 4 / 512) and c.schedule.warmup_steps is None
     assert c.data.hflip == 0.5 and c.optim.weight_decay == 0.05 and c.data.batch_size == 4
+    # The encoder's stochastic depth is model.drop_path_rate, and the config records what was built.
+    from vitkit.train_promptable import build_sam_model
+
+    c = cfg()
+    assert c.model.drop_path_rate == 0.0 and build_sam_model(c, verbose=False)[1].image_encoder.drop_path_rate == 0.0
+    c = cfg("model.drop_path_rate=0.2")
+    assert build_sam_model(c, verbose=False)[1].image_encoder.drop_path_rate == 0.2
 
 
 def test_bad_promptable_data_and_objectives_say_what_to_do(tmp_path):

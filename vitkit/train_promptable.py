@@ -103,6 +103,7 @@ def build_sam_model(cfg, verbose: bool = True):
         raise ConfigError(f"model.name={name} is not a SAM model; promptable segmentation trains one of "
                           f"{', '.join(list_sam_models())}")
     kwargs = dict(cfg.model.args)
+    kwargs.setdefault("drop_path_rate", cfg.model.drop_path_rate)  # the encoder's stochastic depth
     if cfg.data.img_size:
         kwargs["img_size"] = cfg.data.img_size
     try:
@@ -151,6 +152,8 @@ def apply_sam_recipe(cfg) -> None:
         cfg.optim.weight_decay = SAM_WEIGHT_DECAY
     if not {"schedule.warmup_steps", "schedule.warmup_epochs"} & keys:
         cfg.schedule.warmup_steps = SAM_WARMUP_STEPS
+    if "model.drop_path_rate" not in keys:
+        cfg.model.drop_path_rate = 0.0  # the SAM registry's: no stochastic depth unless asked (and config.yaml says so)
 
 
 def build_promptable_run(cfg, data, dist, verbose: bool = True, start: float | None = None):
