@@ -76,6 +76,17 @@ def test_siglip_loss_matches_the_paper_pseudo_code():
     assert siglip_loss(img2, txt2, torch.tensor(4.0), torch.tensor(-1.5)) > got
 
 
+def test_losses_are_float32_under_bf16_autocast():
+    # The training step runs under bf16 autocast on CPUs that have it: the similarities and the loss must not.
+    img, txt = _embeds(n=32, e=16, seed=2)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)  # SigLIP's initial logits: |t x.y + b| up to 20
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sig, clp = siglip_loss(img, txt, scale, bias), clip_loss(img, txt, scale)
+    assert sig.dtype == clp.dtype == torch.float32
+    torch.testing.assert_close(sig.double(), siglip_reference(img, txt, 10.0, -10.0), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(clp.double(), clip_reference(img, txt, 10.0), atol=1e-5, rtol=1e-6)
+
+
 @pytest.mark.peer
 def test_losses_match_open_clip():
     img, txt = _embeds(8, 6, seed=3)

@@ -20,6 +20,7 @@ Evaluation: image-text retrieval recall@1/5/10 both ways on the validation batch
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,20 @@ _LOCAL_NEEDS_GRAD = (
 )
 
 
+def _in_float32(loss_fn):
+    """Run a contrastive loss with autocast off. The ``.float()`` casts inside are not enough: under
+    bf16 autocast the similarity matmul would round every logit to bf16 again (steps of 0.0625 at
+    |logit| ~ 10, where SigLIP's logits start)."""
+
+    @functools.wraps(loss_fn)
+    def run(image_embeds: Tensor, *args, **kwargs) -> Tensor:
+        with torch.autocast(image_embeds.device.type, enabled=False):
+            return loss_fn(image_embeds, *args, **kwargs)
+
+    return run
+
+
+@_in_float32
 def clip_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
@@ -165,6 +180,7 @@ def _sigmoid_term(img: Tensor, txt: Tensor, scale: Tensor, bias: Tensor | None, 
     return -F.logsigmoid(z * logits).sum()
 
 
+@_in_float32
 def siglip_loss(
     image_embeds: Tensor,
     text_embeds: Tensor,
