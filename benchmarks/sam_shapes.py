@@ -9,7 +9,9 @@ encoder from other weights (a vitkit MAE run, as SAM starts from MAE). Scores ar
 the original resolution, one prompt per instance: the point farthest from the instance's boundary
 (SAM's evaluation click) and the tight box; ``*_miou`` keeps the mask with the highest predicted
 IoU, ``point_miou_oracle`` the best of the three. ``auto_recall`` is the share of ground-truth
-instances matched at IoU >= 0.5 by an automatic mask (``vitkit.sam.generate_masks``). CamVid objects
+instances matched at IoU >= 0.5 by an automatic mask (``vitkit.sam.generate_masks`` with SAM's
+default filters, set for ViT-H); ``auto`` adds the same share without filters, among the top 8 and
+32 masks by predicted IoU after NMS and among all of them. CamVid objects
 are the 4-connected components of at least 50 pixels of the car and pedestrian classes in the val
 masks; the box-fill baseline scores the tight box itself as the mask. ``encoder_ms`` /
 ``decoder_ms`` time one image embedding and one prompt's decoding (random weights, time only) for
@@ -18,6 +20,7 @@ the trained model and for ``sam_vit_b`` at 1024 px.
     python benchmarks/sam_shapes.py                 # 20 min budget
     python benchmarks/sam_shapes.py --smoke         # under a minute: a few steps, a few images, no vit_b
     python benchmarks/sam_shapes.py --init runs/mae-scenes   # the encoder from an MAE run
+    python benchmarks/sam_shapes.py --eval-run runs/sam-shapes-s7 --camvid-split train   # score a run again
 
 Writes ``benchmarks/results/sam.json`` and ``sam_overlay.png``.
 """
@@ -108,13 +111,30 @@ def prompt_masks(model, image: np.ndarray, masks: list[np.ndarray]) -> list[dict
     return rows
 
 
-def auto_recall(model, image: np.ndarray, masks: list[np.ndarray]) -> float | None:
+AUTO_TOP_K = (8, 32)
+
+
+def auto_recall(model, image: np.ndarray, masks: list[np.ndarray]) -> dict | None:
+    """Shares of the ground-truth instances matched at IoU >= 0.5 by automatic masks: with SAM's default
+    filters (``default``: predicted IoU > 0.88, stability >= 0.95, set for ViT-H), and without filters
+    (a 16x16 point grid, box NMS at 0.7, then the ``top<K>`` masks by predicted IoU, or ``all``);
+    ``n_masks``: the unfiltered masks left after NMS."""
     try:
         from vitkit.sam.auto import generate_masks
     except ImportError:
         return None
-    found = [r["segmentation"] for r in generate_masks(model, image)]
-    return float(np.mean([any(iou(f, m) >= 0.5 for f in found) for m in masks])) if masks else None
+    if not masks:
+        return None
+
+    def recall(found: list[np.ndarray]) -> float:
+        return float(np.mean([any(iou(f, m) >= 0.5 for f in found) for m in masks]))
+
+    default = [r["segmentation"] for r in generate_masks(model, image)]
+    every = sorted(generate_masks(model, image, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.0),
+                   key=lambda r: -r["predicted_iou"])
+    found = [r["segmentation"] for r in every]
+    return {"default": recall(default), **{f"top{k}": recall(found[:k]) for k in AUTO_TOP_K}, "all": recall(found),
+            "n_masks": len(found)}
 
 
 def shapes_scores(model, n_val: int, img_size: int, with_auto: bool) -> tuple[dict, list]:
@@ -136,25 +156,38 @@ def shapes_scores(model, n_val: int, img_size: int, with_auto: bool) -> tuple[di
         if len(shown) < 4:
             shown.append((out["image"], r))
     scores = {k: float(np.mean([r[k] for r in rows])) for k in ("point", "point_oracle", "box")}
-    auto = float(sum(a * n for a, n in recalls) / sum(n for _, n in recalls)) if recalls else None
+    auto = None
+    if recalls:
+        total = sum(n for _, n in recalls)
+        auto = {k: float(sum(a[k] * n for a, n in recalls) / total) for k in recalls[0][0] if k != "n_masks"}
+        auto["masks_per_image"] = float(np.mean([a["n_masks"] for a, _ in recalls]))
     return {"point_miou": scores["point"], "point_miou_oracle": scores["point_oracle"], "box_miou": scores["box"],
-            "auto_recall": auto, "n_instances": len(rows)}, shown
+            "auto_recall": auto and auto["default"], "auto": auto, "n_instances": len(rows)}, shown
 
 
-def camvid_scores(model, root: Path, max_images: int | None) -> dict:
-    imgs = sorted((root / "val").glob("*.jpg"))[:max_images]
-    rows, fill = [], []
+def camvid_scores(model, root: Path, max_images: int | None, split: str = "val") -> dict:
+    """Zero-shot on CamVid's car and pedestrian components; besides the scores, what tells an empty mask
+    from a spilling one: the point masks' area over the true area (median), the share of empty point
+    masks, and the best-of-three point score."""
+    imgs = sorted((root / split).glob("*.jpg"))[:max_images]
+    rows, fill, areas = [], [], []
     for p in imgs:
         image = np.asarray(Image.open(p).convert("RGB"))
-        label = np.asarray(Image.open(root / "valannot" / f"{p.stem}.png"))
+        label = np.asarray(Image.open(root / f"{split}annot" / f"{p.stem}.png"))
         masks = [c for cls in CAMVID_OBJECTS.values() for c in components(label == cls, MIN_AREA)]
         if masks:
-            rows += prompt_masks(model, image, masks)
+            got = prompt_masks(model, image, masks)
+            rows += got
             fill += [iou(box_fill(m), m) for m in masks]
+            areas += [(float(r["point_mask"].sum()), float(m.sum())) for r, m in zip(got, masks)]
     if not rows:
-        return {"point_miou": None, "box_miou": None, "box_fill_miou": None, "n": 0}
+        return {"point_miou": None, "box_miou": None, "box_fill_miou": None, "n": 0, "split": split}
+    ratio = [a / t for a, t in areas]
     return {"point_miou": float(np.mean([r["point"] for r in rows])), "box_miou": float(np.mean([r["box"] for r in rows])),
-            "box_fill_miou": float(np.mean(fill)), "n": len(rows)}
+            "box_fill_miou": float(np.mean(fill)), "n": len(rows), "split": split,
+            "point_miou_oracle": float(np.mean([r["point_oracle"] for r in rows])),
+            "point_area_ratio_median": float(np.median(ratio)),
+            "point_empty_share": float(np.mean([a == 0 for a, _ in areas]))}
 
 
 def train_run(data: str, run: Path, overrides: list[str]) -> dict:
@@ -223,6 +256,10 @@ def main() -> None:
     ap.add_argument("--init", default=None, help="model.init: ViT weights for the image encoder, e.g. a vitkit MAE run "
                     "of sam_nano's encoder (width 192, depth 6, 3 heads, patch 8, 128 px), or SAM weights")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides")
+    ap.add_argument("--camvid-split", default="val", choices=["val", "train"],
+                    help="the CamVid split scored zero-shot (val: the result; train: for screening recipes)")
+    ap.add_argument("--eval-run", default=None, help="score this finished run instead of training one (a diagnosis: "
+                                                     "writes beside the run, not to results/)")
     ap.add_argument("--smoke", action="store_true", help="a check of the script in under a minute")
     ap.add_argument("--run-root", default=None)
     ap.add_argument("--out", default="sam.json")
@@ -239,14 +276,19 @@ def main() -> None:
         args.budget, args.n_train, args.n_val, args.camvid_images = "15s", 16, 2, 1
         overrides += ["engine.max_steps=3", "objective.name=sam", "objective.iters=2", "objective.mask_only_rounds=1",
                       "data.batch_size=2", "data.num_workers=0", "engine.eval_every=1000"]
-    run = Path(args.run_root or REPO / "runs" / f"sam-shapes-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
-    tr = train_run(f"scenes:{args.n_train}", run, [f"engine.time_budget={args.budget}", *overrides])
+    if args.eval_run:
+        run = Path(args.eval_run)
+        tr = {"wall_s": None, "command": None, "summary": json.loads((run / "summary.json").read_text()),
+              "run_info": json.loads((run / "run.json").read_text())}
+    else:
+        run = Path(args.run_root or REPO / "runs" / f"sam-shapes-{time.strftime('%Y%m%d-%H%M%S')}")
+        tr = train_run(f"scenes:{args.n_train}", run, [f"engine.time_budget={args.budget}", *overrides])
     model = load_sam(str(run)).eval()
     shapes, shown = shapes_scores(model, args.n_val, args.img_size, with_auto=not args.smoke)
-    camvid = camvid_scores(model, camvid_root(args.data), args.camvid_images)
+    camvid = camvid_scores(model, camvid_root(args.data), args.camvid_images, args.camvid_split)
     small = timing(model, 1 if args.smoke else 10)
-    big = None if args.smoke else timing(create_sam("sam_vit_b").eval(), 3)
+    big = None if args.smoke or args.eval_run else timing(create_sam("sam_vit_b").eval(), 3)
     summary, run_info = tr["summary"], tr["run_info"]
     result = {
         "benchmark": "sam_shapes", "shapes": shapes, "camvid_objects": camvid,
@@ -263,10 +305,11 @@ def main() -> None:
                     f"components >= {MIN_AREA} px of the val masks",
         "machine": machine(), "versions": versions(),
     }
-    if args.smoke:  # a check of the script, not a result: it stays beside its run
-        path = run / "sam_smoke.json"
+    if args.smoke or args.eval_run or args.camvid_split != "val":  # a check or a diagnosis: it stays beside its run
+        tag = "smoke" if args.smoke else f"eval_{args.camvid_split}"
+        path = run / f"sam_{tag}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
-        overlay(shown, run / "sam_smoke_overlay.png")
+        overlay(shown, run / f"sam_{tag}_overlay.png")
     else:
         path = write_json(args.out, result)
         overlay(shown, RESULTS / "sam_overlay.png")
