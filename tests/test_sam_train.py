@@ -534,3 +534,20 @@ def test_bad_promptable_data_and_objectives_say_what_to_do(tmp_path):
                       plan=False)
     with pytest.raises(ConfigError, match="objective.name=sam"):
         _objective(cfg)
+
+
+def test_layer_decay_follows_the_image_encoders_depth():
+    """SAM's recipe decays the image encoder's lr with depth: stem lowest, each block above x1/decay,
+    the neck with the last block, the prompt encoder and mask decoder at the full lr."""
+    from vitkit.engine.optim import param_groups
+    from vitkit.sam import create_sam
+
+    model = create_sam("sam_test")
+    depth = len(model.image_encoder.blocks)
+    scale = {n: g["lr_scale"] for g in param_groups(model, 0.1, layer_decay=0.5) for n in g["names"]}
+    top = depth + 1  # stem, one layer per block, then the prompt encoder and decoder
+    assert scale["image_encoder.patch_embed.proj.weight"] == 0.5 ** top
+    for i in range(depth):
+        assert scale[f"image_encoder.blocks.{i}.attn.qkv.weight"] == 0.5 ** (top - 1 - i)
+    assert scale["image_encoder.neck.0.weight"] == scale[f"image_encoder.blocks.{depth - 1}.mlp.fc1.weight"] == 0.5
+    assert all(v == 1.0 for n, v in scale.items() if n.startswith(("mask_decoder.", "prompt_encoder.")))

@@ -145,6 +145,25 @@ class Sam(nn.Module):
         fn = getattr(self.image_encoder, "no_weight_decay", None)
         return {f"image_encoder.{n}" for n in fn()} if callable(fn) else set()
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise lr decay (SAM's recipe decays the image encoder's lr with depth):
+        the encoder's own groups under ``image_encoder.``, its neck joined to the last block; the prompt
+        encoder and the mask decoder match nothing, so they form the top layer at the full lr."""
+        inner = getattr(self.image_encoder, "group_matcher", None)
+        if not callable(inner):
+            raise ConfigError(f"{type(self.image_encoder).__name__} defines no layer groups: set optim.layer_decay=null")
+
+        def under(rx: str) -> str:
+            return rx.replace("^", r"^image_encoder\.")
+
+        groups = {}
+        for name, spec in inner(coarse).items():
+            groups[name] = [(under(rx), suffix) for rx, suffix in spec] if isinstance(spec, (list, tuple)) \
+                else under(spec)
+        blocks = list(groups.get("blocks") or [])
+        groups["blocks"] = [*blocks, (r"^image_encoder\.neck", (99999,))]
+        return groups
+
     @property
     def embedding_size(self) -> tuple[int, int]:
         """(h, w) of the image embedding."""
