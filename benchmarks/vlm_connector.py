@@ -5,11 +5,16 @@ Held-out split, the same as ``benchmarks/clip_flickr.py``: sort the image names,
 ``val = [names[i] for i in random.Random(0).sample(range(len(names)), 100)]`` (the seeded 100);
 everything else trains. Nothing is tuned on the held-out images.
 
+A dev split, a seeded tenth of the training images (``--dev``), picks every checkpoint: each
+training stage evaluates the dev perplexity every ``--eval-every`` steps and ends on its best
+state, so no arm is scored after it has overfitted its 3,500 captions (the image-blind LM
+passes its best within minutes here) and the held-out images choose nothing.
+
 Recipe (both arms get the same wall-clock budget after a shared start):
 1. a caption tokenizer trained on the training captions (``vitkit.text.train_caption_tokenizer``)
    and a small causal LM (a Hugging Face Llama config, rotary positions, from scratch) trained
-   image-blind on the training captions for ``--lm-budget``;
-2. from that LM, for ``--budget`` each:
+   image-blind on the training captions for ``--lm-budget``, ending on its best dev state;
+2. from that LM, for ``--budget`` each, each ending on its best dev state:
    ``blind``: the LM keeps training on the captions alone;
    ``connector``: LLaVA's stage 1, ``vitkit.vlm.VisionLanguageModel`` with the frozen image tower
    (``--clip``: a CLIP run dir or weights file, or any source ``vitkit.source.load_model`` takes;
@@ -124,13 +129,24 @@ def build_lm(vocab_size: int, width: int, depth: int, max_len: int):
     return transformers.LlamaForCausalLM(cfg), cfg.to_dict()
 
 
-def train(model, feats, rows, *, use_images: bool, params, lr: float, budget: float, batch: int, seed: int) -> dict:
-    """Train ``params`` for ``budget`` seconds on (image, one random caption) pairs; returns steps and timing."""
+def train(model, feats, rows, *, use_images: bool, params, lr: float, budget: float, batch: int, seed: int,
+          dev: tuple, eval_every: int) -> dict:
+    """Train ``params`` for ``budget`` seconds on (image, one random caption) pairs, evaluating the dev
+    perplexity every ``eval_every`` steps; ends with ``params`` at their best dev state (the start's if
+    nothing beat it). Returns steps, timing and the dev curve."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
+    dev_feats, dev_rows = dev
+
+    def dev_ppl() -> float:
+        return perplexity(model, dev_feats, dev_rows, use_images=use_images)
+
+    best = (dev_ppl(), 0, [p.detach().clone() for p in params])
+    curve = [(0, round(best[0], 3))]
     model.train()
-    steps, t0, losses = 0, time.perf_counter(), []
-    while time.perf_counter() - t0 < budget:
+    steps, t0, losses, train_s = 0, time.perf_counter(), [], 0.0
+    while train_s < budget:
+        t = time.perf_counter()
         idx = rng.sample(range(len(rows)), batch)
         text = model.tokenize([rng.choice(rows[i]["captions"]) for i in idx])
         out = model(None, **text, features=feats[idx] if use_images else None)
@@ -140,13 +156,27 @@ def train(model, feats, rows, *, use_images: bool, params, lr: float, budget: fl
         opt.step()
         steps += 1
         losses.append(out["loss"].item())
+        train_s += time.perf_counter() - t
+        if steps % eval_every == 0:
+            ppl = dev_ppl()
+            model.train()
+            curve.append((steps, round(ppl, 3)))
+            if ppl < best[0]:
+                best = (ppl, steps, [p.detach().clone() for p in params])
+    with torch.no_grad():
+        for p, b in zip(params, best[2]):
+            p.copy_(b)
     wall = time.perf_counter() - t0
-    return {"steps": steps, "wall_s": round(wall, 1), "step_s": round(wall / max(steps, 1), 4),
-            "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+    return {"steps": steps, "wall_s": round(wall, 1), "train_s": round(train_s, 1),
+            "step_s": round(train_s / max(steps, 1), 4), "best_step": best[1], "dev_ppl": round(best[0], 3),
+            "dev_curve": curve, "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
 
 
+@torch.no_grad()
 def perplexity(model, feats, rows, *, use_images: bool) -> float:
     from vitkit.vlm import caption_perplexity
+
+    model.eval()
 
     loader = [{"features": feats[i:i + 16], "captions": [r["captions"] for r in rows[i:i + 16]]}
               for i in range(0, len(rows), 16)]
@@ -170,11 +200,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="the LM's learning rate")
     ap.add_argument("--projector-lr", type=float, default=1e-3)
     ap.add_argument("--layer", type=int, default=-2)
+    ap.add_argument("--dev", type=int, default=70, help="training images held out as the dev split (seeded)")
+    ap.add_argument("--eval-every", type=int, default=100, help="steps between dev evaluations")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny budgets and sizes; results go to /tmp only")
     args = ap.parse_args()
     if args.smoke:
-        args.lm_budget, args.budget, args.width, args.depth, args.vocab = 12.0, 8.0, 64, 2, 512
+        args.lm_budget, args.budget, args.width, args.depth, args.vocab, args.eval_every = 12.0, 8.0, 64, 2, 512, 5
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -183,10 +215,14 @@ def main() -> None:
 
     root = flickr_root(args.data)
     train_rows, val_rows = split(root)
+    dev_idx = set(random.Random(1).sample(range(len(train_rows)), min(args.dev, len(train_rows) - 1)))
+    dev_rows = [r for i, r in enumerate(train_rows) if i in dev_idx]
+    train_rows = [r for i, r in enumerate(train_rows) if i not in dev_idx]
     t0 = time.perf_counter()
     encoder = load_encoder(args.clip, pretrained=not args.smoke)
     feats_train = encode_all(encoder, root, train_rows, args.layer)
     feats_val = encode_all(encoder, root, val_rows, args.layer)
+    dev = (encode_all(encoder, root, dev_rows, args.layer), dev_rows)
     encode_s = time.perf_counter() - t0
     tok = train_caption_tokenizer([c for r in train_rows for c in r["captions"]], vocab_size=args.vocab,
                                   context_length=args.context)
@@ -199,7 +235,8 @@ def main() -> None:
 
     base = vlm(lm, freeze_lm=False)
     runs = {"lm_pretrain": train(base, feats_train, train_rows, use_images=False, params=list(lm.parameters()),
-                                 lr=args.lr, budget=args.lm_budget, batch=args.batch, seed=0)}
+                                 lr=args.lr, budget=args.lm_budget, batch=args.batch, seed=0, dev=dev,
+                                 eval_every=args.eval_every)}
     start = {k: v.clone() for k, v in lm.state_dict().items()}
     ppl = {"start": perplexity(base, feats_val, val_rows, use_images=False)}
 
@@ -213,9 +250,10 @@ def main() -> None:
             list(model.projector.parameters()) if use_images else [])
         lr = args.projector_lr if arm == "connector" else args.lr
         runs[arm] = train(model, feats_train, train_rows, use_images=use_images, params=params, lr=lr,
-                          budget=args.budget, batch=args.batch, seed=1)
+                          budget=args.budget, batch=args.batch, seed=1, dev=dev, eval_every=args.eval_every)
         ppl[arm] = perplexity(model, feats_val, val_rows, use_images=use_images)
-        print(f"{arm:16s} ppl {ppl[arm]:.2f}  ({runs[arm]['steps']} steps, {runs[arm]['step_s']} s/step)", flush=True)
+        print(f"{arm:16s} ppl {ppl[arm]:.2f}  (best dev at step {runs[arm]['best_step']} of {runs[arm]['steps']}, "
+              f"{runs[arm]['step_s']} s/step)", flush=True)
 
     vlm_row = {"ppl_blind": round(ppl["blind"], 3), "ppl_connector": round(ppl["connector"], 3),
                "reduction": round(1 - ppl["connector"] / ppl["blind"], 4), "ppl_start": round(ppl["start"], 3)}
@@ -225,7 +263,10 @@ def main() -> None:
     detail = {
         "vlm": vlm_row, "runs": runs, "encoder": args.clip, "layer": args.layer, "image_tokens": feats_train.shape[1],
         "feature_dim": feats_train.shape[2], "encode_s": round(encode_s, 1), "lm_config": lm_cfg,
-        "tokenizer_vocab": tok.vocab_size, "args": vars(args), "n_train": len(train_rows), "n_val": len(val_rows),
+        "tokenizer_vocab": tok.vocab_size, "args": vars(args), "n_train": len(train_rows), "n_dev": len(dev_rows),
+        "n_val": len(val_rows),
+        "protocol": "every stage ends on its best dev-perplexity state (dev: a seeded tenth of the training images); "
+                    "ppl on every caption of the 100 held-out images",
         "val_captions": sum(len(r["captions"]) for r in val_rows), "machine": machine(),
         "versions": versions(import_peer("transformers")),
     }
