@@ -29,7 +29,8 @@ finished run found there (``DIR/<name>.row.json``) is reused, so an interrupted 
 
     python benchmarks/cnn_vs_vit.py --work runs/cnn-vs-vit     # 20 min per run: about 1 h 50 min on 2 CPU cores
     python benchmarks/cnn_vs_vit.py --budget 60s --calib 20s --device cuda --workers 12   # a GPU
-    python benchmarks/cnn_vs_vit.py --seed 1 --work runs/cnn-vs-vit-seed1 --out cnn_vs_vit_seed1.json
+    python benchmarks/cnn_vs_vit.py --seed 1 --steps 2421 --teacher-run runs/cnn-vs-vit/resnet18 \
+        --work runs/cnn-vs-vit-seed1 --out cnn_vs_vit_seed1.json     # a second seed, same steps and teacher
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def main() -> None:
     ap.add_argument("--budget", default="20m", help="wall-clock budget of each teacher, and what sets the students' steps")
     ap.add_argument("--calib", default="3m", help="budget of the student's calibration run")
     ap.add_argument("--steps", type=int, default=None, help="the students' steps (skips the calibration)")
+    ap.add_argument("--teacher-run", default=None, help="a finished teacher run dir (e.g. the first seed's resnet18): "
+                                                        "skips training the two CNNs")
     ap.add_argument("--vit-rows", action="store_true", help="also train the plain ViT and the conv-stem ViT under --budget")
     ap.add_argument("--seed", type=int, default=0, help="engine.seed of every run (initialisation and data order)")
     ap.add_argument("--device", default="auto", help="engine.device: auto, cpu, cuda")
@@ -219,11 +222,17 @@ def main() -> None:
 
     rows.append(run("deit_alone", work, common, fixed, reuse))
     save()
-    for name in ("convnext", "resnet18", *(("vit", "vit_convstem") if args.vit_rows else ())):
+    cnns = () if args.teacher_run else ("convnext", "resnet18")
+    for name in (*cnns, *(("vit", "vit_convstem") if args.vit_rows else ())):
         rows.append(run(name, work, common, timed, reuse))
         save()
-    teacher = max((r for r in rows if r["name"] in ("convnext", "resnet18")), key=lambda r: r["acc"])
-    payload["teacher"] = {"name": teacher["name"], "acc": teacher["acc"], "wall_s": teacher["wall_s"]}
+    if args.teacher_run:
+        summary = json.loads((Path(args.teacher_run) / "summary.json").read_text())
+        teacher = {"name": Path(args.teacher_run).name, "acc": summary["val_acc"], "wall_s": summary["wall_s"],
+                   "run_dir": str(args.teacher_run), "reused": True}
+    else:
+        teacher = max((r for r in rows if r["name"] in ("convnext", "resnet18")), key=lambda r: r["acc"])
+    payload["teacher"] = {k: teacher[k] for k in ("name", "acc", "wall_s")} | {"run_dir": teacher["run_dir"]}
     distill = ["objective.name=deit", f"objective.teacher={teacher['run_dir']}"]
     rows.append(run("deit_distilled", work, common, [*fixed, *distill, "objective.distill_type=hard"], reuse))
     save()
