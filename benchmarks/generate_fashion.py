@@ -16,7 +16,8 @@ files directly; their val split is the 10,000-image test set):
    vitkit's defaults (``--set`` adds overrides to all three).
 
 Then, in this process, per generator: N class-balanced samples (N/10 of each class) at the guidance
-and decoding steps its run recorded (``meta.models``), and
+and decoding steps its run recorded (``meta.models``) or, with ``--guidance-sweep``, at the guidance of
+that list with the highest class consistency on ``--n-guidance`` separately seeded samples, and
 
 - ``class_consistency``: the judge's accuracy on the samples (the class each was generated for);
 - ``fd``: the Frechet distance between the judge's features of the samples and of N real test images
@@ -36,6 +37,8 @@ Grids: ``results/generate_<model>.png``, one row per class.
 
     python benchmarks/generate_fashion.py                       # ~1 h 40 min on 2 cores
     python benchmarks/generate_fashion.py --run-root runs/gen   # reuses the finished stages there
+    python benchmarks/generate_fashion.py --run-root runs/gen --guidance-sweep 1,1.5,2,3,4,6
+        # each generator's guidance chosen by class consistency on separately seeded samples (meta.models.*.guidance_sweep)
     python benchmarks/generate_fashion.py --smoke               # the whole pipeline in ~2 min, to /tmp
 
 Writes ``benchmarks/results/generate.json`` and ``generate_<model>.png``.
@@ -221,9 +224,12 @@ def score_generator(kind: str, res: dict, judge, ref_stats, floor: float, num_cl
     model, info = load_generator(res["run_dir"])
     # the run's objective, rebuilt from its config: it samples exactly as the run's evaluations did
     objective = _objective(model, info, len(info["classes"])).eval()
-    guidance = float(objective.cfg.guidance)
+    run_guidance = float(objective.cfg.guidance)
     # VAR decodes one step per scale; the others sample in the steps their run evaluated with
     steps = len(info["tokenizer"].scales) if kind == "var" else int(objective.cfg.sample_steps)
+    guidance, gpoints = run_guidance, []
+    if args.guidance_sweep:
+        guidance, gpoints = sweep_guidance(kind, objective, model, judge, ref_stats, num_classes, steps, args)
     images, labels, secs = sample_set(objective, model, n, num_classes, steps, guidance, args.batch, args.seed)
     feats, logits = judge(images)
     row = {"model": kind, "class_consistency": class_consistency(logits, labels),
@@ -231,7 +237,8 @@ def score_generator(kind: str, res: dict, judge, ref_stats, floor: float, num_cl
            "sample_s_per_image": secs / n, "params": count_params(model), "wall_s": res["wall_s"]}
     per_row = min(8, n // num_classes)
     save_grid(class_rows(images, labels, per_row), grid_path, nrow=per_row)
-    meta = {"generator": info["model_name"], "guidance": guidance, "steps": steps,
+    meta = {"generator": info["model_name"], "guidance": guidance, "run_guidance": run_guidance,
+            "guidance_sweep": gpoints, "steps": steps,
             "objective": {k: v for k, v in info["objective"].items() if k != "references"},
             "tokenizer": TOKENIZER_OF[kind], "run_dir": res["run_dir"], "command": res["command"],
             "train_steps": res["summary"].get("steps"), "epochs": res["summary"].get("epochs"), "n_samples": n,
@@ -247,6 +254,31 @@ def score_generator(kind: str, res: dict, judge, ref_stats, floor: float, num_cl
                        "guidance": guidance})
         print(f"  {kind} at {s} steps: {secs / m * 1000:.1f} ms/image, class consistency {cc:.2%}", flush=True)
     return row, meta, points
+
+
+def sweep_guidance(kind: str, objective, model, judge, ref_stats, num_classes: int, steps: int, args
+                   ) -> tuple[float, list[dict]]:
+    """Class consistency and FD of ``--n-guidance`` samples (seed + 2, disjoint from the row's and the steps
+    sweep's draws) at each ``--guidance-sweep`` value; the chosen guidance is the one with the highest class
+    consistency (the lower guidance on a tie). FD here is of ``--n-guidance`` samples against the same
+    ``--n`` real images: comparable along the sweep, higher than the row's FD when fewer samples."""
+    from vitkit.generate.metrics import class_consistency, feature_stats, frechet_distance
+
+    m = (args.n_guidance // num_classes) * num_classes
+    points = []
+    for g in args.guidance_sweep:
+        imgs, labs, secs = sample_set(objective, model, m, num_classes, steps, g, args.batch, args.seed + 2)
+        feats, logits = judge(imgs)
+        point = {"model": kind, "guidance": g, "class_consistency": class_consistency(logits, labs),
+                 "fd": frechet_distance(*feature_stats(feats), *ref_stats), "n": m, "steps": steps,
+                 "sample_s_per_image": secs / m}
+        points.append(point)
+        print(f"  {kind} at guidance {g:g}: class consistency {point['class_consistency']:.2%}, FD {point['fd']:.3f} "
+              f"(n={m}), {secs / m * 1000:.1f} ms/image", flush=True)
+    best = max(points, key=lambda p: (p["class_consistency"], -p["guidance"]))
+    for p in points:
+        p["chosen"] = p is best
+    return float(best["guidance"]), points
 
 
 def goal_of(rows: list[dict], floor: float) -> dict | None:
@@ -276,6 +308,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n-sweep", type=int, default=200, help="samples per point of the steps sweep")
     ap.add_argument("--batch", type=int, default=250, help="sampling batch")
     ap.add_argument("--seed", type=int, default=0, help="draws the real subsets and the samples")
+    ap.add_argument("--guidance-sweep", default=None, metavar="G1,G2,...",
+                    help="choose each generator's guidance among these by class consistency on --n-guidance "
+                         "separately seeded samples (default: the guidance each run recorded)")
+    ap.add_argument("--n-guidance", type=int, default=500, help="samples per point of the guidance sweep")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for the generators")
     ap.add_argument("--judge-in-runs", action="store_true",
                     help="also pass objective.judge to the generator runs (scored at each of their evaluations)")
@@ -290,9 +326,13 @@ def parse_args() -> argparse.Namespace:
         raise SystemExit(f"unknown model {sorted(set(args.kinds) - set(KINDS))}: choose from {', '.join(KINDS)}")
     args.models_of, args.engine, args.sweep = {}, list(QUIET), SWEEP
     args.data = Path(args.data).expanduser()
+    try:
+        args.guidance_sweep = [float(g) for g in args.guidance_sweep.split(",") if g] if args.guidance_sweep else []
+    except ValueError:
+        raise SystemExit(f"--guidance-sweep takes comma-separated numbers, e.g. 1,2,3; got {args.guidance_sweep!r}")
     if args.smoke:
         args.budget = args.tokenizer_budget = args.judge_budget = "2m"
-        args.n, args.n_sweep, args.batch, args.judge_in_runs = 40, 20, 20, True
+        args.n, args.n_sweep, args.n_guidance, args.batch, args.judge_in_runs = 40, 20, 20, 20, True
         args.out = str(SMOKE_ROOT / "generate.json")
         args.run_root = args.run_root or str(SMOKE_ROOT / "runs")
         args.data = smoke_subset(args.data, SMOKE_ROOT / "fashion-mnist-smoke", args.seed)
@@ -377,11 +417,14 @@ def main() -> None:
             "budgets_s": {"judge": parse_duration(args.judge_budget),
                           "tokenizer": parse_duration(args.tokenizer_budget), "generator": parse_duration(args.budget)},
             "guidance": {k: v["guidance"] for k, v in models.items()},
+            "guidance_rule": (f"chosen per model among {args.guidance_sweep} by class consistency on "
+                              f"{args.n_guidance} samples drawn with seed {args.seed + 2} (the rows' samples: seed "
+                              f"{args.seed})") if args.guidance_sweep else "each run's recorded objective.guidance",
             "tokenizers": tokenizers, "models": models, "steps_sweep": sweep, "goal": goal_of(rows, floor),
             "n_samples": n, "n_real_per_side": n, "seed": args.seed, "data": str(args.data), "run_root": str(root),
             "wall_s": time.time() - t_start, "smoke": args.smoke,
             "protocol": "fresh vitkit train process per stage; N class-balanced samples per model at its run's "
-                        "guidance and steps; judge = a Fashion-MNIST classifier trained here, features = its pooled "
+                        "steps and the guidance of guidance_rule; judge = a Fashion-MNIST classifier trained here, features = its pooled "
                         "pre-logits; FD vs N class-balanced real test images; floor = two disjoint real N-subsets",
             "machine": machine(), "versions": versions(vitkit),
         },
