@@ -329,7 +329,7 @@ def parse_args() -> argparse.Namespace:
     try:
         args.guidance_sweep = [float(g) for g in args.guidance_sweep.split(",") if g] if args.guidance_sweep else []
     except ValueError:
-        raise SystemExit(f"--guidance-sweep takes comma-separated numbers, e.g. 1,2,3; got {args.guidance_sweep!r}")
+        raise SystemExit(f"--guidance-sweep takes comma-separated numbers, e.g. 1,2,3; got {args.guidance_sweep!r}") from None
     if args.smoke:
         args.budget = args.tokenizer_budget = args.judge_budget = "2m"
         args.n, args.n_sweep, args.n_guidance, args.batch, args.judge_in_runs = 40, 20, 20, 20, True
