@@ -146,7 +146,9 @@ def test_dino_schedules_centre_and_last_layer_freeze(tmp_path):
             self.v.append(ctx.trainer.objective.head.last_layer.weight_v.detach().clone())
 
     rec = Record()
-    tr = ssl_trainer(tmp_path, dino, hooks=[rec], optim={"lr": 1e-3, "weight_decay": 0.04})
+    # The paper's rule alone (freeze_last_layer_max=1): the first of these two epochs is frozen.
+    tr = ssl_trainer(tmp_path, lambda: dino(freeze_last_layer_max=1.0), hooks=[rec],
+                     optim={"lr": 1e-3, "weight_decay": 0.04})
     v0 = tr.objective.head.last_layer.weight_v.detach().clone()
     tr.fit()
     obj = tr.objective

@@ -233,7 +233,8 @@ def test_dino_frozen_last_layer_leaves_adamw_state_untouched(tmp_path):
 
     def make():
         torch.manual_seed(0)
-        return DINO(create_model("test_vit", num_classes=4), DINOConfig(**TINY_HEAD))
+        # The reference's rule alone (freeze_last_layer_max=1): the first of two epochs is frozen.
+        return DINO(create_model("test_vit", num_classes=4), DINOConfig(**TINY_HEAD, freeze_last_layer_max=1.0))
 
     v0 = make().head.last_layer.weight_v.detach().clone()
     tr = make_trainer(tmp_path, objective=make(), dataset=Views(), val_dataset=Views(8, seed=1), transform=None,
