@@ -158,8 +158,7 @@ def train(model, feats, rows, *, use_images: bool, params, lr: float, budget: fl
         losses.append(out["loss"].item())
         train_s += time.perf_counter() - t
         if steps % eval_every == 0:
-            ppl = dev_ppl()
-            model.train()
+            ppl = dev_ppl()  # caption_perplexity puts the model back in train mode
             curve.append((steps, round(ppl, 3)))
             if ppl < best[0]:
                 best = (ppl, steps, [p.detach().clone() for p in params])
@@ -172,11 +171,8 @@ def train(model, feats, rows, *, use_images: bool, params, lr: float, budget: fl
             "dev_curve": curve, "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
 
 
-@torch.no_grad()
 def perplexity(model, feats, rows, *, use_images: bool) -> float:
     from vitkit.vlm import caption_perplexity
-
-    model.eval()
 
     loader = [{"features": feats[i:i + 16], "captions": [r["captions"] for r in rows[i:i + 16]]}
               for i in range(0, len(rows), 16)]
