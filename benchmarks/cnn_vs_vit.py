@@ -29,8 +29,10 @@ finished run found there (``DIR/<name>.row.json``) is reused, so an interrupted 
 
     python benchmarks/cnn_vs_vit.py --work runs/cnn-vs-vit     # 20 min per run: about 1 h 50 min on 2 CPU cores
     python benchmarks/cnn_vs_vit.py --budget 60s --calib 20s --device cuda --workers 12   # a GPU
+    python benchmarks/cnn_vs_vit.py --seed 1 --steps 2421 --teachers resnet18 --work runs/cnn-vs-vit-seed1 \
+        --out cnn_vs_vit_seed1.json     # a second seed of the whole study, with the first seed's choice of teacher
     python benchmarks/cnn_vs_vit.py --seed 1 --steps 2421 --teacher-run runs/cnn-vs-vit/resnet18 \
-        --work runs/cnn-vs-vit-seed1 --out cnn_vs_vit_seed1.json     # a second seed, same steps and teacher
+        --work runs/cnn-vs-vit-seed1 --out cnn_vs_vit_seed1.json     # the same, reusing the first seed's teacher run
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="the students' steps (skips the calibration)")
     ap.add_argument("--teacher-run", default=None, help="a finished teacher run dir (e.g. the first seed's resnet18): "
                                                         "skips training the two CNNs")
+    ap.add_argument("--teachers", default="convnext,resnet18",
+                    help="the CNNs to train as teacher candidates (e.g. only the first seed's choice)")
     ap.add_argument("--vit-rows", action="store_true", help="also train the plain ViT and the conv-stem ViT under --budget")
     ap.add_argument("--seed", type=int, default=0, help="engine.seed of every run (initialisation and data order)")
     ap.add_argument("--device", default="auto", help="engine.device: auto, cpu, cuda")
@@ -167,6 +171,9 @@ def main() -> None:
                                                  "finished runs found there are reused")
     ap.add_argument("--out", default="cnn_vs_vit.json")
     args = ap.parse_args()
+    cnns = () if args.teacher_run else tuple(n.strip() for n in args.teachers.split(",") if n.strip())
+    if unknown := [n for n in cnns if n not in ("convnext", "resnet18")]:
+        raise SystemExit(f"--teachers: unknown {unknown}; choose from convnext, resnet18")
     budget_s = parse_duration(args.budget)
     reuse = args.work is not None
     work = Path(args.work or tempfile.mkdtemp(prefix="vitkit-cnn-vs-vit-"))
@@ -222,7 +229,6 @@ def main() -> None:
 
     rows.append(run("deit_alone", work, common, fixed, reuse))
     save()
-    cnns = () if args.teacher_run else ("convnext", "resnet18")
     for name in (*cnns, *(("vit", "vit_convstem") if args.vit_rows else ())):
         rows.append(run(name, work, common, timed, reuse))
         save()
@@ -231,7 +237,7 @@ def main() -> None:
         teacher = {"name": Path(args.teacher_run).name, "acc": summary["val_acc"], "wall_s": summary["wall_s"],
                    "run_dir": str(args.teacher_run), "reused": True}
     else:
-        teacher = max((r for r in rows if r["name"] in ("convnext", "resnet18")), key=lambda r: r["acc"])
+        teacher = max((r for r in rows if r["name"] in cnns), key=lambda r: r["acc"])
     payload["teacher"] = {k: teacher[k] for k in ("name", "acc", "wall_s")} | {"run_dir": teacher["run_dir"]}
     distill = ["objective.name=deit", f"objective.teacher={teacher['run_dir']}"]
     rows.append(run("deit_distilled", work, common, [*fixed, *distill, "objective.distill_type=hard"], reuse))
