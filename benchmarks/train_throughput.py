@@ -60,7 +60,9 @@ most expensive operators (key ``profile``), to name what differs if a gap remain
 uses for small images (``--aug-model``) at 64 px on the same tar, once with ``data.augment_on=device``
 (decoded once into the store, crop, flip and RandAugment batched in the main process) and once with
 ``data.augment_on=workers`` (``data.store='off'``: per-sample PIL in the loader workers, on the same
-cores as the model). DeiT strength: RandAugment m9 (mstd 0.5, inc1), erasing 0.25, Mixup 0.8 /
+cores as the model). ``compute_only_img_s`` trains the same model with the same optimizer on one batch,
+drawn and augmented once and used for every step: data for free, the most any data path can reach,
+so ``ceiling_ratio_vs_worker`` is the largest ratio the batched path could show here. DeiT strength: RandAugment m9 (mstd 0.5, inc1), erasing 0.25, Mixup 0.8 /
 CutMix 1.0, label smoothing 0.1; light: crop and flip only (the CIFAR recipe). ``build_s`` is the
 time ``build_run`` took (the store is decoded there, outside the timed window). The run's
 ``run.json`` entry ``data_path`` must show the path asked for, else the benchmark stops. The keys
@@ -257,7 +259,25 @@ def profile_loops(args, common: list[str], timm, amp) -> dict:
     return out
 
 
-def batched_vs_worker(args, common: list[str], r: int, runs: dict) -> None:
+def compute_only_rate(trainer, n_steps: int, warmup: int, batch: int, amp) -> float:
+    """img/s of the run's model and optimizer on one batch, drawn and augmented once, used for every step: the
+    training speed with free data, the most any data path can reach (the engine adds about nothing, section 1)."""
+    model, opt = trainer.objective.model, trainer.optimizer
+    fixed = trainer.train_transform(next(iter(trainer.train_loader)))
+    image, label = fixed["image"], fixed["label"]
+    model.train()
+    times = []
+    for _ in range(n_steps):
+        with autocast(amp, torch.device("cpu")):
+            loss = F.cross_entropy(model(image), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter())
+    return _rate(times, warmup, batch)
+
+
+def batched_vs_worker(args, common: list[str], r: int, runs: dict, amp=None) -> None:
     """One round of section 2: the engine under each augmentation strength on each path."""
     over = [*common, f"model.name={args.aug_model}"]
     cases = [(s, p) for s in ("deit", "light") for p in PATHS]
@@ -275,6 +295,11 @@ def batched_vs_worker(args, common: list[str], r: int, runs: dict) -> None:
         entry["data_path"] = info["data_path"]
         print(f"round {r}: {strength} augmentation, {path} path: {rate:.1f} img/s (built in {build_s:.1f} s)",
               flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _, _ = build([*over, *LIGHT, *PATHS["device"]], tmp)
+        rate = compute_only_rate(trainer, args.warmup + args.steps, args.warmup, args.batch, amp)
+    runs.setdefault("compute_only", {"img_s": []})["img_s"].append(round(rate, 2))
+    print(f"round {r}: the model and optimizer alone on one fixed batch: {rate:.1f} img/s", flush=True)
 
 
 def check_batched_path_key() -> None:
@@ -342,7 +367,7 @@ def main() -> None:
         if "engine" in sections:
             optimizer = engine_vs_hand(args, common, timm, amp, r, rates)
         if "augment" in sections:
-            batched_vs_worker(args, common, r, aug_runs)
+            batched_vs_worker(args, common, r, aug_runs, amp)
 
     payload = {
         "benchmark": "training img/s on a CPU: the vitkit engine vs a hand-written loop with the identical "
@@ -377,7 +402,9 @@ def main() -> None:
         if args.profile:
             payload["profile"] = profile_loops(args, common, timm, amp)
     if "augment" in sections:
-        med_aug = {s: {p: statistics.median(e["img_s"]) for p, e in paths.items()} for s, paths in aug_runs.items()}
+        compute_only = statistics.median(aug_runs["compute_only"]["img_s"])
+        med_aug = {s: {p: statistics.median(e["img_s"]) for p, e in paths.items()} for s, paths in aug_runs.items()
+                   if s != "compute_only"}
         payload.update({
             "aug_model": args.aug_model,
             "aug_img_size": args.img_size,
@@ -385,6 +412,11 @@ def main() -> None:
             "augment_img_s": {s: {p: round(v, 2) for p, v in paths.items()} for s, paths in med_aug.items()},
             "ratio_batched_vs_worker": round(med_aug["deit"]["device"] / med_aug["deit"]["workers"], 4),
             "ratio_batched_vs_worker_light": round(med_aug["light"]["device"] / med_aug["light"]["workers"], 4),
+            # the model and optimizer on one fixed batch: the ceiling of every data path, and of the ratios
+            "compute_only_img_s": round(compute_only, 2),
+            "ceiling_ratio_vs_worker": round(compute_only / med_aug["deit"]["workers"], 4),
+            "ceiling_ratio_vs_worker_light": round(compute_only / med_aug["light"]["workers"], 4),
+            "batched_share_of_ceiling": {s: round(med_aug[s]["device"] / compute_only, 4) for s in med_aug},
             "augment_runs": aug_runs,
         })
     payload["meta"] = {

@@ -26,6 +26,7 @@ from vitkit.plan_caption import (
     caption_budget_s,
     make_caption_plan,
     planned_caption_batch,
+    siglip_prior_bias,
 )
 
 FAST = ["data.num_workers=0", "engine.tensorboard=false"]
@@ -80,6 +81,26 @@ def test_plan_keeps_user_keys_and_names_siglip_for_siglip_models():
     assert not set(user) & set(v)
     assert v["objective.name"] == "siglip"
     assert "from a pretrained image tower" in make_caption_plan(_info(), _calib(), user, choice, True).reasons["optim.lr"]
+
+
+def test_siglip_bias_starts_at_the_prior_log_odds_of_the_global_batch():
+    """SigLIP's -10 is the log-odds of a positive pair at its 32k batch; the plan applies the same rule to the
+    run's global batch (per-device batch x processes), and keeps a bias the user set."""
+    def log_odds(b):  # P(positive) = 1/B among the B texts an image is scored against
+        p = 1.0 / b
+        return math.log(p / (1.0 - p))
+
+    assert round(log_odds(32768)) == -10 and math.isclose(siglip_prior_bias(32768), log_odds(32768))
+    choice = CaptionChoice("siglip_nano", None, 64, "siglip", "test")
+    for world in (1, 4):
+        plan = make_caption_plan(_info(), _calib(), {}, choice, world_size=world)
+        batch = plan.values["data.batch_size"]
+        assert math.isclose(plan.values["model.head_args.init_logit_bias"], log_odds(batch * world), abs_tol=1e-3)
+        assert f"global batch of {batch * world}" in plan.reasons["model.head_args.init_logit_bias"]
+    assert "model.head_args.init_logit_bias" not in make_caption_plan(_info(), _calib(), {}, CHOICE).values  # CLIP
+    for key in ("model.head_args", "model.args"):
+        user = {key: {"init_logit_bias": -10.0}}
+        assert "model.head_args.init_logit_bias" not in make_caption_plan(_info(), _calib(), user, choice).values
 
 
 def test_gpu_plan_counts_epochs_not_time():
@@ -206,6 +227,9 @@ def test_trained_tokenizer_and_a_siglip_head_around_a_backbone(tmp_path):
     caption = "a small red circle on a gray background"
     assert torch.equal(lm.model.tokenize([caption]), saved([caption]))
     assert lm.model.logit_bias is not None
+    # the plan started the bias at the log-odds of a positive pair in a batch of 16 (-ln 15), not the paper's -10
+    assert info["model_args"]["init_logit_bias"] == pytest.approx(-math.log(15), abs=1e-3)
+    assert abs(float(lm.model.logit_bias) + math.log(15)) < 0.1  # two small steps from there
 
 
 @pytest.mark.e2e

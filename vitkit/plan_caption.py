@@ -9,6 +9,13 @@ images, their typical size, captions per image) and a short timing on this machi
   more. ``model.name`` may name any registered two-tower model, or an image backbone with
   ``model.head=clip|siglip`` (a text tower and projections are built around it).
 - **Objective.** ``siglip`` for ``siglip_*`` models and ``model.head=siglip``, else ``clip``.
+- **SigLIP's logit bias.** The paper starts the bias at -10 so that training "starts close to the
+  prior": -10 is about the log-odds that a pair of its 32k batch is a positive one, -ln(32767) =
+  -10.4. At a smaller batch the same rule gives -ln(B - 1) for a global batch of B (-4.8 at 128), which
+  the plan sets on a model trained from scratch. At -10 and a batch of 128 the negatives' gradient
+  is ~250x weaker than the positives' (128 x sigmoid(-10) against 1), and the towers collapse onto
+  one embedding before the bias can learn its way back. ``model.head_args.init_logit_bias`` (or
+  ``model.args.init_logit_bias``) set by the user wins.
 - **Batch.** Contrastive losses learn from the other pairs of the batch (in-batch negatives), so
   the batch is as large as the data allows while an epoch keeps ``MIN_STEPS`` steps: the largest
   power of two <= n_train / MIN_STEPS, between ``MIN_BATCH`` and ``MAX_BATCH`` (per device).
@@ -162,6 +169,16 @@ def caption_budget_s(n_train: int) -> float:
     return min(BUDGET_MAX_S, 60.0 * math.ceil(s / 60.0))
 
 
+def siglip_prior_bias(global_batch: int) -> float:
+    """The log-odds that a pair of a ``global_batch`` of B image-text pairs is a positive one: -ln(B - 1).
+
+    SigLIP's initial bias follows this rule (its -10 is the value at its batch of 32k): at the start,
+    when every logit is about the bias, the B - 1 negatives of an image then weigh as much in the
+    gradient as its one positive.
+    """
+    return -math.log(max(2, int(global_batch)) - 1)
+
+
 def planned_caption_batch(n_train: int, device: str) -> int:
     """The largest power of two <= n_train / MIN_STEPS, within [MIN_BATCH, MAX_BATCH[device]]."""
     top = MAX_BATCH.get(device, MAX_BATCH["cpu"])
@@ -210,8 +227,9 @@ def calibrate_caption(info: CaptionInfo, dataset, choice: CaptionChoice, model, 
 
 
 def make_caption_plan(info: CaptionInfo, calib: CaptionCalibration, user: dict[str, object],
-                      choice: CaptionChoice, finetune: bool = False) -> Plan:
-    """The plan for image-text data ``info`` on the calibrated machine; ``user``: the keys the user set.
+                      choice: CaptionChoice, finetune: bool = False, world_size: int = 1) -> Plan:
+    """The plan for image-text data ``info`` on the calibrated machine; ``user``: the keys the user set
+    (``model.args`` / ``model.head_args``: their dicts); ``world_size``: the processes sharing a batch.
 
     Pure: tests check it on made-up statistics and timings.
     """
@@ -245,6 +263,12 @@ def make_caption_plan(info: CaptionInfo, calib: CaptionCalibration, user: dict[s
     if "data.batch_size" not in user:
         plan.set("data.batch_size", batch, f"{n:,} training images: in-batch negatives want a large batch, an epoch "
                                            f">= {MIN_STEPS} steps; {MIN_BATCH}-{MAX_BATCH.get(device, 128)}")
+    bias_set = any("init_logit_bias" in dict(user.get(k) or {}) for k in ("model.args", "model.head_args"))
+    if choice.objective == "siglip" and not bias_set:
+        global_batch = batch * max(1, int(world_size))
+        plan.set("model.head_args.init_logit_bias", round(siglip_prior_bias(global_batch), 3),
+                 f"SigLIP's bias starts at the prior log-odds of a positive pair, -ln(B-1) at a global batch of "
+                 f"{global_batch} (the paper's -10 is this at its batch of 32k)")
     base = FINETUNE_LR_256 if finetune else LR_256
     eff = base * math.sqrt(batch / 256)
     plan.set("optim.lr", float(f"{eff * 512 / batch:.3g}"),
@@ -269,20 +293,40 @@ def make_caption_plan(info: CaptionInfo, calib: CaptionCalibration, user: dict[s
     return plan
 
 
-# Writing a plan into the config is the dense plan's step (``objective.*`` keys into the objective section).
-apply_caption_plan = apply_dense_plan
+def apply_caption_plan(cfg, plan: Plan) -> None:
+    """Write the plan's values into ``cfg``: ``model.head_args.<arg>`` into that dict, the rest as the dense plan
+    does (``objective.*`` keys into the objective section)."""
+    prefix = "model.head_args."
+    for key in [k for k in plan.values if k.startswith(prefix)]:
+        cfg.model.head_args[key[len(prefix):]] = plan.values[key]
+    rest = Plan()
+    rest.values = {k: v for k, v in plan.values.items() if not k.startswith(prefix)}
+    apply_dense_plan(cfg, rest)
+
+
+def planned_logit_bias(model, plan: Plan | None) -> float | None:
+    """Set the planned SigLIP bias on a ``model`` built before the plan; returns it (None: nothing planned)."""
+    value = None if plan is None else plan.values.get("model.head_args.init_logit_bias")
+    if value is None or getattr(model, "logit_bias", None) is None:
+        return None
+    with torch.no_grad():
+        model.logit_bias.fill_(float(value))
+    model.init_logit_bias = float(value)
+    return float(value)
 
 
 def plan_caption_run(cfg, info: CaptionInfo, dataset, choice: CaptionChoice, model, user_keys, device,
-                     verbose: bool = True) -> Plan:
-    """Calibrate ``model`` (the run's, before training), plan, apply the plan to ``cfg``; prints the plan."""
+                     verbose: bool = True, world_size: int = 1) -> Plan:
+    """Calibrate ``model`` (the run's, before training), plan, apply the plan to ``cfg`` and to ``model`` (SigLIP's
+    initial bias); prints the plan."""
     user = user_values(cfg, user_keys)
     with torch.random.fork_rng(devices=[]):  # timing must not shift anything the run draws
         import copy
 
         calib = calibrate_caption(info, dataset, choice, copy.deepcopy(model), cfg, user, device)
-    plan = make_caption_plan(info, calib, user, choice, finetune=bool(cfg.model.init))
+    plan = make_caption_plan(info, calib, user, choice, finetune=bool(cfg.model.init), world_size=world_size)
     apply_caption_plan(cfg, plan)
+    planned_logit_bias(model, plan)
     plan.notes[:0] = [f"task caption ({info.reason or info.format}): {info.n_train:,} training and {info.n_val:,} "
                       f"validation images, typically {info.typical_size[0]}x{info.typical_size[1]}"]
     plan.notes.append(f"calibration on {calib.device} at {calib.img_size} px: {choice.model} "
@@ -294,4 +338,5 @@ def plan_caption_run(cfg, info: CaptionInfo, dataset, choice: CaptionChoice, mod
 
 
 __all__ = ["CaptionCalibration", "CaptionChoice", "CaptionInfo", "caption_budget_s", "caption_info",
-           "choose_caption", "make_caption_plan", "plan_caption_run", "planned_caption_batch"]
+           "choose_caption", "make_caption_plan", "plan_caption_run", "planned_caption_batch", "planned_logit_bias",
+           "siglip_prior_bias"]

@@ -40,6 +40,7 @@ from .plan_caption import (
     choose_caption,
     is_two_tower,
     plan_caption_run,
+    planned_logit_bias,
 )
 from .train_dense import default_out_dir, run_budget
 
@@ -161,10 +162,12 @@ def build_two_tower(choice: CaptionChoice, cfg, data, verbose: bool = True):
 
 def _plan(cfg, info, data, choice, model, dist, verbose: bool):
     device = resolve_device(cfg.engine.device, dist.local_rank)
-    plan = plan_caption_run(cfg, info, data.train, choice, model, user_keys(cfg), device, verbose)
+    plan = plan_caption_run(cfg, info, data.train, choice, model, user_keys(cfg), device, verbose,
+                            world_size=dist.world_size if dist.enabled else 1)
     if dist.enabled:
         plan.values, plan.reasons = all_gather_object((plan.values, plan.reasons))[0]
         apply_caption_plan(cfg, plan)
+        planned_logit_bias(model, plan)
     return plan
 
 
