@@ -177,6 +177,13 @@ def test_train_on_shapes_captions_writes_a_self_describing_run(clip_run, tmp_pat
     assert lm.task == "caption" and lm.transform.size == (info["img_size"], info["img_size"])
     tokens = lm.model.tokenize(["a red circle on a blue background"])
     assert tokens.dtype == torch.long and tokens.shape[0] == 1
+    # A checkpoint's weights carry no description: the run's final file rebuilds the model, the checkpoint's
+    # tensors fill it (here the last checkpoint, whose tensors are the final ones).
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    from_ckpt = load_clip_model(ckpt, device="cpu")
+    ckpt_sd, _ = read_state_dict(ckpt / "model.safetensors")
+    assert all(torch.equal(ckpt_sd[k], v) for k, v in from_ckpt.model.state_dict().items())
+    assert from_ckpt.weights == ckpt / "model.safetensors" and from_ckpt.task == "caption"
 
 
 @pytest.mark.e2e

@@ -362,7 +362,15 @@ def load_clip_model(source: str | os.PathLike, *, use_ema: bool = False,
     except (RunDirError, WeightsError):
         weights, run = path, None
     # vitkit's own file rebuilds from its metadata; open_clip / HF layouts are read from what was named
-    model = load_clip(weights if is_clip_weights(weights) else path)
+    if is_clip_weights(weights) or run is None or not _checkpoint_of(weights, run):
+        model = load_clip(weights if is_clip_weights(weights) else path)
+    else:
+        # A checkpoint's weights carry no metadata: the run's final file (self-described) rebuilds the model.
+        if not is_clip_weights(run.final_weights):
+            raise WeightsError(f"{source} is a checkpoint of {run.path}, whose {run.final_weights.name} (the model's "
+                               "description) is missing: finish the run (vitkit train --resume) to load its checkpoints")
+        model = load_clip(run.final_weights)
+        model.load_state_dict(read_state_dict(weights)[0], strict=True)
     info = run.read_run_info() if run is not None and run.is_run() else {}
     card = getattr(model, "card", None) or getattr(model.visual, "card", None)
     size = int(info.get("img_size") or (card.input_size[-1] if card is not None else 224))
@@ -380,6 +388,11 @@ def load_clip_model(source: str | os.PathLike, *, use_ema: bool = False,
         normalize=Normalize(mean, std), labels=tuple(info.get("classes") or ()), weights=weights,
         run_dir=run.path if run is not None else None, device=dev, settings=settings, config=cfg, task="caption",
     )
+
+
+def _checkpoint_of(weights: Path, run: RunDir) -> bool:
+    """Whether ``weights`` is a file inside one of ``run``'s checkpoints."""
+    return weights.is_file() and run.checkpoints.resolve() in weights.resolve().parents
 
 
 def _self_described(weights: Path) -> bool:
