@@ -53,7 +53,10 @@ differed besides: the optimizer (the engine ran fused AdamW with parameter group
 torch's default, which on a CPU is the per-tensor loop, with weight decay on every parameter: now
 identical) and the model (vitkit's ViT against timm's: now measured on its own). The data path
 is the same object on both sides. ``--profile`` records, per loop, the CPU time per step of its
-most expensive operators (key ``profile``), to name what differs if a gap remains.
+most expensive operators (key ``profile``), to name what differs if a gap remains. In one process
+the loop that runs first is the slower one by a few percent (measured: the engine below the hand loop
+in the rounds where it ran first, above it where it ran last), so only the alternating rounds'
+medians compare the loops; the profile runs them once each in a fixed order.
 
 **2. Batched vs worker augmentation** (``ratio_batched_vs_worker``, goal >= 1.3;
 ``ratio_batched_vs_worker_light``, goal >= 1.0). The engine trains the conv-stem nano ViT the plan
