@@ -63,10 +63,11 @@ medians compare the loops; the profile runs them once each in a fixed order.
 uses for small images (``--aug-model``) at 64 px on the same tar, once with ``data.augment_on=device``
 (decoded once into the store, crop, flip and RandAugment batched in the main process) and once with
 ``data.augment_on=workers`` (``data.store='off'``: per-sample PIL in the loader workers, on the same
-cores as the model). ``compute_only_img_s`` trains the same model with the same optimizer on one batch,
-drawn and augmented once and used for every step: data for free, the most any data path can reach,
-so ``ceiling_ratio_vs_worker`` is the largest ratio the batched path could show here. DeiT strength: RandAugment m9 (mstd 0.5, inc1), erasing 0.25, Mixup 0.8 /
-CutMix 1.0, label smoothing 0.1; light: crop and flip only (the CIFAR recipe). ``build_s`` is the
+cores as the model). ``compute_only_img_s`` trains the same model with the same optimizer on one
+batch, drawn and augmented once and used for every step: data for free, the most any data path can
+reach, so ``ceiling_ratio_vs_worker`` is the largest ratio the batched path could show here. DeiT
+strength: RandAugment m9 (mstd 0.5, inc1), erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing
+0.1; light: crop and flip only (the CIFAR recipe). ``build_s`` is the
 time ``build_run`` took (the store is decoded there, outside the timed window). The run's
 ``run.json`` entry ``data_path`` must show the path asked for, else the benchmark stops. The keys
 come with ``data.augment_on``: on a vitkit without it the benchmark stops with that message
@@ -84,6 +85,7 @@ scanned each time) and four shorter loops: about 10 minutes in all.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -160,15 +162,12 @@ def same_optimizer(engine_opt: torch.optim.Optimizer, model: torch.nn.Module, pr
     return opt
 
 
-def hand_loop_rate(model, opt, loader, augment, n_steps: int, warmup: int, batch: int, amp) -> float:
-    # The engine's first epoch from its start: the same batches (the engine advanced the sampler).
-    loader.set_epoch(0)
-    loader.sampler.load_state_dict({"epoch": 0, "position": 0})
+def _timed_steps(model, opt, batches, n_steps: int, amp) -> list[float]:
+    """perf_counter after each of ``n_steps`` plain training steps of ``model`` over ``batches`` (augmented)."""
     model.train()
     device = torch.device("cpu")
     times = []
-    for batch_ in loader:
-        batch_ = augment(batch_)
+    for batch_ in batches:
         with autocast(amp, device):
             loss = F.cross_entropy(model(batch_["image"]), batch_["label"])
         opt.zero_grad()
@@ -177,7 +176,14 @@ def hand_loop_rate(model, opt, loader, augment, n_steps: int, warmup: int, batch
         times.append(time.perf_counter())
         if len(times) == n_steps:
             break
-    return _rate(times, warmup, batch)
+    return times
+
+
+def hand_loop_rate(model, opt, loader, augment, n_steps: int, warmup: int, batch: int, amp) -> float:
+    # The engine's first epoch from its start: the same batches (the engine advanced the sampler).
+    loader.set_epoch(0)
+    loader.sampler.load_state_dict({"epoch": 0, "position": 0})
+    return _rate(_timed_steps(model, opt, map(augment, loader), n_steps, amp), warmup, batch)
 
 
 def data_rate(loader, augment, n_batches: int, warmup: int, batch: int) -> float:
@@ -265,18 +271,8 @@ def profile_loops(args, common: list[str], timm, amp) -> dict:
 def compute_only_rate(trainer, n_steps: int, warmup: int, batch: int, amp) -> float:
     """img/s of the run's model and optimizer on one batch, drawn and augmented once, used for every step: the
     training speed with free data, the most any data path can reach (the engine adds about nothing, section 1)."""
-    model, opt = trainer.objective.model, trainer.optimizer
     fixed = trainer.train_transform(next(iter(trainer.train_loader)))
-    image, label = fixed["image"], fixed["label"]
-    model.train()
-    times = []
-    for _ in range(n_steps):
-        with autocast(amp, torch.device("cpu")):
-            loss = F.cross_entropy(model(image), label)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter())
+    times = _timed_steps(trainer.objective.model, trainer.optimizer, itertools.repeat(fixed), n_steps, amp)
     return _rate(times, warmup, batch)
 
 

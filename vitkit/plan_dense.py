@@ -470,11 +470,15 @@ def _class_plan(info: DenseInfo, plan: Plan, objective_keys: dict, user: dict) -
 
 
 def apply_dense_plan(cfg, plan: Plan) -> None:
-    """Write the plan's values into ``cfg`` (``objective.*`` keys into the objective section)."""
+    """Write the plan's values into ``cfg`` (``objective.*`` keys into the objective section, a key such as
+    ``model.head_args.init_logit_bias`` into the dict field it names)."""
     for key, value in plan.values.items():
         section, name = key.split(".", 1)
         if section == "objective":
             cfg.objective[name] = value
+        elif "." in name:
+            field, item = name.split(".", 1)
+            getattr(getattr(cfg, section), field)[item] = value
         else:
             setattr(getattr(cfg, section), name, value)
 
