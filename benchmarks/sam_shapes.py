@@ -3,7 +3,7 @@ held-out scenes and zero-shot on CamVid objects.
 
 The model trains as ``vitkit train --data scenes:N --task promptable model.name=sam_nano`` does (through
 ``vitkit.train``, the function that command calls) under a wall-clock budget, with the recipe vitkit gives
-promptable runs (SAM's: AdamW at 8e-4 after 250 warmup steps, at most 5% of the run, 11 prompt rounds per instance; see
+promptable runs (SAM's: AdamW at 8e-4 after 250 warmup steps, 11 prompt rounds per instance; see
 ``vitkit.train_promptable.apply_sam_recipe``); ``--iters`` sets the rounds and ``--init`` starts the image
 encoder from other weights (a vitkit MAE run, as SAM starts from MAE). Scores are computed here in numpy from the model's masks at
 the original resolution, one prompt per instance: the point farthest from the instance's boundary

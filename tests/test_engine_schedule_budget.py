@@ -99,28 +99,6 @@ def test_budget_warmup_is_capped_by_progress():
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_warmup_max_sets_the_share_the_warmup_may_take():
-    """``schedule.warmup_max``: the warmup ends by that share of the run, under a budget and without one."""
-    cfg = ScheduleConfig(name="cosine", warmup_steps=1000, min_lr=0.0, warmup_lr=0.0, warmup_max=0.05)
-    clock = FakeClock()
-    sched = LRSchedule(_opt(), cfg, 1.0, total_steps=10**6, steps_per_epoch=10, budget=Budget(40.0, clock=clock))
-    lrs = _run(sched, clock, [1.0] * 40)
-    # The budget's progress after step k is k/40: the linear ramp reaches the base lr at 2 of 40 seconds.
-    assert lrs[0] == pytest.approx(1 / (0.05 * 40)) and lrs[1] == pytest.approx(1.0)
-    assert sched.warmup_end == pytest.approx(0.05)
-    # Without a budget: 1000 warmup steps in a 200-step run become floor(0.05 * 200) = 10.
-    steps = LRSchedule(_opt(), cfg, 1.0, total_steps=200, steps_per_epoch=10)
-    assert steps.warmup_steps == 10
-    lrs = [steps.get_lr()] + [(steps.step(), steps.get_lr())[1] for _ in range(12)]
-    assert lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0) and lrs[11] < 1.0
-    # A shorter warmup than the share is left as it is; unset, the default caps stay.
-    assert LRSchedule(_opt(), ScheduleConfig(warmup_steps=4, warmup_max=0.05), 1.0, 200, 10).warmup_steps == 4
-    assert LRSchedule(_opt(), ScheduleConfig(warmup_steps=500), 1.0, 200, 10).warmup_steps == 200
-    for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ConfigError, match="warmup_max"):
-            LRSchedule(_opt(), ScheduleConfig(warmup_max=bad), 1.0, 200, 10)
-
-
 def test_budget_schedule_resumes_on_the_same_curve():
     cfg = ScheduleConfig(name="cosine", warmup_steps=8, min_lr=1e-4, warmup_lr=0.0)
     dts = [0.3 + 0.2 * math.sin(i) for i in range(120)]

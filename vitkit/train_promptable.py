@@ -33,9 +33,6 @@ _DEFAULT_BATCH = 8  # SAM prompts up to max_masks instances per image: a batch o
 # SAM's AdamW recipe (Kirillov et al., 2023, appendix A): lr 8e-4 for 256 images per step after a linear
 # warmup of 250 steps, weight decay 0.1.
 SAM_LR, SAM_BATCH, SAM_WARMUP_STEPS, SAM_WEIGHT_DECAY = 8e-4, 256, 250, 0.1
-# The paper's 250 warmup steps are 0.3% of its 90k; on a CPU budget of a few hundred steps they would be
-# most of the run, so they end by this share of it at the latest.
-SAM_WARMUP_MAX = 0.05
 # Keys a plain ViT checkpoint has that SAM's encoder does not, and the reverse.
 _VIT_ONLY = ("norm.", "fc_norm.", "head.", "head_drop.")
 _SAM_ONLY = ("neck.",)
@@ -140,13 +137,7 @@ def apply_sam_recipe(cfg) -> None:
     scaled linearly) would cut it 32-fold at the default batch of 8. An ``optim.scale_lr=true`` given
     alone keeps vitkit's rule from the paper's batch (1.6e-3 per 512). Weight decay 0.1, a linear
     warmup of 250 steps (``schedule.warmup_steps``) and no data augmentation (``data.hflip`` 0), as
-    the paper. The warmup ends by ``SAM_WARMUP_MAX`` (5%) of the run at the latest
-    (``schedule.warmup_max``): the paper's 250 steps are 0.3% of its 90k, and a 20-minute CPU run of
-    ~640 steps would otherwise spend a quarter of its budget (vitkit's cap under a time budget)
-    warming up. At the paper's length the cap never binds. The decay is vitkit's default cosine
-    (``schedule.name``), where the paper divides the lr by 10 at 67% and again at 96% of its steps:
-    vitkit's schedules follow a time budget's progress, and a step schedule is not among them. The
-    batch is 8 images: each carries up to ``objective.max_masks`` prompted instances.
+    the paper. The batch is 8 images: each carries up to ``objective.max_masks`` prompted instances.
     """
     keys = user_keys(cfg)
     if "data.batch_size" not in keys:
@@ -161,8 +152,6 @@ def apply_sam_recipe(cfg) -> None:
         cfg.optim.weight_decay = SAM_WEIGHT_DECAY
     if not {"schedule.warmup_steps", "schedule.warmup_epochs"} & keys:
         cfg.schedule.warmup_steps = SAM_WARMUP_STEPS
-        if "schedule.warmup_max" not in keys:
-            cfg.schedule.warmup_max = SAM_WARMUP_MAX
     if "model.drop_path_rate" not in keys:
         cfg.model.drop_path_rate = 0.0  # the SAM registry's: no stochastic depth unless asked (and config.yaml says so)
 

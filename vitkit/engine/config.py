@@ -38,14 +38,11 @@ class ScheduleConfig:
     ``cosine``: linear warmup from ``warmup_lr`` to the base lr, then cosine to ``min_lr``.
     ``onecycle``: cosine-shaped rise from ``warmup_lr`` to the base lr, then cosine to ``min_lr``.
     ``constant``: linear warmup, then the base lr. ``warmup_steps`` overrides ``warmup_epochs``.
-    ``warmup_max``: the warmup ends by this share of the run at the latest, whatever its length in
-    steps or epochs (None: by 0.25 of a time budget, and within the run without one).
     """
 
     name: str = "cosine"  # cosine | onecycle | constant
     warmup_epochs: float = 5.0
     warmup_steps: int | None = None
-    warmup_max: float | None = None
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
 

@@ -7,13 +7,11 @@ from dataclasses import asdict
 
 import torch
 
-from ..errors import ConfigError
 from .budget import Budget, PlateauState
 from .config import ScheduleConfig
 
 # Under a time budget the warmup ends after its configured steps, or at this share of the
 # budget, whichever comes first: a slow machine must not spend the whole budget warming up.
-# ``schedule.warmup_max`` sets another share (and caps the warmup of a run without a budget too).
 MAX_WARMUP_PROGRESS = 0.25
 
 
@@ -53,7 +51,7 @@ class LRSchedule:
     Without a budget the lr is :func:`lr_at` of the step count. With a :class:`Budget` it follows
     the run's progress ``p = max(budget.progress(), step / total_steps)``, so it anneals exactly
     when the time (or the step cap, if that comes first) runs out, however the throughput swings:
-    warmup for ``warmup_steps`` steps (at most ``warmup_max``, by default :data:`MAX_WARMUP_PROGRESS`, of the budget), then
+    warmup for ``warmup_steps`` steps (at most :data:`MAX_WARMUP_PROGRESS` of the budget), then
     decay over the rest of ``p``. The state (step count, the progress at which warmup ended, the
     plateau stop's :class:`~vitkit.engine.budget.PlateauState`) and the budget's elapsed time make a
     resumed run continue the same curve.
@@ -80,13 +78,8 @@ class LRSchedule:
             warmup = cfg.warmup_steps
         else:
             warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        share = cfg.warmup_max
-        if share is not None and not 0 < share <= 1:
-            raise ConfigError(f"schedule.warmup_max={share!r} is the share of the run the warmup may take at most: "
-                              "use a number in (0, 1], e.g. 0.05, or null for the default")
-        self.max_warmup_progress = MAX_WARMUP_PROGRESS if share is None else float(share)
         # A warmup longer than the run would never reach the base lr.
-        self.warmup_steps = min(warmup, total_steps if share is None else max(1, math.floor(share * total_steps)))
+        self.warmup_steps = min(warmup, total_steps)
         self.step_count = 0
         self.warmup_end: float | None = None  # budget mode: the progress at which warmup ended
         # The plateau stop's state: its cool-down is part of the lr curve, and it resumes with it.
@@ -102,7 +95,7 @@ class LRSchedule:
     def _budget_lr(self) -> float:
         p = self.progress()
         if self.warmup_end is None:
-            frac = max(self.step_count / self.warmup_steps if self.warmup_steps else 1.0, p / self.max_warmup_progress)
+            frac = max(self.step_count / self.warmup_steps if self.warmup_steps else 1.0, p / MAX_WARMUP_PROGRESS)
             if frac < 1:
                 return warmup_lr(frac, self.cfg, self.base_lr)
             self.warmup_end = p
