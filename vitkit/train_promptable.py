@@ -137,7 +137,11 @@ def apply_sam_recipe(cfg) -> None:
     scaled linearly) would cut it 32-fold at the default batch of 8. An ``optim.scale_lr=true`` given
     alone keeps vitkit's rule from the paper's batch (1.6e-3 per 512). Weight decay 0.1, a linear
     warmup of 250 steps (``schedule.warmup_steps``) and no data augmentation (``data.hflip`` 0), as
-    the paper. The batch is 8 images: each carries up to ``objective.max_masks`` prompted instances.
+    the paper; under a time budget the warmup ends by a quarter of it at the latest (vitkit's cap for
+    every run). The decay is vitkit's default cosine (``schedule.name``), where the paper divides the
+    lr by 10 at 67% and again at 96% of its steps: vitkit's schedules follow a time budget's progress,
+    and a step schedule is not among them. The batch is 8 images: each carries up to
+    ``objective.max_masks`` prompted instances.
     """
     keys = user_keys(cfg)
     if "data.batch_size" not in keys:
