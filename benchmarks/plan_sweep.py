@@ -47,6 +47,7 @@ reuses finished cells by name, so the sweep can be split over quiet sessions.
 
     python benchmarks/plan_sweep.py --run-root runs/plan-sweep      # everything (~3 h)
     python benchmarks/plan_sweep.py --run-root runs/plan-sweep --rows cifar10-2class
+    python benchmarks/plan_sweep.py --run-root runs/plan-sweep --parts models   # the models only (~50 min)
     python benchmarks/plan_sweep.py --smoke                         # the pipeline in < 1 min, to /tmp
 
 Writes ``benchmarks/results/plan_sweep.json``.
@@ -99,6 +100,7 @@ def no_plateau_stop() -> list[str]:
 LADDER = _ladder()
 LEVELS = tuple(LADDER)
 LADDER_EPOCHS = {"cifar10-2class": (15, 30, 60, 120), "fashion-lt": (15, 30, 60)}
+PARTS = ("ladder", "models")
 MODEL_BUDGETS = {"cifar10-2class": ("1m", "3m", "9m"), "fashion-lt": ("3m", "9m")}
 
 # --smoke: a 300-image long-tailed Fashion-MNIST, two levels at one pass, both candidates, 3 steps a run
@@ -202,19 +204,19 @@ def cell(root: Path, name: str, data: str, args: list[str], metric: str, reuse: 
 
 
 def sweep(rows: dict[str, str], root: Path, reuse: bool, levels, epochs: dict, budgets: dict,
-          extra: list[str]) -> tuple[list[dict], list[dict]]:
-    """The ladder and model cells for ``rows`` (``{row: data path}``)."""
+          extra: list[str], parts: tuple[str, ...] = PARTS) -> tuple[list[dict], list[dict]]:
+    """The ladder and model cells for ``rows`` (``{row: data path}``), of the ``parts`` asked for."""
     ladder, models = [], []
     for row, data in rows.items():
         metric = ROWS[row].metric
         (root / row).mkdir(parents=True, exist_ok=True)
-        for e in epochs[row]:
+        for e in epochs[row] if "ladder" in parts else ():
             for level in levels:
                 args = [f"engine.epochs={e}", f"engine.eval_every={e}", *no_plateau_stop(), *FASTER, *LADDER[level],
                         *extra]
                 ladder.append(cell(root, f"{row}/ladder-e{e}-{level}", data, args, metric, reuse, row=row,
                                    level=level, epochs_set=e))
-        for budget in budgets[row]:
+        for budget in budgets[row] if "models" in parts else ():
             for model, model_args in MODELS.items():
                 args = [f"engine.time_budget={budget}", *model_args, *extra]
                 models.append(cell(root, f"{row}/models-{budget}-{model}", data, args, metric, reuse, row=row,
@@ -227,6 +229,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", choices=SWEEP_ROWS, default=list(SWEEP_ROWS))
     ap.add_argument("--run-root", default=None,
                     help="where the runs go; finished cells there are reused (default: runs/plan-sweep-<time>)")
+    ap.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS),
+                    help="run only these parts (a later run with the same --run-root reuses finished cells)")
     ap.add_argument("--smoke", action="store_true",
                     help="a 300-image long-tailed Fashion-MNIST, 2 levels, 3 steps a run; results under /tmp")
     args = ap.parse_args()
@@ -242,7 +246,7 @@ def main() -> None:
         root = Path(args.run_root or REPO / "runs" / f"plan-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
         rows = {row: row_data(row)[0] for row in args.rows}
         levels, epochs, budgets, extra, out = LEVELS, LADDER_EPOCHS, MODEL_BUDGETS, [], "plan_sweep.json"
-    ladder, models = sweep(rows, root, not args.smoke, levels, epochs, budgets, extra)
+    ladder, models = sweep(rows, root, not args.smoke, levels, epochs, budgets, extra, tuple(args.parts))
     payload = {
         "benchmark": "the plan's LIGHT_EPOCHS, augmentation steps and MIN_EPOCHS, re-derived from measurements",
         "derived": {"light_epochs": derive_light_epochs(ladder), "steps": derive_steps(ladder),
