@@ -26,6 +26,10 @@ set; the plan chooses the rest (batch, lr, schedule, warm-up) as it would.
    each (``MODEL_BUDGETS``: 1/3/9 min on ``cifar10-2class``, 3/9 min on ``fashion-lt``); the plan
    sizes augmentation from each one's own expected passes, as it does when it picks.
 
+3. **Balance** (``BALANCE_CHOICES``): on ``fashion-lt``, the plan's run with each remedy for its
+   10:1 imbalance (``data.balance``: ``none``, ``sampler``: every class drawn equally often,
+   ``loss``: inverse-frequency weights in the cross-entropy), at the plan's own 10-minute budget.
+
 Derived (``derived`` in the results), with ``tol`` the standard error of the difference of two
 scores (binomial, from each run's per-class counts; one seed per cell, so this is a weak test,
 and the per-cell scores are recorded for a closer look):
@@ -37,12 +41,16 @@ and the per-cell scores are recorded for a closer look):
   over the level below; the estimate is the largest over the rows (from there it helps on every
   row; None where it never helps on one), with the plan's strength at those passes
   (``aug_strength`` under the current constants);
+- ``balance``: the remedy with the best balanced accuracy, and whether it beats none by more
+  than ``tol``;
 - ``min_epochs``: per row, the fewest passes of the larger candidate at which it scores at least
-  as well as the faster one under the same budget; the estimate is the largest over the rows.
+  as well as the faster one under the same budget; the estimate is the largest over the rows
+  (None where it never did), and ``lost_beyond_tol_up_to``: the most passes at which it still
+  scored below the faster one by more than ``tol``.
 
 Time plan on 2 CPU cores (the faster candidate trains ~550 img/s with decoding, plus ~20 s of
 startup, calibration and evaluation per run): ladder 5 levels x (225 passes over 1,000 images
-+ 105 over 5,000) ~ 2 h 5 min; models 2 x (13 + 12) min ~ 50 min: about 3 h. ``--run-root``
++ 105 over 5,000) ~ 2 h 5 min; models 2 x (13 + 12) min ~ 50 min; balance 3 x 10 min: about 3 h 30 min. ``--run-root``
 reuses finished cells by name, so the sweep can be split over quiet sessions.
 
     python benchmarks/plan_sweep.py --run-root runs/plan-sweep      # everything (~3 h)
@@ -100,7 +108,9 @@ def no_plateau_stop() -> list[str]:
 LADDER = _ladder()
 LEVELS = tuple(LADDER)
 LADDER_EPOCHS = {"cifar10-2class": (15, 30, 60, 120), "fashion-lt": (15, 30, 60)}
-PARTS = ("ladder", "models")
+PARTS = ("ladder", "models", "balance")
+# The imbalance remedies on the long-tailed row, each a no-flag run at the plan's own budget for it.
+BALANCE_ROWS, BALANCE_CHOICES, BALANCE_BUDGET = ("fashion-lt",), ("none", "sampler", "loss"), "10m"
 MODEL_BUDGETS = {"cifar10-2class": ("1m", "3m", "9m"), "fashion-lt": ("3m", "9m")}
 
 # --smoke: a 300-image long-tailed Fashion-MNIST, two levels at one pass, both candidates, 3 steps a run
@@ -121,7 +131,7 @@ def _index(cells: list[dict], key: str) -> dict[str, dict]:
     out: dict = {}
     for c in cells:
         if c.get("score") is not None:
-            out.setdefault(c["row"], {}).setdefault(c[key], {})[c.get("level") or c.get("model")] = c
+            out.setdefault(c["row"], {}).setdefault(c[key], {})[c.get("level") or c.get("model") or c.get("balance")] = c
     return out
 
 
@@ -172,17 +182,34 @@ def derive_steps(ladder: list[dict]) -> dict:
 def derive_min_epochs(models: list[dict]) -> dict:
     """Per row, the fewest passes of the larger candidate at which it scores at least as well as the faster
     one under the same budget; the largest over the rows."""
-    per_row = {}
+    per_row, lost_up_to = {}, {}
     for row, by_budget in _index(models, "budget_s").items():
-        per_row[row] = None
+        per_row[row] = lost_up_to[row] = None
         for budget in sorted(by_budget):
             faster, larger = by_budget[budget].get("faster"), by_budget[budget].get("larger")
-            if faster is not None and larger is not None and larger["score"] >= faster["score"]:
+            if faster is None or larger is None:
+                continue
+            if larger["score"] >= faster["score"]:
                 per_row[row] = larger["epochs"]
                 break
+            if larger["score"] < faster["score"] - _tol(larger, faster):
+                lost_up_to[row] = max(lost_up_to[row] or 0.0, larger["epochs"])
     values = list(per_row.values())
     return {"per_row": per_row, "estimate": None if not values or None in values else max(values),
-            "current": MIN_EPOCHS}
+            "lost_beyond_tol_up_to": lost_up_to, "current": MIN_EPOCHS}
+
+
+def derive_balance(cells: list[dict]) -> dict:
+    """Per row, the remedy with the best score, and whether it beats no remedy by more than ``tol``."""
+    out = {}
+    for row, by in _index(cells, "budget_s").items():
+        for at in by.values():
+            best = max(at.values(), key=lambda c: c["score"])
+            none = at.get("none")
+            out[row] = {"scores": {k: c["score"] for k, c in at.items()}, "best": best["balance"],
+                        "beats_none": None if none is None or best is none else
+                        best["score"] - none["score"] > _tol(best, none)}
+    return out
 
 
 # ---- the runs ---------------------------------------------------------------------------------------
@@ -204,9 +231,10 @@ def cell(root: Path, name: str, data: str, args: list[str], metric: str, reuse: 
 
 
 def sweep(rows: dict[str, str], root: Path, reuse: bool, levels, epochs: dict, budgets: dict,
-          extra: list[str], parts: tuple[str, ...] = PARTS) -> tuple[list[dict], list[dict]]:
-    """The ladder and model cells for ``rows`` (``{row: data path}``), of the ``parts`` asked for."""
-    ladder, models = [], []
+          extra: list[str], parts: tuple[str, ...] = PARTS,
+          balance_budget: str = BALANCE_BUDGET) -> tuple[list[dict], list[dict], list[dict]]:
+    """The ladder, model and balance cells for ``rows`` (``{row: data path}``), of the ``parts`` asked for."""
+    ladder, models, balance = [], [], []
     for row, data in rows.items():
         metric = ROWS[row].metric
         (root / row).mkdir(parents=True, exist_ok=True)
@@ -221,7 +249,11 @@ def sweep(rows: dict[str, str], root: Path, reuse: bool, levels, epochs: dict, b
                 args = [f"engine.time_budget={budget}", *model_args, *extra]
                 models.append(cell(root, f"{row}/models-{budget}-{model}", data, args, metric, reuse, row=row,
                                    model=model, budget_s=parse_duration(budget)))
-    return ladder, models
+        for choice in BALANCE_CHOICES if "balance" in parts and row in BALANCE_ROWS else ():
+            args = [f"engine.time_budget={balance_budget}", f"data.balance={choice}", *extra]
+            balance.append(cell(root, f"{row}/balance-{choice}", data, args, metric, reuse, row=row,
+                                balance=choice, budget_s=parse_duration(balance_budget)))
+    return ladder, models, balance
 
 
 def main() -> None:
@@ -246,15 +278,16 @@ def main() -> None:
         root = Path(args.run_root or REPO / "runs" / f"plan-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
         rows = {row: row_data(row)[0] for row in args.rows}
         levels, epochs, budgets, extra, out = LEVELS, LADDER_EPOCHS, MODEL_BUDGETS, [], "plan_sweep.json"
-    ladder, models = sweep(rows, root, not args.smoke, levels, epochs, budgets, extra, tuple(args.parts))
+    ladder, models, balance = sweep(rows, root, not args.smoke, levels, epochs, budgets, extra, tuple(args.parts),
+                                    SMOKE_BUDGET[0] if args.smoke else BALANCE_BUDGET)
     payload = {
         "benchmark": "the plan's LIGHT_EPOCHS, augmentation steps and MIN_EPOCHS, re-derived from measurements",
         "derived": {"light_epochs": derive_light_epochs(ladder), "steps": derive_steps(ladder),
-                    "min_epochs": derive_min_epochs(models)},
+                    "min_epochs": derive_min_epochs(models), "balance": derive_balance(balance)},
         "constants_now": {"LIGHT_EPOCHS": LIGHT_EPOCHS, "STRONG_EPOCHS": STRONG_EPOCHS, "MIN_EPOCHS": MIN_EPOCHS},
         "grid": {"ladder": LADDER, "ladder_epochs": epochs, "ladder_model": FASTER, "models": MODELS,
                  "model_budgets": budgets, "rows": {r: ROWS[r].about for r in rows}, "data": rows},
-        "ladder": ladder, "models": models,
+        "ladder": ladder, "models": models, "balance": balance,
         **run_facts(args.smoke, root, t0, load_start),
     }
     print("wrote", write_json(out, payload))

@@ -51,10 +51,15 @@ def test_small_gray_dataset_many_epochs_gets_capable_model_and_strong_augmentati
     assert v["data.auto_augment"] is None and v["data.mixup"] == 0 and v["data.re_prob"] == 0
     assert v["data.label_smoothing"] == 0 and v["model.drop_path_rate"] == 0 and v["data.scale_min"] == 0.5
     assert v["engine.epochs"] == 92
+    # Channels-last for the conv stem; flips in training, so flip averaging at evaluation.
+    assert v["engine.channels_last"] is True and v["objective.tta"] == "hflip"
     # 888 validation images can tell a plateau: 4 evaluations in a quarter of ~30 epochs, one per epoch.
     assert v["engine.plateau_patience"] == 0.25 and v["engine.eval_every"] == 1
-    # With the capable model faster (400 img/s: 27 epochs) it is chosen instead.
-    p2 = make_plan(info(8000), cpu({SMALL_B: 450.0, SMALL_A: 400.0}), {})
+    # The capable model is chosen only where it still gets MIN_EPOCHS (100) passes: 400 img/s gives it 27,
+    # 1,500 img/s 101.
+    assert make_plan(info(8000), cpu({SMALL_B: 450.0, SMALL_A: 400.0}), {}).values["model.name"] == \
+        "vit_nano_convstem_patch8_64"
+    p2 = make_plan(info(8000), cpu({SMALL_B: 1600.0, SMALL_A: 1500.0}), {})
     assert p2.values["model.name"] == "vit_nano_convstem_patch4_32" and "model.args" not in p2.values
 
 
@@ -235,6 +240,20 @@ def test_plan_never_touches_user_keys():
     assert p.values["data.auto_augment"] is None and p.values["data.cutmix"] == 0.0
 
 
+def test_flip_averaging_only_where_training_flips_and_the_objective_is_the_plan_s():
+    assert make_plan(info(8000), cpu({SMALL_B: 450.0}), {"data.hflip": 0.0}).values.get("objective.tta") is None
+    assert "objective.tta" not in make_plan(info(8000), cpu({SMALL_B: 450.0}), {"objective.name": "supervised"}).values
+    assert "objective.tta" not in make_plan(info(8000), cpu({SMALL_B: 450.0}), {"objective.tta": "none"}).values
+    # The objective section is a dict: the plan's key lands in it, and the config stays valid.
+    cfg = load_config(None, ["data.path=/data/mine"])
+    p = make_plan(info(8000), cpu({SMALL_A: 150.0, SMALL_B: 450.0}), {})
+    apply_plan(cfg, p)
+    assert cfg.objective == {"name": "supervised", "tta": "hflip"} and cfg.engine.channels_last is True
+    from vitkit.config import validate
+
+    validate(cfg)
+
+
 def test_load_config_tracks_user_keys_and_plan_is_applied_around_them():
     cfg = load_config(None, ["data.path=/data/mine", "data.mixup=0.3", "model.args.stem_width=96",
                              "engine.time_budget=3m"])
@@ -309,6 +328,7 @@ def test_no_flag_run_plans_learns_and_records_the_plan(tmp_path):
     plan = run["plan"]
     assert plan["data.auto_augment"]["value"] == "rand-m5-mstd0.5-inc1"
     assert plan["data.label_smoothing"]["value"] == 0.1 and plan["data.batch_size"]["value"] == 16
+    assert plan["objective.tta"]["value"] == "hflip" and run["objective"]["tta"] == "hflip"
     assert not {"model.name", "engine.epochs", "data.num_workers", "engine.time_budget"} & set(plan)
     assert all(set(v) == {"value", "reason"} and v["reason"] for v in plan.values())
     assert run["class_counts"] == {"checker": 54, "hstripes": 54, "vstripes": 54}
@@ -318,6 +338,7 @@ def test_no_flag_run_plans_learns_and_records_the_plan(tmp_path):
     from vitkit.evaluate import evaluate
 
     result = evaluate(str(tmp_path / "run"), str(tmp_path / "data"), num_workers=0)
+    assert result["tta"] == "hflip"  # as the run evaluated: the same score
     assert result["top1"] == pytest.approx(summary["val_acc"], abs=0.01)
     # 6 val images per class: balanced accuracy is the plain mean of the per-class accuracies.
     assert result["balanced_acc"] == pytest.approx(sum(result["per_class"].values()) / 3)

@@ -70,7 +70,7 @@ def evaluate(
     num_workers: int | None = None,
     out_dir: str | os.PathLike | None = None,
     use_ema: bool = False,
-    tta: str = "none",
+    tta: str | None = None,
     task: str | None = None,
 ) -> dict:
     """Evaluate a model on ``split`` of the dataset at ``data``; writes ``eval.json`` and ``confusion_matrix.png``.
@@ -85,7 +85,8 @@ def evaluate(
         num_workers: loader processes; None uses min(4, CPU count).
         out_dir: where the results go; default the run directory, or the folder of the weights file.
         use_ema: evaluate the run's EMA weights.
-        tta: "none", or "hflip" to average the logits of each image and its mirror image.
+        tta: "none", or "hflip" to average the logits of each image and its mirror image; None: as
+            the run evaluated (its ``objective.tta``), so the score matches the run's own.
         task: the task the data is read as (``--task``); it must be the model's (None: the model's).
 
     Returns:
@@ -97,10 +98,13 @@ def evaluate(
     """
     from .data import build_dataset, build_loader
 
-    if tta not in TTA_MODES:
+    if tta is not None and tta not in TTA_MODES:
         raise ConfigError(f"tta={tta!r} is not one of {', '.join(TTA_MODES)}")
     lm = source if isinstance(source, LoadedModel) else load_model(source, use_ema=use_ema)
     check_task(lm, task)
+    if tta is None:
+        run_tta = (lm.config.get("objective") or {}).get("tta") if lm.task == "classify" else None
+        tta = run_tta if run_tta in TTA_MODES else "none"
     if lm.is_dense:
         if tta != "none":
             raise ConfigError(f"tta={tta!r} is for classifiers; a {lm.task} model is evaluated without it")

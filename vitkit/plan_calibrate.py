@@ -100,10 +100,18 @@ def user_values(cfg, keys) -> dict[str, object]:
 
 
 def apply_plan(cfg, plan: Plan) -> None:
-    """Write the plan's values into ``cfg`` (the plan holds no user-set key)."""
+    """Write the plan's values into ``cfg`` (the plan holds no user-set key): ``objective.*`` keys into the
+    objective section (a dict of that objective's own keys), a key such as ``model.head_args.init_logit_bias``
+    into the dict field it names. Every task's plan is written by this one function."""
     for key, value in plan.values.items():
         section, name = key.split(".", 1)
-        setattr(getattr(cfg, section), name, value)
+        if section == "objective":
+            cfg.objective[name] = value
+        elif "." in name:
+            field, item = name.split(".", 1)
+            getattr(getattr(cfg, section), field)[item] = value
+        else:
+            setattr(getattr(cfg, section), name, value)
 
 
 def first_stride(name: str, img_size: int, args=()) -> int:

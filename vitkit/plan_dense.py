@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from .engine.budget import parse_duration
 from .engine.runtime import autocast, resolve_amp
-from .plan import Calibration, Plan, aug_strength, set_run_length, user_values
+from .plan import Calibration, Plan, apply_plan, aug_strength, set_run_length, user_values
 
 BACKBONE = "vit_nano_convstem_patch8_64"
 # Most capable first; those the registry does not serve for the task are skipped.
@@ -469,18 +469,8 @@ def _class_plan(info: DenseInfo, plan: Plan, objective_keys: dict, user: dict) -
         plan.notes.append(f"classes absent from the sampled training masks: {absent}")
 
 
-def apply_dense_plan(cfg, plan: Plan) -> None:
-    """Write the plan's values into ``cfg`` (``objective.*`` keys into the objective section, a key such as
-    ``model.head_args.init_logit_bias`` into the dict field it names)."""
-    for key, value in plan.values.items():
-        section, name = key.split(".", 1)
-        if section == "objective":
-            cfg.objective[name] = value
-        elif "." in name:
-            field, item = name.split(".", 1)
-            getattr(getattr(cfg, section), field)[item] = value
-        else:
-            setattr(getattr(cfg, section), name, value)
+# The one plan writer (``objective.*`` keys into the objective section, ``model.head_args.<arg>`` into its dict).
+apply_dense_plan = apply_plan
 
 
 def plan_dense_run(cfg, info: DenseInfo, dataset, user_keys, device, objective_keys: dict | None = None,

@@ -19,8 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="loader processes (default: min(4, CPUs))")
     p.add_argument("--out", help="where eval.json and confusion_matrix.png go (default: the run directory)")
     p.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights")
-    p.add_argument("--tta", default="none", choices=("none", "hflip"),
-                   help="test-time augmentation: hflip averages each image with its mirror image")
+    p.add_argument("--tta", default=None, choices=("none", "hflip"),
+                   help="test-time augmentation: hflip averages each image with its mirror image "
+                        "(default: as the run evaluated, its objective.tta)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=run_eval)
 
