@@ -61,7 +61,6 @@ ratio, wall_s, budget_s, search, ...}], ...}`` plus the recipes, the machine and
 
     python benchmarks/defaults.py --run-root runs/defaults              # everything (~3 h 10 min)
     python benchmarks/defaults.py --run-root runs/defaults --rows fashion-lt cifar10-2class
-    python benchmarks/defaults.py --run-root runs/defaults --rows fashion-lt --noflag-only   # a plan change, checked
     python benchmarks/defaults.py --smoke                               # the pipeline in < 1 min, to /tmp
 """
 
@@ -432,26 +431,6 @@ def run_row(row: Row, root: Path, reuse: bool, smoke: bool) -> dict:
     return out
 
 
-def noflag_rerun(row: Row, root: Path, old: dict, smoke: bool) -> dict:
-    """The no-flag column of ``row`` alone, on the current code, beside the row as last measured (``old``: its
-    hand-set and ResNet-18 runs are not repeated). Wall-clock budgets make runs of different days differ by
-    the machine's speed, so this is a check of a plan change, not a row; the probe of both days says how much."""
-    data = row_data(row.name, smoke=smoke)[0]
-    res = stage(root, f"{row.name}/default", data, SMOKE_ARGS if smoke else [], not smoke)
-    score, se = score_se(res["summary"], row.metric)
-    out = {"dataset": row.name, "acc_default": score, "se": se, "wall_s": res["wall_s"],
-           "budget_s": planned_budget_s(res), "model": res["summary"].get("model"),
-           "epochs": res["summary"].get("epochs"), "plateau_stop": res["summary"].get("plateau_stop"),
-           "plan": res["run_info"].get("plan") or {}, "command": res["command"]}
-    if old:
-        out.update(row_acc_default=old["acc_default"], row_acc_handset=old["acc_handset"],
-                   row_acc_resnet18=old.get("acc_resnet18"),
-                   ratio_vs_row_handset=score / old["acc_handset"] if score is not None else None)
-    print(f"{row.name}: no-flag {score:.4f} (the row's: {old.get('acc_default')}, hand-set {old.get('acc_handset')})",
-          flush=True)
-    return out
-
-
 def run_facts(smoke: bool, root: Path, t0: float, load_start: tuple[float, ...]) -> dict:
     """What every results file records about the invocation: smoke or not, where the runs are, how long it
     took, the load around it, the machine and the versions."""
@@ -468,10 +447,6 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="64 shapes images, 3 steps a run, second-scale budgets; results under /tmp")
     ap.add_argument("--out", default=None, help="results file (in benchmarks/results/ unless absolute)")
-    ap.add_argument("--noflag-only", action="store_true",
-                    help="re-run only the no-flag column of --rows, kept under 'noflag_reruns' in the results file "
-                         "beside the rows as last measured (a check of a plan change; the rows stay as they are)")
-    ap.add_argument("--probe", default=None, help="a train_throughput.py --only engine result of the day, recorded")
     args = ap.parse_args()
     rows = args.rows or (["shapes"] if args.smoke else list(ROWS))
     if args.smoke:
@@ -482,20 +457,6 @@ def main() -> None:
         root = Path(args.run_root or REPO / "runs" / f"defaults-{time.strftime('%Y%m%d-%H%M%S')}")
         out = args.out or "defaults.json"
     load_start, t0 = os.getloadavg(), time.time()
-    if args.noflag_only:
-        path = RESULTS / out
-        payload = json.loads(path.read_text()) if path.is_file() else {"rows": []}
-        rows_now = {r["dataset"]: r for r in payload.get("rows", [])}
-        probe = json.loads(Path(args.probe).read_text()) if args.probe else None
-        reruns = payload.setdefault("noflag_reruns", {})
-        for name in rows:
-            entry = noflag_rerun(ROWS[name], root, rows_now.get(name, {}), args.smoke)
-            entry.update(run_facts(args.smoke, root, t0, load_start))
-            if probe is not None:
-                entry["probe"] = {k: v for k, v in probe.items() if k.endswith("img_s") or k.startswith("ratio")}
-            reruns[name] = entry
-        print("wrote", write_json(out, payload))
-        return
     new = [run_row(ROWS[name], root, reuse=not args.smoke, smoke=args.smoke) for name in rows]
     path = RESULTS / out
     old = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
