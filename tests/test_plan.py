@@ -226,6 +226,18 @@ def test_early_stop_only_where_the_validation_set_can_tell():
     # A length the user chose is kept.
     for key, value in (("engine.epochs", 40), ("engine.time_budget", "10m"), ("engine.max_steps", 5000)):
         assert "engine.plateau_patience" not in make_plan(info(8000), rates, {key: value}).values
+    # A validation split of the user's own, large beside the training set: 16 evaluations of 4,086 images,
+    # flipped too, at 2,000 img/s take ~65 s of a 600 s run (> 5%): no watch, and the plan says why.
+    import dataclasses
+
+    lt = dataclasses.replace(info(5000), n_val=4086)
+    measured = Calibration("cpu", {SMALL_B: 450.0}, 0.0, None, eval_img_per_s={SMALL_B: 2000.0})
+    costly = make_plan(lt, measured, {})
+    assert "engine.plateau_patience" not in costly.values and costly.values["engine.eval_every"] == 25
+    assert any("no early stop" in n and "4,086" in n for n in costly.notes)
+    # A fast enough evaluation (16 x 4,086 / 9,000 img/s ~ 15 s with flips: 2.4%) is watched.
+    fast = Calibration("cpu", {SMALL_B: 450.0}, 0.0, None, eval_img_per_s={SMALL_B: 9000.0})
+    assert make_plan(lt, fast, {}).values["engine.plateau_patience"] == 0.25
     # On a GPU (150 epochs): every 9 epochs, 4 evaluations per quarter of the run, instead of every 15.
     gpu = make_plan(info(10_000, side=32, chans=3), Calibration("cuda", {SMALL_B: 5000.0, SMALL_A: 3000.0}, 0.0), {})
     assert gpu.values["engine.plateau_patience"] == 0.25 and gpu.values["engine.eval_every"] == 9

@@ -28,8 +28,9 @@ Rules, all derived from the scan and the measured speed (no dataset is special-c
 - **Speed and evaluation**: channels-last memory for the conv-stem models trained from scratch;
   flip averaging at evaluation (``objective.tta=hflip``) when training flips the images.
 - **Classes** more imbalanced than ``BALANCE_RATIO`` are balanced (``data.balance``).
-- **Early stop** (``engine.plateau_patience``) when the plan sets the run's length and the
-  validation set has ``PLATEAU_MIN_VAL`` images or more.
+- **Early stop** (``engine.plateau_patience``) when the plan sets the run's length, the
+  validation set has ``PLATEAU_MIN_VAL`` images or more, and watching it costs at most
+  ``PLATEAU_COST`` of the run.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ BALANCE_RATIO, BALANCE = 3.0, "sampler"
 # tenth held out and evaluation ~3x faster than training they cost under 4% of the run (computed:
 # at most 16 evaluations of n/9 images at 3x the rate, over at least 16 epochs).
 PLATEAU_MIN_VAL, PLATEAU_PATIENCE, PLATEAU_EVALS = 200, 0.25, 4
+# The watch's evaluations may take at most this share of the run (a design bound, not swept): a large
+# validation split of the user's own, or flip averaging, can make them cost more (the 10:1 Fashion-MNIST
+# row of benchmarks/defaults.py: 4,086 test images every 2 epochs with flip averaging took ~10% of its
+# 10 minutes). Then the plan does not watch; the run evaluates about twice and ends at its budget.
+PLATEAU_COST = 0.05
 # From scratch, most capable first: conv-stem nano ViTs train in minutes on a CPU.
 SCRATCH = {
     "small": (Candidate("vit_nano_convstem_patch4_32", 32),
@@ -294,7 +300,10 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     plan_speed_and_eval(plan, finetune, user)
     plan_data_path(plan, info, calib.device, user, cand.img_size, int(user.get("data.in_chans") or info.in_chans))
     set_run_length(plan, epochs, n, budget_s, user)
-    plan_plateau(plan, info.n_val, epochs, user)
+    views = 2 if (user.get("objective.tta") or plan.values.get("objective.tta")) == "hflip" else 1
+    eval_rate = plan.eval_img_per_s or 3 * plan.img_per_s  # unmeasured: forward-only ~3x a training step
+    plan_plateau(plan, info.n_val, epochs, user, eval_s=info.n_val * views / max(eval_rate, 1e-6),
+                 run_s=budget_s or epochs * n / max(plan.img_per_s, 1e-6))
     plan_classes(info, plan, user)
     for k in [k for k in plan.values if k in user]:
         del plan.values[k], plan.reasons[k]
@@ -327,13 +336,21 @@ def set_run_length(plan: Plan, epochs: float, n: int, budget_s: float | None, us
         plan.set("engine.eval_every", max(1, round(epochs / 10)), "about 10 evaluations over the run")
 
 
-def plan_plateau(plan: Plan, n_val: int, epochs: float, user) -> None:
+def plan_plateau(plan: Plan, n_val: int, epochs: float, user, eval_s: float | None = None,
+                 run_s: float | None = None) -> None:
     """``engine.plateau_patience`` (and evaluations often enough to see a plateau) when the plan set the
-    run's length, the validation set has ``PLATEAU_MIN_VAL`` images or more, and ~``epochs`` passes
-    leave room for ``PLATEAU_EVALS`` evaluations, at most one per epoch, inside the patience window."""
+    run's length, the validation set has ``PLATEAU_MIN_VAL`` images or more, ~``epochs`` passes leave
+    room for ``PLATEAU_EVALS`` evaluations, at most one per epoch, inside the patience window, and those
+    evaluations (``eval_s`` seconds each) take at most ``PLATEAU_COST`` of the run (``run_s`` seconds)."""
     if {"engine.epochs", "engine.time_budget", "engine.max_steps", "engine.plateau_patience"} & set(user):
         return  # the user chose the run's length (or the rule): it is kept
     if n_val < PLATEAU_MIN_VAL or epochs * PLATEAU_PATIENCE < PLATEAU_EVALS:
+        return
+    evals = PLATEAU_EVALS / PLATEAU_PATIENCE
+    if eval_s is not None and run_s and evals * eval_s > PLATEAU_COST * run_s:
+        plan.notes.append(f"no early stop: watching for a plateau takes ~{evals:.0f} evaluations of {n_val:,} "
+                          f"validation images, ~{evals * eval_s:.0f} s of a ~{run_s:.0f} s run (over "
+                          f"{PLATEAU_COST:.0%}); engine.plateau_patience={PLATEAU_PATIENCE:g} asks for it anyway")
         return
     every = max(1, math.floor(epochs * PLATEAU_PATIENCE / PLATEAU_EVALS))
     plan.set("engine.plateau_patience", PLATEAU_PATIENCE,
