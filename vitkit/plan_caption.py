@@ -37,8 +37,9 @@ import torch
 
 from .engine.budget import parse_duration
 from .engine.runtime import resolve_amp
-from .plan import Calibration, Plan, set_run_length, user_values
+from .plan import Calibration, Plan, user_values
 from .plan_dense import apply_dense_plan, time_transform, train_eval_rates
+from .plan_eval import set_run_length
 
 CPU_MODEL, GPU_MODEL = "clip_nano", "clip_vit_b16"
 LARGE_DATA = 50_000

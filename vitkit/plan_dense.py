@@ -47,7 +47,8 @@ from torch.nn import functional as F
 
 from .engine.budget import parse_duration
 from .engine.runtime import autocast, resolve_amp
-from .plan import Calibration, Plan, apply_plan, aug_strength, set_run_length, user_values
+from .plan import Calibration, Plan, apply_plan, aug_strength, user_values
+from .plan_eval import set_run_length
 
 BACKBONE = "vit_nano_convstem_patch8_64"
 # Most capable first; those the registry does not serve for the task are skipped.

@@ -34,7 +34,7 @@ import torch
 
 from .engine.budget import parse_duration
 from .engine.runtime import resolve_amp
-from .plan import MEDIUM_SIDE, Calibration, Plan, set_run_length, user_values
+from .plan import MEDIUM_SIDE, Calibration, Plan, user_values
 from .plan_calibrate import PRETRAINED_MODEL, find_pretrained
 from .plan_dense import (
     apply_dense_plan,
@@ -43,6 +43,7 @@ from .plan_dense import (
     time_transform,
     train_eval_rates,
 )
+from .plan_eval import set_run_length
 
 ONE_STAGE = "vitdet_fcos"
 SET_DETECTORS = ("deformable_detr", "detr")  # preferred first
