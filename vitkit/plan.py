@@ -285,10 +285,7 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     plan_speed_and_eval(plan, finetune, user)
     plan_data_path(plan, info, calib.device, user, cand.img_size, int(user.get("data.in_chans") or info.in_chans))
     set_run_length(plan, epochs, n, budget_s, user)
-    views = 2 if (user.get("objective.tta") or plan.values.get("objective.tta")) == "hflip" else 1
-    eval_rate = plan.eval_img_per_s or 3 * plan.img_per_s  # unmeasured: forward-only ~3x a training step
-    plan_plateau(plan, info.n_val, epochs, user, eval_s=info.n_val * views / max(eval_rate, 1e-6),
-                 run_s=budget_s or epochs * n / max(plan.img_per_s, 1e-6))
+    plan_plateau(plan, info.n_val, epochs, user, run_s=budget_s or epochs * n / max(plan.img_per_s, 1e-6))
     plan_classes(info, plan, user)
     for k in [k for k in plan.values if k in user]:
         del plan.values[k], plan.reasons[k]

@@ -37,8 +37,8 @@ import torch
 
 from .engine.budget import parse_duration
 from .engine.runtime import resolve_amp
-from .plan import Calibration, Plan, user_values
-from .plan_dense import apply_dense_plan, time_transform, train_eval_rates
+from .plan import Calibration, Plan, apply_plan, user_values
+from .plan_dense import time_transform, train_eval_rates
 from .plan_eval import set_run_length
 
 CPU_MODEL, GPU_MODEL = "clip_nano", "clip_vit_b16"
@@ -295,10 +295,6 @@ def make_caption_plan(info: CaptionInfo, calib: CaptionCalibration, user: dict[s
     return plan
 
 
-# Writing a plan into the config is the dense plan's step (``objective.*`` keys into the objective section,
-# ``model.head_args.<arg>`` into that dict).
-apply_caption_plan = apply_dense_plan
-
 
 def planned_logit_bias(model, plan: Plan | None) -> float | None:
     """Set the planned SigLIP bias on a ``model`` built before the plan; returns it (None: nothing planned)."""
@@ -321,7 +317,7 @@ def plan_caption_run(cfg, info: CaptionInfo, dataset, choice: CaptionChoice, mod
 
         calib = calibrate_caption(info, dataset, choice, copy.deepcopy(model), cfg, user, device)
     plan = make_caption_plan(info, calib, user, choice, finetune=bool(cfg.model.init), world_size=world_size)
-    apply_caption_plan(cfg, plan)
+    apply_plan(cfg, plan)
     planned_logit_bias(model, plan)
     plan.notes[:0] = [f"task caption ({info.reason or info.format}): {info.n_train:,} training and {info.n_val:,} "
                       f"validation images, typically {info.typical_size[0]}x{info.typical_size[1]}"]

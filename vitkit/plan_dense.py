@@ -470,10 +470,6 @@ def _class_plan(info: DenseInfo, plan: Plan, objective_keys: dict, user: dict) -
         plan.notes.append(f"classes absent from the sampled training masks: {absent}")
 
 
-# The one plan writer (``objective.*`` keys into the objective section, ``model.head_args.<arg>`` into its dict).
-apply_dense_plan = apply_plan
-
-
 def plan_dense_run(cfg, info: DenseInfo, dataset, user_keys, device, objective_keys: dict | None = None,
                    verbose: bool = True) -> Plan:
     """Calibrate, plan and apply the plan to ``cfg``; prints the plan. Returns it."""
@@ -481,7 +477,7 @@ def plan_dense_run(cfg, info: DenseInfo, dataset, user_keys, device, objective_k
     with torch.random.fork_rng(devices=[]):  # timing must not shift the run's model init
         calib = calibrate_dense(info, dataset, cfg, user, device)
     plan = make_dense_plan(info, calib, user, objective_keys)
-    apply_dense_plan(cfg, plan)
+    apply_plan(cfg, plan)
     plan.notes[:0] = [f"task {info.task} ({info.reason or info.format}): {info.n_train:,} training and "
                       f"{info.n_val:,} validation images, typically {info.typical_size[0]}x{info.typical_size[1]}",
                       *info.notes]

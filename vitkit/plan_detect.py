@@ -34,10 +34,9 @@ import torch
 
 from .engine.budget import parse_duration
 from .engine.runtime import resolve_amp
-from .plan import MEDIUM_SIDE, Calibration, Plan, user_values
+from .plan import MEDIUM_SIDE, Calibration, Plan, apply_plan, user_values
 from .plan_calibrate import PRETRAINED_MODEL, find_pretrained
 from .plan_dense import (
-    apply_dense_plan,
     dense_budget_s,
     planned_dense_batch,
     time_transform,
@@ -354,9 +353,6 @@ def make_detect_plan(info: DetectInfo, calib: DetectCalibration, user: dict[str,
     return plan
 
 
-# Writing a plan into the config is the dense plan's step (``objective.*`` keys into the objective section).
-apply_detect_plan = apply_dense_plan
-
 
 def plan_detect_run(cfg, info: DetectInfo, dataset, user_keys, device, verbose: bool = True) -> Plan:
     """Calibrate, plan and apply the plan to ``cfg``; prints the plan. Returns it."""
@@ -365,7 +361,7 @@ def plan_detect_run(cfg, info: DetectInfo, dataset, user_keys, device, verbose: 
     with torch.random.fork_rng(devices=[]):  # timing must not shift the run's model init
         calib = calibrate_detect(info, dataset, cfg, user, device)
     plan = make_detect_plan(info, calib, user, init_name)
-    apply_detect_plan(cfg, plan)
+    apply_plan(cfg, plan)
     reason = info.reason or info.format
     plan.notes[:0] = [f"task detect ({reason}): {info.n_train:,} training and {info.n_val:,} validation images, "
                       f"typically {info.typical_size[0]}x{info.typical_size[1]}",

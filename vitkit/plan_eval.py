@@ -52,17 +52,20 @@ def set_run_length(plan: Plan, epochs: float, n: int, budget_s: float | None, us
         plan.set("engine.eval_every", max(1, round(epochs / 10)), "about 10 evaluations over the run")
 
 
-def plan_plateau(plan: Plan, n_val: int, epochs: float, user, eval_s: float | None = None,
-                 run_s: float | None = None) -> None:
+def plan_plateau(plan: Plan, n_val: int, epochs: float, user, run_s: float | None = None) -> None:
     """``engine.plateau_patience`` (and evaluations often enough to see a plateau) when the plan set the
     run's length, the validation set has ``PLATEAU_MIN_VAL`` images or more, ~``epochs`` passes leave
     room for ``PLATEAU_EVALS`` evaluations, at most one per epoch, inside the patience window, and those
-    evaluations (``eval_s`` seconds each) take at most ``PLATEAU_COST`` of the run (``run_s`` seconds)."""
+    evaluations (at the plan's evaluation rate, with its flip averaging) take at most ``PLATEAU_COST`` of
+    the run (``run_s`` seconds)."""
     if {"engine.epochs", "engine.time_budget", "engine.max_steps", "engine.plateau_patience"} & set(user):
         return  # the user chose the run's length (or the rule): it is kept
     if n_val < PLATEAU_MIN_VAL or epochs * PLATEAU_PATIENCE < PLATEAU_EVALS:
         return
     evals = PLATEAU_EVALS / PLATEAU_PATIENCE
+    views = 2 if (user.get("objective.tta") or plan.values.get("objective.tta")) == "hflip" else 1
+    eval_rate = plan.eval_img_per_s or 3 * (plan.img_per_s or 0.0)  # unmeasured: forward-only ~3x a training step
+    eval_s = n_val * views / eval_rate if eval_rate else None
     if eval_s is not None and run_s and evals * eval_s > PLATEAU_COST * run_s:
         plan.notes.append(f"no early stop: watching for a plateau takes ~{evals:.0f} evaluations of {n_val:,} "
                           f"validation images, ~{evals * eval_s:.0f} s of a ~{run_s:.0f} s run (over "

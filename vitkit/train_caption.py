@@ -31,11 +31,11 @@ from .engine.distributed import all_gather_object
 from .engine.runtime import resolve_device
 from .errors import ConfigError, VitkitError
 from .objectives import build_objective, objective_config
+from .plan_calibrate import apply_plan
 from .plan_caption import (
     HEADS,
     SCALE_MIN,
     CaptionChoice,
-    apply_caption_plan,
     caption_info,
     choose_caption,
     is_two_tower,
@@ -166,7 +166,7 @@ def _plan(cfg, info, data, choice, model, dist, verbose: bool):
                             world_size=dist.world_size if dist.enabled else 1)
     if dist.enabled:
         plan.values, plan.reasons = all_gather_object((plan.values, plan.reasons))[0]
-        apply_caption_plan(cfg, plan)
+        apply_plan(cfg, plan)
         planned_logit_bias(model, plan)
     return plan
 

@@ -28,7 +28,8 @@ from .engine.runtime import resolve_device
 from .errors import ConfigError, VitkitError
 from .objectives import build_objective, objective_config
 from .objectives.registry import objective_keys
-from .plan_dense import DenseChoice, apply_dense_plan, choose_dense, dense_info, plan_dense_run
+from .plan_calibrate import apply_plan
+from .plan_dense import DenseChoice, choose_dense, dense_info, plan_dense_run
 from .source import is_dense_weights, load_dense_weights
 
 
@@ -81,7 +82,7 @@ def _plan(cfg, info, train_ds, dist, objective_name: str, verbose: bool):
     plan = plan_dense_run(cfg, info, train_ds, user_keys(cfg), device, objective_keys(objective_name), verbose)
     if dist.enabled:
         plan.values, plan.reasons = all_gather_object((plan.values, plan.reasons))[0]
-        apply_dense_plan(cfg, plan)
+        apply_plan(cfg, plan)
     return plan
 
 

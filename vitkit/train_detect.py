@@ -22,10 +22,10 @@ from .engine.distributed import all_gather_object
 from .engine.runtime import resolve_device
 from .errors import ConfigError, VitkitError
 from .objectives import build_objective, objective_config
+from .plan_calibrate import apply_plan
 from .plan_detect import (
     DET_SCALE_MIN,
     DetectChoice,
-    apply_detect_plan,
     choose_detect,
     detect_info,
     detector_kwargs,
@@ -58,7 +58,7 @@ def _plan(cfg, info, train_ds, dist, verbose: bool):
     plan = plan_detect_run(cfg, info, train_ds, user_keys(cfg), device, verbose)
     if dist.enabled:
         plan.values, plan.reasons = all_gather_object((plan.values, plan.reasons))[0]
-        apply_detect_plan(cfg, plan)
+        apply_plan(cfg, plan)
     return plan
 
 
