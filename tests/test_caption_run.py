@@ -28,6 +28,7 @@ from vitkit.plan_caption import (
     planned_caption_batch,
     siglip_prior_bias,
 )
+from vitkit.plan_eval import CAP_FACTOR, CAP_MIN_EPOCHS
 
 FAST = ["data.num_workers=0", "engine.tensorboard=false"]
 
@@ -69,9 +70,9 @@ def test_cpu_plan_budgets_time_and_keeps_captions_true_to_the_image():
     assert batch == planned_caption_batch(700, "cpu")
     # square-root scaling from LR_256 at 256, stored per 512
     assert math.isclose(v["optim.lr"] * batch / 512, LR_256 * math.sqrt(batch / 256), rel_tol=1e-2)
-    # epochs: rate x 90% of the budget / n, decode counted in series; the plan caps them at 3x
+    # epochs: rate x 90% of the budget / n, decode counted in series; the plan caps them at CAP_FACTOR x
     rate = 1 / (1 / 100.0 + 0.001)
-    assert v["engine.epochs"] == max(2, math.ceil(3 * rate * 0.9 * 900 / 700))
+    assert v["engine.epochs"] == max(CAP_MIN_EPOCHS, math.ceil(CAP_FACTOR * rate * 0.9 * 900 / 700))
 
 
 def test_plan_keeps_user_keys_and_names_siglip_for_siglip_models():

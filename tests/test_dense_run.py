@@ -23,6 +23,7 @@ from vitkit.plan_dense import (
     head_width_args,
     make_dense_plan,
 )
+from vitkit.plan_eval import CAP_FACTOR, CAP_MIN_EPOCHS
 
 SEG_KEYS = {"class_weights": None, "dice_weight": 0.0, "window": None}
 
@@ -64,7 +65,7 @@ def test_plan_takes_the_finest_head_that_gets_enough_epochs():
     assert v["engine.time_budget"] == "20m" and v["model.name"] == BACKBONE
     assert v["model.head"] == "upernet" and "finest output" in p.reasons["model.head"]
     assert v["data.img_size"] == 176 and v["data.batch_size"] == 8
-    assert v["engine.epochs"] == math.ceil(3 * 20 * 0.9 * 1200 / 367)
+    assert v["engine.epochs"] == max(CAP_MIN_EPOCHS, math.ceil(CAP_FACTOR * 20 * 0.9 * 1200 / 367))
     assert "model.head_args" not in v  # none measured with the timing
     c = calib({"upernet": (20.0, 4)})
     c.heads["upernet"].extra["head_args"] = {"channels": 128}

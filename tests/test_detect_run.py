@@ -28,6 +28,7 @@ from vitkit.plan_detect import (
     make_detect_plan,
     side_for,
 )
+from vitkit.plan_eval import CAP_FACTOR, CAP_MIN_EPOCHS
 
 # ---- a tiny detector of our own: the objective's contract, independent of the real detectors ------------
 
@@ -213,9 +214,9 @@ def test_plan_picks_fcos_on_small_data_and_set_prediction_on_large_gpu_data(monk
     v = p.values
     assert v["model.head"] == "vitdet_fcos" and v["model.name"] == CPU_BACKBONE
     assert v["engine.time_budget"] == "20m" and v["data.img_size"] == 192
-    # 4 img/s in 20 min over 160 images: 4 * 0.9 * 1200 / 160 = 27 epochs, the epochs a cap of 3x.
+    # 4 img/s in 20 min over 160 images: 4 * 0.9 * 1200 / 160 = 27 epochs, the epochs a cap (CAP_FACTOR x).
     epochs = 4.0 * 0.9 * 1200 / 160
-    assert v["engine.epochs"] == math.ceil(3 * epochs)
+    assert v["engine.epochs"] == max(CAP_MIN_EPOCHS, math.ceil(CAP_FACTOR * epochs))
     assert v["data.batch_size"] == 4 and v["optim.clip_grad"] == 1.0
     assert all(p.reasons[k] for k in v)
     monkeypatch.setattr(det, "list_detectors", lambda: ["deformable_detr", "detr", "vitdet_fcos", "yolos"])
@@ -233,7 +234,7 @@ def test_plan_keeps_user_keys_and_uses_init_weights_architecture():
     p = make_detect_plan(det_info(), det_calib(), user)
     assert not set(user) & set(p.values)
     epochs = 4.0 * 0.9 * 300 / 160
-    assert p.values["engine.epochs"] == math.ceil(3 * epochs)
+    assert p.values["engine.epochs"] == max(CAP_MIN_EPOCHS, math.ceil(CAP_FACTOR * epochs))
     p2 = make_detect_plan(det_info(), det_calib(), {}, init_name="vit_small_patch16_224")
     assert p2.values["model.name"] == "vit_small_patch16_224" and "init" in p2.reasons["model.name"]
     assert p2.values["optim.lr"] < p.values["optim.lr"]  # fine-tuning takes smaller steps

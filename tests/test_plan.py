@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from vitkit import plan as plan_mod
@@ -50,7 +51,7 @@ def test_small_gray_dataset_many_epochs_gets_capable_model_and_strong_augmentati
     assert 0 < s < 0.01
     assert v["data.auto_augment"] is None and v["data.mixup"] == 0 and v["data.re_prob"] == 0
     assert v["data.label_smoothing"] == 0 and v["model.drop_path_rate"] == 0 and v["data.scale_min"] == 0.5
-    assert v["engine.epochs"] == 92
+    assert v["engine.epochs"] == 304  # a cap only: 10x the ~30 expected passes
     # Channels-last for the conv stem; flips in training, so flip averaging at evaluation.
     assert v["engine.channels_last"] is True and v["objective.tta"] == "hflip"
     # 888 validation images can tell a plateau: 4 evaluations in a quarter of ~30 epochs, one per epoch.
@@ -85,6 +86,43 @@ def test_large_dataset_light_augmentation():
     assert v["data.label_smoothing"] == 0 and v["model.drop_path_rate"] == 0
     assert v["data.scale_min"] == 0.5 and v["engine.ema_decay"] is None
     assert v["schedule.name"] == "onecycle" and v["optim.lr"] == 6e-3  # batch 128: the tuned recipe's lr
+
+
+def test_a_slow_calibration_does_not_cut_the_run_short():
+    """Calibrated at 55 img/s (another process held a core) where it trains at ~500: the cap on
+    epochs must not end a 12-minute run after 2 passes."""
+    v = make_plan(info(60_000, side=28), cpu({SMALL_B: 55.0}), {}).values  # ~0.5 expected passes
+    assert v["engine.time_budget"] == "12m" and v["engine.epochs"] == 10
+    assert make_plan(info(8000), cpu({SMALL_B: 45.0}), {}).values["engine.epochs"] == 31  # 10x ~3 passes
+
+
+def test_calibration_takes_the_median_step(monkeypatch):
+    """On a clock where every step takes 10 ms and one training step and one evaluation pass are held up
+    for a second (another process on the machine), the rates are those of the 10 ms steps; a mean over
+    the window would make them ~30x lower."""
+    from types import SimpleNamespace
+
+    from vitkit import plan_calibrate
+
+    now = [0.0]
+    monkeypatch.setattr(plan_calibrate, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    real = plan_calibrate.create_model
+
+    def on_the_clock(*a, **k):
+        model, calls = real(*a, **k), {True: 0, False: 0}
+        forward = model.forward
+
+        def fwd(x):
+            calls[model.training] += 1
+            now[0] += 0.01 + (1.0 if calls[model.training] == 4 else 0.0)  # after 2 (1) untimed: the 2nd (3rd) timed
+            return forward(x)
+        model.forward = fwd
+        return model
+
+    monkeypatch.setattr(plan_calibrate, "create_model", on_the_clock)
+    train, evaluate = plan_calibrate.time_model("test_vit", 32, {}, in_chans=1, num_classes=10, batch=8,
+                                                device=torch.device("cpu"), amp_dtype=None, min_s=0.3)
+    assert train == pytest.approx(8 / 0.01) and evaluate == pytest.approx(16 / 0.01)
 
 
 def test_decode_cost_lowers_expected_epochs():

@@ -12,6 +12,7 @@ the model those weights fit.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,13 +195,19 @@ def init_candidate(source) -> Candidate | None:
 def time_model(name: str, img_size: int, args: dict, in_chans: int, num_classes: int, batch: int, device,
                amp_dtype, min_s: float = 1.0, max_steps: int = 8) -> tuple[float, float]:
     """(training, evaluation) img/s of model ``name`` at ``img_size``: two untimed steps, then timed forward+backward+update
-    steps for at least ``min_s`` seconds (at least 2, at most ``max_steps`` steps); then forward-only
-    passes at twice the batch, as the evaluation runs, for a third of that."""
+    steps for at least ``min_s`` seconds (at least 3, at most ``max_steps`` steps); then forward-only
+    passes at twice the batch, as the evaluation runs, for a third of that. Each rate is taken from the
+    median step, so a step slowed by another process on the machine (a browser, an editor's indexer)
+    does not make the plan think the machine several times slower than it trains."""
     model = create_model(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                          **args).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, in_chans, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def step():
         with autocast(amp_dtype, device):
@@ -208,30 +215,27 @@ def time_model(name: str, img_size: int, args: dict, in_chans: int, num_classes:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+    def median_s(fn, window_s: float) -> float:
+        times, t_start = [], time.perf_counter()
+        while len(times) < 3 or (len(times) < max_steps and time.perf_counter() - t_start < window_s):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
     step()
     step()  # the first steps pay for kernel selection and allocation
-    t0 = time.perf_counter()
-    n = 0
-    while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s):
-        step()
-        n += 1
-    train_rate = batch * n / (time.perf_counter() - t0)
+    sync()
+    train_rate = batch / median_s(step, min_s)
 
     model.eval()
     x2 = torch.cat([x, x])
     with torch.no_grad(), autocast(amp_dtype, device):
         model(x2)
-        t0 = time.perf_counter()
-        n = 0
-        while n < 2 or (n < max_steps and time.perf_counter() - t0 < min_s / 3):
-            model(x2)
-            n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return train_rate, 2 * batch * n / (time.perf_counter() - t0)
+        eval_rate = 2 * batch / median_s(lambda: model(x2), min_s / 3)
+    return train_rate, eval_rate
 
 
 def time_decode(dataset, img_size: int, in_chans: int, n: int = 32) -> float:
