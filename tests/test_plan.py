@@ -84,7 +84,11 @@ def test_large_dataset_light_augmentation():
     assert v["model.name"] == "vit_nano_convstem_patch8_64"  # 400 * 648 / 60000 = 4.3 epochs
     assert v["data.auto_augment"] is None and v["data.mixup"] == 0 and v["data.re_prob"] == 0
     assert v["data.label_smoothing"] == 0 and v["model.drop_path_rate"] == 0
-    assert v["data.scale_min"] == 0.5 and v["engine.ema_decay"] is None
+    # ~4.3 passes from scratch underfit: whole images, flipped; crops return by LIGHT_EPOCHS.
+    assert v["data.scale_min"] == 1.0 and "flips only" in p.reasons["data.scale_min"]
+    assert v["engine.ema_decay"] is None
+    assert [plan_mod.crop_scale_min(e) for e in (4, 10, 17.3, 30, 300)] == [1.0, 1.0, 0.75, 0.5, 0.25]
+    assert plan_mod.crop_scale_min(4, finetune=True) == 0.5
     assert v["schedule.name"] == "onecycle" and v["optim.lr"] == 6e-3  # batch 128: the tuned recipe's lr
 
 

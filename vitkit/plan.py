@@ -22,7 +22,8 @@ Rules, all derived from the scan and the measured speed (no dataset is special-c
 - **Fine-tuning** from pretrained weights (the plan's, or the user's ``model.init``, whose recorded
   architecture is built): batches of at most 32 (64 on a GPU), a lower lr, layer-wise lr decay,
   clipping, cosine; on at most 2,000 images LoRA on ``qkv`` instead of every weight.
-- **Augmentation and regularisation** grow with the expected epochs: light (crop + flip) for a
+- **Augmentation and regularisation** grow with the expected epochs: flips of whole images for a
+  run from scratch too short to fit its data (up to ``FEW_EPOCHS`` passes), light (crop + flip) for a
   short run (up to ``LIGHT_EPOCHS`` passes), then RandAugment, label smoothing, erasing,
   mixup/cutmix, drop path and an EMA of the weights, up to DeiT strength at ``STRONG_EPOCHS``.
 - **Speed and evaluation**: channels-last memory for the conv-stem models trained from scratch;
@@ -79,6 +80,12 @@ MIN_EPOCHS = 100
 # and flips alone reached 87.9% test accuracy where 64% of DeiT strength (the curve's value there
 # when it ran from 5 to 100 epochs) reached 82.6%; a short run underfits, and regularising it costs.
 LIGHT_EPOCHS, STRONG_EPOCHS = 30.0, 300.0
+# Crops from scratch: at or below FEW_EPOCHS passes a run underfits (its training accuracy under
+# augmentation stays below its validation accuracy) and random-resized crops only slow it, so it sees
+# whole images, flipped; from there to LIGHT_EPOCHS the crop's smallest area falls log-linearly from 1
+# to 0.5. Measured at ~6 passes (benchmarks/results/defaults.json, rows fashion-mnist and cifar10,
+# "few_epochs_crops"); the 10-pass knee is not swept.
+FEW_EPOCHS = 10.0
 CPU_BUDGET_S, CPU_BUDGET_IMAGES, CPU_BUDGET_MAX_S = 600.0, 50_000, 3600.0
 MIN_CLASS_IMAGES = 10
 # AdamW lr at a batch of 128 (from the tuned small-image recipe, 6e-3 per 512; fine-tuning 1e-3
@@ -162,6 +169,17 @@ def aug_strength(epochs: float) -> float:
     if epochs <= LIGHT_EPOCHS:
         return 0.0
     return min(1.0, math.log(epochs / LIGHT_EPOCHS) / math.log(STRONG_EPOCHS / LIGHT_EPOCHS))
+
+
+def crop_scale_min(epochs: float, finetune: bool = False) -> float:
+    """Smallest crop area for ~``epochs`` passes: 1 (whole images) up to ``FEW_EPOCHS`` passes from
+    scratch, then 0.5 at ``LIGHT_EPOCHS`` (log-linear), then down to 0.25 with the augmentation strength.
+    Fine-tuning starts at 0.5: a pretrained model fits a few passes without underfitting."""
+    if not finetune and epochs < LIGHT_EPOCHS:
+        if epochs <= FEW_EPOCHS:
+            return 1.0
+        return round(1.0 - 0.5 * math.log(epochs / FEW_EPOCHS) / math.log(LIGHT_EPOCHS / FEW_EPOCHS), 2)
+    return round(0.5 - 0.25 * aug_strength(epochs), 2)
 
 
 def _train_rate(calib: Calibration, cand: Candidate) -> float:
@@ -266,7 +284,9 @@ def make_plan(info: DatasetInfo, calib: Calibration, user: dict[str, object]) ->
     s = aug_strength(epochs)
     level = "light" if s == 0 else ("DeiT-strength" if s >= 1 else f"{s:.0%} of DeiT")
     why = f"~{_ep(epochs)} epochs: {level} augmentation"
-    plan.set("data.scale_min", round(0.5 - 0.25 * s, 2), why)
+    scale_min = crop_scale_min(epochs, finetune)
+    plan.set("data.scale_min", scale_min, f"~{_ep(epochs)} epochs from scratch underfit: whole images, flips only"
+             if scale_min == 1.0 else why)
     plan.set("data.auto_augment", f"rand-m{round(3 + 6 * s)}-mstd0.5-inc1" if s >= 0.3 else None, why)
     plan.set("data.re_prob", round(0.25 * s, 2) if s >= 0.5 else 0.0, why)
     mix = s >= 0.6
