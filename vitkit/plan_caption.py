@@ -295,7 +295,6 @@ def make_caption_plan(info: CaptionInfo, calib: CaptionCalibration, user: dict[s
     return plan
 
 
-
 def planned_logit_bias(model, plan: Plan | None) -> float | None:
     """Set the planned SigLIP bias on a ``model`` built before the plan; returns it (None: nothing planned)."""
     value = None if plan is None else plan.values.get("model.head_args.init_logit_bias")

@@ -353,7 +353,6 @@ def make_detect_plan(info: DetectInfo, calib: DetectCalibration, user: dict[str,
     return plan
 
 
-
 def plan_detect_run(cfg, info: DetectInfo, dataset, user_keys, device, verbose: bool = True) -> Plan:
     """Calibrate, plan and apply the plan to ``cfg``; prints the plan. Returns it."""
     user = user_values(cfg, user_keys)

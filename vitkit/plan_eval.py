@@ -1,6 +1,6 @@
 """The plan's rules for a run's length and evaluation: how long (``set_run_length``), when to stop
 early (``plan_plateau``), and how to evaluate and lay out memory (``plan_speed_and_eval``).
-Shared by the classification plan (:mod:`vitkit.plan`) and the dense and caption plans."""
+Shared by the classification plan (:mod:`vitkit.plan`) and the dense, detection and caption plans."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ PLATEAU_COST = 0.05
 # Under a time budget engine.epochs is only a cap, at CAP_FACTOR times the calibrated passes (at least
 # CAP_MIN_EPOCHS). The lr schedule follows the larger of time and step progress, so a cap that binds
 # anneals and ends the run early: the 60,000-image Fashion-MNIST row of benchmarks/defaults.py, calibrated
-# at 55 img/s while another process held a core, was capped at 2 of the ~6 passes its 12 minutes held
-# (it trains at ~500 img/s) under the earlier 3x.
+# at 55 img/s while another process held a core (it trains at ~340), was capped at 2 passes under the
+# earlier 3x and ended after 288 s of its 720 (~4 passes on that day's machine).
 CAP_FACTOR, CAP_MIN_EPOCHS = 10.0, 10
 
 
