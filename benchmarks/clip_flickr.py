@@ -9,8 +9,9 @@ seeded 10% of it for monitoring), and the held-out 100 are scored once, from the
 captions against all 100 images, recall@1/5/10 both ways, against chance (text->image R@k = k/100).
 The run's ``best/`` checkpoint (chosen by the run itself on its monitoring split: the mean recall
 there) is scored the same way under ``"best"``: with 700 photos a from-scratch run passes over
-them a hundred times and more, and the best point on its own held-back tenth is what
-``load_best``-style training would keep; the headline keys stay the final weights'.
+them a hundred times and more. The caption plan ends such a run on that checkpoint
+(``engine.end_on_best``; ``"ended_on_best"`` records the step and both monitoring scores), so the
+final weights, the headline keys, are then the same weights.
 
 Rows (each ``--budget``, 20 min by default):
 
@@ -181,6 +182,7 @@ def main() -> None:
             "wall_s": trained["wall_s"], "steps": trained["summary"].get("steps"),
             "step_s": step_seconds(trained["summary"]), "n_val_images": rt["n_images"], "n_val_texts": rt["n_texts"],
             "budget": args.budget, "command": trained["command"], "init": args.init if name != "scratch" else None,
+            "ended_on_best": trained["summary"].get("ended_on_best"),  # the plan's engine.end_on_best, if it acted
         }
         best_ckpt = run / "checkpoints" / "best"
         if best_ckpt.is_dir():

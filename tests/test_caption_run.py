@@ -15,11 +15,15 @@ from helpers import assert_user_error, run_vitkit, write_class_folder
 from vitkit.evaluate_caption import chance_recall, class_prompt_name
 from vitkit.plan_caption import (
     BUDGET_IMAGES,
+    CAPTION_EVALS,
+    END_ON_BEST_MIN_VAL,
+    EVAL_COST,
     LR_256,
     MAX_BATCH,
     MIN_BATCH,
     MIN_STEPS,
     SCALE_MIN,
+    SIDED_MAX,
     CaptionCalibration,
     CaptionChoice,
     CaptionInfo,
@@ -63,7 +67,7 @@ def test_cpu_plan_budgets_time_and_keeps_captions_true_to_the_image():
     v = plan.values
     assert v["engine.time_budget"] == "15m" and caption_budget_s(700) == 900
     assert caption_budget_s(4 * BUDGET_IMAGES) == 3600 and caption_budget_s(10**7) == 3600
-    assert v["data.scale_min"] == SCALE_MIN and "data.hflip" not in v  # the transform never flips
+    assert v["data.scale_min"] == SCALE_MIN
     assert v["optim.betas"] == (0.9, 0.98) and v["optim.eps"] == 1e-6 and v["optim.weight_decay"] == 0.2
     assert v["objective.name"] == "clip" and v["model.name"] == "clip_nano"
     batch = v["data.batch_size"]
@@ -73,6 +77,37 @@ def test_cpu_plan_budgets_time_and_keeps_captions_true_to_the_image():
     # epochs: rate x 90% of the budget / n, decode counted in series; the plan caps them at CAP_FACTOR x
     rate = 1 / (1 / 100.0 + 0.001)
     assert v["engine.epochs"] == max(CAP_MIN_EPOCHS, math.ceil(CAP_FACTOR * rate * 0.9 * 900 / 700))
+
+
+def test_plan_flips_only_where_the_captions_hardly_name_a_side():
+    for sided, want in ((0.0, 0.5), (SIDED_MAX / 2, 0.5), (SIDED_MAX, 0.0), (0.2, 0.0)):
+        info = _info(700)
+        info.sided_captions = sided
+        plan = make_caption_plan(info, _calib(), {}, CHOICE)
+        assert plan.values["data.hflip"] == want, sided
+        assert f"{sided:.1%}" in plan.reasons["data.hflip"]
+    assert "data.hflip" not in make_caption_plan(_info(700), _calib(), {"data.hflip": 0.0}, CHOICE).values
+
+
+def test_small_caption_sets_are_evaluated_often_and_end_on_their_best():
+    plan = make_caption_plan(_info(700), _calib(), {}, CHOICE)  # 70 validation images, ~115 epochs in 15 min
+    v = plan.values
+    epochs = 1 / (1 / 100.0 + 0.001) * 0.9 * 900 / 700
+    assert v["engine.eval_every"] == math.floor(epochs / CAPTION_EVALS) and v["engine.end_on_best"] is True
+    # An evaluation of 70 images x 5 captions at 300 pairs/s: 20 of them are ~2% of the 15 minutes.
+    assert "~1.2 s each" in plan.reasons["engine.eval_every"]
+    few = _info(700)
+    few.n_val = END_ON_BEST_MIN_VAL - 1
+    plan = make_caption_plan(few, _calib(), {}, CHOICE)
+    assert "engine.end_on_best" not in plan.values and any("keeps its last weights" in n for n in plan.notes)
+    # Evaluations that would take over EVAL_COST of the run keep the plan's midway one.
+    slow = CaptionCalibration("cpu", {"clip_nano": 100.0}, 0.001, eval_img_per_s={"clip_nano": 1.0}, img_size=64)
+    v = make_caption_plan(_info(700), slow, {}, CHOICE).values
+    assert v["engine.eval_every"] == math.ceil(epochs / 2)
+    assert CAPTION_EVALS * 70 * 5 / 1.0 > EVAL_COST * 900
+    user = {"engine.eval_every": 3, "engine.end_on_best": False}
+    v = make_caption_plan(_info(700), _calib(), user, CHOICE).values
+    assert "engine.eval_every" not in v and "engine.end_on_best" not in v
 
 
 def test_plan_keeps_user_keys_and_names_siglip_for_siglip_models():

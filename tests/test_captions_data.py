@@ -22,6 +22,7 @@ from vitkit.data import (
     CaptionTransform,
     ShapesDataset,
     build_caption_dataset,
+    captions_summary,
     collate_captions,
     detect_task,
     prepare_data,
@@ -207,9 +208,10 @@ def test_webdataset_caption_shards(tmp_path):
 
 
 @pytest.mark.peer("timm.data.transforms")
-def test_caption_transform_crop_is_clips_and_never_flips():
-    """The training crop is open_clip's RandomResizedCrop(scale=(0.9, 1), bicubic) with no flip
-    (timm's implementation as the reference); a caption is drawn per sample, evaluation takes the first."""
+def test_caption_transform_crop_is_clips_and_flips_only_when_asked():
+    """The training crop is open_clip's RandomResizedCrop(scale=(0.9, 1), bicubic) with no flip by default
+    (timm's implementation as the reference), mirrored with hflip=1; a caption is drawn per sample,
+    evaluation takes the first."""
     rrc = timm_transforms.RandomResizedCropAndInterpolation(24, scale=(0.9, 1.0), interpolation="bicubic")
     a = np.random.default_rng(0).integers(0, 255, (37, 50, 3), dtype=np.uint8)
     img = Image.fromarray(a)
@@ -223,7 +225,10 @@ def test_caption_transform_crop_is_clips_and_never_flips():
         assert np.array_equal(out["image"].numpy(), want), seed
         drawn.add(out["caption"])
         assert out["captions"] == caps and out["label"] == 2 and out["image_id"] == 7
+        flipped = CaptionTransform(24, train=True, hflip=1.0)(img, {"captions": caps}, random.Random(seed))
+        assert np.array_equal(flipped["image"].numpy(), want[:, :, ::-1]), seed
     assert drawn == set(caps)
+    assert CaptionTransform(24, train=False, hflip=1.0).hflip == 0.0  # evaluation never flips
     ev = CaptionTransform(24, train=False)(img, {"captions": caps}, random.Random(1))
     # Shorter side to 24, centre crop: the middle rows of a plain bicubic resize to 32 x 24.
     ref = np.asarray(img.resize((32, 24), Image.Resampling.BICUBIC))[:, 4:28].transpose(2, 0, 1)
@@ -260,3 +265,11 @@ def test_collate_captions_keeps_texts_as_lists():
     assert batch["caption"] == [s["caption"] for s in samples] and all(isinstance(c, str) for c in batch["caption"])
     assert batch["captions"] == [ds.load(i)[1]["captions"] for i in range(4)]
     assert batch["label"].tolist() == [0, 1, 2, 3] and batch["image_id"].tolist() == [0, 1, 2, 3]
+
+
+def test_captions_summary_counts_captions_that_name_a_side():
+    caps = [["A dog on the left .", "a cat"], ["Right , a man turns", "a bright light"], ["two birds"]]
+    s = captions_summary(caps)
+    assert s["sided_captions"] == 2 / 5  # "bright" and "birds" name no side
+    assert s["captions_per_image"] == 5 / 3 and s["caption_words"] == np.mean([6, 2, 5, 3, 2])  # split on spaces
+    assert captions_summary([])["sided_captions"] == 0.0

@@ -142,6 +142,9 @@ def format_summary(summary: dict, data: str) -> str:
     return "\n".join([
         f"done ({summary['stopped']}): {_metrics_line(summary)}, {summary['steps']} steps in {summary['wall_s']:.1f} s",
         f"run dir: {run}",
+        *[f"kept the weights of step {b['step']}, the best on validation (engine.end_on_best; the last step, "
+          f"{b['final_step']}, scored {b['metric']} {b['final_value']:.4g})"
+          for b in [summary.get("ended_on_best")] if b and b.get("final_value") is not None],
         *([f"left out {summary['skipped_files']} broken image files, listed in {run}/{BAD_FILES}"]
           if summary.get("skipped_files") else []),
         *([_peft_line(summary["peft"], run)] if summary.get("peft") else []),

@@ -13,6 +13,7 @@ from .captions import (
     SceneCaptions,
     ShapesCaptions,
     build_caption_dataset,
+    captions_summary,
     collate_captions,
     describe_captions,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "CaptionInfo",
     "CaptionShards",
     "CaptionTransform",
+    "captions_summary",
     "SceneCaptions",
     "ShapesCaptions",
     "build_caption_dataset",

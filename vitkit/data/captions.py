@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,18 @@ class CaptionInfo(DatasetInfo):
     n_captions_val: int = 0
 
 
+_SIDED = re.compile(r"\b(left|right|lefthand|righthand)\b", re.IGNORECASE)
+
+
+def captions_summary(caps: list[list[str]]) -> dict:
+    """``captions_per_image`` and ``caption_words`` (means) and ``sided_captions`` (the share of captions
+    that name a side, "left" or "right": a horizontal flip would make them wrong) of images' caption lists."""
+    flat = [c for cs in caps for c in cs]
+    return {"captions_per_image": float(np.mean([len(cs) for cs in caps])) if caps else 0.0,
+            "caption_words": float(np.mean([len(c.split()) for c in flat])) if flat else 0.0,
+            "sided_captions": float(np.mean([bool(_SIDED.search(c)) for c in flat])) if flat else 0.0}
+
+
 class _Captioned:
     """What every caption dataset adds to its image dataset; ``captions_of(j)`` gives the
     captions of source item ``j``."""
@@ -74,13 +87,11 @@ class _Captioned:
 
     def caption_stats(self, max_samples: int = 200, seed: int = 0) -> dict:
         pick = np.random.default_rng(seed).permutation(len(self))[:max_samples]
-        caps = [self.captions_of(self.indices[int(i)]) for i in pick]
-        words = [len(c.split()) for cs in caps for c in cs]
-        return {"captions_per_image": float(np.mean([len(cs) for cs in caps])) if caps else 0.0,
-                "caption_words": float(np.mean(words)) if words else 0.0}
+        return captions_summary([self.captions_of(self.indices[int(i)]) for i in pick])
 
     def stats(self, max_samples: int = 200, seed: int = 0) -> dict:
-        """``{typical_size, in_chans, n, captions_per_image, caption_words}`` over up to ``max_samples`` images."""
+        """``{typical_size, in_chans, n, captions_per_image, caption_words, sided_captions}`` over up to
+        ``max_samples`` images."""
         return {**super().stats(max_samples, seed), **self.caption_stats(max_samples, seed)}
 
     def describe(self) -> str:
@@ -207,10 +218,7 @@ class CaptionShards(WebDatasetShards):
 
     def caption_stats(self, max_samples: int = 200, seed: int = 0) -> dict:
         """Caption counts of the first ``max_samples`` samples in shard order."""
-        caps = [caps for s in self.shards for _, caps in self._samples_of(s)][:max_samples]
-        words = [len(c.split()) for cs in caps for c in cs]
-        return {"captions_per_image": float(np.mean([len(c) for c in caps])) if caps else 0.0,
-                "caption_words": float(np.mean(words)) if words else 0.0}
+        return captions_summary([caps for s in self.shards for _, caps in self._samples_of(s)][:max_samples])
 
     def stats(self, max_samples: int = 200, seed: int = 0) -> dict:
         sizes = [img.size for img in _sampled_images(self, max_samples, seed)]
@@ -316,17 +324,20 @@ class CaptionTransform:
     """An image with its captions -> ``{"image": uint8 (C, size, size), "caption": str, "captions":
     list[str], "label": int (-1: none), "image_id": int}``.
 
-    Training (``train=True``): a random resized crop with area in ``scale`` (aspect 3/4..4/3) and
-    NO horizontal flip (captions may say left or right); the caption is one drawn with ``rng``.
+    Training (``train=True``): a random resized crop with area in ``scale`` (aspect 3/4..4/3) and a
+    horizontal flip with probability ``hflip`` (0 by default: captions may say left or right; the plan
+    turns it on where they hardly do); the caption is one drawn with ``rng``.
     Evaluation: the shorter side resized to ``size`` and the centre cropped; the caption is the
     first. Both resample bicubic, as CLIP and open_clip do (``RandomResizedCrop(scale=(0.9, 1))``
     for training, ``Resize`` + ``CenterCrop`` for evaluation).
     """
 
     def __init__(self, size: int, *, train: bool, scale: tuple[float, float] = (0.9, 1.0), in_chans: int = 3,
-                 interpolation: str = "bicubic"):
+                 interpolation: str = "bicubic", hflip: float = 0.0):
         self.size, self.train, self.scale, self.in_chans = int(size), bool(train), tuple(scale), in_chans
-        self._image = (TrainTransform(size, in_chans, scale=scale, hflip=0.0, interpolation=interpolation) if train
+        self.hflip = float(hflip) if train else 0.0
+        self._image = (TrainTransform(size, in_chans, scale=scale, hflip=self.hflip, interpolation=interpolation)
+                       if train
                        else EvalTransform(size, in_chans, crop_pct=1.0, interpolation=interpolation))
 
     def __call__(self, img: Image.Image, target: dict, rng: random.Random | None = None) -> dict:
@@ -340,7 +351,8 @@ class CaptionTransform:
                 "label": -1 if label is None else int(label), "image_id": int(target.get("image_id", -1))}
 
     def __repr__(self) -> str:
-        return f"CaptionTransform(size={self.size}, train={self.train}, scale={self.scale}, in_chans={self.in_chans})"
+        return (f"CaptionTransform(size={self.size}, train={self.train}, scale={self.scale}, hflip={self.hflip}, "
+                f"in_chans={self.in_chans})")
 
 
 def collate_captions(samples: list[dict]) -> dict:

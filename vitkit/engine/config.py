@@ -80,6 +80,9 @@ class EngineConfig:
     ckpt_every_steps: int | None = None
     keep_last: int = 2
     save_best: bool = True
+    # At the end, when checkpoints/best/ holds an earlier step than the last, its weights become the run's
+    # (model.safetensors; the summary's val_* re-evaluated on them), as HF Trainer's load_best_model_at_end.
+    end_on_best: bool = False
     seed: int = 0
     nonfinite: str = "stop"  # stop | skip
     deterministic: bool = False

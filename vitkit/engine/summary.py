@@ -41,6 +41,8 @@ def build_summary(tr, reason: str, wall_s: float) -> dict:
     }
     if tr.ema is not None:
         summary["val_acc_ema"] = val.get("ema_acc1")
+    if getattr(tr, "ended_on_best", None):  # engine.end_on_best kept an earlier step's weights
+        summary["ended_on_best"] = dict(tr.ended_on_best)
     summary.update({f"val_{k}": v for k, v in val.items() if f"val_{k}" not in summary and k != "acc1"})
     extra = tr.summary_extra
     if extra is not None:

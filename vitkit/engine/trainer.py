@@ -9,6 +9,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from ..errors import WeightsError
 from . import checkpoint as ckpt
 from .budget import Budget, loader_samples
 from .callbacks import CheckpointCadence, TrainLogger
@@ -228,6 +229,42 @@ class Trainer:
         log_val(self.logger, self.step, self.epoch, val)
         return val
 
+    def _end_on_best(self) -> None:
+        """``engine.end_on_best``: when ``checkpoints/best/`` holds an earlier step than the last, load its
+        weights (objective and EMA) and evaluate them, so that what the run writes and reports is the best
+        point on validation. The checkpoints, ``latest`` included, stay as they are: a resume continues
+        from the last step."""
+        best = self.checkpointer.dir / ckpt.BEST
+        if not best.is_dir() or self.cfg.fsdp:
+            return
+        data = ckpt.load_checkpoint(best, map_location="cpu")
+        step = int(data["trainer_state"]["step"])
+        if step == self.step:
+            return
+        final = {k: v for k, v in self.last_val.items() if not k.startswith("_")}
+        refs = tuple(f"{n}." for n in getattr(self.objective, "references", dict)())
+        missing, unexpected = self.objective.load_state_dict(data["objective"], strict=False)
+        if [k for k in missing if not k.startswith(refs)] or unexpected:
+            raise WeightsError(f"{best} does not fit this run's objective (missing {missing[:5]}, unexpected "
+                               f"{unexpected[:5]}): engine.end_on_best needs best/ written by this run")
+        if self.ema is not None and data["ema"] is not None:
+            self.ema.module.load_state_dict(data["ema"])
+        name = self.state.best_metric_name
+        self.ended_on_best = {"step": step, "metric": name, "value": self.state.best_metric,
+                              "final_step": self.step, "final_value": final.get(name)}
+        self.logger.info(f"end_on_best: the run keeps the weights of step {step} ({name} {self.state.best_metric:.4g}, "
+                         f"last step {self.step}: {final.get(name, float('nan')):.4g})")
+        error, val = None, {}
+        try:  # the summary describes the weights the run writes
+            val = self.evaluate()
+            if self.ema is not None and val:
+                val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
+        except Exception as e:
+            error = e
+        agree(error)
+        self.last_val = val
+        self.logger.log({"kind": "end_on_best", "step": step, "final_step": self.step, **val})
+
     # ------------------------------------------------------------------ training
 
     def _next_batch(self, it):
@@ -382,6 +419,8 @@ class Trainer:
                     self.save_checkpoint(is_best=bool(val.pop("_improved", False)))
             elif self._last_saved_step != self.step:
                 self.save_checkpoint()
+            if self.cfg.end_on_best:
+                self._end_on_best()
             end_hook = getattr(self.objective, "on_fit_end", None)
             if self.is_main and callable(end_hook):
                 end_hook(self)  # end-of-run products of the objective (MAE's reconstruction figure)
