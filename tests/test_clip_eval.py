@@ -81,6 +81,20 @@ def test_embeddings_that_all_coincide_score_chance():
         assert got[f"i2t_r{k}"] == pytest.approx(1 - math.comb(2 * n - 2, k) / math.comb(2 * n, k))
 
 
+def test_nan_embeddings_never_count_as_hits():
+    """A model whose embeddings are NaN (a broken EMA copy) scores chance, not 100%; one NaN image ranks last."""
+    n = 10
+    owner = torch.arange(n).repeat_interleave(2)
+    got = retrieval_metrics(torch.full((n, 4), float("nan")), torch.full((2 * n, 4), float("nan")), owner)
+    assert got["t2i_r1"] == pytest.approx(1 / n) and got["t2i_r5"] == pytest.approx(5 / n)
+    img, txt, owner = hand_built()
+    img[0] = float("nan")
+    got = retrieval_metrics(img, txt, owner, ks=(1, 2))
+    # caption 0 (image 0's) now finds image 0 last of 3; caption 1's image 1 moves up to first
+    assert got["t2i_r1"] == pytest.approx((0 + 1 + 1 / 2 + 1 + 0) / 5)  # the tie is now images 1 and 2
+    assert got["t2i_r2"] == pytest.approx((0 + 1 + 1 + 1 + 1) / 5)
+
+
 def test_images_without_captions_are_no_image_queries():
     img, txt, owner = hand_built()
     img = torch.cat([img, torch.tensor([[0.0, 0.0, 0.0, 1.0]])])  # image 3: no caption, only a distractor

@@ -153,6 +153,20 @@ def test_ema_update_of_parameters_only_leaves_buffers():
     assert target.running_mean.tolist() == [2.5, 2.5] and int(target.num_batches_tracked) == 4
 
 
+def test_ema_copies_a_mask_buffer_instead_of_averaging_it_to_nan():
+    """A text tower's causal mask (-inf above the diagonal) is a float buffer: averaging -inf with
+    -inf is NaN, which made every EMA evaluation of a CLIP run NaN."""
+    target, source = nn.Module(), nn.Module()
+    mask = torch.full((3, 3), float("-inf")).triu(1)
+    for m in (target, source):
+        m.register_buffer("mask", mask.clone())
+        m.register_buffer("stat", torch.zeros(2))
+    source.stat.fill_(4.0)
+    ema_update(target, source, 0.75, buffers=True)
+    assert torch.equal(target.mask, mask)  # no NaN: copied
+    assert target.stat.tolist() == [1.0, 1.0]  # statistics still averaged
+
+
 def test_resolve_amp():
     cpu = torch.device("cpu")
     assert resolve_amp("none", cpu) is None and resolve_amp("fp32", cpu) is None

@@ -34,7 +34,9 @@ def _expected_hits(above: Tensor, tied_neg: Tensor, tied_pos: Tensor, k: int) ->
 
 
 def _recalls(scores: Tensor, positive: Tensor, ks) -> Tensor:
-    """(Q, C) scores of Q queries against C candidates, ``positive`` (Q, C) bool -> (len(ks), Q) expected hits."""
+    """(Q, C) scores of Q queries against C candidates, ``positive`` (Q, C) bool -> (len(ks), Q) expected hits.
+    A NaN score (a non-finite embedding) ranks last: it must never count as a hit."""
+    scores = scores.nan_to_num(nan=float("-inf"))
     best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
     above = ((scores > best) & ~positive).sum(1)
     tied_neg = ((scores == best) & ~positive).sum(1)

@@ -27,17 +27,21 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float, buffers: bool
     """``target = decay * target + (1 - decay) * source`` over parameters (same structure).
 
     With ``buffers``, floating-point buffers (BatchNorm running stats) are averaged the same way
-    and integer buffers (``num_batches_tracked``) copied; without, buffers are left alone.
+    and integer buffers (``num_batches_tracked``) copied; without, buffers are left alone. Entries
+    that are not finite in the source (an attention mask's -inf: a constant, not a statistic) are
+    copied, since averaging -inf with itself gives NaN.
     """
     w = 1.0 - decay
     t = list(target.parameters())
     s = [p.detach().to(e.dtype) for p, e in zip(source.parameters(), t)]
-    torch._foreach_lerp_(t, s, w)
+    if t:
+        torch._foreach_lerp_(t, s, w)
     if not buffers:
         return
     for e, b in zip(target.buffers(), source.buffers()):
         if e.is_floating_point():
-            e.lerp_(b.detach().to(e.dtype), w)
+            b = b.detach().to(e.dtype)
+            e.copy_(torch.where(torch.isfinite(b), e.lerp(b, w), b))
         else:
             e.copy_(b)
 

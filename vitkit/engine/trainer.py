@@ -233,7 +233,8 @@ class Trainer:
         """``engine.end_on_best``: when ``checkpoints/best/`` holds an earlier step than the last, load its
         weights (objective and EMA) and evaluate them, so that what the run writes and reports is the best
         point on validation. The checkpoints, ``latest`` included, stay as they are: a resume continues
-        from the last step."""
+        from the last step. Under FSDP (sharded weights) the last weights stay."""
+        barrier()  # the main process has written best/ before any process reads it
         best = self.checkpointer.dir / ckpt.BEST
         if not best.is_dir() or self.cfg.fsdp:
             return
