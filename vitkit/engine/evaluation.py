@@ -1,4 +1,5 @@
-"""Evaluation loop: runs an objective's evaluator over a validation loader for a given model."""
+"""Evaluation loop: runs an objective's evaluator over a validation loader for a given model; which
+evaluation is the best, and (``engine.end_on_best``) ending a run on it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from ..errors import WeightsError
+from . import checkpoint as ckpt
+from .distributed import barrier
+from .failures import agree
 
 
 @torch.no_grad()
@@ -64,3 +70,48 @@ def log_val(logger, step: int, epoch: int, val: dict) -> None:
     logger.log({"kind": "val", "step": step, "epoch": epoch, **val})
     parts = " ".join(f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float) and not k.startswith("_"))
     logger.info(f"eval step {step} epoch {epoch}: {parts}")
+
+
+def evaluate_with_ema(tr) -> dict[str, float]:
+    """Trainer ``tr``'s ``evaluate()``, with its EMA copy's metrics as ``ema_*``; an error is agreed on by
+    every process."""
+    error, val = None, {}
+    try:
+        val = tr.evaluate()
+        if tr.ema is not None and val:
+            val.update({f"ema_{k}": v for k, v in tr.evaluate(use_ema=True).items()})
+    except Exception as e:
+        error = e
+    agree(error)
+    return val
+
+
+def end_on_best(tr) -> None:
+    """``engine.end_on_best`` for trainer ``tr`` at the end of its run: when ``checkpoints/best/`` holds an
+    earlier step than the last, load its weights (objective and EMA) and evaluate them, so that what the
+    run writes and reports is its best point on validation (``tr.ended_on_best`` records both steps and
+    scores). The checkpoints, ``latest`` included, stay: a resume continues from the last step. Under
+    FSDP (sharded weights) the last weights stay."""
+    barrier()  # the main process has written best/ before any process reads it
+    best = tr.checkpointer.dir / ckpt.BEST
+    if not best.is_dir() or tr.cfg.fsdp:
+        return
+    data = ckpt.load_checkpoint(best, map_location="cpu")
+    step = int(data["trainer_state"]["step"])
+    if step == tr.step:
+        return
+    final = {k: v for k, v in tr.last_val.items() if not k.startswith("_")}
+    refs = tuple(f"{n}." for n in getattr(tr.objective, "references", dict)())
+    missing, unexpected = tr.objective.load_state_dict(data["objective"], strict=False)
+    if [k for k in missing if not k.startswith(refs)] or unexpected:
+        raise WeightsError(f"{best} does not fit this run's objective (missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}): engine.end_on_best needs best/ written by this run")
+    if tr.ema is not None and data["ema"] is not None:
+        tr.ema.module.load_state_dict(data["ema"])
+    name, value = tr.state.best_metric_name, tr.state.best_metric
+    tr.ended_on_best = {"step": step, "metric": name, "value": value, "final_step": tr.step,
+                        "final_value": final.get(name)}
+    tr.logger.info(f"end_on_best: the run keeps the weights of step {step} ({name} {value:.4g}; last step "
+                   f"{tr.step}: {final.get(name, float('nan')):.4g})")
+    tr.last_val = evaluate_with_ema(tr)  # the summary describes the weights the run writes
+    tr.logger.log({"kind": "end_on_best", "step": step, "final_step": tr.step, **tr.last_val})

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..errors import WeightsError
 from . import checkpoint as ckpt
 from .budget import Budget, loader_samples
 from .callbacks import CheckpointCadence, TrainLogger
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import agree_on_failure, barrier, no_sync
-from .evaluation import log_val, record_best, run_evaluation
-from .failures import AgreedFailure, NonFiniteLossError, agree, agree_if_distributed
+from .evaluation import end_on_best, evaluate_with_ema, log_val, record_best, run_evaluation
+from .failures import AgreedFailure, NonFiniteLossError, agree_if_distributed
 from .feed import epoch_iterator, sampler_position
 from .logging import write_summary
 from .optim import optimizer_step
@@ -209,15 +208,8 @@ class Trainer:
         )
 
     def _run_eval(self) -> dict[str, float]:
-        error, val = None, {}
         t_eval = time.perf_counter()
-        try:
-            val = self.evaluate()
-            if self.ema is not None and val:
-                val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
-        except Exception as e:
-            error = e
-        agree(error)
+        val = evaluate_with_ema(self)
         if self.budget is not None:  # a measured eval sizes the reserve for the final one
             self.budget.note_eval(time.perf_counter() - t_eval)
         self._last_eval_step = self.step
@@ -228,43 +220,6 @@ class Trainer:
         val["_improved"] = improved
         log_val(self.logger, self.step, self.epoch, val)
         return val
-
-    def _end_on_best(self) -> None:
-        """``engine.end_on_best``: when ``checkpoints/best/`` holds an earlier step than the last, load its
-        weights (objective and EMA) and evaluate them, so that what the run writes and reports is the best
-        point on validation. The checkpoints, ``latest`` included, stay as they are: a resume continues
-        from the last step. Under FSDP (sharded weights) the last weights stay."""
-        barrier()  # the main process has written best/ before any process reads it
-        best = self.checkpointer.dir / ckpt.BEST
-        if not best.is_dir() or self.cfg.fsdp:
-            return
-        data = ckpt.load_checkpoint(best, map_location="cpu")
-        step = int(data["trainer_state"]["step"])
-        if step == self.step:
-            return
-        final = {k: v for k, v in self.last_val.items() if not k.startswith("_")}
-        refs = tuple(f"{n}." for n in getattr(self.objective, "references", dict)())
-        missing, unexpected = self.objective.load_state_dict(data["objective"], strict=False)
-        if [k for k in missing if not k.startswith(refs)] or unexpected:
-            raise WeightsError(f"{best} does not fit this run's objective (missing {missing[:5]}, unexpected "
-                               f"{unexpected[:5]}): engine.end_on_best needs best/ written by this run")
-        if self.ema is not None and data["ema"] is not None:
-            self.ema.module.load_state_dict(data["ema"])
-        name = self.state.best_metric_name
-        self.ended_on_best = {"step": step, "metric": name, "value": self.state.best_metric,
-                              "final_step": self.step, "final_value": final.get(name)}
-        self.logger.info(f"end_on_best: the run keeps the weights of step {step} ({name} {self.state.best_metric:.4g}, "
-                         f"last step {self.step}: {final.get(name, float('nan')):.4g})")
-        error, val = None, {}
-        try:  # the summary describes the weights the run writes
-            val = self.evaluate()
-            if self.ema is not None and val:
-                val.update({f"ema_{k}": v for k, v in self.evaluate(use_ema=True).items()})
-        except Exception as e:
-            error = e
-        agree(error)
-        self.last_val = val
-        self.logger.log({"kind": "end_on_best", "step": step, "final_step": self.step, **val})
 
     # ------------------------------------------------------------------ training
 
@@ -421,7 +376,7 @@ class Trainer:
             elif self._last_saved_step != self.step:
                 self.save_checkpoint()
             if self.cfg.end_on_best:
-                self._end_on_best()
+                end_on_best(self)
             end_hook = getattr(self.objective, "on_fit_end", None)
             if self.is_main and callable(end_hook):
                 end_hook(self)  # end-of-run products of the objective (MAE's reconstruction figure)
