@@ -209,7 +209,7 @@ def build_caption_run(cfg, data, dist, verbose: bool = True, start: float | None
         ds.in_chans = 3
     scale_min = d.scale_min if "data.scale_min" in user_keys(cfg) or plan is not None else SCALE_MIN
     # No flips unless the user or the plan asks (captions may say left or right): data.hflip's 0.5 is the classifiers'.
-    hflip = d.hflip if "data.hflip" in user_keys(cfg) or (plan is not None and "data.hflip" in plan.values) else 0.0
+    hflip = d.hflip if "data.hflip" in user_keys(cfg) or plan is not None else 0.0
     workers = d.num_workers if d.num_workers is not None else min(4, os.cpu_count() or 1)
     common = dict(num_workers=workers, seed=cfg.engine.seed, distributed=dist.enabled,
                   max_bad_fraction=d.max_bad_fraction)

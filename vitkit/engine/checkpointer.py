@@ -92,14 +92,7 @@ class Checkpointer:
         if tr.cfg.fsdp:
             fsdp_load_full_state(obj, tr.optimizer, data["objective"], st["optimizer"])
         else:
-            refs = tuple(f"{n}." for n in getattr(obj, "references", dict)())
-            missing, unexpected = obj.load_state_dict(data["objective"], strict=False)
-            missing = [k for k in missing if not k.startswith(refs)] if refs else missing
-            if missing or unexpected:
-                raise WeightsError(
-                    f"{data['path']} does not fit this objective: missing {missing[:5]}, unexpected "
-                    f"{unexpected[:5]}; resume with the same objective and model as the run that wrote it"
-                )
+            load_objective_state(obj, data, "resume with the same objective and model as the run that wrote it")
             tr.optimizer.load_state_dict(st["optimizer"])
         if tr.ema is not None:
             if data["ema"] is None:
@@ -121,3 +114,15 @@ class Checkpointer:
         ckpt.set_rng_state(rng[tr.dist.rank] if len(rng) == tr.dist.world_size else rng[0])
         barrier()
         return data["path"]
+
+
+def load_objective_state(obj: nn.Module, data: dict, advice: str) -> None:
+    """Load a checkpoint's ``data["objective"]`` into ``obj``; modules the objective holds by reference
+    (a frozen teacher) may be missing. Anything else missing or unexpected is a ``WeightsError`` that ends
+    with ``advice``."""
+    refs = tuple(f"{n}." for n in getattr(obj, "references", dict)())
+    missing, unexpected = obj.load_state_dict(data["objective"], strict=False)
+    missing = [k for k in missing if not k.startswith(refs)] if refs else missing
+    if missing or unexpected:
+        raise WeightsError(f"{data['path']} does not fit this objective: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]}; {advice}")

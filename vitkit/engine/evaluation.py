@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import WeightsError
 from . import checkpoint as ckpt
+from .checkpointer import load_objective_state
 from .distributed import barrier
 from .failures import agree
 
@@ -101,11 +101,7 @@ def end_on_best(tr) -> None:
     if step == tr.step:
         return
     final = {k: v for k, v in tr.last_val.items() if not k.startswith("_")}
-    refs = tuple(f"{n}." for n in getattr(tr.objective, "references", dict)())
-    missing, unexpected = tr.objective.load_state_dict(data["objective"], strict=False)
-    if [k for k in missing if not k.startswith(refs)] or unexpected:
-        raise WeightsError(f"{best} does not fit this run's objective (missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}): engine.end_on_best needs best/ written by this run")
+    load_objective_state(tr.objective, data, "engine.end_on_best needs best/ written by this run")
     if tr.ema is not None and data["ema"] is not None:
         tr.ema.module.load_state_dict(data["ema"])
     name, value = tr.state.best_metric_name, tr.state.best_metric
