@@ -222,6 +222,9 @@ def test_train_on_shapes_captions_writes_a_self_describing_run(clip_run, tmp_pat
     ckpt_sd, _ = read_state_dict(ckpt / "model.safetensors")
     assert all(torch.equal(ckpt_sd[k], v) for k, v in from_ckpt.model.state_dict().items())
     assert from_ckpt.weights == ckpt / "model.safetensors" and from_ckpt.task == "caption"
+    # Outputs about a checkpoint (retrieve.json, zeroshot.json) go next to it, not over the run's own.
+    assert from_ckpt.home == ckpt.resolve() and load_clip_model(run, device="cpu").home == run
+    assert load_clip_model(ckpt / "model.safetensors", device="cpu").home == ckpt.resolve()
 
 
 @pytest.mark.e2e

@@ -96,8 +96,12 @@ def test_evaluate_without_final_weights_uses_the_best_checkpoint(run, tmp_path):
     assert result["weights"].endswith("best/model.safetensors")
     assert (partial / "eval.json").is_file() and (partial / "confusion_matrix.png").is_file()
     assert result["confusion_matrix"] == full["confusion_matrix"]
-    ckpt = evaluate(partial / "checkpoints" / "step_000002", "shapes:256", num_workers=0, out_dir=tmp_path / "c")
+    run_eval = (partial / "eval.json").read_bytes()
+    step = partial / "checkpoints" / "step_000002"
+    ckpt = evaluate(step, "shapes:256", num_workers=0)
     assert ckpt["confusion_matrix"] == full["confusion_matrix"]
+    # Scoring a checkpoint writes next to it: the run's own eval.json stays as it was.
+    assert (step / "eval.json").is_file() and (partial / "eval.json").read_bytes() == run_eval
     with pytest.raises(ValueError, match="engine.ema_decay"):
         evaluate(partial, "shapes:256", use_ema=True)
 

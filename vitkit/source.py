@@ -120,6 +120,7 @@ class LoadedModel:
     config: dict = field(default_factory=dict)
     task: str = "classify"
     window: int | None = None  # dense: sliding-window side for images larger than it (None: whole image)
+    checkpoint_dir: Path | None = None  # the run's checkpoint the source named (not the run itself)
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +144,10 @@ class LoadedModel:
 
     @property
     def home(self) -> Path:
-        """Where outputs about this model go by default: its run, else its weights' folder, else here."""
+        """Where outputs about this model go by default: the checkpoint named (so scoring one never
+        overwrites the run's own ``eval.json``...), else its run, else its weights' folder, else here."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
         if self.run_dir is not None:
             return self.run_dir
         return self.weights.parent if self.weights is not None else Path.cwd()
@@ -387,7 +391,20 @@ def load_clip_model(source: str | os.PathLike, *, use_ema: bool = False,
         model=model.to(dev).eval(), transform=EvalTransform(size, 3, crop_pct=1.0, interpolation=interpolation),
         normalize=Normalize(mean, std), labels=tuple(info.get("classes") or ()), weights=weights,
         run_dir=run.path if run is not None else None, device=dev, settings=settings, config=cfg, task="caption",
+        checkpoint_dir=_named_checkpoint(path, run),
     )
+
+
+def _named_checkpoint(source: str | os.PathLike, run: RunDir | None) -> Path | None:
+    """The checkpoint folder ``source`` names (a checkpoint directory or a file in one), else None."""
+    path = Path(source).expanduser()
+    if run is None or not path.exists():
+        return None
+    path, root = path.resolve(), run.checkpoints.resolve()
+    if root not in path.parents:
+        return None
+    folder = root / path.relative_to(root).parts[0]
+    return folder if folder.is_dir() else None
 
 
 def _checkpoint_of(weights: Path, run: RunDir) -> bool:
@@ -570,4 +587,5 @@ def load_model(
         config=cfg,
         task=task,
         window=(cfg.get("objective") or {}).get("window") if dense else None,
+        checkpoint_dir=_named_checkpoint(source, run),
     )

@@ -17,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="read the data as this task (must be the model's: classify, segment, depth or detect)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, help="loader processes (default: min(4, CPUs))")
-    p.add_argument("--out", help="where eval.json and confusion_matrix.png go (default: the run directory)")
+    p.add_argument("--out", help="where eval.json and confusion_matrix.png go (default: the run directory, "
+                                 "or the checkpoint's folder when one is named)")
     p.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights")
     p.add_argument("--tta", default=None, choices=("none", "hflip"),
                    help="test-time augmentation: hflip averages each image with its mirror image "
