@@ -19,7 +19,9 @@ Rows (each ``--budget``, 20 min by default):
 - ``init:<name>``: the backbone of ``--init`` (a vitkit run or weights file, e.g. the self-supervised
   CIFAR-10 runs of ``benchmarks/ssl_cifar10.py``) with ``model.head=clip`` around it and its
   weights in the image tower (``model.init``); give the backbone's constructor arguments as
-  ``model.args.K=V`` overrides when it was built with non-default ones.
+  ``model.args.K=V`` overrides when it was built with non-default ones;
+- ``lit:<name>``: the same tower locked (``objective.lock_image=true``, LiT): only the text tower, the
+  image projection and the temperature learn.
 
 Both use a BPE trained on the training captions (``model.head_args.tokenizer=trained``) unless
 ``--tokenizer model``. Rows are merged into ``benchmarks/results/clip.json`` under ``"flickr"``,
@@ -28,6 +30,7 @@ from the best row.
 
     python benchmarks/clip_flickr.py                                     # scratch, 20 min
     python benchmarks/clip_flickr.py --init runs/ssl-dino/model.safetensors --rows init
+    python benchmarks/clip_flickr.py --init runs/cifar10 --rows lit    # the tower locked
     python benchmarks/clip_flickr.py --budget 30s --smoke               # a one-minute smoke
 """
 
@@ -148,7 +151,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="an extracted flickr800/ folder (default: the shared archive, extracted to the cache)")
     p.add_argument("--budget", default="20m", help="training time per row (engine.time_budget)")
-    p.add_argument("--rows", default="scratch,init", help="scratch and/or init (init needs --init)")
+    p.add_argument("--rows", default="scratch,init", help="scratch, init and/or lit (init and lit need --init)")
     p.add_argument("--init", help="a vitkit run or weights file whose backbone becomes the image tower")
     p.add_argument("--tokenizer", default="trained", choices=("trained", "model"))
     p.add_argument("--out", help="where the runs go (default: a temporary folder)")
@@ -166,11 +169,14 @@ def main() -> None:
     for row in args.rows.split(","):
         if row == "scratch":
             todo["scratch"] = ["model.name=clip_nano"]
-        elif row == "init" and args.init:
-            todo[f"init:{Path(args.init).stem if Path(args.init).is_file() else Path(args.init).name}"] = \
-                init_args(args.init)
-        elif row == "init":
-            print("skipping the init row: no --init given")
+        elif row in ("init", "lit") and args.init:
+            lock = ["objective.lock_image=true"] if row == "lit" else []
+            todo[f"{row}:{Path(args.init).stem if Path(args.init).is_file() else Path(args.init).name}"] = \
+                [*init_args(args.init), *lock]
+        elif row in ("init", "lit"):
+            print(f"skipping the {row} row: no --init given")
+        else:
+            raise SystemExit(f"--rows: unknown row {row!r}; choose from scratch, init, lit")
     results, runs = {}, {}
     for name, model_args in todo.items():
         run = out_root / name.replace(":", "_")

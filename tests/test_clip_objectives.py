@@ -162,8 +162,9 @@ def make(name: str, cfg: dict | None = None, seed: int = 0):
 
 def test_registered_with_their_keys():
     assert {"clip", "siglip"} <= set(list_objectives())
-    assert objective_keys("clip") == {"local_loss": False, "gather_with_grad": True, "label_smoothing": 0.0}
-    assert objective_keys("siglip") == {"chunked": True}
+    lock = {"lock_image": False, "lock_image_unlocked_blocks": 0}
+    assert objective_keys("clip") == {"local_loss": False, "gather_with_grad": True, "label_smoothing": 0.0, **lock}
+    assert objective_keys("siglip") == {"chunked": True, **lock}
     assert isinstance(make("clip", {"local_loss": True}), Clip)
     assert isinstance(make("siglip"), Siglip)
 

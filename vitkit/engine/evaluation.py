@@ -47,8 +47,8 @@ def run_evaluation(
                 outputs = objective.eval_outputs(batch, model)
             evaluator.update(batch, outputs)
     finally:
-        objective.train(was_training[0])
         model.train(was_training[1])
+        objective.train(was_training[0])  # last: it keeps its frozen modules (a locked tower in model too) in eval
     return evaluator.compute()
 
 

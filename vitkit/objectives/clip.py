@@ -229,8 +229,20 @@ def siglip_loss(
 
 
 @dataclass
-class ClipConfig:
-    """``objective.*`` keys of ``clip`` (see :func:`clip_loss`)."""
+class _LockConfig:
+    """LiT (Zhai et al., 2022, "locked-image tuning"): ``lock_image`` keeps a pretrained image tower as it
+    is (no gradient, eval mode: its BatchNorm statistics and dropout too) while the text tower and the
+    image projection (``visual_proj``) learn; ``lock_image_unlocked_blocks`` leaves the tower's last N
+    blocks and what follows them (final norm, pooling) trainable. Off by default (CLIP and SigLIP train
+    both towers). open_clip calls these ``--lock-image`` / ``--lock-image-unlocked-groups``."""
+
+    lock_image: bool = False
+    lock_image_unlocked_blocks: int = 0
+
+
+@dataclass
+class ClipConfig(_LockConfig):
+    """``objective.*`` keys of ``clip`` (see :func:`clip_loss`; the lock: :class:`_LockConfig`)."""
 
     local_loss: bool = False
     gather_with_grad: bool = True
@@ -238,8 +250,8 @@ class ClipConfig:
 
 
 @dataclass
-class SiglipConfig:
-    """``objective.*`` keys of ``siglip`` (see :func:`siglip_loss`)."""
+class SiglipConfig(_LockConfig):
+    """``objective.*`` keys of ``siglip`` (see :func:`siglip_loss`; the lock: :class:`_LockConfig`)."""
 
     chunked: bool = True
 
@@ -291,10 +303,45 @@ class _TwoTowerObjective(Objective):
         self.model = model
         self.classes = list(classes) if classes else None
         self.templates = list(templates) if templates else None
+        self._locked: dict[str, nn.Module] = {}
+        self._unlocked: list[nn.Module] = []
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg, *, classes=None, templates=None, **_):
         return cls(model, cfg, classes=classes, templates=templates)
+
+    def lock_image(self, locked: bool, unlocked_blocks: int = 0) -> None:
+        """Lock the image tower (see :class:`_LockConfig`); ``unlocked_blocks``: its last N blocks stay trainable."""
+        if unlocked_blocks < 0:
+            raise ConfigError(f"objective.lock_image_unlocked_blocks must be >= 0, got {unlocked_blocks}")
+        if not locked:
+            if unlocked_blocks:
+                raise ConfigError("objective.lock_image_unlocked_blocks needs objective.lock_image=true")
+            self._locked, self._unlocked = {}, []
+            return
+        tower = self.model.visual
+        blocks = list(tower.block_modules()) if callable(getattr(tower, "block_modules", None)) else []
+        if unlocked_blocks > len(blocks):
+            raise ConfigError(f"objective.lock_image_unlocked_blocks={unlocked_blocks}, but the image tower "
+                              f"({type(tower).__name__}) has {len(blocks)} blocks")
+        tail = [m for name in ("norm", "fc_norm", "attn_pool", "head_norm")
+                if isinstance(m := getattr(tower, name, None), nn.Module)]
+        self._locked = {"model.visual": tower}
+        self._unlocked = [*blocks[len(blocks) - unlocked_blocks:], *tail] if unlocked_blocks else []
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return self._locked
+
+    def freeze(self) -> None:
+        super().freeze()
+        for m in self._unlocked:
+            m.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._unlocked:
+            m.train(mode)
+        return self
 
     def embed(self, batch: dict) -> dict:
         images = batch["image"]
@@ -388,6 +435,7 @@ class Clip(_TwoTowerObjective):
     def __init__(self, model: nn.Module, cfg: ClipConfig | None = None, *, classes=None, templates=None):
         super().__init__(model, classes, templates)
         self.cfg = cfg if cfg is not None else ClipConfig()
+        self.lock_image(self.cfg.lock_image, self.cfg.lock_image_unlocked_blocks)
         if not 0.0 <= self.cfg.label_smoothing < 1.0:
             raise ConfigError(f"objective.label_smoothing must be in [0, 1), got {self.cfg.label_smoothing}")
         if self.cfg.local_loss and not self.cfg.gather_with_grad:
@@ -411,6 +459,7 @@ class Siglip(_TwoTowerObjective):
     def __init__(self, model: nn.Module, cfg: SiglipConfig | None = None, *, classes=None, templates=None):
         super().__init__(model, classes, templates)
         self.cfg = cfg if cfg is not None else SiglipConfig()
+        self.lock_image(self.cfg.lock_image, self.cfg.lock_image_unlocked_blocks)
         if getattr(model, "logit_bias", None) is None:
             raise ConfigError(
                 "objective.name=siglip needs a model with a learnable logit bias (SigLIP starts it at -10): build it "
