@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="all images (default), or the run's own train/val split of its data")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, help="loader processes (default: min(4, CPUs))")
-    p.add_argument("--out", help="where retrieve.json goes (default: the run directory, or the checkpoint's folder when one is named)")
+    p.add_argument("--out", help="where retrieve.json goes (default: the run directory, "
+                                 "or the checkpoint's folder when one is named)")
     p.add_argument("--ema", action="store_true", help="use the run's EMA weights")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=run_retrieve)
