@@ -91,7 +91,7 @@ def test_ibot_patch_loss_with_masked_centring_equals_lightlys():
         n_img = mask.shape[0]
         assert mask.any()
         expected = peer(teacher[0][n_img:], student[0][n_img:].float(), mask.view(n_img, 4, 4),
-                        teacher_temp=obj.teacher_temp())
+                        teacher_temp=obj.teacher_patch_temp())
         torch.testing.assert_close(out["patch_loss"], expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(obj.center_patch, peer.center.value.view(1, -1), atol=1e-6, rtol=1e-5)
 

@@ -156,7 +156,7 @@ def test_dino_schedules_centre_and_last_layer_freeze(tmp_path):
     assert all(torch.equal(v, v0) for v in rec.v[:4])  # frozen through the first epoch
     assert not torch.equal(rec.v[-1], v0)
     assert obj.center.abs().sum() > 0
-    assert obj.progress.item() == pytest.approx(1.0) and obj.teacher_temp() == pytest.approx(0.07)
+    assert obj.progress.item() == pytest.approx(1.0) and obj.teacher_temp() == pytest.approx(0.04)
     student = dict(obj.model.named_parameters())
     assert any(not torch.equal(p, student[k]) for k, p in obj.teacher.named_parameters())
     # Weight decay followed its cosine to 0.4 on decayed groups; the others have none.
@@ -193,6 +193,27 @@ def test_knn_evaluator_runs_in_training_and_picks_best(tmp_path):
 def ibot(**kw):
     torch.manual_seed(0)
     return IBOT(tiny_vit(), IBOTConfig(**{**TINY_HEAD, "mask_prob": 1.0, "koleo_weight": 0.1, **kw}))
+
+
+def test_teacher_temperatures_follow_the_reference_codes_defaults():
+    """DINO's main_dino.py: the teacher at 0.04 throughout. iBOT's main_ibot.py: the class token's
+    targets at 0.04 throughout, the patch tokens' warmed up linearly from 0.04 to 0.07 over the
+    warm-up (30 of 100 epochs: 0.3 of the run), then 0.07."""
+    d, i = dino(), ibot()
+    for p in (0.0, 0.1, 0.15, 0.3, 0.6, 1.0):
+        d.progress.fill_(p)
+        i.progress.fill_(p)
+        patch_ref = 0.04 + (0.07 - 0.04) * min(1.0, p / 0.3)
+        assert d.teacher_temp() == pytest.approx(0.04) and i.teacher_temp() == pytest.approx(0.04)
+        assert i.teacher_patch_temp() == pytest.approx(patch_ref)
+    # The patch targets use the patch temperature: at the end, softmax((logits - centre) / 0.07).
+    i.eval()
+    i.progress.fill_(1.0)
+    torch.manual_seed(1)
+    logits, mask = torch.randn(2, 16, 32), torch.rand(2, 16) < 0.5
+    i.center_patch.copy_(torch.randn(1, 32))
+    expected = torch.softmax((logits[mask] - i.center_patch) / 0.07, dim=-1)
+    torch.testing.assert_close(i.patch_targets(logits, mask), expected)
 
 
 @pytest.mark.parametrize("centering", ["center", "sinkhorn_knopp"])

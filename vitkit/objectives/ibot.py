@@ -46,6 +46,10 @@ class IBOTConfig(DINOConfig):
     """``objective.*`` keys of ``ibot``: DINO's, plus masking, the patch loss, KoLeo and the centring."""
 
     mask_prob: float = 0.5
+    # The patch targets' own temperature, as iBOT's code: 0.04 warmed up to 0.07 over the teacher
+    # temperature's warm-up share of the run, while the class token's stays at teacher_temp (0.04).
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
     mask_ratio: tuple[float, float] = (0.1, 0.5)
     mask_shape: str = "block"  # block (rectangles of patches) | random (patch by patch)
     patch_loss_weight: float = 1.0
@@ -184,6 +188,9 @@ class IBOT(DINO):
         nn.init.normal_(self.mask_token, std=0.02)
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))
 
+    def teacher_patch_temp(self) -> float:
+        return self.warmed(self.cfg.warmup_teacher_patch_temp, self.cfg.teacher_patch_temp)
+
     def _targets(self, logits: Tensor, center: Tensor, n_chunks: int) -> list[Tensor]:
         temp = self.teacher_temp()
         if self.cfg.centering == "sinkhorn_knopp":
@@ -200,7 +207,7 @@ class IBOT(DINO):
         t_patch: (2B, L, K) logits of every patch token (``patch_center=all``), or (M, K) of the
         masked ones (``masked``). The centre moves after the targets are taken, as DINO's does.
         """
-        temp = self.teacher_temp()
+        temp = self.teacher_patch_temp()
         if self.cfg.patch_center == "masked":
             if self.cfg.centering == "sinkhorn_knopp":
                 return sinkhorn_knopp(t_patch, temp, self.cfg.sinkhorn_iters)
