@@ -56,7 +56,7 @@ class DINOConfig:
     # its long ViT-S/16 runs warm up to 0.07 over their first 30 epochs: teacher_temp=0.07 with
     # teacher_temp_warmup=0.3. On CIFAR-10 in 30 CPU minutes (4 epochs) the warm-up to 0.07 left the
     # teacher near uniform (entropy 8.2 of ln 4096 = 8.3; k-NN 34.7%) where 0.04 kept it learning
-    # (entropy 7.3; k-NN 36.3%): benchmarks/results/ssl_cifar10.json.
+    # (entropy 7.2; k-NN 36.3%): benchmarks/results/ssl_cifar10.json.
     teacher_temp: float = 0.04
     teacher_temp_warmup: float = 0.3  # fraction of the run over which the teacher temperature moves
     local_crops: int = 6
