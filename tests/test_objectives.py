@@ -122,6 +122,25 @@ def test_registry_builds_supervised_and_validates_keys():
     assert "supervised: label_smoothing=None, aux_weight=0.01" in describe_objectives()
 
 
+def test_objective_values_of_the_wrong_kind_are_config_errors():
+    from vitkit.config import load_config, validate
+    from vitkit.objectives import objective_config
+
+    bad = [("dino", "teacher_temp", "abc", "expected a number"), ("ibot", "teacher_patch_temp", "hot", "expected a number"),
+           ("dino", "norm_last_layer", 1, "expected true or false"), ("ibot", "mask_shape", 3, "expected text"),
+           ("dino", "teacher_temp", None, "expected a float")]
+    for name, key, value, msg in bad:
+        with pytest.raises(ConfigError, match=rf"objective\.{key}=.* for objective '{name}': {msg}"):
+            objective_config({"name": name, key: value})
+    # Through the command line, before any data is read.
+    with pytest.raises(ConfigError, match=r"objective\.teacher_temp='abc'"):
+        validate(load_config(None, ["objective.name=dino", "objective.teacher_temp=abc"]))
+    # What is right still passes: an int for a float key, None where the annotation admits it, a list for a tuple.
+    cfg = objective_config({"name": "ibot", "teacher_temp": 1, "weight_decay_end": None, "mask_ratio": [0.2, 0.4]})[1]
+    assert cfg.teacher_temp == 1 and cfg.weight_decay_end is None and list(cfg.mask_ratio) == [0.2, 0.4]
+    assert objective_config({"name": "supervised", "label_smoothing": 0.1})[1].label_smoothing == 0.1
+
+
 class FrozenTeacher(Objective):
     """A student plus a BatchNorm/dropout teacher; ``by_reference`` records the teacher instead of saving it."""
 

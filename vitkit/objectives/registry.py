@@ -65,10 +65,33 @@ def objective_config(section: dict):
             f"unknown key(s) {unknown} for objective {name!r}: its keys are "
             f"{', '.join(f'objective.{k}' for k in known) or '(none)'}"
         )
+    for key, value in section.items():
+        _check_type(name, key, value, known[key], entry.config_cls)
     try:
         return name, entry.config_cls(**section)
     except TypeError as e:
         raise ConfigError(f"bad objective.* value for objective {name!r}: {e}") from None
+
+
+def _check_type(objective: str, key: str, value, default, config_cls) -> None:
+    """A value of the wrong kind for its key (text for a number, a number for a flag) is a ConfigError
+    here, before it fails deep inside a training step. Only keys annotated as one plain type (``float``,
+    ``int``, ``bool``, ``str``, each optionally ``| None``) are checked; the others take what they get."""
+    ann = str(next(f.type for f in dataclasses.fields(config_cls) if f.name == key)).replace(" ", "")
+    base = ann.removesuffix("|None")
+    if value is None:
+        ok, kind = default is None or ann != base, f"a {base}"
+    elif base == "bool":
+        ok, kind = isinstance(value, bool), "true or false"
+    elif base in ("float", "int"):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif base == "str":
+        ok, kind = isinstance(value, str), "text"
+    else:
+        ok, kind = True, ""
+    if not ok:
+        raise ConfigError(f"objective.{key}={value!r} for objective {objective!r}: expected {kind} "
+                          f"(its default is {default!r})")
 
 
 def build_objective(name: str, model: nn.Module, cfg=None, **context) -> nn.Module:
